@@ -1,0 +1,498 @@
+"""One frozen, typed configuration object and the only code that reads env and files for it.
+
+Precedence: command-line flag > ``FLUX_AGENT_*`` environment > TOML file (``--config``) >
+default. Secrets may also come from ``<NAME>_FILE`` paths (Kubernetes Secret volumes). Every
+setting is declared once, in ``AgentConfig``; flags, environment names, the README table and
+error messages are all derived from that declaration, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import socket as _socket
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigError
+
+ENV_PREFIX = "FLUX_AGENT_"
+AGENCY_SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+class Secret(str):
+    """A string that never shows itself in ``repr()``, logs or tracebacks."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    def reveal(self) -> str:
+        return str.__str__(self)
+
+
+def redact_dsn(dsn: str | None) -> str:
+    """``postgresql://flux:***@db:5432/flux`` - the password (and any query secrets) hidden."""
+    if not dsn:
+        return "<embedded>"
+    try:
+        parts = urlsplit(str.__str__(dsn))
+    except ValueError:
+        return "<unparseable dsn>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
+    query = re.sub(r"(?i)(password|sslpassword|passfile)=[^&]*", r"\1=***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+# --------------------------------------------------------------------------- value parsers
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_bytes(raw: Any) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        value = raw
+    else:
+        m = _SIZE.match(str(raw))
+        if not m:
+            raise ValueError(f"expected a size such as 512MiB or 1048576, got {raw!r}")
+        value = int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()[:1]]
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def parse_duration(raw: Any) -> float:
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        value = float(raw)
+    else:
+        m = _DURATION.match(str(raw))
+        if not m:
+            raise ValueError(f"expected a duration such as 25s or 500ms, got {raw!r}")
+        value = float(m.group(1)) * _DURATION_UNITS[m.group(2) or ""]
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
+def parse_int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError("expected an integer")
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def parse_str(raw: Any) -> str:
+    if not isinstance(raw, str | int | float) or isinstance(raw, bool):
+        raise ValueError(f"expected a string, got {type(raw).__name__}")
+    return str(raw).strip()
+
+
+def parse_list(raw: Any) -> tuple[str, ...]:
+    if isinstance(raw, list | tuple):
+        items = [str(x).strip() for x in raw]
+    else:
+        items = [x.strip() for x in str(raw).split(",")]
+    return tuple(x for x in items if x)
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        text = str(raw).strip().lower()
+        if text not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {raw!r}")
+        return text
+
+    return parse
+
+
+def parse_listen(raw: Any) -> str:
+    """``host:port`` (``[::1]:8787`` for IPv6), or ``off``."""
+    text = str(raw).strip()
+    if text.lower() in {"off", "none", ""}:
+        return ""
+    host, port = split_hostport(text)
+    if not host:
+        raise ValueError(f"expected host:port, got {raw!r}")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]*):(\d+)$", text)
+    if not m:
+        raise ValueError(f"expected host:port, got {text!r}")
+    port = int(m.group(2))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in {text!r}")
+    return m.group(1), port
+
+
+def _default_state_dir() -> str:
+    # Root (containers, system services) keeps state under /var/lib, where an unprivileged
+    # embedded PostgreSQL can still traverse the path; users keep it in their XDG state home.
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return "/var/lib/flux-agent"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local/state")
+    return os.path.join(base, "flux-agent")
+
+
+# --------------------------------------------------------------------------- the settings
+
+
+def setting(
+    default: Any,
+    doc: str,
+    parse: Callable[[Any], Any] = parse_str,
+    *,
+    secret: bool = False,
+    shown_default: str | None = None,
+) -> Any:
+    return field(
+        default=default,
+        metadata={"doc": doc, "parse": parse, "secret": secret, "shown": shown_default},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Every knob of the agent. Build it with :func:`load_config` (or directly in tests)."""
+
+    database_url: Secret | None = setting(
+        None,
+        "PostgreSQL URL. Unset: a private embedded PostgreSQL under the state dir.",
+        secret=True,
+        shown_default="unset (embedded)",
+    )
+    listen: str = setting(
+        "127.0.0.1:8787", "Event API TCP address (`host:port`, `off` to disable).", parse_listen
+    )
+    socket: str = setting(
+        "auto",
+        "Event API Unix socket path (mode 0660); `auto` is `<state dir>/agent.sock`, "
+        "`off` disables.",
+    )
+    admin_listen: str = setting(
+        "127.0.0.1:9464",
+        "Admin listener for `/health/*` and `/metrics` (`off` to disable).",
+        parse_listen,
+    )
+    state_dir: str = setting(
+        "",
+        "Spool, embedded database and default socket live here.",
+        shown_default="/var/lib/flux-agent (root), else ~/.local/state/flux-agent",
+    )
+    spool_max_bytes: int = setting(
+        1024**3, "Spool capacity; beyond it intake answers 503 SPOOL_FULL.", parse_bytes,
+        shown_default="1GiB",
+    )
+    spool_segment_bytes: int = setting(
+        16 * 1024**2, "Spool segment file size before rotation.", parse_bytes,
+        shown_default="16MiB",
+    )
+    spool_durability: str = setting(
+        "fsync",
+        "`fsync`: acknowledge after fdatasync. `none`: acknowledge after the write is queued "
+        "(a crash of the agent can lose the last few milliseconds, a crash of the machine the "
+        "data the kernel has not yet written back, typically up to 30 s).",
+        choice("fsync", "none"),
+    )
+    memory_queue_bytes: int = setting(
+        16 * 1024**2,
+        "Events kept in memory for the flusher; beyond it the flusher reads the spool.",
+        parse_bytes,
+        shown_default="16MiB",
+    )
+    auth: str = setting(
+        "jwt", "`jwt` (Bearer tokens) or `none` (fixed agency; loopback and socket only).",
+        choice("jwt", "none"),
+    )
+    agency: str = setting("", "The fixed agency when `auth` is `none`.")
+    agency_manifest: str = setting(
+        "", "JSON file of known agencies (and their retention).", shown_default="bundled manifest"
+    )
+    agent_id: str = setting("", "Identifies this agent in stored rows.", shown_default="hostname")
+    log_level: str = setting(
+        "info", "`debug`, `info`, `warning` or `error`.",
+        choice("debug", "info", "warning", "error"),
+    )
+    request_max_bytes: int = setting(
+        4 * 1024**2, "Largest request body (after gzip decoding).", parse_bytes,
+        shown_default="4MiB",
+    )
+    event_max_bytes: int = setting(
+        256 * 1024, "Largest payload of one event (canonical JSON).", parse_bytes,
+        shown_default="256KiB",
+    )
+    batch_max_events: int = setting(2000, "A flush batch closes at this many events.", parse_int)
+    batch_max_bytes: int = setting(
+        8 * 1024**2, "... or at this many bytes.", parse_bytes, shown_default="8MiB"
+    )
+    batch_max_age: float = setting(
+        0.005, "... or when its oldest event is this old.", parse_duration, shown_default="5ms"
+    )
+    flush_lanes: int = setting(
+        2, "Parallel PostgreSQL connections for flushing (one run always uses one lane).",
+        parse_int,
+    )
+    flush_retry_max: float = setting(
+        30.0, "Longest backoff between flush retries while PostgreSQL is away.", parse_duration,
+        shown_default="30s",
+    )
+    drain_timeout: float = setting(
+        25.0, "On SIGTERM, flush for at most this long, then exit (rest stays spooled).",
+        parse_duration, shown_default="25s",
+    )
+    ready_stall_after: float = setting(
+        60.0, "Readiness fails when events have waited this long with no flush progress.",
+        parse_duration, shown_default="60s",
+    )
+    commit_wait_timeout: float = setting(
+        10.0, "How long `Prefer: wait=committed` waits for PostgreSQL.", parse_duration,
+        shown_default="10s",
+    )
+    migrate: bool = setting(True, "Apply pending schema migrations at start.", parse_bool)
+    dedupe_index_size: int = setting(
+        50_000, "Recently seen event ids remembered for duplicate reporting.", parse_int
+    )
+    database_pgbouncer: bool = setting(
+        False, "PgBouncer in transaction pooling mode: no server-side prepared statements.",
+        parse_bool,
+    )
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "database_url":
+                parts.append(f"database_url={redact_dsn(value)!r}")
+            elif f.metadata.get("secret") and value:
+                parts.append(f"{f.name}='***'")
+            else:
+                parts.append(f"{f.name}={value!r}")
+        return f"AgentConfig({', '.join(parts)})"
+
+    # Derived values: computed, never configured twice.
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir or _default_state_dir())
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_path / "spool"
+
+    @property
+    def socket_path(self) -> Path | None:
+        if self.socket.lower() in {"off", "none", ""}:
+            return None
+        if self.socket == "auto":
+            return self.state_path / "agent.sock"
+        return Path(self.socket)
+
+    @property
+    def effective_agent_id(self) -> str:
+        return self.agent_id or _socket.gethostname()
+
+    def replace(self, **changes: Any) -> AgentConfig:
+        return dataclasses.replace(self, **changes)
+
+
+SETTINGS: tuple[dataclasses.Field[Any], ...] = tuple(dataclasses.fields(AgentConfig))
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--kebab-name`` flag per setting (and ``--x-file`` for secrets)."""
+    parser.add_argument("--config", dest="config", default=None, help="TOML configuration file")
+    for f in SETTINGS:
+        help_text = f.metadata["doc"].replace("%", "%%")
+        parser.add_argument(flag_name(f.name), dest=f.name, default=None, help=help_text)
+        if f.metadata["secret"]:
+            parser.add_argument(
+                flag_name(f.name) + "-file", dest=f.name + "_file", default=None,
+                help=f"read {f.name} from this file",
+            )
+
+
+def load_config(
+    argv: Sequence[str] | argparse.Namespace = (),
+    environ: Mapping[str, str] | None = None,
+    file: str | Path | None = None,
+) -> AgentConfig:
+    """Build the configuration from flags, environment and an optional TOML file.
+
+    ``argv`` holds setting flags only (the CLI has already taken the sub-command), or a
+    namespace parsed with :func:`add_flags`. Raises :class:`ConfigError` naming the setting.
+    """
+    environ = os.environ if environ is None else environ
+    if isinstance(argv, argparse.Namespace):
+        flags = vars(argv)
+    else:
+        parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+        add_flags(parser)
+        try:
+            ns, unknown = parser.parse_known_args(list(argv))
+        except argparse.ArgumentError as exc:
+            raise ConfigError("flags", str(exc)) from None
+        if unknown:
+            raise ConfigError(unknown[0], "unknown flag")
+        flags = vars(ns)
+
+    config_file = file or flags.get("config") or environ.get(ENV_PREFIX + "CONFIG")
+    from_file: dict[str, Any] = {}
+    if config_file:
+        from_file = _read_toml(Path(config_file))
+        known = {f.name for f in SETTINGS} | {f.name + "_file" for f in SETTINGS}
+        for key in from_file:
+            if key not in known:
+                raise ConfigError(f"{config_file}: {key}", "unknown setting")
+
+    values: dict[str, Any] = {}
+    for f in SETTINGS:
+        raw, source = _pick(f, flags, environ, from_file)
+        if raw is None:
+            continue
+        try:
+            value = f.metadata["parse"](raw)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(source, str(exc)) from None
+        if f.metadata["secret"]:
+            value = Secret(value) if value else None
+        values[f.name] = value
+    config = AgentConfig(**values)
+    _check(config)
+    return config
+
+
+def _pick(
+    f: dataclasses.Field[Any],
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    from_file: Mapping[str, Any],
+) -> tuple[Any, str]:
+    """The raw value of one setting and the name of where it came from (for errors)."""
+    name, env = f.name, env_name(f.name)
+    secret = f.metadata["secret"]
+    candidates: list[tuple[Any, str, bool]] = [
+        (flags.get(name), flag_name(name), False),
+        (flags.get(name + "_file") if secret else None, flag_name(name) + "-file", True),
+        (environ.get(env), env, False),
+        (environ.get(env + "_FILE") if secret else None, env + "_FILE", True),
+        (from_file.get(name), f"{name} (config file)", False),
+        (from_file.get(name + "_file") if secret else None, f"{name}_file (config file)", True),
+    ]
+    for raw, source, is_path in candidates:
+        if raw is None:
+            continue
+        if is_path:
+            try:
+                return Path(str(raw)).read_text().strip(), source
+            except OSError as exc:
+                raise ConfigError(source, f"cannot read {raw}: {exc.strerror}") from None
+        return raw, source
+    return None, env
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    # Allow both a flat file and a [flux-agent] table.
+    section = data.get("flux-agent", data)
+    if not isinstance(section, dict):
+        raise ConfigError("--config", f"{path}: [flux-agent] must be a table")
+    return {k.replace("-", "_"): v for k, v in section.items()}
+
+
+def _check(config: AgentConfig) -> None:
+    """Cross-setting rules; single values were checked by their parsers."""
+    if config.database_url and not str.__str__(config.database_url).startswith(
+        ("postgres://", "postgresql://")
+    ):
+        raise ConfigError(env_name("database_url"), "must be a postgresql:// URL")
+    if config.agency and not AGENCY_SLUG.match(config.agency):
+        raise ConfigError(env_name("agency"), f"{config.agency!r} is not an agency slug")
+    if config.auth == "none":
+        if not config.agency:
+            raise ConfigError(env_name("agency"), "required when FLUX_AGENT_AUTH is none")
+        if config.listen and not _is_loopback(split_hostport(config.listen)[0]):
+            raise ConfigError(
+                env_name("listen"),
+                "FLUX_AGENT_AUTH=none is allowed only on loopback addresses and the Unix socket",
+            )
+    if not (config.listen or config.socket_path):
+        raise ConfigError(env_name("listen"), "the event API needs a TCP address or a socket")
+    sock = config.socket_path
+    if sock is not None and len(os.fsencode(sock)) > 100:
+        raise ConfigError(env_name("socket"), f"path too long for a Unix socket: {sock}")
+    if config.event_max_bytes > config.request_max_bytes:
+        raise ConfigError(env_name("event_max_bytes"),
+                          "must not exceed FLUX_AGENT_REQUEST_MAX_BYTES")
+    if config.spool_segment_bytes > config.spool_max_bytes:
+        raise ConfigError(env_name("spool_segment_bytes"),
+                          "must not exceed FLUX_AGENT_SPOOL_MAX_BYTES")
+    if config.spool_segment_bytes < config.request_max_bytes + 64:
+        raise ConfigError(
+            env_name("spool_segment_bytes"), "must hold at least one largest request"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host in {"localhost", "127.0.0.1", "::1"}:
+        return True
+    return host.startswith("127.")
+
+
+def settings_table() -> str:
+    """The README's configuration table, generated from the declarations above."""
+    rows = ["| environment | flag | default | meaning |", "|---|---|---|---|"]
+    for f in SETTINGS:
+        default = f.metadata["shown"] or (
+            "`" + str(f.default).lower() + "`" if isinstance(f.default, bool) else f"`{f.default}`"
+        )
+        env = f"`{env_name(f.name)}`"
+        if f.metadata["secret"]:
+            env += f" (or `{env_name(f.name)}_FILE`)"
+        rows.append(f"| {env} | `{flag_name(f.name)}` | {default} | {f.metadata['doc']} |")
+    return "\n".join(rows)

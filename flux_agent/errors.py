@@ -1,0 +1,148 @@
+"""The FluxError tree and its RFC 7807 rendering.
+
+Every failure the agent reports is classified once, where it is detected, into one of five
+classes; the class fixes the HTTP status family and whether a retry can help. Everything
+downstream (intake answers, metrics, the flusher's retry loop) obeys that classification.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_TYPE_BASE = "urn:flux-agent:problem:"
+
+
+class FluxError(Exception):
+    """Base of every error the agent reports to a caller.
+
+    ``code`` is machine-readable (``INVALID_AGENCY_SLUG``); ``detail`` is for humans and never
+    carries secrets; ``context`` holds small structured facts; ``errors`` lists per-field
+    violations as ``{"pointer": "/3/payload/use_case", "message": ..., "code": ...}``.
+    """
+
+    error_class: ClassVar[str] = "TERMINAL_ERROR"
+    default_status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        code: str,
+        detail: str,
+        *,
+        status: int | None = None,
+        title: str | None = None,
+        context: Mapping[str, Any] | None = None,
+        errors: Sequence[Mapping[str, Any]] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.status = status or self.default_status
+        self.title = title or code.replace("_", " ").capitalize()
+        self.context = dict(context or {})
+        self.errors = list(errors or [])
+        self.headers = dict(headers or {})
+
+    def problem(
+        self,
+        *,
+        instance: str = "",
+        request_id: str = "",
+        trace_id: str = "",
+        span_id: str = "",
+    ) -> dict[str, Any]:
+        """The RFC 7807 body, extended with the Flux contract's members."""
+        body: dict[str, Any] = {
+            "type": PROBLEM_TYPE_BASE + self.code.lower().replace("_", "-"),
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "instance": instance,
+            "error_id": str(uuid.uuid4()),
+            "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace(
+                "+00:00", "Z"
+            ),
+            "class": self.error_class,
+            "code": self.code,
+            "context": self.context,
+            "trace_id": trace_id,
+            "span_id": span_id,
+            "request_id": request_id,
+            "retryable": self.retryable,
+        }
+        if self.errors:
+            body["errors"] = self.errors
+        return body
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code!r}, {self.detail!r}, status={self.status})"
+
+
+class ValidationError(FluxError, ValueError):
+    """The request is wrong; repeating it unchanged will fail again (4xx)."""
+
+    error_class = "VALIDATION_ERROR"
+    default_status = 422
+
+
+class TransientError(FluxError):
+    """A temporary condition (spool full, draining, database away); retry later (503)."""
+
+    error_class = "TRANSIENT_ERROR"
+    default_status = 503
+    retryable = True
+
+    def __init__(self, code: str, detail: str, *, retry_after: int = 1, **kw: Any) -> None:
+        headers = dict(kw.pop("headers", None) or {})
+        headers.setdefault("Retry-After", str(max(1, retry_after)))
+        super().__init__(code, detail, headers=headers, **kw)
+        self.retry_after = max(1, retry_after)
+
+
+class TerminalError(FluxError):
+    """Something is broken that a retry cannot fix (500)."""
+
+    error_class = "TERMINAL_ERROR"
+    default_status = 500
+
+
+class DataIsolationError(FluxError):
+    """The request would cross an agency boundary (403)."""
+
+    error_class = "DATA_ISOLATION_ERROR"
+    default_status = 403
+
+
+class CheckpointError(FluxError):
+    """A checkpoint could not be stored or failed its integrity check."""
+
+    error_class = "CHECKPOINT_ERROR"
+    default_status = 500
+
+
+class AuthenticationError(ValidationError):
+    """No valid credentials (401); ``WWW-Authenticate`` tells the caller what is expected."""
+
+    default_status = 401
+
+    def __init__(self, code: str, detail: str, **kw: Any) -> None:
+        headers = dict(kw.pop("headers", None) or {})
+        headers.setdefault(
+            "WWW-Authenticate",
+            f'Bearer realm="flux-agent", error="invalid_token", error_description="{code}"',
+        )
+        super().__init__(code, detail, headers=headers, **kw)
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message names it. The CLI exits with code 78."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+        self.message = message
