@@ -1,0 +1,264 @@
+"""Compiled schemas; decoded events -> sealed rows, or precise violations (pure).
+
+Each schema is compiled once. The hot path asks jsonschema-rs only "is it valid?"; the slow,
+detailed walk (every violation with its JSON pointer) runs only for events that failed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema_rs
+
+from ._resources import data_dir
+from .digest import canonical_json, sha256_hex
+from .errors import DataIsolationError, ValidationError
+from .event import Row
+
+SCHEMA_VERSION = "v1"
+_BASE_URI = "https://flux-agent.invalid/schemas/v1/"
+_NUL_ESCAPE = b"\\u0000"
+
+# (last property name, failed keyword) -> error code. Keyword alone as a fallback.
+_CODES: Mapping[tuple[str, str], str] = {
+    ("agency", "pattern"): "INVALID_AGENCY_SLUG",
+    ("agency", "maxLength"): "INVALID_AGENCY_SLUG",
+    ("content_type", "enum"): "INVALID_CONTENT_TYPE",
+    ("use_case", "enum"): "INVALID_USE_CASE",
+    ("kind", "enum"): "INVALID_KIND",
+    ("run_id", "pattern"): "INVALID_RUN_ID",
+    ("event_id", "format"): "INVALID_EVENT_ID",
+    ("occurred_at", "format"): "INVALID_TIMESTAMP",
+    ("payload_sha256", "pattern"): "INVALID_PAYLOAD_SHA256",
+}
+_KEYWORD_CODES: Mapping[str, str] = {
+    "required": "MISSING_FIELD",
+    "additionalProperties": "UNKNOWN_FIELD",
+    "type": "WRONG_TYPE",
+    "format": "INVALID_FORMAT",
+    "enum": "INVALID_VALUE",
+    "const": "INVALID_VALUE",
+    "minimum": "OUT_OF_RANGE",
+    "maximum": "OUT_OF_RANGE",
+    "pattern": "INVALID_FORMAT",
+    "minLength": "INVALID_LENGTH",
+    "maxLength": "INVALID_LENGTH",
+}
+
+
+def _pointer(parts: Sequence[str | int]) -> str:
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def _load_json(path: Path) -> Any:
+    with path.open("rb") as fh:
+        return json.load(fh)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """Known agencies and their retention (days)."""
+
+    retention_days: Mapping[str, int]
+    default_retention_days: int
+
+    def knows(self, agency: str) -> bool:
+        return agency in self.retention_days
+
+    def retention(self, agency: str) -> timedelta:
+        return timedelta(days=self.retention_days.get(agency, self.default_retention_days))
+
+
+@dataclass(frozen=True, slots=True)
+class Seal:
+    """What the agent adds to every event of one request."""
+
+    agency: str
+    received_at: datetime
+    correlation_id: str
+    agent_id: str
+    trace_id: str | None
+    span_id: str | None
+    expires_at: datetime
+
+
+def violation(pointer: str, message: str, code: str) -> dict[str, str]:
+    return {"pointer": pointer, "message": message, "code": code}
+
+
+class Schemas:
+    """The compiled v1 schemas and the agency manifest."""
+
+    def __init__(self, schema_dir: Path | None = None, manifest_path: Path | None = None) -> None:
+        root = (schema_dir or data_dir("schemas")) / SCHEMA_VERSION
+        envelope = _load_json(root / "step-event.schema.json")
+        payload = _load_json(root / "payload.schema.json")
+        registry = jsonschema_rs.Registry([(_BASE_URI + "payload.schema.json", payload)])
+        self.event = jsonschema_rs.validator_for(
+            envelope, registry=registry, validate_formats=True
+        )
+        self.payload = jsonschema_rs.validator_for(payload, validate_formats=True)
+        self.manifest_schema = jsonschema_rs.validator_for(
+            _load_json(root / "agency-manifest.schema.json"), validate_formats=True
+        )
+        self.manifest = self.load_manifest(manifest_path or root / "agencies.json")
+
+    def load_manifest(self, path: Path) -> Manifest:
+        try:
+            data = _load_json(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read agency manifest {path}: {exc}") from None
+        problems = [
+            f"{_pointer(list(e.instance_path)) or '/'}: {e.message}"
+            for e in self.manifest_schema.iter_errors(data)
+        ]
+        if problems:
+            raise ValueError(f"agency manifest {path} is invalid: {'; '.join(problems)}")
+        default = int(data.get("default_retention_days", 30))
+        return Manifest(
+            {a["slug"]: int(a.get("retention_days", default)) for a in data["agencies"]},
+            default,
+        )
+
+    def explain(self, event: Any, prefix: list[str | int]) -> list[dict[str, str]]:
+        """Every violation of one event, with a JSON pointer into the request body."""
+        out = []
+        for err in self.event.iter_errors(event):
+            path: list[str | int] = [*prefix, *err.instance_path]
+            keyword = err.kind.name
+            if keyword == "required":
+                path.append(err.kind.property)  # type: ignore[attr-defined]
+            last = next((p for p in reversed(path) if isinstance(p, str)), "")
+            code = _CODES.get((last, keyword)) or _KEYWORD_CODES.get(keyword, "SCHEMA_VIOLATION")
+            out.append(violation(_pointer(path), err.message, code))
+        return out
+
+
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """RFC 3339 (already format-checked) to an aware datetime; nanoseconds are truncated."""
+    text = text.upper()
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        value = datetime.fromisoformat(_FRACTION.sub(r"\1", text))
+    if value.tzinfo is None:  # the schema requires an offset; be defensive anyway
+        raise ValueError("timestamp has no offset")
+    return value
+
+
+def _has_nul(*values: Any) -> bool:
+    return any(isinstance(v, str) and "\x00" in v for v in values)
+
+
+class EventChecker:
+    """Turns decoded request events into sealed rows, or raises one precise error.
+
+    Precedence when a request has several problems: agency isolation (403) before size (413)
+    before schema and content violations (422); all violations of the winning kind are listed.
+    """
+
+    def __init__(self, schemas: Schemas, event_max_bytes: int) -> None:
+        self.schemas = schemas
+        self.event_max_bytes = event_max_bytes
+        self._is_valid = schemas.event.is_valid
+
+    def rows(
+        self, events: Sequence[Any], seal: Seal, *, batch: bool, plain_floats: bool = True
+    ) -> list[Row]:
+        rows: list[Row] = []
+        invalid: list[dict[str, str]] = []
+        foreign: list[dict[str, str]] = []
+        too_large: list[dict[str, str]] = []
+        agency = seal.agency
+        is_valid = self._is_valid
+        for i, ev in enumerate(events):
+            prefix: list[str | int] = [i] if batch else []
+            if not is_valid(ev):
+                if not isinstance(ev, dict):
+                    invalid.append(
+                        violation(_pointer(prefix), "an event must be a JSON object", "WRONG_TYPE")
+                    )
+                else:
+                    invalid.extend(self.schemas.explain(ev, prefix))
+                continue
+            payload = ev["payload"]
+            at = _pointer(prefix)
+            claimed = ev.get("agency")
+            if claimed is not None and claimed != agency:
+                foreign.append(violation(at + "/agency", "agency differs from the caller's",
+                                         "AGENCY_MISMATCH"))
+            p_agency = payload.get("agency")
+            if p_agency is not None and p_agency != agency:
+                foreign.append(violation(at + "/payload/agency",
+                                         "payload agency differs from the caller's",
+                                         "AGENCY_MISMATCH"))
+            canonical = canonical_json(payload, plain_floats=plain_floats)
+            if len(canonical) > self.event_max_bytes:
+                too_large.append(violation(
+                    at + "/payload",
+                    f"payload is {len(canonical)} bytes; the limit is {self.event_max_bytes}",
+                    "EVENT_TOO_LARGE",
+                ))
+                continue
+            step, provider, model = ev.get("step"), ev.get("provider"), ev.get("model")
+            if _NUL_ESCAPE in canonical or _has_nul(step, provider, model):
+                invalid.append(violation(at, "NUL characters (\\u0000) cannot be stored",
+                                         "NUL_CHARACTER"))
+                continue
+            digest = sha256_hex(canonical)
+            sent_digest = ev.get("payload_sha256")
+            if sent_digest is not None and sent_digest != digest:
+                invalid.append(violation(
+                    at + "/payload_sha256",
+                    f"payload_sha256 does not match the canonical JSON hash {digest}",
+                    "PAYLOAD_HASH_MISMATCH",
+                ))
+                continue
+            try:
+                occurred_at = parse_timestamp(ev["occurred_at"])
+            except ValueError:
+                invalid.append(violation(at + "/occurred_at", "not a valid RFC 3339 date-time",
+                                         "INVALID_TIMESTAMP"))
+                continue
+            rows.append((
+                agency, ev["event_id"].lower(), ev["run_id"], ev["kind"], step,
+                occurred_at, seal.received_at, provider, model, canonical.decode("ascii"),
+                digest, seal.correlation_id, seal.agent_id, seal.trace_id, seal.span_id,
+                seal.expires_at,
+            ))
+        if foreign:
+            raise DataIsolationError(
+                "DATA_ISOLATION_ERROR",
+                f"{len(foreign)} event(s) name an agency other than the caller's",
+                errors=foreign, context={"agency": agency},
+            )
+        if too_large:
+            raise ValidationError(
+                "EVENT_TOO_LARGE", f"{len(too_large)} event payload(s) exceed the size limit",
+                status=413, errors=too_large, context={"limit_bytes": self.event_max_bytes},
+            )
+        if invalid:
+            codes = {v["code"] for v in invalid}
+            code = codes.pop() if len(codes) == 1 else "SCHEMA_VIOLATION"
+            raise ValidationError(
+                code, f"{len(invalid)} violation(s); nothing from this request was accepted",
+                errors=invalid,
+            )
+        return rows
+
+
+def expiry(manifest: Manifest, agency: str, received_at: datetime) -> datetime:
+    return received_at + manifest.retention(agency)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
