@@ -1,0 +1,734 @@
+"""Write-ahead spool: framed, checksummed segment files; group-commit fdatasync; recovery.
+
+Layout of ``<state dir>/spool``::
+
+    00000000000000000001.seg   segments, named by the first sequence number they hold
+    cursor                     last sequence number known to be in PostgreSQL
+    quarantine/                damaged segments moved aside by recovery (kept for forensics)
+    LOCK                       flock'ed by the running agent: one agent per spool
+
+A segment starts with a 32-byte header (magic, version, first sequence, creation time, CRC)
+followed by records, each framed as ``length u32 | crc32c u32 | seq u64 | payload`` where the
+CRC covers the sequence number and the payload. A request's events form one record, so a
+torn write can never leave half a request behind.
+
+Writes and fdatasyncs run on one I/O thread. While one group is being synced, new appends
+collect into the next group, so concurrent requests share one fdatasync (group commit).
+All bookkeeping is mutated on the event loop only; the thread touches file descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import crc32c
+
+from .errors import TransientError
+
+log = logging.getLogger("flux_agent.spool")
+
+MAGIC = b"FLUXSPL1"
+VERSION = 1
+HEADER = struct.Struct("<8sHHQQI")  # magic, version, header length, first seq, created ms, crc
+FRAME = struct.Struct("<IIQ")  # payload length, crc32c(seq + payload), seq
+SEQ = struct.Struct("<Q")
+CURSOR = struct.Struct("<QI")  # committed seq, crc32c
+MAX_RECORD = 256 * 1024 * 1024  # sanity bound when scanning for frames
+SUFFIX = ".seg"
+
+
+def _crc(seq: int, payload: bytes | memoryview) -> int:
+    return int(crc32c.crc32c(payload, crc32c.crc32c(SEQ.pack(seq))))
+
+
+def frame(seq: int, payload: bytes) -> bytes:
+    return FRAME.pack(len(payload), _crc(seq, payload), seq) + payload
+
+
+def segment_header(first_seq: int) -> bytes:
+    body = struct.pack("<8sHHQQ", MAGIC, VERSION, HEADER.size, first_seq, int(time.time() * 1000))
+    return body + struct.pack("<I", crc32c.crc32c(body))
+
+
+def segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}{SUFFIX}"
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+@dataclass(slots=True)
+class Scan:
+    """What a segment file holds: its intact records and where it is damaged."""
+
+    path: Path
+    header_ok: bool
+    header_seq: int
+    created_ms: int
+    records: list[tuple[int, int, int]] = field(default_factory=list)  # (seq, offset, length)
+    damage: list[tuple[int, int]] = field(default_factory=list)  # [start, end) byte ranges
+    size: int = 0
+
+    @property
+    def valid_end(self) -> int:
+        if not self.records:
+            return HEADER.size if self.header_ok else 0
+        _, offset, length = self.records[-1]
+        return offset + FRAME.size + length
+
+    @property
+    def torn_tail_only(self) -> bool:
+        """Damage exists, but only after the last intact record: an interrupted append."""
+        return bool(self.damage) and self.header_ok and all(
+            start >= self.valid_end for start, _ in self.damage
+        )
+
+    @property
+    def first_seq(self) -> int:
+        return self.records[0][0] if self.records else self.header_seq
+
+    @property
+    def last_seq(self) -> int:
+        return self.records[-1][0] if self.records else self.header_seq - 1
+
+
+def _frame_at(data: memoryview, pos: int, after_seq: int) -> tuple[int, int] | None:
+    """(seq, length) of an intact frame at ``pos`` whose seq follows ``after_seq``."""
+    if pos < 0 or pos + FRAME.size > len(data):
+        return None
+    length, crc, seq = FRAME.unpack_from(data, pos)
+    if length > MAX_RECORD or pos + FRAME.size + length > len(data) or seq <= after_seq:
+        return None
+    if _crc(seq, data[pos + FRAME.size : pos + FRAME.size + length]) != crc:
+        return None
+    return seq, length
+
+
+RESYNC_WINDOW = 64  # how many sequence numbers past the last good record to search for
+
+
+def _resync(data: bytes, view: memoryview, pos: int, last: int) -> int | None:
+    """Offset of the next intact frame after damage at ``pos``, or None.
+
+    Sequence numbers are dense (gaps come only from failed writes, which are truncated), so
+    the next good frame carries one of the next few numbers: search for their bytes with
+    ``bytes.find`` instead of trying every offset.
+    """
+    best: int | None = None
+    seq_at = FRAME.size - SEQ.size
+    for seq in range(last + 1, last + 1 + RESYNC_WINDOW):
+        needle = SEQ.pack(seq)
+        i = data.find(needle, pos + seq_at)
+        while i != -1 and (best is None or i - seq_at < best):
+            if _frame_at(view, i - seq_at, last):
+                best = i - seq_at
+                break
+            i = data.find(needle, i + 1)
+    return best
+
+
+def scan_bytes(path: Path, data: bytes, after_seq: int = 0, name_seq: int = 0) -> Scan:
+    """Find every intact record, resynchronising past damage.
+
+    A frame is accepted only if its CRC matches and its sequence number is above the last
+    accepted one (``after_seq`` carries that across segments), so stale or random bytes are
+    never mistaken for records. ``name_seq`` (from the file name) stands in for a damaged
+    header's first sequence number.
+    """
+    view = memoryview(data)
+    header_ok = False
+    header_seq = created = 0
+    if len(data) >= HEADER.size:
+        magic, version, hlen, header_seq, created, crc = HEADER.unpack_from(data, 0)
+        header_ok = (
+            magic == MAGIC
+            and version == VERSION
+            and hlen == HEADER.size
+            and crc32c.crc32c(view[: HEADER.size - 4]) == crc
+        )
+    first = header_seq if header_ok else name_seq
+    scan = Scan(path, header_ok, first, created if header_ok else 0, size=len(data))
+    if not header_ok:
+        scan.damage.append((0, min(len(data), HEADER.size)))
+    pos = HEADER.size
+    last = max(after_seq, first - 1)
+    while pos < len(data):
+        found = _frame_at(view, pos, last)
+        if found is None:
+            nxt = _resync(data, view, pos, last)
+            scan.damage.append((pos, len(data) if nxt is None else nxt))
+            if nxt is None:
+                break
+            pos = nxt
+            continue
+        seq, length = found
+        scan.records.append((seq, pos, length))
+        last = seq
+        pos += FRAME.size + length
+    return scan
+
+
+def _name_seq(path: Path) -> int:
+    stem = path.name[: -len(SUFFIX)]
+    return int(stem) if stem.isdigit() else 0
+
+
+def scan_file(path: Path, after_seq: int = 0) -> tuple[Scan, bytes]:
+    data = path.read_bytes()
+    return scan_bytes(path, data, after_seq, _name_seq(path)), data
+
+
+def iter_records(scan: Scan, data: bytes) -> Iterator[tuple[int, bytes]]:
+    for seq, offset, length in scan.records:
+        yield seq, data[offset + FRAME.size : offset + FRAME.size + length]
+
+
+def list_segments(directory: Path) -> list[Path]:
+    out = []
+    for p in directory.glob("*" + SUFFIX):
+        stem = p.name[: -len(SUFFIX)]
+        if stem.isdigit():
+            out.append(p)
+    return sorted(out, key=lambda p: int(p.name[: -len(SUFFIX)]))
+
+
+def read_cursor(directory: Path) -> int:
+    try:
+        raw = (directory / "cursor").read_bytes()
+    except FileNotFoundError:
+        return 0
+    if len(raw) != CURSOR.size:
+        return 0
+    seq, crc = CURSOR.unpack(raw)
+    return seq if crc32c.crc32c(SEQ.pack(seq)) == crc else 0
+
+
+# --------------------------------------------------------------------------- the spool
+
+
+class SpoolFull(TransientError):
+    def __init__(self, used: int, limit: int) -> None:
+        super().__init__(
+            "SPOOL_FULL",
+            "the agent's spool is full while PostgreSQL catches up; retry later",
+            retry_after=2,
+            context={"spool_bytes": used, "spool_max_bytes": limit},
+        )
+
+
+class SpoolUnavailable(TransientError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            "SPOOL_UNAVAILABLE",
+            f"the event could not be written durably ({reason}); nothing was accepted",
+            retry_after=5,
+        )
+
+
+@dataclass(slots=True)
+class Segment:
+    path: Path
+    first_seq: int
+    last_seq: int  # first_seq - 1 while empty
+    size: int
+    created: float
+    fd: int = -1
+
+
+@dataclass(slots=True)
+class Recovery:
+    """What recovery found; logged at start and exported as metrics."""
+
+    segments: int = 0
+    records: int = 0
+    pending_records: int = 0
+    torn_tails: int = 0
+    quarantined: list[str] = field(default_factory=list)
+    cursor: int = 0
+    next_seq: int = 1
+
+
+@dataclass(slots=True)
+class _Group:
+    frames: list[bytes]
+    nbytes: int
+    first_seq: int
+    last_seq: int
+    future: asyncio.Future[int]
+
+
+class Spool:
+    """The durable write-ahead log between intake and the flusher."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int,
+        segment_bytes: int,
+        fsync: bool = True,
+        on_recover_record: Callable[[int, bytes], None] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.fsync = fsync
+        self._on_recover_record = on_recover_record
+        self.segments: list[Segment] = []
+        self.next_seq = 1
+        self.written_seq = 0  # highest seq written to a segment file (maybe not yet synced)
+        self.durable_seq = 0  # highest seq known synced (== written_seq without fsync)
+        self.cursor = 0  # highest seq committed downstream
+        self._cursor_dirty = False
+        self._groups: deque[_Group] = deque()  # waiting for or under write, oldest first
+        self._pending: _Group | None = None
+        self._wake = asyncio.Event()
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="flux-spool-io")
+        self._reader_pool = ThreadPoolExecutor(1, thread_name_prefix="flux-spool-read")
+        self._committer: asyncio.Task[None] | None = None
+        self._lock_fd = -1
+        self._closed = False
+        self.broken: str | None = None  # set when the disk refused a write; cleared on success
+        self.appended_bytes = 0
+        self.write_errors = 0
+        self.corrupt_records = 0
+        self._read_hint: ReadHint | None = None
+        self.on_written: Callable[[], None] | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def open(self) -> Recovery:
+        loop = asyncio.get_running_loop()
+        recovery = await loop.run_in_executor(self._io, self._recover)
+        self._committer = asyncio.create_task(self._commit_loop(), name="flux-spool-commit")
+        return recovery
+
+    async def close(self) -> None:
+        """Write and sync what is queued, persist the cursor, release the directory."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        if self._committer is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._io, self._close_files)
+        self._io.shutdown(wait=True)
+        self._reader_pool.shutdown(wait=True)
+
+    def _close_files(self) -> None:
+        for seg in self.segments:
+            if seg.fd >= 0:
+                with contextlib.suppress(OSError):
+                    if self.fsync:
+                        os.fdatasync(seg.fd)
+                os.close(seg.fd)
+                seg.fd = -1
+        self._write_cursor(self.cursor, sync=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # ---------------------------------------------------------------- recovery (I/O thread)
+
+    def _recover(self) -> Recovery:
+        d = self.directory
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "quarantine").mkdir(exist_ok=True)
+        self._lock_fd = os.open(d / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise RuntimeError(f"another agent is using the spool at {d}") from None
+
+        rec = Recovery(cursor=read_cursor(d))
+        self.cursor = rec.cursor
+        last_seq = 0
+        for path in list_segments(d):
+            rec.segments += 1
+            try:
+                scan, data = scan_file(path, after_seq=last_seq)
+            except OSError as exc:
+                log.error("spool: unreadable segment quarantined",
+                          extra={"fields": {"path": str(path), "error": exc.strerror}})
+                rec.quarantined.append(self._quarantine(path))
+                continue
+            if scan.torn_tail_only:
+                with path.open("r+b") as fh:
+                    fh.truncate(scan.valid_end)
+                    os.fsync(fh.fileno())
+                rec.torn_tails += 1
+                log.warning("spool: torn tail cut off",
+                            extra={"fields": {"path": str(path), "kept_bytes": scan.valid_end,
+                                              "cut_bytes": scan.size - scan.valid_end}})
+            elif scan.damage:
+                rec.quarantined.append(self._salvage(path, scan, data))
+                path = d / segment_name(scan.first_seq)
+            if not scan.records:
+                path.unlink(missing_ok=True)
+                continue
+            for seq, payload in iter_records(scan, data):
+                rec.records += 1
+                if seq > rec.cursor:
+                    rec.pending_records += 1
+                    if self._on_recover_record is not None:
+                        self._on_recover_record(seq, payload)
+            last_seq = scan.last_seq
+            self.segments.append(Segment(path, scan.first_seq, scan.last_seq,
+                                         path.stat().st_size, scan.created_ms / 1000 or
+                                         path.stat().st_mtime))
+        # Fully committed segments are not needed any more.
+        for seg in [s for s in self.segments if s.last_seq <= self.cursor]:
+            seg.path.unlink(missing_ok=True)
+            self.segments.remove(seg)
+        last_seq = max(last_seq, self.cursor)
+        self.next_seq = last_seq + 1
+        self.written_seq = self.durable_seq = last_seq
+        rec.next_seq = self.next_seq
+        self._open_segment(self.next_seq)
+        _fsync_dir(d)
+        return rec
+
+    def _quarantine(self, path: Path) -> str:
+        target = self.directory / "quarantine" / f"{path.name}.{int(time.time())}"
+        os.replace(path, target)
+        return str(target)
+
+    def _salvage(self, path: Path, scan: Scan, data: bytes) -> str:
+        """Move a damaged segment aside, keeping its intact records in a clean copy."""
+        kept = b"".join(frame(seq, payload) for seq, payload in iter_records(scan, data))
+        moved = self._quarantine(path)
+        if scan.records:
+            target = self.directory / segment_name(scan.first_seq)
+            tmp = target.with_suffix(".tmp")
+            with tmp.open("wb") as fh:
+                fh.write(segment_header(scan.first_seq) + kept)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        _fsync_dir(self.directory)
+        log.error("spool: damaged segment quarantined",
+                  extra={"fields": {"path": moved, "intact_records": len(scan.records),
+                                    "damaged_ranges": scan.damage[:10]}})
+        return moved
+
+    def _open_segment(self, first_seq: int) -> Segment:
+        path = self.directory / segment_name(first_seq)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        header = segment_header(first_seq)
+        os.write(fd, header)
+        if self.fsync:
+            os.fdatasync(fd)
+        seg = Segment(path, first_seq, first_seq - 1, len(header), time.time(), fd)
+        self.segments.append(seg)
+        return seg
+
+    # ---------------------------------------------------------------- appending (event loop)
+
+    @property
+    def bytes_used(self) -> int:
+        pending = self._pending.nbytes if self._pending else 0
+        return sum(s.size for s in self.segments) + pending + sum(
+            g.nbytes for g in self._groups
+        )
+
+    def check_room(self, nbytes: int) -> None:
+        """Raise SpoolFull / SpoolUnavailable unless ``nbytes`` more can be accepted."""
+        if self._closed:
+            raise SpoolUnavailable("the agent is shutting down")
+        if self.broken:
+            raise SpoolUnavailable(self.broken)
+        used = self.bytes_used
+        if used + nbytes > self.max_bytes:
+            raise SpoolFull(used, self.max_bytes)
+
+    def append(self, payload: bytes) -> tuple[int, asyncio.Future[int]]:
+        """Queue one record; returns its seq and a future resolved once it is durable."""
+        seq = self.next_seq
+        self.next_seq += 1
+        data = frame(seq, payload)
+        group = self._pending
+        if group is None:
+            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            group = self._pending = _Group([], 0, seq, seq, fut)
+        group.frames.append(data)
+        group.nbytes += len(data)
+        group.last_seq = seq
+        self.appended_bytes += len(data)
+        self._wake.set()
+        if not self.fsync:
+            done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            done.set_result(seq)
+            return seq, done
+        return seq, group.future
+
+    async def _commit_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._pending is None:
+                if self._closed:
+                    return
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            group, self._pending = self._pending, None
+            self._groups.append(group)
+            try:
+                await loop.run_in_executor(self._io, self._write_group, group)
+            except OSError as exc:
+                self.write_errors += 1
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                self.broken = reason
+                log.error("spool write failed; requests answered 503 until the disk recovers",
+                          extra={"fields": {"error": reason}})
+                if not group.future.done():
+                    group.future.set_exception(SpoolUnavailable(reason))
+                    group.future.exception()  # a failure nobody awaits is still handled
+            else:
+                self.broken = None
+                self.written_seq = self.durable_seq = group.last_seq
+                if not group.future.done():
+                    group.future.set_result(group.last_seq)
+                if self.on_written is not None:
+                    self.on_written()
+            finally:
+                self._groups.popleft()
+
+    def _write_group(self, group: _Group) -> None:
+        """I/O thread: append the group to the active segment and make it durable."""
+        seg = self.segments[-1]
+        if seg.fd < 0:  # an earlier failure closed it
+            seg = self._open_segment(group.first_seq)
+            _fsync_dir(self.directory)
+        elif seg.size + group.nbytes > self.segment_bytes and seg.last_seq >= seg.first_seq:
+            if self.fsync:
+                os.fdatasync(seg.fd)
+            os.close(seg.fd)
+            seg.fd = -1
+            seg = self._open_segment(group.first_seq)
+            _fsync_dir(self.directory)
+        data = b"".join(group.frames)
+        before = seg.size
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(seg.fd, view)
+                view = view[n:]
+            if self.fsync:
+                os.fdatasync(seg.fd)
+        except OSError:
+            # Never leave a partial group behind: it was not acknowledged and must not be
+            # mistaken for records on replay. If even that fails, start a fresh segment.
+            try:
+                os.ftruncate(seg.fd, before)
+                if self.fsync:
+                    os.fdatasync(seg.fd)
+            except OSError:
+                os.close(seg.fd)
+                seg.fd = -1  # the next group starts a fresh segment
+            raise
+        seg.size = before + len(data)
+        seg.last_seq = group.last_seq
+
+    # ---------------------------------------------------------------- reading (flusher)
+
+    async def read(self, from_seq: int, max_bytes: int) -> list[tuple[int, bytes]]:
+        """Records with seq >= ``from_seq`` (in order, about ``max_bytes`` at most)."""
+        targets = [(s.path, s.size) for s in self.segments
+                   if s.last_seq >= from_seq and s.last_seq >= s.first_seq]
+        if not targets:
+            return []
+        hint = self._read_hint if self._read_hint and self._read_hint[1] == from_seq else None
+        loop = asyncio.get_running_loop()
+        records, self._read_hint, corrupt = await loop.run_in_executor(
+            self._reader_pool, _read_records, targets, from_seq, max_bytes,
+            self.written_seq, hint,
+        )
+        self.corrupt_records += corrupt
+        return records
+
+    # ---------------------------------------------------------------- cursor and cleanup
+
+    async def commit(self, seq: int) -> None:
+        """Everything up to ``seq`` is in PostgreSQL: move the cursor, drop spent segments."""
+        if seq <= self.cursor:
+            return
+        self.cursor = seq
+        spent = [s for s in self.segments[:-1] if s.last_seq <= seq]
+        for seg in spent:
+            self.segments.remove(seg)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._io, self._apply_commit, seq, spent)
+
+    def _apply_commit(self, seq: int, spent: list[Segment]) -> None:
+        # The cursor is written without fsync: a stale cursor after a power loss only means
+        # a replay that PostgreSQL absorbs idempotently. Segments are removed only after
+        # their records are committed, so a lost cursor never loses data.
+        self._write_cursor(seq, sync=False)
+        for seg in spent:
+            if seg.fd >= 0:
+                os.close(seg.fd)
+            seg.path.unlink(missing_ok=True)
+
+    def _write_cursor(self, seq: int, *, sync: bool) -> None:
+        tmp = self.directory / "cursor.tmp"
+        with tmp.open("wb") as fh:
+            fh.write(CURSOR.pack(seq, crc32c.crc32c(SEQ.pack(seq))))
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, self.directory / "cursor")
+
+    # ---------------------------------------------------------------- state for metrics
+
+    @property
+    def pending_records(self) -> int:
+        return max(0, self.written_seq - self.cursor)
+
+    def oldest_unflushed_age(self, now: float | None = None) -> float:
+        now = time.time() if now is None else now
+        for seg in self.segments:
+            if seg.last_seq > self.cursor:
+                return max(0.0, now - seg.created)
+        return 0.0
+
+
+_READ_CHUNK = 4 * 1024 * 1024
+ReadHint = tuple[Path, int, int]  # segment, next seq, its offset
+
+
+def _read_records(
+    targets: list[tuple[Path, int]],
+    from_seq: int,
+    max_bytes: int,
+    upto: int,
+    hint: ReadHint | None,
+) -> tuple[list[tuple[int, bytes]], ReadHint | None, int]:
+    """Reader thread: frames from the given segments, starting at a hinted offset if any.
+
+    Returns the records, a hint for the next call, and how many corrupt records were
+    skipped (checksums were verified at start; a mismatch now means the disk rotted).
+    """
+    out: list[tuple[int, bytes]] = []
+    total = corrupt = 0
+    for path, size in targets:
+        offset = hint[2] if hint is not None and hint[0] == path else HEADER.size
+        try:
+            fh = path.open("rb")
+        except FileNotFoundError:
+            continue  # removed after commit while we were about to read it
+        with fh:
+            while offset + FRAME.size <= size:
+                fh.seek(offset)
+                head = fh.read(FRAME.size)
+                if len(head) < FRAME.size:
+                    break
+                length, _, _ = FRAME.unpack(head)
+                want = min(size - offset, max(_READ_CHUNK, FRAME.size + length))
+                fh.seek(offset)
+                data = fh.read(want)
+                view = memoryview(data)
+                pos = 0
+                while pos + FRAME.size <= len(data):
+                    length, crc, seq = FRAME.unpack_from(view, pos)
+                    end = pos + FRAME.size + length
+                    if length > MAX_RECORD or end > len(data):
+                        break
+                    if seq > upto:
+                        return out, (path, seq, offset + pos), corrupt
+                    if seq >= from_seq:
+                        payload = bytes(view[pos + FRAME.size : end])
+                        if _crc(seq, payload) != crc:
+                            corrupt += 1
+                            log.error("spool: corrupt record skipped while reading",
+                                      extra={"fields": {"path": str(path), "seq": seq}})
+                        else:
+                            out.append((seq, payload))
+                            total += len(payload)
+                    pos = end
+                    if total >= max_bytes:
+                        return out, (path, seq + 1, offset + pos), corrupt
+                if pos == 0:
+                    corrupt += 1  # an impossible length: the rest of this file is unreadable
+                    break
+                offset += pos
+    return out, None, corrupt
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems refuse directory fsync; nothing to do there
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- offline tools
+
+
+def inspect(directory: Path) -> dict[str, object]:
+    """``flux-agent spool inspect``: segments, records, bytes, oldest age (stopped agent)."""
+    cursor = read_cursor(directory)
+    segs = []
+    now = time.time()
+    oldest: float | None = None
+    records = pending = total = 0
+    for path in list_segments(directory):
+        scan, _ = scan_file(path)
+        n_pending = sum(1 for seq, _, _ in scan.records if seq > cursor)
+        records += len(scan.records)
+        pending += n_pending
+        total += scan.size
+        if n_pending and scan.created_ms:
+            age = now - scan.created_ms / 1000
+            oldest = age if oldest is None else max(oldest, age)
+        segs.append({
+            "path": str(path), "bytes": scan.size, "records": len(scan.records),
+            "pending_records": n_pending, "first_seq": scan.first_seq,
+            "last_seq": scan.last_seq, "damaged": bool(scan.damage),
+        })
+    quarantine = directory / "quarantine"
+    return {
+        "directory": str(directory), "cursor": cursor, "segments": segs,
+        "records": records, "pending_records": pending, "bytes": total,
+        "oldest_pending_age_s": round(oldest, 3) if oldest is not None else None,
+        "quarantined": sorted(p.name for p in quarantine.iterdir()) if quarantine.is_dir() else [],
+    }
+
+
+def verify(directory: Path) -> list[str]:
+    """``flux-agent spool verify``: every checksum; returns the problems found."""
+    problems = []
+    for path in list_segments(directory):
+        scan, _ = scan_file(path)
+        if not scan.header_ok:
+            problems.append(f"{path}: bad segment header")
+        for start, end in scan.damage:
+            if start == 0 and not scan.header_ok:
+                continue
+            kind = "torn tail" if scan.torn_tail_only else "corrupt bytes"
+            problems.append(f"{path}: {kind} at bytes {start}..{end}")
+    return problems
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
