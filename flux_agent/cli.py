@@ -1,0 +1,159 @@
+"""Command line: the only code that reads ``sys.argv``, installs signal handlers or exits.
+
+Exit codes: 0 clean, 78 bad configuration (the message names the setting), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from . import logs
+from ._version import __version__
+from .config import AgentConfig, add_flags, load_config
+from .errors import ConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
+
+
+def _runner() -> asyncio.Runner:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+def _run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    with _runner() as runner:
+        return runner.run(main())
+
+
+# --------------------------------------------------------------------------- run
+
+
+async def _serve(config: AgentConfig) -> int:
+    from .agent import Agent
+
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            # The spool is already durable; the next start replays what is left.
+            os._exit(EXIT_FAILURE)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await agent.start()
+        waiters = [asyncio.create_task(stop.wait()),
+                   asyncio.create_task(agent.exit_requested.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in waiters:
+            task.cancel()
+    finally:
+        await agent.stop()
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    logs.setup(config.log_level)
+    return _run_async(lambda: _serve(config))
+
+
+# --------------------------------------------------------------------------- migrate
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    if not config.database_url:
+        raise ConfigError("FLUX_AGENT_DATABASE_URL",
+                          "required by migrate (the embedded default migrates itself at start)")
+    from .sink import migrate_dsn
+
+    applied = _run_async(_wrap(migrate_dsn(config.database_url.reveal())))
+    print(json.dumps({"applied": applied}))
+    return EXIT_OK
+
+
+def _wrap(coro: Coroutine[Any, Any, Any]) -> Callable[[], Coroutine[Any, Any, Any]]:
+    return lambda: coro
+
+
+# --------------------------------------------------------------------------- spool
+
+
+def cmd_spool(args: argparse.Namespace) -> int:
+    from . import spool
+
+    config = load_config(args)
+    directory = config.spool_dir
+    if not directory.is_dir():
+        print(f"flux-agent: no spool at {directory}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.action == "inspect":
+        print(json.dumps(spool.inspect(directory), indent=2))
+        return EXIT_OK
+    problems = spool.verify(directory)
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(f"{directory}: all checksums verified")
+    return EXIT_FAILURE if problems else EXIT_OK
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flux-agent",
+        description="Durable, validated, exactly-once step events from ETL pods to PostgreSQL.",
+    )
+    parser.add_argument("--version", action="version", version=f"flux-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the agent (the sidecar)")
+    add_flags(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("migrate", help="apply pending schema migrations")
+    add_flags(p)
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("spool", help="inspect or verify a stopped agent's spool")
+    p.add_argument("action", choices=["inspect", "verify"])
+    add_flags(p)
+    p.set_defaults(func=cmd_spool)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"flux-agent: configuration error: {exc.setting}: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a message, exit 1
+        print(f"flux-agent: {logs.scrub(str(exc)) or type(exc).__name__}", file=sys.stderr)
+        return EXIT_FAILURE
+    return code

@@ -1,0 +1,323 @@
+"""Spool -> batches -> PostgreSQL: the flusher.
+
+Records arrive in sequence order. When the flusher keeps up, they come from memory (intake
+offers each durable record); when it falls behind, or memory is full, it reads the spool.
+Either way it delivers *windows*: consecutive records whose events are split over a few
+lanes (connections) by run, committed in parallel, and only then is the spool cursor moved
+past the window. A crash anywhere replays at most the last window, and PostgreSQL absorbs
+the replay (``ON CONFLICT DO NOTHING``), so nothing is lost and nothing is doubled.
+
+Transient failures retry forever with exponential backoff and jitter while the spool keeps
+the events. Rows PostgreSQL refuses for what they contain are isolated by bisection and
+stored as dead letters; the rest of their batch lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .batch import Batch, Batcher, Limits, split_lanes
+from .event import EventsRecord, Row, record_decoder
+from .spool import Spool
+
+log = logging.getLogger("flux_agent.flush")
+
+
+class Sink(Protocol):
+    async def ensure_schema(self) -> list[str]: ...
+    async def write_events(
+        self, rows: Sequence[Row], *, returning: bool
+    ) -> tuple[int, set[str]]: ...
+    async def write_dead_letters(self, items: Sequence[tuple[Row, str, str | None]]) -> None: ...
+
+
+class Classifier(Protocol):
+    def __call__(self, exc: BaseException) -> str: ...
+
+
+@dataclass(slots=True)
+class FlushStats:
+    """Counters read by the metrics collector at scrape time."""
+
+    batches: int = 0
+    events_inserted: int = 0
+    events_duplicate: int = 0
+    events_dead: int = 0
+    retries: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    durations: list[float] = field(default_factory=list)
+
+
+class Flusher:
+    def __init__(
+        self,
+        spool: Spool,
+        sink: Sink,
+        *,
+        limits: Limits,
+        lanes: int,
+        retry_max: float,
+        memory_bytes: int,
+        classify: Classifier,
+        describe: Callable[[BaseException], str],
+        observe: Callable[[int, float, int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spool = spool
+        self.sink = sink
+        self.limits = limits
+        self.lanes = lanes
+        self.retry_max = retry_max
+        self.memory_bytes = memory_bytes
+        self.classify = classify
+        self.describe = describe
+        self.observe = observe
+        self.clock = clock
+        self.ring: deque[tuple[int, list[Row], int]] = deque()
+        self.ring_bytes = 0
+        self.flush_pos = spool.cursor + 1  # next sequence number to gather
+        self.committed_seq = spool.cursor
+        self._data = asyncio.Event()
+        self._waiters: list[tuple[int, int, asyncio.Future[set[str] | None]]] = []
+        self._waiter_serial = 0
+        self._task: asyncio.Task[None] | None = None
+        self.stats = FlushStats()
+        self.db_up: bool | None = None
+        self.last_error: str | None = None
+        self.last_progress = clock()
+        self.last_flush_at: float | None = None
+        self._window_ids: set[str] = set()
+        self._window_dead = 0
+        self._window_returning = False
+        spool.on_written = self.notify
+
+    # ---------------------------------------------------------------- intake side
+
+    def offer(self, seq: int, rows: list[Row], nbytes: int) -> None:
+        """A durable record from intake; kept in memory if it extends the ring and fits."""
+        ring = self.ring
+        follows = seq == ring[-1][0] + 1 if ring else seq == self.flush_pos
+        if follows and self.ring_bytes + nbytes <= self.memory_bytes:
+            ring.append((seq, rows, nbytes))
+            self.ring_bytes += nbytes
+        self._data.set()
+
+    def notify(self) -> None:
+        self._data.set()
+
+    async def wait_committed(self, seq: int) -> set[str] | None:
+        """Wait until ``seq`` is in PostgreSQL. Returns the ids that were new in its window,
+        when the flusher tracked them for this waiter; None if it was committed earlier."""
+        if seq <= self.committed_seq:
+            return None
+        fut: asyncio.Future[set[str] | None] = asyncio.get_running_loop().create_future()
+        self._waiter_serial += 1
+        heapq.heappush(self._waiters, (seq, self._waiter_serial, fut))
+        return await fut
+
+    @property
+    def backlog(self) -> int:
+        """Records written to the spool and not yet committed."""
+        return max(0, self.spool.written_seq - self.committed_seq)
+
+    def stalled_for(self) -> float:
+        """Seconds without progress while records wait (0 when nothing waits)."""
+        if self.backlog == 0:
+            return 0.0
+        return self.clock() - self.last_progress
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self.last_progress = self.clock()
+        self._task = asyncio.create_task(self._run(), name="flux-flusher")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for _, _, fut in self._waiters:
+            if not fut.done():
+                fut.cancel()
+        self._waiters.clear()
+
+    async def drain(self, timeout: float) -> bool:
+        """Flush what is spooled now, for at most ``timeout`` seconds. True if all landed."""
+        target = self.spool.written_seq
+        if target <= self.committed_seq:
+            return True
+        try:
+            await asyncio.wait_for(self.wait_committed(target), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # ---------------------------------------------------------------- the loop
+
+    async def _run(self) -> None:
+        gather = asyncio.create_task(self._gather())
+        try:
+            while True:
+                batch = await gather
+                # Gather the next window while this one is written: overlaps spool reads and
+                # decoding with PostgreSQL's work. Order is kept: windows commit one by one.
+                gather = asyncio.create_task(self._gather())
+                started = self.clock()
+                inserted = await self._deliver(batch)
+                await self._committed(batch, inserted, self.clock() - started)
+        finally:
+            gather.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gather
+
+    async def _gather(self) -> Batch:
+        batcher = Batcher(self.limits, self.clock)
+        while True:
+            self._data.clear()
+            await self._pull(batcher)
+            if batcher.full:
+                break
+            if batcher.empty:
+                await self._data.wait()
+                continue
+            wait = batcher.due_in()
+            if wait <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._data.wait(), wait)
+        return batcher.take()
+
+    async def _pull(self, batcher: Batcher) -> None:
+        """Move available records into the batch, from memory when possible."""
+        ring = self.ring
+        while not batcher.full:
+            while ring and ring[0][0] < self.flush_pos:  # already read from the spool
+                self.ring_bytes -= ring.popleft()[2]
+            if ring and (ring[0][0] == self.flush_pos or self.flush_pos > self.spool.written_seq):
+                seq, rows, nbytes = ring.popleft()
+                self.ring_bytes -= nbytes
+                batcher.add(seq, rows, nbytes)
+                self.flush_pos = seq + 1
+            elif self.flush_pos <= self.spool.written_seq:
+                room = max(64 * 1024, self.limits.max_bytes - batcher.batch.nbytes)
+                records = await self.spool.read(self.flush_pos, room)
+                if not records:
+                    log.error("spool: records %d..%d are missing; skipped",
+                              self.flush_pos, self.spool.written_seq)
+                    self.flush_pos = self.spool.written_seq + 1
+                    continue
+                for seq, payload in records:
+                    record = record_decoder.decode(payload)
+                    if isinstance(record, EventsRecord):
+                        batcher.add(seq, record.rows, len(payload))
+                    self.flush_pos = seq + 1
+            else:
+                return
+
+    async def _deliver(self, batch: Batch) -> int:
+        lanes = [rows for rows in split_lanes(batch.rows(), self.lanes) if rows]
+        returning = bool(self._waiters) and self._waiters[0][0] <= batch.last_seq
+        inserted = 0
+        self._window_ids = set()
+        self._window_dead = 0
+        self._window_returning = returning
+        attempt = 0
+        while lanes:
+            results = await asyncio.gather(
+                *(self._write_lane(rows, returning) for rows in lanes), return_exceptions=True
+            )
+            failed: list[list[Row]] = []
+            error: BaseException | None = None
+            for rows, result in zip(lanes, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, Exception):
+                        raise result  # cancellation and the like
+                    failed.append(rows)
+                    error = result
+                else:
+                    inserted += result
+            lanes = failed
+            if error is not None:
+                attempt += 1
+                self.stats.retries += 1
+                self.db_up = False
+                self.last_error = self.describe(error)
+                # Log the first failure, then sparsely: an outage must not flood the log.
+                if attempt == 1 or attempt & (attempt - 1) == 0:
+                    log.warning("flush failed; retrying with backoff",
+                                extra={"fields": {"attempt": attempt, "error": self.last_error,
+                                                  "backlog_records": self.backlog}})
+                await asyncio.sleep(self._backoff(attempt))
+        if attempt:
+            log.info("flush recovered", extra={"fields": {"attempts": attempt}})
+        self.db_up = True
+        return inserted
+
+    def _backoff(self, attempt: int) -> float:
+        delay = min(self.retry_max, 0.1 * 2 ** min(attempt - 1, 20))
+        return float(delay / 2 + random.uniform(0, delay / 2))
+
+    async def _write_lane(self, rows: list[Row], returning: bool) -> int:
+        await self.sink.ensure_schema()
+        try:
+            inserted, ids = await self.sink.write_events(rows, returning=returning)
+        except Exception as exc:
+            if self.classify(exc) != "poison":
+                raise
+            return await self._isolate(rows, exc, returning)
+        self._window_ids |= ids
+        return inserted
+
+    async def _isolate(self, rows: list[Row], exc: BaseException, returning: bool) -> int:
+        """Bisect a refused batch until each refused row stands alone; dead-letter those."""
+        if len(rows) == 1:
+            reason = self.describe(exc)
+            await self.sink.write_dead_letters([(rows[0], reason, getattr(exc, "sqlstate", None))])
+            self.stats.events_dead += 1
+            self._window_dead += 1
+            log.error("event refused by PostgreSQL; stored as a dead letter",
+                      extra={"fields": {"event_id": rows[0][1], "reason": reason}})
+            return 0
+        mid = len(rows) // 2
+        inserted = 0
+        for half in (rows[:mid], rows[mid:]):
+            try:
+                n, ids = await self.sink.write_events(half, returning=returning)
+            except Exception as sub:
+                if self.classify(sub) != "poison":
+                    raise
+                n = await self._isolate(half, sub, returning)
+            else:
+                self._window_ids |= ids
+            inserted += n
+        return inserted
+
+    async def _committed(self, batch: Batch, inserted: int, elapsed: float) -> None:
+        self.stats.batches += 1
+        self.stats.events_inserted += inserted
+        duplicates = max(0, batch.events - inserted - self._window_dead)
+        self.stats.events_duplicate += duplicates
+        if self.observe is not None:
+            self.observe(batch.events, elapsed, duplicates)
+        self.committed_seq = batch.last_seq
+        self.last_progress = self.clock()
+        self.last_flush_at = time.time()
+        await self.spool.commit(batch.last_seq)
+        # Waiters of this window learn which ids were new, if the insert reported them.
+        ids = self._window_ids if self._window_returning else None
+        first = batch.records[0][0]
+        while self._waiters and self._waiters[0][0] <= batch.last_seq:
+            seq, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(ids if seq >= first else None)

@@ -1,0 +1,62 @@
+"""The admin listener: ``/health/live``, ``/health/ready``, ``/health/deep`` and ``/metrics``.
+
+Readiness tells the truth: it fails while the agent drains, while the spool is full or
+unwritable, and while events wait with no flush progress for longer than the threshold. A pod
+that looks healthy but forwards nothing is the failure this exists to prevent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from .intake import json_response, make_problem_middleware
+from .metrics import CONTENT_TYPE, Metrics
+
+
+class Probe(Protocol):
+    def readiness(self) -> tuple[bool, dict[str, Any]]: ...
+    async def diagnostics(self) -> dict[str, Any]: ...
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def admin_app(probe: Probe, metrics: Metrics) -> web.Application:
+    app = web.Application(middlewares=[make_problem_middleware(metrics)])
+
+    async def live(request: web.Request) -> web.Response:
+        return json_response({"status": "alive", "timestamp": _now()})
+
+    async def ready(request: web.Request) -> web.Response:
+        ok, body = probe.readiness()
+        body = {"status": "ready" if ok else "not_ready", **body, "timestamp": _now()}
+        return json_response(body, 200 if ok else 503)
+
+    async def deep(request: web.Request) -> web.Response:
+        ok, body = probe.readiness()
+        try:
+            details = await asyncio.wait_for(probe.diagnostics(), 5)
+        except TimeoutError:
+            details = {"database": {"status": "timeout"}}
+        return json_response({"status": "ready" if ok else "not_ready", **body, **details,
+                              "timestamp": _now()}, 200 if ok else 503)
+
+    async def scrape(request: web.Request) -> web.Response:
+        # Collection reads in-memory state only; cheap enough to run on the loop.
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+    handlers: dict[str, Callable[[web.Request], Awaitable[web.Response]]] = {
+        "/health/live": live,
+        "/health/ready": ready,
+        "/health/deep": deep,
+        "/metrics": scrape,
+    }
+    for path, handler in handlers.items():
+        app.router.add_get(path, handler)
+    return app

@@ -1,0 +1,452 @@
+"""The event API: aiohttp middlewares (problem, correlation, auth) and routes.
+
+A request is atomic: its events are validated together, spooled as one record, and
+acknowledged only once that record is durable. Nothing about a request is half-accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestPayloadError
+
+from . import logs
+from .auth import Authenticator, Claims, require
+from .config import AgentConfig
+from .digest import JsonDecoder
+from .errors import (
+    PROBLEM_CONTENT_TYPE,
+    FluxError,
+    TerminalError,
+    TransientError,
+    ValidationError,
+)
+from .event import EVENT_ID, PAYLOAD_SHA256, EventsRecord, Row, record_encoder
+from .flush import Flusher
+from .metrics import Metrics
+from .seen import Entry, SeenIndex
+from .spool import Spool
+from .validate import EventChecker, Manifest, Seal, utcnow
+
+log = logging.getLogger("flux_agent.intake")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_BYTE_POS = re.compile(r"\(byte (\d+)\)")
+_JSON_TYPES = frozenset({"application/json", "text/json"})
+_NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl",
+                           "application/x-jsonlines"})
+
+CLAIMS = web.RequestKey("flux.claims", Claims)
+REQUEST_ID = web.RequestKey("flux.request_id", str)
+TRACE = web.RequestKey("flux.trace", tuple[str, str])
+
+# aiohttp's own HTTP errors, as problem codes.
+_HTTP_CODES: Mapping[int, str] = {
+    400: "BAD_REQUEST",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "REQUEST_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+}
+
+
+def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None
+                  ) -> web.Response:
+    return web.Response(body=msgspec.json.encode(body), status=status,
+                        content_type="application/json", headers=headers)
+
+
+def problem_response(request: web.Request, err: FluxError) -> web.Response:
+    trace = request.get(TRACE, ("", ""))
+    body = err.problem(
+        instance=request.path,
+        request_id=request.get(REQUEST_ID, ""),
+        trace_id=trace[0],
+        span_id=trace[1],
+    )
+    headers = dict(err.headers)
+    return web.Response(body=msgspec.json.encode(body), status=err.status,
+                        content_type=PROBLEM_CONTENT_TYPE, headers=headers)
+
+
+def http_error(exc: web.HTTPException) -> FluxError:
+    code = _HTTP_CODES.get(exc.status, "HTTP_ERROR")
+    detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+    if exc.status >= 500:
+        return TerminalError(code, detail or exc.reason, status=exc.status)
+    return ValidationError(code, detail or exc.reason, status=exc.status)
+
+
+def is_local(request: web.Request) -> bool:
+    """True on the Unix socket and for loopback peers."""
+    transport = request.transport
+    if transport is None:
+        return False
+    sockname = transport.get_extra_info("sockname")
+    if isinstance(sockname, str | bytes):
+        return True
+    peer = transport.get_extra_info("peername")
+    host = peer[0] if isinstance(peer, tuple) and peer else ""
+    return host == "::1" or host.startswith("127.") or host == "::ffff:127.0.0.1"
+
+
+def endpoint_of(request: web.Request) -> str:
+    route = request.match_info.route
+    resource = route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def make_problem_middleware(metrics: Metrics) -> Middleware:
+    """Outermost middleware: request id, trace context, problem+json for every error."""
+
+    @web.middleware
+    async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        rid = request.headers.get("X-Request-ID") or request.headers.get("X-Correlation-ID")
+        if not rid or not _REQUEST_ID.match(rid):
+            rid = str(uuid.uuid4())
+        request[REQUEST_ID] = rid
+        m = _TRACEPARENT.match(request.headers.get("traceparent", ""))
+        trace = (m.group(1), m.group(2)) if m else (uuid.uuid4().hex, uuid.uuid4().hex[:16])
+        request[TRACE] = trace
+        tokens = (logs.correlation_id.set(rid), logs.trace_id.set(trace[0]),
+                  logs.span_id.set(trace[1]))
+        agency = ""
+        try:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                raise http_error(exc) from None
+            except HttpProcessingError as exc:
+                raise ValidationError("BAD_REQUEST", exc.message or "malformed request",
+                                      status=400) from None
+            except RequestPayloadError as exc:
+                # Undecodable Content-Encoding, or a body cut short by the client.
+                raise ValidationError("INVALID_BODY", f"the request body could not be read: "
+                                      f"{str(exc).splitlines()[-1].strip()}", status=400) from None
+        except FluxError as err:
+            response = problem_response(request, err)
+            claims = request.get(CLAIMS)
+            agency = claims.agency if claims else ""
+            metrics.errors.labels(err.error_class, agency).inc()
+            if err.status >= 500 and not err.retryable:
+                log.error("request failed: %s", err.detail,
+                          extra={"fields": {"code": err.code, "path": request.path}})
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception:
+            log.exception("unexpected error while handling a request",
+                          extra={"fields": {"path": request.path}})
+            internal = TerminalError("INTERNAL_ERROR", "the agent failed to handle this "
+                                     "request; nothing from it was accepted")
+            response = problem_response(request, internal)
+            metrics.errors.labels(internal.error_class, "").inc()
+        finally:
+            for var, token in zip((logs.correlation_id, logs.trace_id, logs.span_id), tokens,
+                                  strict=True):
+                var.reset(token)
+        response.headers["X-Request-ID"] = rid
+        claims = request.get(CLAIMS)
+        endpoint = endpoint_of(request)
+        metrics.requests.labels(endpoint, str(response.status),
+                                claims.agency if claims else agency).inc()
+        metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    return problem_middleware
+
+
+@dataclass(slots=True)
+class Accepted:
+    accepted: int
+    duplicates: int
+    event_ids: list[str]
+    committed: bool
+
+
+class Intake:
+    """Routes of the event API and what they need from the pipeline."""
+
+    def __init__(
+        self,
+        *,
+        config: AgentConfig,
+        checker: EventChecker,
+        manifest: Manifest,
+        spool: Spool,
+        flusher: Flusher,
+        seen: SeenIndex,
+        authenticator: Authenticator,
+        metrics: Metrics,
+        drain: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    ) -> None:
+        self.config = config
+        self.checker = checker
+        self.manifest = manifest
+        self.spool = spool
+        self.flusher = flusher
+        self.seen = seen
+        self.authenticator = authenticator
+        self.metrics = metrics
+        self.drain_hook = drain
+        self.decoder = JsonDecoder()
+        self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.agent_id = config.effective_agent_id
+
+    # ---------------------------------------------------------------- application
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=self.config.request_max_bytes,
+            middlewares=[make_problem_middleware(self.metrics), self._auth_middleware],
+        )
+        app.router.add_post("/v1/events", self.post_events)
+        app.router.add_post("/v1/drain", self.post_drain)
+        return app
+
+    @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler: Handler
+                               ) -> web.StreamResponse:
+        if request.match_info.http_exception is None:
+            request[CLAIMS] = self.authenticator.authenticate(request.headers, is_local(request))
+        return await handler(request)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # ---------------------------------------------------------------- POST /v1/events
+
+    async def post_events(self, request: web.Request) -> web.Response:
+        claims: Claims = request[CLAIMS]
+        require(claims, "write")
+        if self.draining:
+            raise TransientError("DRAINING", "the agent is shutting down; retry against its "
+                                 "successor", retry_after=1)
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            return await self._post_events(request, claims)
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    async def _post_events(self, request: web.Request, claims: Claims) -> web.Response:
+        # Refuse early when the spool is full, before reading a large body.
+        self.spool.check_room(request.content_length or 0)
+        ndjson = self._media_type(request)
+        body = await request.read()
+        events, batch = self._decode(body, ndjson)
+        received = utcnow()
+        trace_id, span_id = request[TRACE]
+        seal = Seal(
+            agency=claims.agency,
+            received_at=received,
+            correlation_id=request[REQUEST_ID],
+            agent_id=self.agent_id,
+            trace_id=trace_id,
+            span_id=span_id,
+            expires_at=received + self.manifest.retention(claims.agency),
+        )
+        try:
+            rows = self.checker.rows(events, seal, batch=batch,
+                                     plain_floats=self.decoder.plain_floats)
+        except FluxError as err:
+            self.metrics.events_rejected.labels(err.code).inc()
+            raise
+        wait = _prefers_committed(request.headers.get("Prefer", ""))
+        result = await self.accept(rows, claims.agency, wait=wait)
+        self.metrics.events_accepted.labels(claims.agency).inc(result.accepted)
+        if result.duplicates:
+            self.metrics.events_duplicate.labels("intake").inc(result.duplicates)
+        body_out = {"accepted": result.accepted, "duplicates": result.duplicates,
+                    "event_ids": result.event_ids}
+        if wait:
+            body_out["committed"] = True
+            return json_response(body_out, 200, {"Preference-Applied": "wait=committed"})
+        return json_response(body_out, 202)
+
+    def _media_type(self, request: web.Request) -> bool:
+        """True for NDJSON, False for JSON; 415 for anything else."""
+        raw = request.headers.get("Content-Type")
+        if raw is None:
+            return False
+        media = raw.split(";", 1)[0].strip().lower()
+        if media in _JSON_TYPES or media.endswith("+json"):
+            return False
+        if media in _NDJSON_TYPES:
+            return True
+        raise ValidationError(
+            "UNSUPPORTED_MEDIA_TYPE",
+            f"Content-Type {media!r} is not accepted; send application/json "
+            "(an object or an array) or application/x-ndjson",
+            status=415,
+        )
+
+    def _decode(self, body: bytes, ndjson: bool) -> tuple[list[Any], bool]:
+        if not ndjson:
+            doc = self._decode_one(body, "")
+            if isinstance(doc, list):
+                if not doc:
+                    raise ValidationError("EMPTY_REQUEST", "the array holds no events")
+                return doc, True
+            return [doc], False
+        events: list[Any] = []
+        plain = True
+        for n, line in enumerate(body.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            events.append(self._decode_one(line, f" on line {n}"))
+            plain = plain and self.decoder.plain_floats
+        self.decoder.plain_floats = plain
+        if not events:
+            raise ValidationError("EMPTY_REQUEST", "the body holds no events")
+        return events, True
+
+    def _decode_one(self, data: bytes, where: str) -> Any:
+        try:
+            return self.decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            text = str(exc)
+            m = _BYTE_POS.search(text)
+            context: dict[str, Any] = {}
+            if m:
+                context["position"] = int(m.group(1))
+            if not data.strip():
+                text = "the body is empty"
+            raise ValidationError(
+                "MALFORMED_JSON", f"the body is not valid JSON{where}: {text}", status=400,
+                context=context,
+            ) from None
+
+    # ---------------------------------------------------------------- acceptance
+
+    async def accept(self, rows: list[Row], agency: str, *, wait: bool) -> Accepted:
+        """Spool new rows as one record; report known ones as duplicates.
+
+        The answer comes only after the record (and any duplicate's original) is durable.
+        """
+        seen = self.seen
+        fresh: list[Row] = []
+        fresh_keys: list[tuple[int, int]] = []
+        ids: list[str] = []
+        waits: list[asyncio.Future[int]] = []
+        dup_seqs: list[int] = []
+        conflicts: list[dict[str, str]] = []
+        in_request: dict[int, int] = {}
+        duplicates = 0
+        for i, row in enumerate(rows):
+            event_id = row[EVENT_ID]
+            ids.append(event_id)
+            key = seen.key(agency, event_id)
+            sha32 = int(row[PAYLOAD_SHA256][:8], 16)
+            earlier = in_request.get(key)
+            if earlier is None:
+                entry = seen.get(key)
+                earlier = entry.sha32 if entry is not None else None
+            else:
+                entry = None
+            if earlier is None:
+                in_request[key] = sha32
+                fresh.append(row)
+                fresh_keys.append((key, sha32))
+                continue
+            if earlier != sha32:
+                conflicts.append({"pointer": f"/{i}/event_id" if len(rows) > 1 else "/event_id",
+                                  "message": f"event_id {event_id} was already used for a "
+                                             "different payload", "code": "EVENT_ID_CONFLICT"})
+                continue
+            duplicates += 1
+            if entry is not None:
+                dup_seqs.append(entry.seq)
+                if entry.durable is not None and not entry.durable.done():
+                    waits.append(entry.durable)
+                elif entry.durable is not None and entry.durable.exception() is not None:
+                    raise entry.durable.exception()  # type: ignore[misc]
+        if conflicts:
+            raise ValidationError(
+                "EVENT_ID_CONFLICT", "an event id is reused with a different payload; "
+                "nothing from this request was accepted", status=409, errors=conflicts,
+            )
+        seq = 0
+        nbytes = 0
+        if fresh:
+            payload = record_encoder.encode(EventsRecord(fresh))
+            nbytes = len(payload)
+            self.spool.check_room(nbytes)
+            seq, durable = self.spool.append(payload)
+            for key, sha32 in fresh_keys:
+                seen.add(key, Entry(sha32, seq, durable))
+            waits.append(durable)
+        try:
+            for fut in waits:
+                # shield: the future is shared by every request of the commit group, and a
+                # client that hangs up must not cancel it for the others.
+                await asyncio.shield(fut)
+        except BaseException:
+            for key, _ in fresh_keys:
+                seen.discard(key)
+            raise
+        if fresh:
+            self.flusher.offer(seq, fresh, nbytes)
+        accepted = len(fresh)
+        if wait:
+            target = max([seq, *dup_seqs])
+            try:
+                new_ids = await asyncio.wait_for(self.flusher.wait_committed(target),
+                                                 self.config.commit_wait_timeout)
+            except TimeoutError:
+                raise TransientError(
+                    "COMMIT_TIMEOUT",
+                    "the events are durably spooled but not yet in PostgreSQL; a retry with "
+                    "the same event ids is safe",
+                    retry_after=max(1, int(self.config.commit_wait_timeout)),
+                    context={"accepted": accepted, "duplicates": duplicates},
+                ) from None
+            if new_ids is not None:
+                really_new = sum(1 for row in fresh if row[EVENT_ID] in new_ids)
+                duplicates += accepted - really_new
+                accepted = really_new
+        return Accepted(accepted, duplicates, ids, wait)
+
+    # ---------------------------------------------------------------- POST /v1/drain
+
+    async def post_drain(self, request: web.Request) -> web.Response:
+        require(request[CLAIMS], "write")
+        if self.drain_hook is None:
+            raise ValidationError("NOT_SUPPORTED", "this agent cannot be drained over HTTP",
+                                  status=404)
+        result = await self.drain_hook()
+        return json_response(result, 200)
+
+
+def _prefers_committed(prefer: str) -> bool:
+    for item in prefer.split(","):
+        name, _, value = item.strip().partition("=")
+        if name.strip().lower() == "wait" and value.strip().strip('"').lower() == "committed":
+            return True
+    return False

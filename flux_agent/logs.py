@@ -1,0 +1,126 @@
+"""Structured JSON logs: one object per line, request context attached, secrets scrubbed.
+
+Each line carries ``timestamp level message service trace_id span_id correlation_id fields``.
+Request context lives in context variables set by intake, so any log call made while a
+request is handled is tagged with it. Repeated warnings and errors are rate-limited: an
+outage logs its first failures and then a count, not a line per retry.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+import time
+from datetime import UTC, datetime
+from typing import IO, Any
+
+SERVICE = "flux-agent"
+
+correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
+trace_id: contextvars.ContextVar[str] = contextvars.ContextVar("trace_id", default="")
+span_id: contextvars.ContextVar[str] = contextvars.ContextVar("span_id", default="")
+
+_SCRUB = (
+    (re.compile(r"(?i)(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@"), r"\1***@"),
+    (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1***"),
+    (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), "***"),
+    (re.compile(r"(?i)(password|secret|token)(\s*[=:]\s*)[^\s,;&]+"), r"\1\2***"),
+)
+_secrets: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Literal values (keys, passwords) that must never be printed."""
+    if value and len(value) >= 4:
+        _secrets.add(str.__str__(value))
+
+
+def scrub(text: str) -> str:
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    for pattern, replacement in _SCRUB:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _scrub_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: _scrub_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub_value(v) for v in value]
+    return value
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None) or {}
+        entry: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "message": scrub(record.getMessage()),
+            "service": SERVICE,
+            "trace_id": getattr(record, "trace_id", None) or trace_id.get(),
+            "span_id": getattr(record, "span_id", None) or span_id.get(),
+            "correlation_id": getattr(record, "correlation_id", None) or correlation_id.get(),
+            "logger": record.name,
+            "fields": _scrub_value(fields),
+        }
+        if record.exc_info:
+            entry["exception"] = scrub(self.formatException(record.exc_info))
+        return json.dumps(entry, default=str, separators=(",", ":"))
+
+
+class RateLimit(logging.Filter):
+    """At most ``burst`` identical warnings/errors per ``interval`` seconds per message."""
+
+    def __init__(self, burst: int = 5, interval: float = 60.0) -> None:
+        super().__init__()
+        self.burst = burst
+        self.interval = interval
+        self._seen: dict[tuple[str, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        window = self._seen.get(key)
+        if window is None or now - window[0] > self.interval:
+            if window is not None and window[2] > 0:
+                fields = dict(getattr(record, "fields", None) or {})
+                fields["suppressed_since_last"] = int(window[2])
+                record.fields = fields
+            self._seen[key] = [now, 1, 0]
+            if len(self._seen) > 1024:
+                self._seen.clear()
+            return True
+        window[1] += 1
+        if window[1] <= self.burst:
+            return True
+        window[2] += 1
+        return False
+
+
+def setup(level: str = "info", stream: IO[str] | None = None) -> logging.Handler:
+    """Send the agent's logs (and aiohttp's) to ``stream`` (stdout) as JSON lines."""
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RateLimit())
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_flux", False)]:
+        root.removeHandler(old)
+    handler._flux = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # The access log is debug-level detail.
+    logging.getLogger("aiohttp.access").setLevel(
+        logging.DEBUG if level == "debug" else logging.WARNING
+    )
+    return handler

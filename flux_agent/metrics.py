@@ -1,0 +1,123 @@
+"""Prometheus metrics, one registry per Agent (two agents in one process never collide).
+
+Things that happen (requests, rejections) are counted where they happen. Things that *are*
+(spool depth, backlog, flusher totals, PostgreSQL up) are read at scrape time by a collector,
+so the hot path pays nothing for them. Label values are bounded: endpoints are route
+templates, agencies come from the manifest, reasons are error codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ._version import __version__
+
+REQUEST_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 2, 5)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class Gauge:
+    name: str
+    doc: str
+    kind: str = "gauge"  # or "counter" (a monotonic total read at scrape time)
+
+
+# Scrape-time values: name -> description. The agent supplies a callable returning them.
+STATE: tuple[Gauge, ...] = (
+    Gauge("flux_events_flushed", "Events inserted into PostgreSQL.", "counter"),
+    Gauge("flux_events_dead_lettered", "Events PostgreSQL refused, stored as dead letters.",
+          "counter"),
+    Gauge("flux_flush_batches", "Batches committed to PostgreSQL.", "counter"),
+    Gauge("flux_flush_retries", "Flush attempts that failed and were retried.", "counter"),
+    Gauge("flux_spool_bytes", "Bytes held by spool segments."),
+    Gauge("flux_spool_max_bytes", "Spool capacity."),
+    Gauge("flux_spool_segments", "Spool segment files."),
+    Gauge("flux_spool_backlog_records", "Spooled records (requests) not yet in PostgreSQL."),
+    Gauge("flux_spool_oldest_unflushed_age_seconds",
+          "Age of the oldest segment holding unflushed records."),
+    Gauge("flux_spool_memory_queue_bytes", "Bytes of records the flusher holds in memory."),
+    Gauge("flux_spool_quarantined_segments", "Damaged segments moved aside at start.", "counter"),
+    Gauge("flux_spool_torn_tails", "Interrupted appends cut off at start.", "counter"),
+    Gauge("flux_spool_corrupt_records", "Records skipped for a bad checksum while reading.",
+          "counter"),
+    Gauge("flux_spool_write_errors", "Spool writes the disk refused.", "counter"),
+    Gauge("flux_postgres_up", "1 when the last PostgreSQL operation succeeded, else 0."),
+    Gauge("flux_flush_stalled_seconds", "Seconds without flush progress while events wait."),
+    Gauge("flux_ready", "1 while the agent accepts events."),
+)
+
+
+class _StateCollector(Collector):
+    def __init__(self, read: Callable[[], Mapping[str, float]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        values = self._read()
+        for g in STATE:
+            if g.name not in values:
+                continue
+            family: Metric
+            if g.kind == "counter":
+                family = CounterMetricFamily(g.name, g.doc, value=values[g.name])
+            else:
+                family = GaugeMetricFamily(g.name, g.doc, value=values[g.name])
+            yield family
+        info = GaugeMetricFamily("flux_build_info", "Build of this agent.", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "flux_requests", "HTTP requests by route, status and agency.",
+            ["endpoint", "status", "agency"], registry=r,
+        )
+        self.errors = Counter(
+            "flux_errors", "Error answers by class and agency.", ["error_class", "agency"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "flux_request_duration_seconds", "Time to answer a request.", ["endpoint"],
+            buckets=REQUEST_BUCKETS, registry=r,
+        )
+        self.events_accepted = Counter(
+            "flux_events_accepted", "Events accepted onto the spool.", ["agency"], registry=r
+        )
+        self.events_duplicate = Counter(
+            "flux_events_duplicates",
+            "Events already known: at intake (index) or by PostgreSQL (conflict).",
+            ["detected_by"], registry=r,
+        )
+        self.events_rejected = Counter(
+            "flux_events_rejected", "Requests refused, by error code.", ["reason"], registry=r
+        )
+        self.batch_size = Histogram(
+            "flux_flush_batch_size_events", "Events per committed flush window.",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 4000, 8000), registry=r,
+        )
+        self.flush_duration = Histogram(
+            "flux_flush_duration_seconds", "Time to commit one flush window.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+
+    def add_state(self, read: Callable[[], Mapping[str, float]]) -> None:
+        self.registry.register(_StateCollector(read))
+
+    def observe_flush(self, events: int, seconds: float, duplicates: int) -> None:
+        self.batch_size.observe(events)
+        self.flush_duration.observe(seconds)
+        if duplicates:
+            self.events_duplicate.labels("database").inc(duplicates)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
