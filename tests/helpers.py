@@ -1,0 +1,55 @@
+"""Small HTTP helpers shared by the tests."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+PROBLEM = "application/problem+json"
+
+
+async def post(url: str, body: Any, *, headers: dict[str, str] | None = None,
+               raw: bytes | None = None, socket: Path | None = None,
+               compress: bool = False) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """POST JSON (or raw bytes) and return (status, decoded body, headers)."""
+    data = raw if raw is not None else json.dumps(body).encode()
+    hdrs = {"Content-Type": "application/json"}
+    if compress:
+        data = gzip.compress(data)
+        hdrs["Content-Encoding"] = "gzip"
+    hdrs.update(headers or {})
+    connector = aiohttp.UnixConnector(path=str(socket)) if socket else None
+    async with aiohttp.ClientSession(connector=connector) as session, session.post(
+            url, data=data, headers=hdrs) as resp:
+        text = await resp.read()
+        decoded = json.loads(text) if text else {}
+        return resp.status, decoded, dict(resp.headers)
+
+
+async def get(url: str, *, headers: dict[str, str] | None = None,
+              socket: Path | None = None) -> tuple[int, Any, dict[str, str]]:
+    connector = aiohttp.UnixConnector(path=str(socket)) if socket else None
+    async with aiohttp.ClientSession(connector=connector) as session, session.get(
+            url, headers=headers or {}) as resp:
+        text = await resp.read()
+        ctype = resp.headers.get("Content-Type", "")
+        decoded = json.loads(text) if text and "json" in ctype else text.decode()
+        return resp.status, decoded, dict(resp.headers)
+
+
+def assert_problem(status: int, body: dict[str, Any], headers: dict[str, str],
+                   expect_status: int, code: str | None = None) -> None:
+    assert status == expect_status, body
+    assert headers["Content-Type"].startswith(PROBLEM), headers
+    for member in ("type", "title", "status", "detail", "instance", "error_id", "timestamp",
+                   "class", "code", "context", "trace_id", "span_id", "request_id",
+                   "retryable"):
+        assert member in body, member
+    assert body["status"] == expect_status
+    assert body["request_id"] == headers["X-Request-ID"]
+    if code is not None:
+        assert body["code"] == code, body

@@ -1,0 +1,318 @@
+"""End to end through a real agent and a real PostgreSQL: what a workload sees."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from flux_agent import Agent
+from flux_agent.digest import canonical_json, sha256_hex
+from flux_agent.testing import make_event, make_events
+
+from .conftest import Database, agent_config
+from .helpers import assert_problem, get, post
+
+
+async def wait_rows(database: Database, count: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < deadline:
+        n = await database.fetchval("SELECT count(*) FROM flux.events")
+        if n >= count:
+            return int(n)
+        await asyncio.sleep(0.02)
+    return int(n)
+
+
+async def test_single_event_over_tcp_lands_in_postgres(agent: Agent, database: Database):
+    event = make_event("run.started", payload={"content_type": "text", "use_case": "search",
+                                               "agency": "nasa", "note": "é ✓"})
+    status, body, headers = await post(agent.endpoints.event_url + "/v1/events", event,
+                                       headers={"X-Request-ID": "req-abc-1"})
+    assert status == 202, body
+    assert body == {"accepted": 1, "duplicates": 0, "event_ids": [event["event_id"]]}
+    assert headers["X-Request-ID"] == "req-abc-1"
+    assert await wait_rows(database, 1) == 1
+    row = (await database.fetch("SELECT * FROM flux.events"))[0]
+    assert str(row["event_id"]) == event["event_id"]
+    assert row["agency_id"] == "nasa"
+    assert row["kind"] == "run.started"
+    assert row["correlation_id"] == "req-abc-1"
+    assert json.loads(row["payload"]) == event["payload"]
+    expected = sha256_hex(json.dumps(event["payload"], sort_keys=True,
+                                     separators=(",", ":")).encode())
+    assert row["payload_sha256"] == expected
+    assert row["agent_id"]
+    assert row["expires_at"] > row["received_at"]
+
+
+async def test_unix_socket_is_mode_0660_and_accepts_events(agent: Agent, database: Database):
+    sock = agent.endpoints.socket_path
+    assert sock is not None
+    assert sock.stat().st_mode & 0o777 == 0o660
+    events = make_events(3)
+    status, body, _ = await post("http://agent/v1/events", events, socket=sock)
+    assert status == 202, body
+    assert body["accepted"] == 3
+    assert await wait_rows(database, 3) == 3
+
+
+async def test_ndjson_and_gzip_bodies(agent: Agent, database: Database):
+    events = make_events(4)
+    raw = "\n".join(json.dumps(e) for e in events).encode() + b"\n\n"
+    status, body, _ = await post(agent.endpoints.event_url + "/v1/events", None, raw=raw,
+                                 headers={"Content-Type": "application/x-ndjson"},
+                                 compress=True)
+    assert status == 202, body
+    assert body["event_ids"] == [e["event_id"] for e in events]
+    assert await wait_rows(database, 4) == 4
+
+
+async def test_acceptance_1100_events_then_all_duplicates(agent: Agent, database: Database):
+    """1,000 events in 10 batches over TCP plus 100 singles over the socket, all in
+    flux.events within 10 s; posting them again changes nothing and reports duplicates."""
+    url = agent.endpoints.event_url + "/v1/events"
+    sock = agent.endpoints.socket_path
+    batches = [make_events(100) for _ in range(10)]
+    singles = make_events(100)
+    started = time.monotonic()
+
+    async def send_all() -> list[dict]:
+        tasks = [post(url, b) for b in batches]
+        tasks += [post("http://agent/v1/events", e, socket=sock) for e in singles]
+        results = await asyncio.gather(*tasks)
+        assert all(status == 202 for status, _, _ in results), results[:3]
+        return [body for _, body, _ in results]
+
+    first = await send_all()
+    assert sum(b["accepted"] for b in first) == 1100
+    assert await wait_rows(database, 1100, timeout=10) == 1100
+    assert time.monotonic() - started < 10
+
+    again = await send_all()
+    assert sum(b["accepted"] for b in again) == 0
+    assert sum(b["duplicates"] for b in again) == 1100
+    await asyncio.sleep(0.2)
+    assert await database.fetchval("SELECT count(*) FROM flux.events") == 1100
+
+
+async def test_duplicate_unknown_to_the_index_is_stored_once(
+        database: Database, state_dir: Path):
+    """Exactly-once never depends on the index: with it wiped, PostgreSQL still dedupes, and
+    a committed wait reports the truth."""
+    events = make_events(5)
+    config = agent_config(database, state_dir, dedupe_index_size=2)
+    async with Agent(config) as running:
+        url = running.endpoints.event_url + "/v1/events"
+        status, body, _ = await post(url, events, headers={"Prefer": "wait=committed"})
+        assert status == 200, body
+        assert body["accepted"] == 5
+        running.seen._young.clear()
+        running.seen._old.clear()
+        status, body, headers = await post(url, events, headers={"Prefer": "wait=committed"})
+        assert status == 200, body
+        assert headers["Preference-Applied"] == "wait=committed"
+        assert body["accepted"] == 0
+        assert body["duplicates"] == 5
+    assert await database.fetchval("SELECT count(*) FROM flux.events") == 5
+
+
+async def test_duplicates_within_one_request(agent: Agent, database: Database):
+    event = make_event()
+    status, body, _ = await post(agent.endpoints.event_url + "/v1/events", [event, event])
+    assert status == 202, body
+    assert (body["accepted"], body["duplicates"]) == (1, 1)
+    assert await wait_rows(database, 1) == 1
+
+
+async def test_reused_event_id_with_other_payload_is_a_conflict(agent: Agent):
+    event = make_event()
+    url = agent.endpoints.event_url + "/v1/events"
+    assert (await post(url, event))[0] == 202
+    other = dict(event, payload={"items_processed": 999})
+    status, body, headers = await post(url, other)
+    assert_problem(status, body, headers, 409, "EVENT_ID_CONFLICT")
+    assert body["errors"][0]["pointer"] == "/event_id"
+
+
+async def test_batch_with_one_bad_event_stores_nothing(agent: Agent, database: Database):
+    events = make_events(5)
+    events[3]["payload"]["content_type"] = "video"
+    events[3]["kind"] = "run.started"
+    events[3]["payload"]["use_case"] = "research"
+    status, body, headers = await post(agent.endpoints.event_url + "/v1/events", events)
+    assert_problem(status, body, headers, 422, "INVALID_CONTENT_TYPE")
+    assert body["errors"] == [{
+        "pointer": "/3/payload/content_type", "code": "INVALID_CONTENT_TYPE",
+        "message": body["errors"][0]["message"],
+    }]
+    assert "video" in body["errors"][0]["message"]
+    await asyncio.sleep(0.2)
+    assert await database.fetchval("SELECT count(*) FROM flux.events") == 0
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "code", "pointer"),
+    [
+        (lambda e: e.pop("run_id"), 422, "MISSING_FIELD", "/run_id"),
+        (lambda e: e.update(run_id="-bad id"), 422, "INVALID_RUN_ID", "/run_id"),
+        (lambda e: e.update(event_id="not-a-uuid"), 422, "INVALID_EVENT_ID", "/event_id"),
+        (lambda e: e.update(kind="step.exploded"), 422, "INVALID_KIND", "/kind"),
+        (lambda e: e.pop("step"), 422, "MISSING_FIELD", "/step"),
+        (lambda e: e.update(occurred_at="yesterday"), 422, "INVALID_TIMESTAMP", "/occurred_at"),
+        (lambda e: e.update(extra=1), 422, "UNKNOWN_FIELD", ""),
+        (lambda e: e.update(agency="National-Archives"), 422, "INVALID_AGENCY_SLUG", "/agency"),
+        (lambda e: e["payload"].update(agency="NASA"), 422, "INVALID_AGENCY_SLUG",
+         "/payload/agency"),
+        (lambda e: e["payload"].update(items_processed=-1), 422, "OUT_OF_RANGE",
+         "/payload/items_processed"),
+        (lambda e: e["payload"].update(items_processed=1.5), 422, "WRONG_TYPE",
+         "/payload/items_processed"),
+        (lambda e: e["payload"].update(duration_ms="fast"), 422, "WRONG_TYPE",
+         "/payload/duration_ms"),
+        (lambda e: e.update(payload=[1, 2]), 422, "WRONG_TYPE", "/payload"),
+        (lambda e: e.update(payload_sha256="0" * 64), 422, "PAYLOAD_HASH_MISMATCH",
+         "/payload_sha256"),
+        (lambda e: e["payload"].update(note="nul\u0000here"), 422, "NUL_CHARACTER", ""),
+        (lambda e: e.update(agency="noaa"), 403, "DATA_ISOLATION_ERROR", "/agency"),
+        (lambda e: e["payload"].update(agency="noaa"), 403, "DATA_ISOLATION_ERROR",
+         "/payload/agency"),
+    ],
+)
+async def test_each_validation_error_has_status_code_and_pointer(
+        agent: Agent, database: Database, mutate, status, code, pointer):
+    event = make_event()
+    mutate(event)
+    got, body, headers = await post(agent.endpoints.event_url + "/v1/events", event)
+    assert_problem(got, body, headers, status, code)
+    assert pointer in [e["pointer"] for e in body["errors"]], body["errors"]
+    assert body["class"] == ("DATA_ISOLATION_ERROR" if status == 403 else "VALIDATION_ERROR")
+    assert body["retryable"] is False
+
+
+async def test_run_started_requires_content_type_and_use_case(agent: Agent):
+    event = make_event("run.started", payload={"agency": "nasa"})
+    status, body, headers = await post(agent.endpoints.event_url + "/v1/events", [event])
+    assert_problem(status, body, headers, 422, "MISSING_FIELD")
+    assert sorted(e["pointer"] for e in body["errors"]) == [
+        "/0/payload/content_type", "/0/payload/use_case"]
+
+
+async def test_producer_hash_that_matches_is_accepted(agent: Agent, database: Database):
+    event = make_event()
+    event["payload_sha256"] = sha256_hex(canonical_json(event["payload"]))
+    status, body, _ = await post(agent.endpoints.event_url + "/v1/events", event)
+    assert status == 202, body
+
+
+async def test_malformed_json_names_the_position(agent: Agent):
+    url = agent.endpoints.event_url + "/v1/events"
+    status, body, headers = await post(url, None, raw=b'{"event_id": "x",, }')
+    assert_problem(status, body, headers, 400, "MALFORMED_JSON")
+    assert body["context"]["position"] == 17
+    status, body, headers = await post(url, None, raw=b'{"a": 1e400}')
+    assert_problem(status, body, headers, 400, "MALFORMED_JSON")
+    status, body, headers = await post(url, None, raw=b"")
+    assert_problem(status, body, headers, 400, "MALFORMED_JSON")
+    status, body, headers = await post(url, None, raw=b"[]")
+    assert_problem(status, body, headers, 422, "EMPTY_REQUEST")
+    status, body, headers = await post(url, None, raw=b"not json",
+                                       headers={"Content-Type": "application/x-ndjson"})
+    assert_problem(status, body, headers, 400, "MALFORMED_JSON")
+    assert "line 1" in body["detail"]
+
+
+async def test_unsupported_media_type(agent: Agent):
+    status, body, headers = await post(agent.endpoints.event_url + "/v1/events", None,
+                                       raw=b"a=b", headers={"Content-Type": "text/csv"})
+    assert_problem(status, body, headers, 415, "UNSUPPORTED_MEDIA_TYPE")
+
+
+async def test_too_large_request_and_event(database: Database, state_dir: Path):
+    config = agent_config(database, state_dir, request_max_bytes=200_000,
+                          event_max_bytes=1000, spool_segment_bytes=1024 * 1024)
+    async with Agent(config) as running:
+        url = running.endpoints.event_url + "/v1/events"
+        big = make_event(payload={"blob": "x" * 2000})
+        status, body, headers = await post(url, [make_event(), big])
+        assert_problem(status, body, headers, 413, "EVENT_TOO_LARGE")
+        assert body["errors"][0]["pointer"] == "/1/payload"
+        huge = make_events(1, payload={"blob": "y" * 300_000})
+        status, body, headers = await post(url, huge)
+        assert_problem(status, body, headers, 413, "REQUEST_TOO_LARGE")
+        # Gzip does not get around the limit: it applies to the decoded body.
+        status, body, headers = await post(url, huge, compress=True)
+        assert_problem(status, body, headers, 413, "REQUEST_TOO_LARGE")
+
+
+async def test_aiohttp_own_errors_are_problem_json(agent: Agent):
+    status, body, headers = await get(agent.endpoints.event_url + "/v1/nothing-here")
+    assert_problem(status, body, headers, 404, "NOT_FOUND")
+    status, body, headers = await get(agent.endpoints.event_url + "/v1/events")
+    assert_problem(status, body, headers, 405, "METHOD_NOT_ALLOWED")
+
+
+async def test_bad_gzip_is_a_clear_400(agent: Agent):
+    status, body, headers = await post(agent.endpoints.event_url + "/v1/events", None,
+                                       raw=b"this is not gzip",
+                                       headers={"Content-Encoding": "gzip"})
+    assert status == 400, body
+    assert headers["Content-Type"].startswith("application/problem+json")
+
+
+async def test_agent_stays_up_after_every_error(agent: Agent, database: Database):
+    url = agent.endpoints.event_url + "/v1/events"
+    for raw in (b"{", b"[1,2,3]", b'"str"', b"null", b'{"payload": {}}', b"\xff\xfe"):
+        status, body, headers = await post(url, None, raw=raw)
+        assert 400 <= status < 500, (raw, body)
+        assert headers["Content-Type"].startswith("application/problem+json")
+    status, body, _ = await post(url, make_event())
+    assert status == 202
+    assert await wait_rows(database, 1) == 1
+
+
+async def test_health_live_and_ready(agent: Agent):
+    status, body, _ = await get(agent.endpoints.admin_url + "/health/live")
+    assert status == 200
+    assert body["status"] == "alive"
+    status, body, _ = await get(agent.endpoints.admin_url + "/health/ready")
+    assert status == 200
+    assert body["status"] == "ready"
+    assert body["database"] in {"up", "unknown"}
+    # The event API does not serve health or metrics, and the admin port serves no events.
+    assert (await get(agent.endpoints.event_url + "/metrics"))[0] == 404
+    assert (await post(agent.endpoints.admin_url + "/v1/events", make_event()))[0] == 404
+
+
+async def test_request_id_generated_when_absent_and_stored(agent: Agent, database: Database):
+    status, _, headers = await post(agent.endpoints.event_url + "/v1/events", make_event())
+    assert status == 202
+    rid = headers["X-Request-ID"]
+    assert len(rid) >= 16
+    await wait_rows(database, 1)
+    assert await database.fetchval("SELECT correlation_id FROM flux.events") == rid
+
+
+async def test_traceparent_ids_are_stored(agent: Agent, database: Database):
+    trace, span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    status, _, _ = await post(agent.endpoints.event_url + "/v1/events", make_event(),
+                              headers={"traceparent": f"00-{trace}-{span}-01"})
+    assert status == 202
+    await wait_rows(database, 1)
+    row = (await database.fetch("SELECT trace_id, span_id FROM flux.events"))[0]
+    assert row["trace_id"] == trace
+    assert len(row["span_id"]) == 16
+
+
+async def test_gzip_of_json_array(agent: Agent, database: Database):
+    events = make_events(50)
+    raw = gzip.compress(json.dumps(events).encode())
+    status, body, _ = await post(agent.endpoints.event_url + "/v1/events", None, raw=raw,
+                                 headers={"Content-Encoding": "gzip"})
+    assert status == 202, body
+    assert await wait_rows(database, 50) == 50
