@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import urlsplit
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -239,7 +239,8 @@ class Agent:
         dsn = pg.dsn(user=EMBEDDED_LOGIN_ROLE, database=EMBEDDED_DATABASE)
         log.info("embedded PostgreSQL running", extra={"fields": {
             "data_dir": str(pg.data_dir), "binaries": str(pg.bin_dir),
-            "connect": f"psql '{pg.dsn(database=EMBEDDED_DATABASE)}'",
+            "url": pg.dsn(database=EMBEDDED_DATABASE),
+            "connect": f"{pg.bin_dir / 'psql'} '{pg.dsn(database=EMBEDDED_DATABASE)}'",
         }})
         return dsn
 

@@ -233,7 +233,7 @@ class AgentConfig:
         "jwt", "`jwt` (Bearer tokens) or `none` (fixed agency; loopback and socket only).",
         choice("jwt", "none"),
     )
-    agency: str = setting("", "The fixed agency when `auth` is `none`.")
+    agency: str = setting("", "The fixed agency when `auth` is `none`.", shown_default="unset")
     agency_manifest: str = setting(
         "", "JSON file of known agencies (and their retention).", shown_default="bundled manifest"
     )
@@ -250,7 +250,9 @@ class AgentConfig:
         256 * 1024, "Largest payload of one event (canonical JSON).", parse_bytes,
         shown_default="256KiB",
     )
-    batch_max_events: int = setting(2000, "A flush batch closes at this many events.", parse_int)
+    batch_max_events: int = setting(
+        2000, "A flush transaction closes at this many events (per lane).", parse_int
+    )
     batch_max_bytes: int = setting(
         8 * 1024**2, "... or at this many bytes.", parse_bytes, shown_default="8MiB"
     )

@@ -5,11 +5,11 @@ that first declares its agency (``set_config('flux.current_agency_id', ..., true
 row-level security holds even if the code above had a bug, and nothing outlives the
 transaction (safe behind PgBouncer in transaction pooling mode).
 
-Idempotent insert path, measured on this project's machines (see bench/): binary COPY into a
-temporary staging table, then ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``. It beat a
-single ``INSERT ... SELECT FROM unnest($1::uuid[], ...)`` statement by about 25% at 500 rows
-and more at larger batches, because COPY's binary encoding is cheaper on both sides than
-array parameters.
+Idempotent insert path, measured on this project's machines (``python -m bench.insert_paths``):
+binary COPY into a temporary staging table, then ``INSERT ... SELECT ... ON CONFLICT DO
+NOTHING``. It beat a single ``INSERT ... SELECT FROM unnest($1::uuid[], ...)`` statement by
+about 25% at 500 rows, because COPY's binary encoding is cheaper on both sides than array
+parameters.
 """
 
 from __future__ import annotations

@@ -305,6 +305,7 @@ class Spool:
         self.appended_bytes = 0
         self.write_errors = 0
         self.corrupt_records = 0
+        self.syncs = 0  # fdatasync calls for appended data (group commit shares them)
         self._read_hint: ReadHint | None = None
         self.on_written: Callable[[], None] | None = None
 
@@ -360,7 +361,8 @@ class Spool:
         rec = Recovery(cursor=read_cursor(d))
         self.cursor = rec.cursor
         last_seq = 0
-        for path in list_segments(d):
+        paths = list_segments(d)
+        for path in paths:
             rec.segments += 1
             try:
                 scan, data = scan_file(path, after_seq=last_seq)
@@ -369,7 +371,9 @@ class Spool:
                           extra={"fields": {"path": str(path), "error": exc.strerror}})
                 rec.quarantined.append(self._quarantine(path))
                 continue
-            if scan.torn_tail_only:
+            # Only the newest segment can end in an interrupted append; damage anywhere else
+            # is corruption, and the file is kept aside for forensics.
+            if scan.torn_tail_only and path == paths[-1]:
                 with path.open("r+b") as fh:
                     fh.truncate(scan.valid_end)
                     os.fsync(fh.fileno())
@@ -532,6 +536,7 @@ class Spool:
                 view = view[n:]
             if self.fsync:
                 os.fdatasync(seg.fd)
+                self.syncs += 1
         except OSError:
             # Never leave a partial group behind: it was not acknowledged and must not be
             # mistaken for records on replay. If even that fails, start a fresh segment.

@@ -1,0 +1,73 @@
+"""Batch boundaries by count, bytes and age, with an injected clock; lanes keep runs whole."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from flux_agent.batch import Batcher, Limits, lane_of, split_lanes
+from flux_agent.event import Row
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def row(run: str, agency: str = "nasa") -> Row:
+    return (agency, "0190f0b2-2f6c-7c3e-9d4a-1234567890ab", run, "step.completed", "s", NOW,
+            NOW, None, None, "{}", "0" * 64, "c", "a", None, None, NOW)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_closes_on_count():
+    b = Batcher(Limits(max_events=3, max_bytes=10**9, max_age=1.0), Clock())
+    b.add(1, [row("a"), row("a")], 10)
+    assert not b.full
+    b.add(2, [row("a")], 10)
+    assert b.full
+    batch = b.take()
+    assert (batch.events, batch.last_seq, len(batch.rows())) == (3, 2, 3)
+    assert b.empty
+
+
+def test_closes_on_bytes():
+    b = Batcher(Limits(max_events=10**6, max_bytes=100, max_age=1.0), Clock())
+    b.add(1, [row("a")], 60)
+    assert not b.full
+    b.add(2, [row("a")], 40)
+    assert b.full
+
+
+def test_closes_on_age_of_the_oldest_record():
+    clock = Clock()
+    b = Batcher(Limits(max_events=100, max_bytes=10**9, max_age=0.5), clock)
+    assert b.due_in() == float("inf")
+    b.add(1, [row("a")], 1)
+    assert b.due_in() == 0.5
+    clock.now += 0.3
+    b.add(2, [row("a")], 1)
+    assert abs(b.due_in() - 0.2) < 1e-9  # the age counts from the first record
+    clock.now += 0.25
+    assert b.due_in() == 0.0
+
+
+def test_lanes_keep_each_run_in_one_lane_in_order():
+    rows = [row(f"run-{i % 7}") for i in range(200)]
+    lanes = split_lanes(rows, 3)
+    assert sum(len(lane) for lane in lanes) == 200
+    for lane in lanes:
+        assert len({r[2] for r in lane} & {r[2] for other in lanes if other is not lane
+                                           for r in other}) == 0
+    for run in {r[2] for r in rows}:
+        in_lane = [r for r in lanes[lane_of(row(run), 3)] if r[2] == run]
+        assert in_lane == [r for r in rows if r[2] == run]
+    assert split_lanes(rows, 1) == [rows]
+
+
+def test_same_run_name_in_two_agencies_may_use_different_lanes():
+    lanes = {lane_of(row("r", agency), 64) for agency in ("nasa", "noaa", "smithsonian")}
+    assert len(lanes) > 1  # the agency is part of the key

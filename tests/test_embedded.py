@@ -1,0 +1,77 @@
+"""The README's first command: `flux-agent run` with no database URL runs an embedded
+PostgreSQL under the state dir, and a posted event is visible in it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+
+from flux_agent.embedded import free_port
+from flux_agent.testing import make_event
+
+from .conftest import short_tempdir
+from .helpers import post
+
+
+async def test_embedded_default_accepts_a_curled_event():
+    state = short_tempdir()
+    port, admin = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_AGENT_")}
+    env.update({"FLUX_AGENT_STATE_DIR": str(state), "FLUX_AGENT_AUTH": "none",
+                "FLUX_AGENT_AGENCY": "nasa", "FLUX_AGENT_LISTEN": f"127.0.0.1:{port}",
+                "FLUX_AGENT_ADMIN_LISTEN": f"127.0.0.1:{admin}"})
+    log = state / "agent.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flux_agent", "run"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and url is None:
+            assert proc.poll() is None, log.read_text()
+            for line in log.read_text().splitlines():
+                entry = json.loads(line)
+                if entry["message"] == "embedded PostgreSQL running":
+                    url = entry["fields"]["url"]
+                    assert Path(entry["fields"]["data_dir"]) == state / "postgres"
+            await asyncio.sleep(0.1)
+        assert url, log.read_text()
+        event = make_event("run.started")
+        for _ in range(100):
+            try:
+                status, body, _ = await post(f"http://127.0.0.1:{port}/v1/events", event,
+                                             headers={"Prefer": "wait=committed"})
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        assert status == 200, body
+        conn = await asyncpg.connect(url)
+        try:
+            row = await conn.fetchrow("SELECT agency_id, kind FROM flux.events "
+                                      "WHERE event_id = $1", event["event_id"])
+            assert tuple(row) == ("nasa", "run.started")
+            # The agent itself logs in as an unprivileged role: RLS applies to it.
+            login = await conn.fetchval("SELECT rolsuper FROM pg_roles "
+                                        "WHERE rolname = 'flux_agent_local'")
+            assert login is False
+        finally:
+            await conn.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-2000:]
+        assert not (state / "postgres" / "postmaster.pid").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        pidfile = state / "postgres" / "postmaster.pid"
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
+        shutil.rmtree(state, ignore_errors=True)
