@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from . import logs
-from .auth import Authenticator, FixedAgency
+from .audit import Auditor
+from .auth import Authenticator, FixedAgency, JwtAuthenticator, KeySet
 from .batch import Limits
 from .config import AgentConfig, env_name, redact_dsn, split_hostport
 from .embedded import LocalPostgres
@@ -34,7 +35,7 @@ from .health import admin_app
 from .intake import Intake
 from .metrics import Metrics
 from .seen import Entry, SeenIndex
-from .sink import Sink, bootstrap_database, classify, describe
+from .sink import Sink, UnsafeRole, bootstrap_database, classify, describe
 from .spool import Recovery, Spool
 from .validate import EventChecker, Schemas
 
@@ -73,6 +74,7 @@ class Agent:
         self.sink: Sink | None = None
         self.flusher: Flusher | None = None
         self.intake: Intake | None = None
+        self.auditor: Auditor | None = None
         self.seen = SeenIndex(config.dedupe_index_size)
 
     # ---------------------------------------------------------------- lifecycle
@@ -104,7 +106,8 @@ class Agent:
             dsn = await self._database()
             self.sink = Sink(dsn, max_connections=config.flush_lanes + 2,
                              pgbouncer=config.database_pgbouncer,
-                             migrate_on_connect=config.migrate)
+                             migrate_on_connect=config.migrate,
+                             refuse_privileged=config.auth == "jwt")
             await self._check_database()
 
             state_dir = config.state_path
@@ -133,14 +136,23 @@ class Agent:
             )
             self.flusher.start()
             self.metrics.add_state(self._metric_state)
+            self.auditor = Auditor(self.spool, self.flusher,
+                                   on_drop=lambda reason: self.metrics.audit_dropped.labels(
+                                       reason).inc())
             self.intake = Intake(
                 config=config, checker=EventChecker(schemas, config.event_max_bytes),
                 manifest=schemas.manifest, spool=self.spool, flusher=self.flusher,
                 seen=self.seen, authenticator=authenticator, metrics=self.metrics,
-                drain=self._drain_request,
+                auditor=self.auditor, drain=self._drain_request,
             )
             await self._listen(self.intake.app(), admin_app(self, self.metrics))
             self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="flux-seen"))
+            if isinstance(authenticator, JwtAuthenticator) and config.jwt_jwks_file:
+                self._tasks.append(asyncio.create_task(
+                    self._watch_jwks(authenticator, Path(config.jwt_jwks_file)),
+                    name="flux-jwks"))
+            self.auditor.record("agent.start", success=True, detail={
+                "auth": config.auth, "agent_id": config.effective_agent_id})
         except BaseException:
             await self._shutdown(drain=False)
             raise
@@ -220,9 +232,35 @@ class Agent:
     # ---------------------------------------------------------------- parts
 
     def _make_authenticator(self, schemas: Schemas) -> Authenticator:
-        if self.config.auth == "none":
-            return FixedAgency(self.config.agency)
-        raise ConfigError(env_name("auth"), "jwt authentication is not configured")
+        config = self.config
+        if config.auth == "none":
+            return FixedAgency(config.agency)
+        if config.jwt_hs256_secret:
+            logs.register_secret(config.jwt_hs256_secret.reveal())
+        return JwtAuthenticator(
+            _load_keys(config), algorithms=config.jwt_algorithms, issuers=config.jwt_issuers,
+            audience=config.jwt_audience or None, leeway=config.jwt_leeway,
+        )
+
+    async def _watch_jwks(self, authenticator: JwtAuthenticator, path: Path) -> None:
+        """Key rotation: re-read the JWKS file when it changes (checked every 2 s)."""
+        loop = asyncio.get_running_loop()
+        last = _stamp(path)
+        while True:
+            await asyncio.sleep(2.0)
+            stamp = await loop.run_in_executor(None, _stamp, path)
+            if stamp == last:
+                continue
+            last = stamp
+            try:
+                keys = await loop.run_in_executor(None, _load_keys, self.config)
+            except (OSError, ValueError) as exc:
+                log.error("JWKS file unreadable; keeping the previous keys",
+                          extra={"fields": {"path": str(path), "error": str(exc)}})
+                continue
+            authenticator.set_keys(keys)
+            log.info("JWKS reloaded", extra={"fields": {"path": str(path),
+                                                         "keys": len(keys.by_kid)}})
 
     async def _database(self) -> str:
         config = self.config
@@ -249,6 +287,8 @@ class Agent:
         assert self.sink is not None
         try:
             applied = await asyncio.wait_for(self.sink.ensure_schema(), 15)
+        except UnsafeRole as exc:
+            raise ConfigError(env_name("database_url"), str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - PostgreSQL being down at start is not fatal
             log.warning("PostgreSQL not ready at start; events will be spooled",
                         extra={"fields": {"error": describe(exc)}})
@@ -388,6 +428,27 @@ class Agent:
             "flux_flush_stalled_seconds": flusher.stalled_for(),
             "flux_ready": 1.0 if self.readiness()[0] else 0.0,
         }
+
+
+def _stamp(path: Path) -> tuple[float, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (0.0, -1)
+    return (st.st_mtime, st.st_size)
+
+
+def _load_keys(config: AgentConfig) -> KeySet:
+    """Read the configured verification keys (a ConfigError names the bad setting)."""
+    try:
+        if config.jwt_hs256_secret:
+            return KeySet(secret=config.jwt_hs256_secret.reveal())
+        if config.jwt_jwks_file:
+            return KeySet(jwks=Path(config.jwt_jwks_file).read_text())
+        return KeySet(pem=Path(config.jwt_public_key_file).read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        setting = "jwt_jwks_file" if config.jwt_jwks_file else "jwt_public_key_file"
+        raise ConfigError(env_name(setting), f"cannot load the key: {exc}") from None
 
 
 def _bound_port(site: web.TCPSite) -> int:

@@ -6,10 +6,10 @@ The clock is injected, so the rules are tested without sleeping.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .event import AGENCY, RUN_ID, Row
+from .event import AGENCY, RUN_ID, AuditRecord, AuditRow, EventsRecord, Row, SpoolRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,19 +21,21 @@ class Limits:
 
 @dataclass(slots=True)
 class Batch:
-    """Spool records (seq, rows) in sequence order, with running totals."""
+    """Spool records (seq, record) in sequence order, with running totals."""
 
-    records: list[tuple[int, list[Row]]] = field(default_factory=list)
-    events: int = 0
+    records: list[tuple[int, SpoolRecord]] = field(default_factory=list)
+    events: int = 0  # items of every kind (what the limits count)
+    event_rows: int = 0  # step events only
     nbytes: int = 0
     opened_at: float = 0.0
 
     @property
+    def first_seq(self) -> int:
+        return self.records[0][0]
+
+    @property
     def last_seq(self) -> int:
         return self.records[-1][0]
-
-    def rows(self) -> list[Row]:
-        return [row for _, rows in self.records for row in rows]
 
 
 class Batcher:
@@ -44,11 +46,13 @@ class Batcher:
         self.clock = clock
         self.batch = Batch()
 
-    def add(self, seq: int, rows: list[Row], nbytes: int) -> None:
+    def add(self, seq: int, record: SpoolRecord, nbytes: int) -> None:
         if not self.batch.records:
             self.batch.opened_at = self.clock()
-        self.batch.records.append((seq, rows))
-        self.batch.events += len(rows)
+        self.batch.records.append((seq, record))
+        self.batch.events += len(record.rows)
+        if isinstance(record, EventsRecord):
+            self.batch.event_rows += len(record.rows)
         self.batch.nbytes += nbytes
 
     @property
@@ -71,18 +75,49 @@ class Batcher:
         return batch
 
 
-def lane_of(row: Row, lanes: int) -> int:
+@dataclass(slots=True)
+class Work:
+    """What one lane writes in one transaction."""
+
+    events: list[Row] = field(default_factory=list)
+    audits: list[AuditRow] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.audits)
+
+    def halves(self) -> tuple[Work, Work]:
+        items: list[tuple[str, object]] = [("e", r) for r in self.events]
+        items += [("a", r) for r in self.audits]
+        mid = len(items) // 2
+        return _work(items[:mid]), _work(items[mid:])
+
+
+def _work(items: list[tuple[str, object]]) -> Work:
+    w = Work()
+    for kind, item in items:
+        if kind == "e":
+            w.events.append(item)  # type: ignore[arg-type]
+        else:
+            w.audits.append(item)  # type: ignore[arg-type]
+    return w
+
+
+def lane_of(agency: str, run_id: str, lanes: int) -> int:
     """Every event of one run goes to the same lane, so a run's events stay in order."""
     if lanes == 1:
         return 0
-    return zlib.crc32(f"{row[AGENCY]}\x00{row[RUN_ID]}".encode()) % lanes
+    return zlib.crc32(f"{agency}\x00{run_id}".encode()) % lanes
 
 
-def split_lanes(rows: Sequence[Row], lanes: int) -> list[list[Row]]:
-    out: list[list[Row]] = [[] for _ in range(lanes)]
-    if lanes == 1:
-        out[0].extend(rows)
-        return out
-    for row in rows:
-        out[lane_of(row, lanes)].append(row)
+def split_lanes(batch: Batch, lanes: int) -> list[Work]:
+    out = [Work() for _ in range(lanes)]
+    for _, record in batch.records:
+        if isinstance(record, EventsRecord):
+            if lanes == 1:
+                out[0].events.extend(record.rows)
+            else:
+                for row in record.rows:
+                    out[lane_of(row[AGENCY], row[RUN_ID], lanes)].events.append(row)
+        elif isinstance(record, AuditRecord):
+            out[0].audits.extend(record.rows)  # few, and unordered among themselves
     return out

@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    config = load_config(args)
+    config = load_config(args, serving=False)
     if not config.database_url:
         raise ConfigError("FLUX_AGENT_DATABASE_URL",
                           "required by migrate (the embedded default migrates itself at start)")
@@ -101,7 +101,7 @@ def _wrap(coro: Coroutine[Any, Any, Any]) -> Callable[[], Coroutine[Any, Any, An
 def cmd_spool(args: argparse.Namespace) -> int:
     from . import spool
 
-    config = load_config(args)
+    config = load_config(args, serving=False)
     directory = config.spool_dir
     if not directory.is_dir():
         print(f"flux-agent: no spool at {directory}", file=sys.stderr)

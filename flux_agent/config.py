@@ -234,6 +234,33 @@ class AgentConfig:
         choice("jwt", "none"),
     )
     agency: str = setting("", "The fixed agency when `auth` is `none`.", shown_default="unset")
+    jwt_algorithms: tuple[str, ...] = setting(
+        ("RS256", "ES256"), "Accepted signature algorithms (comma list); never `none`, never "
+        "HMAC and public-key algorithms together.", parse_list, shown_default="`RS256,ES256`",
+    )
+    jwt_issuers: tuple[str, ...] = setting(
+        (), "Trusted `iss` values (comma list); required with `jwt`.", parse_list,
+        shown_default="unset",
+    )
+    jwt_audience: str = setting("", "Required `aud`, if set.", shown_default="unset")
+    jwt_public_key_file: str = setting(
+        "", "PEM public key that verifies tokens.", shown_default="unset"
+    )
+    jwt_jwks_file: str = setting(
+        "", "JWKS file of verification keys (by `kid`); re-read when it changes.",
+        shown_default="unset",
+    )
+    jwt_hs256_secret: Secret | None = setting(
+        None, "HMAC secret (development only).", secret=True, shown_default="unset"
+    )
+    jwt_leeway: float = setting(
+        30.0, "Clock skew tolerated on `exp`, `iat` and `nbf`.", parse_duration,
+        shown_default="30s",
+    )
+    socket_allowed_uids: tuple[str, ...] = setting(
+        (), "Peer uids allowed on the Unix socket (SO_PEERCRED); empty allows any.",
+        parse_list, shown_default="unset",
+    )
     agency_manifest: str = setting(
         "", "JSON file of known agencies (and their retention).", shown_default="bundled manifest"
     )
@@ -357,11 +384,15 @@ def load_config(
     argv: Sequence[str] | argparse.Namespace = (),
     environ: Mapping[str, str] | None = None,
     file: str | Path | None = None,
+    *,
+    serving: bool = True,
 ) -> AgentConfig:
     """Build the configuration from flags, environment and an optional TOML file.
 
     ``argv`` holds setting flags only (the CLI has already taken the sub-command), or a
     namespace parsed with :func:`add_flags`. Raises :class:`ConfigError` naming the setting.
+    ``serving=False`` (``migrate``, ``spool``) skips the rules that only matter to a running
+    agent, such as authentication.
     """
     environ = os.environ if environ is None else environ
     if isinstance(argv, argparse.Namespace):
@@ -399,7 +430,7 @@ def load_config(
             value = Secret(value) if value else None
         values[f.name] = value
     config = AgentConfig(**values)
-    _check(config)
+    _check(config, serving)
     return config
 
 
@@ -447,12 +478,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in section.items()}
 
 
-def _check(config: AgentConfig) -> None:
+def _check(config: AgentConfig, serving: bool = True) -> None:
     """Cross-setting rules; single values were checked by their parsers."""
     if config.database_url and not str.__str__(config.database_url).startswith(
         ("postgres://", "postgresql://")
     ):
         raise ConfigError(env_name("database_url"), "must be a postgresql:// URL")
+    if not serving:
+        return
     if config.agency and not AGENCY_SLUG.match(config.agency):
         raise ConfigError(env_name("agency"), f"{config.agency!r} is not an agency slug")
     if config.auth == "none":
@@ -463,6 +496,11 @@ def _check(config: AgentConfig) -> None:
                 env_name("listen"),
                 "FLUX_AGENT_AUTH=none is allowed only on loopback addresses and the Unix socket",
             )
+    if config.auth == "jwt":
+        _check_jwt(config)
+    for uid in config.socket_allowed_uids:
+        if not uid.isdigit():
+            raise ConfigError(env_name("socket_allowed_uids"), f"{uid!r} is not a numeric uid")
     if not (config.listen or config.socket_path):
         raise ConfigError(env_name("listen"), "the event API needs a TCP address or a socket")
     sock = config.socket_path
@@ -478,6 +516,38 @@ def _check(config: AgentConfig) -> None:
         raise ConfigError(
             env_name("spool_segment_bytes"), "must hold at least one largest request"
         )
+
+
+_HMAC = {"HS256", "HS384", "HS512"}
+_PUBLIC = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+           "EdDSA"}
+
+
+def _check_jwt(config: AgentConfig) -> None:
+    algs = set(config.jwt_algorithms)
+    name = env_name("jwt_algorithms")
+    if not algs:
+        raise ConfigError(name, "list at least one algorithm")
+    unknown = algs - _HMAC - _PUBLIC
+    if unknown:
+        raise ConfigError(name, f"not allowed: {', '.join(sorted(unknown))}")
+    if algs & _HMAC and algs & _PUBLIC:
+        raise ConfigError(name, "HMAC and public-key algorithms must not be mixed")
+    if not config.jwt_issuers:
+        raise ConfigError(env_name("jwt_issuers"), "required when FLUX_AGENT_AUTH is jwt")
+    if algs & _HMAC:
+        if not config.jwt_hs256_secret:
+            raise ConfigError(env_name("jwt_hs256_secret"), f"required by {', '.join(sorted(algs))}")
+        if len(config.jwt_hs256_secret) < 32:
+            raise ConfigError(env_name("jwt_hs256_secret"), "use at least 32 characters")
+        if config.jwt_public_key_file or config.jwt_jwks_file:
+            raise ConfigError(name, "HMAC tokens cannot be verified with public keys")
+    else:
+        sources = [s for s in (config.jwt_public_key_file, config.jwt_jwks_file) if s]
+        if len(sources) != 1:
+            raise ConfigError(env_name("jwt_public_key_file"),
+                              "set exactly one of FLUX_AGENT_JWT_PUBLIC_KEY_FILE and "
+                              "FLUX_AGENT_JWT_JWKS_FILE")
 
 
 def _is_loopback(host: str) -> bool:

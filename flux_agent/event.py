@@ -74,13 +74,40 @@ Row = tuple[
 ]
 
 
+AuditRow = tuple[
+    str,  # agency_id ("-" when the caller could not be identified)
+    datetime,  # at
+    str,  # actor: the token's sub, "local" without auth, "-" when unknown
+    str,  # action
+    str | None,  # target
+    bool,  # success
+    str | None,  # before (JSON text)
+    str | None,  # after (JSON text)
+    str | None,  # correlation_id
+    str,  # source: tcp | socket | agent
+    str,  # detail (JSON text)
+]
+AUDIT_COLUMNS: Final = ("agency_id", "at", "actor", "action", "target", "success",
+                        "before_state", "after_state", "correlation_id", "source", "detail")
+
+
 class EventsRecord(msgspec.Struct, tag="events", array_like=True, frozen=True):
     """One accepted request: its events are durable together or not at all."""
 
     rows: list[Row]
 
 
-SpoolRecord = EventsRecord
+class AuditRecord(msgspec.Struct, tag="audit", array_like=True, frozen=True):
+    """Audit entries, delivered through the spool like events (durable, retried)."""
+
+    rows: list[AuditRow]
+
+
+SpoolRecord = EventsRecord | AuditRecord
+
+
+def record_items(record: SpoolRecord) -> int:
+    return len(record.rows)
 
 record_encoder: Final = msgspec.msgpack.Encoder()
 record_decoder: Final = msgspec.msgpack.Decoder(SpoolRecord)

@@ -21,12 +21,12 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .batch import Batch, Batcher, Limits, split_lanes
-from .event import EventsRecord, Row, record_decoder
+from .batch import Batch, Batcher, Limits, Work, split_lanes
+from .event import SpoolRecord, record_decoder
 from .spool import Spool
 
 log = logging.getLogger("flux_agent.flush")
@@ -34,10 +34,8 @@ log = logging.getLogger("flux_agent.flush")
 
 class Sink(Protocol):
     async def ensure_schema(self) -> list[str]: ...
-    async def write_events(
-        self, rows: Sequence[Row], *, returning: bool
-    ) -> tuple[int, set[str]]: ...
-    async def write_dead_letters(self, items: Sequence[tuple[Row, str, str | None]]) -> None: ...
+    async def write(self, work: Work, *, returning: bool) -> tuple[int, set[str]]: ...
+    async def write_dead_letter(self, work: Work, reason: str, sqlstate: str | None) -> None: ...
 
 
 class Classifier(Protocol):
@@ -82,8 +80,10 @@ class Flusher:
         self.describe = describe
         self.observe = observe
         self.clock = clock
-        self.ring: deque[tuple[int, list[Row], int]] = deque()
+        self.ring: deque[tuple[int, SpoolRecord, int]] = deque()
         self.ring_bytes = 0
+        self._early: dict[int, tuple[SpoolRecord, int]] = {}
+        self._early_bytes = 0
         self.flush_pos = spool.cursor + 1  # next sequence number to gather
         self.committed_seq = spool.cursor
         self._data = asyncio.Event()
@@ -102,14 +102,37 @@ class Flusher:
 
     # ---------------------------------------------------------------- intake side
 
-    def offer(self, seq: int, rows: list[Row], nbytes: int) -> None:
-        """A durable record from intake; kept in memory if it extends the ring and fits."""
+    def offer(self, seq: int, record: SpoolRecord, nbytes: int) -> None:
+        """A durable record; kept in memory if it extends the ring and fits.
+
+        Records usually arrive in sequence order; one that arrives a little early waits in
+        a small side buffer for its predecessor. Anything that does not fit is simply not
+        kept: the flusher reads it from the spool instead.
+        """
         ring = self.ring
-        follows = seq == ring[-1][0] + 1 if ring else seq == self.flush_pos
-        if follows and self.ring_bytes + nbytes <= self.memory_bytes:
-            ring.append((seq, rows, nbytes))
-            self.ring_bytes += nbytes
+        expected = ring[-1][0] + 1 if ring else self.flush_pos
+        if seq == expected:
+            if self.ring_bytes + nbytes <= self.memory_bytes:
+                ring.append((seq, record, nbytes))
+                self.ring_bytes += nbytes
+                self._adopt_early()
+        elif seq > expected and self._early_bytes + nbytes <= self.memory_bytes // 4:
+            self._early[seq] = (record, nbytes)
+            self._early_bytes += nbytes
         self._data.set()
+
+    def _adopt_early(self) -> None:
+        early, ring = self._early, self.ring
+        while early:
+            nxt = ring[-1][0] + 1 if ring else self.flush_pos
+            item = early.pop(nxt, None)
+            if item is None:
+                break
+            self._early_bytes -= item[1]
+            if self.ring_bytes + item[1] > self.memory_bytes:
+                break
+            ring.append((nxt, item[0], item[1]))
+            self.ring_bytes += item[1]
 
     def notify(self) -> None:
         self._data.set()
@@ -204,10 +227,15 @@ class Flusher:
         while not batcher.full:
             while ring and ring[0][0] < self.flush_pos:  # already read from the spool
                 self.ring_bytes -= ring.popleft()[2]
+            if self._early:
+                for stale in [s for s in self._early if s < self.flush_pos]:
+                    self._early_bytes -= self._early.pop(stale)[1]
+                if not ring:
+                    self._adopt_early()
             if ring and (ring[0][0] == self.flush_pos or self.flush_pos > self.spool.written_seq):
-                seq, rows, nbytes = ring.popleft()
+                seq, record, nbytes = ring.popleft()
                 self.ring_bytes -= nbytes
-                batcher.add(seq, rows, nbytes)
+                batcher.add(seq, record, nbytes)
                 self.flush_pos = seq + 1
             elif self.flush_pos <= self.spool.written_seq:
                 room = max(64 * 1024, self.limits.max_bytes - batcher.batch.nbytes)
@@ -218,15 +246,13 @@ class Flusher:
                     self.flush_pos = self.spool.written_seq + 1
                     continue
                 for seq, payload in records:
-                    record = record_decoder.decode(payload)
-                    if isinstance(record, EventsRecord):
-                        batcher.add(seq, record.rows, len(payload))
+                    batcher.add(seq, record_decoder.decode(payload), len(payload))
                     self.flush_pos = seq + 1
             else:
                 return
 
     async def _deliver(self, batch: Batch) -> int:
-        lanes = [rows for rows in split_lanes(batch.rows(), self.lanes) if rows]
+        lanes = [work for work in split_lanes(batch, self.lanes) if len(work)]
         returning = bool(self._waiters) and self._waiters[0][0] <= batch.last_seq
         inserted = 0
         self._window_ids = set()
@@ -235,15 +261,15 @@ class Flusher:
         attempt = 0
         while lanes:
             results = await asyncio.gather(
-                *(self._write_lane(rows, returning) for rows in lanes), return_exceptions=True
+                *(self._write_lane(work, returning) for work in lanes), return_exceptions=True
             )
-            failed: list[list[Row]] = []
+            failed: list[Work] = []
             error: BaseException | None = None
-            for rows, result in zip(lanes, results, strict=True):
+            for work, result in zip(lanes, results, strict=True):
                 if isinstance(result, BaseException):
                     if not isinstance(result, Exception):
                         raise result  # cancellation and the like
-                    failed.append(rows)
+                    failed.append(work)
                     error = result
                 else:
                     inserted += result
@@ -268,32 +294,35 @@ class Flusher:
         delay = min(self.retry_max, 0.1 * 2 ** min(attempt - 1, 20))
         return float(delay / 2 + random.uniform(0, delay / 2))
 
-    async def _write_lane(self, rows: list[Row], returning: bool) -> int:
+    async def _write_lane(self, work: Work, returning: bool) -> int:
         await self.sink.ensure_schema()
         try:
-            inserted, ids = await self.sink.write_events(rows, returning=returning)
+            inserted, ids = await self.sink.write(work, returning=returning)
         except Exception as exc:
             if self.classify(exc) != "poison":
                 raise
-            return await self._isolate(rows, exc, returning)
+            return await self._isolate(work, exc, returning)
         self._window_ids |= ids
         return inserted
 
-    async def _isolate(self, rows: list[Row], exc: BaseException, returning: bool) -> int:
-        """Bisect a refused batch until each refused row stands alone; dead-letter those."""
-        if len(rows) == 1:
+    async def _isolate(self, work: Work, exc: BaseException, returning: bool) -> int:
+        """Bisect refused work until each refused item stands alone; dead-letter those."""
+        if len(work) == 1:
             reason = self.describe(exc)
-            await self.sink.write_dead_letters([(rows[0], reason, getattr(exc, "sqlstate", None))])
-            self.stats.events_dead += 1
-            self._window_dead += 1
-            log.error("event refused by PostgreSQL; stored as a dead letter",
-                      extra={"fields": {"event_id": rows[0][1], "reason": reason}})
+            await self.sink.write_dead_letter(work, reason, getattr(exc, "sqlstate", None))
+            if work.events:
+                self.stats.events_dead += 1
+                self._window_dead += 1
+            what = work.events[0][1] if work.events else "audit entry"
+            log.error("PostgreSQL refused an item; stored as a dead letter",
+                      extra={"fields": {"event_id": what, "reason": reason}})
             return 0
-        mid = len(rows) // 2
         inserted = 0
-        for half in (rows[:mid], rows[mid:]):
+        for half in work.halves():
+            if not len(half):
+                continue
             try:
-                n, ids = await self.sink.write_events(half, returning=returning)
+                n, ids = await self.sink.write(half, returning=returning)
             except Exception as sub:
                 if self.classify(sub) != "poison":
                     raise
@@ -306,7 +335,7 @@ class Flusher:
     async def _committed(self, batch: Batch, inserted: int, elapsed: float) -> None:
         self.stats.batches += 1
         self.stats.events_inserted += inserted
-        duplicates = max(0, batch.events - inserted - self._window_dead)
+        duplicates = max(0, batch.event_rows - inserted - self._window_dead)
         self.stats.events_duplicate += duplicates
         if self.observe is not None:
             self.observe(batch.events, elapsed, duplicates)
@@ -316,7 +345,7 @@ class Flusher:
         await self.spool.commit(batch.last_seq)
         # Waiters of this window learn which ids were new, if the insert reported them.
         ids = self._window_ids if self._window_returning else None
-        first = batch.records[0][0]
+        first = batch.first_seq
         while self._waiters and self._waiters[0][0] <= batch.last_seq:
             seq, _, fut = heapq.heappop(self._waiters)
             if not fut.done():

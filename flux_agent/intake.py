@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket as _socket
+import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -22,11 +24,14 @@ from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
 
 from . import logs
-from .auth import Authenticator, Claims, require
+from .audit import Auditor
+from .auth import Authenticator, Claims, check_agency, require
 from .config import AgentConfig
 from .digest import JsonDecoder
 from .errors import (
     PROBLEM_CONTENT_TYPE,
+    AuthenticationError,
+    DataIsolationError,
     FluxError,
     TerminalError,
     TransientError,
@@ -44,6 +49,7 @@ log = logging.getLogger("flux_agent.intake")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 _BYTE_POS = re.compile(r"\(byte (\d+)\)")
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
 _JSON_TYPES = frozenset({"application/json", "text/json"})
 _NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl",
                            "application/x-jsonlines"})
@@ -89,17 +95,33 @@ def http_error(exc: web.HTTPException) -> FluxError:
     return ValidationError(code, detail or exc.reason, status=exc.status)
 
 
+def source_of(request: web.Request) -> str:
+    """``socket`` for the Unix socket, else ``tcp``."""
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    return "socket" if isinstance(sockname, str | bytes) else "tcp"
+
+
 def is_local(request: web.Request) -> bool:
     """True on the Unix socket and for loopback peers."""
     transport = request.transport
     if transport is None:
         return False
-    sockname = transport.get_extra_info("sockname")
-    if isinstance(sockname, str | bytes):
+    if source_of(request) == "socket":
         return True
     peer = transport.get_extra_info("peername")
     host = peer[0] if isinstance(peer, tuple) and peer else ""
     return host == "::1" or host.startswith("127.") or host == "::ffff:127.0.0.1"
+
+
+def peer_uid(request: web.Request) -> int | None:
+    """The connecting process's uid on the Unix socket (SO_PEERCRED), else None."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != _socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _PEERCRED.size)
+    return int(_PEERCRED.unpack(creds)[1])
 
 
 def endpoint_of(request: web.Request) -> str:
@@ -195,6 +217,7 @@ class Intake:
         seen: SeenIndex,
         authenticator: Authenticator,
         metrics: Metrics,
+        auditor: Auditor | None = None,
         drain: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.config = config
@@ -206,6 +229,8 @@ class Intake:
         self.authenticator = authenticator
         self.metrics = metrics
         self.drain_hook = drain
+        self.auditor = auditor
+        self.allowed_uids = frozenset(int(u) for u in config.socket_allowed_uids)
         self.decoder = JsonDecoder()
         self.draining = False
         self.inflight = 0
@@ -227,9 +252,49 @@ class Intake:
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: Handler
                                ) -> web.StreamResponse:
-        if request.match_info.http_exception is None:
-            request[CLAIMS] = self.authenticator.authenticate(request.headers, is_local(request))
-        return await handler(request)
+        if request.match_info.http_exception is not None:
+            return await handler(request)
+        source = source_of(request)
+        try:
+            if self.allowed_uids and source == "socket":
+                uid = peer_uid(request)
+                if uid not in self.allowed_uids:
+                    raise AuthenticationError("PEER_NOT_ALLOWED",
+                                              f"uid {uid} may not use this socket")
+            claims = self.authenticator.authenticate(request.headers, is_local(request))
+            check_agency(claims, self.manifest.knows)
+        except FluxError as err:
+            self.audit(request, "auth.failed", success=False, claims=None,
+                       detail={"code": err.code, "status": err.status})
+            raise
+        request[CLAIMS] = claims
+        try:
+            return await handler(request)
+        except DataIsolationError as err:
+            self.audit(request, "isolation.violation", success=False, claims=claims,
+                       detail={"code": err.code, "errors": err.errors[:20]})
+            raise
+        except ValidationError as err:
+            if err.code == "FORBIDDEN":
+                self.audit(request, "authz.denied", success=False, claims=claims,
+                           detail={"role": claims.role})
+            raise
+
+    def audit(self, request: web.Request, action: str, *, success: bool,
+              claims: Claims | None, detail: dict[str, Any] | None = None,
+              before: Any = None, after: Any = None, target: str | None = None) -> None:
+        if self.auditor is None:
+            return
+        self.auditor.record(
+            action,
+            agency=claims.agency if claims else "-",
+            actor=claims.sub if claims else "-",
+            target=target or f"{request.method} {request.path}",
+            success=success,
+            correlation_id=request.get(REQUEST_ID),
+            source=source_of(request),
+            before=before, after=after, detail=detail,
+        )
 
     async def wait_idle(self, timeout: float) -> bool:
         try:
@@ -394,8 +459,9 @@ class Intake:
             )
         seq = 0
         nbytes = 0
+        record = EventsRecord(fresh)
         if fresh:
-            payload = record_encoder.encode(EventsRecord(fresh))
+            payload = record_encoder.encode(record)
             nbytes = len(payload)
             self.spool.check_room(nbytes)
             seq, durable = self.spool.append(payload)
@@ -412,7 +478,7 @@ class Intake:
                 seen.discard(key)
             raise
         if fresh:
-            self.flusher.offer(seq, fresh, nbytes)
+            self.flusher.offer(seq, record, nbytes)
         accepted = len(fresh)
         if wait:
             target = max([seq, *dup_seqs])
@@ -440,6 +506,7 @@ class Intake:
         if self.drain_hook is None:
             raise ValidationError("NOT_SUPPORTED", "this agent cannot be drained over HTTP",
                                   status=404)
+        self.audit(request, "agent.drain", success=True, claims=request[CLAIMS])
         result = await self.drain_hook()
         return json_response(result, 200)
 

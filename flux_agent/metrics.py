@@ -100,6 +100,10 @@ class Metrics:
         self.events_rejected = Counter(
             "flux_events_rejected", "Requests refused, by error code.", ["reason"], registry=r
         )
+        self.audit_dropped = Counter(
+            "flux_audit_dropped", "Audit entries not written, by reason.", ["reason"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "flux_flush_batch_size_events", "Events per committed flush window.",
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 4000, 8000), registry=r,

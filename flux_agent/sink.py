@@ -26,7 +26,19 @@ import asyncpg
 import msgspec
 
 from ._resources import data_dir
-from .event import AGENCY, COLUMNS, EVENT_ID, KIND, RECEIVED_AT, RUN_ID, Row, row_as_json
+from .batch import Work
+from .event import (
+    AGENCY,
+    AUDIT_COLUMNS,
+    COLUMNS,
+    EVENT_ID,
+    KIND,
+    RECEIVED_AT,
+    RUN_ID,
+    AuditRow,
+    Row,
+    row_as_json,
+)
 
 MIGRATION_LOCK_KEY = 0x666C_7578_0001  # "flux" + 1: one lock for all agents of a database
 STAGE_TABLE = "flux_stage_events_v1"
@@ -42,6 +54,10 @@ _INSERT = (
     "WHERE agency_id = $1 ON CONFLICT DO NOTHING"
 )
 _INSERT_RETURNING = _INSERT + " RETURNING event_id::text"
+_INSERT_AUDIT = (
+    f"INSERT INTO flux.audit_log ({', '.join(AUDIT_COLUMNS)}) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10, $11::jsonb)"
+)
 _INSERT_DEAD = (
     "INSERT INTO flux.dead_letters (agency_id, event_id, run_id, kind, reason, sqlstate, "
     "event, received_at) VALUES ($1, $2::uuid, $3, $4, $5, $6, $7, $8)"
@@ -182,6 +198,10 @@ class SchemaNotReady(RuntimeError):
     """The flux schema is missing or behind and this agent may not (or could not) migrate."""
 
 
+class UnsafeRole(SchemaNotReady):
+    """The login role is a superuser or has BYPASSRLS: isolation would not be enforced."""
+
+
 class Sink:
     """A small pool of connections and the statements the flusher needs."""
 
@@ -192,12 +212,14 @@ class Sink:
         max_connections: int,
         pgbouncer: bool = False,
         migrate_on_connect: bool = True,
+        refuse_privileged: bool = False,
         command_timeout: float = 60.0,
     ) -> None:
         self._dsn = dsn
         self._max = max_connections
         self._pgbouncer = pgbouncer
         self._migrate = migrate_on_connect
+        self._refuse_privileged = refuse_privileged
         self._command_timeout = command_timeout
         self._pool: Any = None
         self._pool_lock = asyncio.Lock()
@@ -240,6 +262,10 @@ class Sink:
                 "WHERE rolname = current_user"
             )
             self.role = RoleInfo(row["name"], row["rolsuper"], row["rolbypassrls"])
+            if self._refuse_privileged and (self.role.superuser or self.role.bypassrls):
+                raise UnsafeRole(
+                    f"refusing to write as {self.role.name!r}: it bypasses row-level security; "
+                    "connect as a login role granted flux_agent")
             done = await applied_migrations(conn)
             wanted = migrations()
             missing = [m.version for m in wanted if m.version not in done]
@@ -274,22 +300,22 @@ class Sink:
             done = await applied_migrations(conn)
         return max(done) if done else None
 
-    async def write_events(self, rows: Sequence[Row], *, returning: bool) -> tuple[int, set[str]]:
-        """Insert rows idempotently in one transaction.
+    async def write(self, work: Work, *, returning: bool) -> tuple[int, set[str]]:
+        """Insert one lane's events (idempotently) and audit entries in one transaction.
 
-        Returns how many rows were new and, when ``returning``, their event ids (the rest
-        were already stored: duplicates).
+        Returns how many events were new and, when ``returning``, their ids (the others were
+        already stored: duplicates).
         """
         pool = await self._get_pool()
-        by_agency: dict[str, int] = {}
-        for row in rows:
-            by_agency[row[AGENCY]] = by_agency.get(row[AGENCY], 0) + 1
+        agencies = list(dict.fromkeys(row[AGENCY] for row in work.events))
         inserted = 0
         ids: set[str] = set()
         async with pool.acquire() as conn, conn.transaction():
-            await conn.execute(_CREATE_STAGE)
-            await conn.copy_records_to_table(STAGE_TABLE, records=rows, columns=COLUMNS)
-            for agency in by_agency:
+            if work.events:
+                await conn.execute(_CREATE_STAGE)
+                await conn.copy_records_to_table(STAGE_TABLE, records=work.events,
+                                                 columns=COLUMNS)
+            for agency in agencies:
                 await conn.execute(_SET_AGENCY, agency)
                 if returning:
                     result = await conn.fetch(_INSERT_RETURNING, agency)
@@ -298,18 +324,35 @@ class Sink:
                 else:
                     status = await conn.execute(_INSERT, agency)
                     inserted += int(status.rsplit(" ", 1)[-1])
+            if work.audits:
+                await self._insert_audits(conn, work.audits)
         self.last_ok = time.time()
         return inserted, ids
 
-    async def write_dead_letters(self, items: Sequence[tuple[Row, str, str | None]]) -> None:
-        """Store refused events with the reason, each under its own agency."""
+    @staticmethod
+    async def _insert_audits(conn: Any, rows: list[AuditRow]) -> None:
+        by_agency: dict[str, list[AuditRow]] = {}
+        for row in rows:
+            by_agency.setdefault(row[0], []).append(row)
+        for agency, group in by_agency.items():
+            await conn.execute(_SET_AGENCY, agency)
+            await conn.executemany(_INSERT_AUDIT, group)
+
+    async def write_dead_letter(self, work: Work, reason: str, sqlstate: str | None) -> None:
+        """Store one refused item with the reason, under its own agency."""
         pool = await self._get_pool()
+        reason = reason.replace("\x00", "")
         async with pool.acquire() as conn, conn.transaction():
-            for row, reason, sqlstate in items:
+            for row in work.events:
                 await conn.execute(_SET_AGENCY, row[AGENCY])
                 await conn.execute(
-                    _INSERT_DEAD, row[AGENCY], row[EVENT_ID], row[RUN_ID], row[KIND],
-                    reason.replace("\x00", ""), sqlstate,
-                    msgspec.json.encode(row_as_json(row)), row[RECEIVED_AT],
+                    _INSERT_DEAD, row[AGENCY], row[EVENT_ID], row[RUN_ID], row[KIND], reason,
+                    sqlstate, msgspec.json.encode(row_as_json(row)), row[RECEIVED_AT],
+                )
+            for audit in work.audits:
+                await conn.execute(_SET_AGENCY, audit[0])
+                await conn.execute(
+                    _INSERT_DEAD, audit[0], None, None, "audit", reason, sqlstate,
+                    msgspec.json.encode(dict(zip(AUDIT_COLUMNS, audit, strict=True))), audit[1],
                 )
         self.last_ok = time.time()

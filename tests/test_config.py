@@ -28,7 +28,10 @@ BASE_ENV = {"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "nasa"}
 
 
 def test_defaults(tmp_path: Path):
-    config = load_config([], {"FLUX_AGENT_AUTH": "jwt"})
+    config = load_config([], {"FLUX_AGENT_JWT_ISSUERS": "https://idp.example",
+                              "FLUX_AGENT_JWT_PUBLIC_KEY_FILE": "/keys/idp.pem"})
+    assert config.auth == "jwt"
+    assert config.jwt_algorithms == ("RS256", "ES256")
     assert config.listen == "127.0.0.1:8787"
     assert config.admin_listen == "127.0.0.1:9464"
     assert config.spool_durability == "fsync"

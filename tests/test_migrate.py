@@ -60,7 +60,6 @@ async def test_edited_migration_is_refused(pg_template: PgServer, tmp_path: Path
 async def test_migrate_without_database_url_exits_78():
     result = subprocess.run([sys.executable, "-m", "flux_agent", "migrate"],
                             capture_output=True, text=True, timeout=60,
-                            env={"PATH": "/usr/bin:/bin", "FLUX_AGENT_AUTH": "none",
-                                 "FLUX_AGENT_AGENCY": "nasa"})
+                            env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 78
     assert "FLUX_AGENT_DATABASE_URL" in result.stderr
