@@ -130,7 +130,7 @@ class KeySet:
 
 
 def _load_public_pem(pem: bytes) -> Any:
-    from cryptography.hazmat.primitives.serialization import (  # noqa: PLC0415
+    from cryptography.hazmat.primitives.serialization import (
         load_pem_public_key,
     )
 

@@ -12,11 +12,12 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import logs
 from ._version import __version__
-from .config import AgentConfig, add_flags, load_config
+from .config import AgentConfig, add_flags, load_config, parse_duration
 from .errors import ConfigError
 
 EXIT_OK = 0
@@ -117,6 +118,53 @@ def cmd_spool(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if problems else EXIT_OK
 
 
+# --------------------------------------------------------------------------- token
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Mint a development token (or generate a development key pair)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    from .auth import mint
+
+    if args.generate_key:
+        private = Path(args.generate_key)
+        key = ec.generate_private_key(ec.SECP256R1())
+        private.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        private.chmod(0o600)
+        public = private.with_name(private.name + ".pub")
+        public.write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        print(f"development key pair: {private} (private, ES256), {public} (public)",
+              file=sys.stderr)
+        return EXIT_OK
+    if not args.key:
+        raise ConfigError("--key", "a PEM private key (or --generate-key PATH first)")
+    try:
+        pem = Path(args.key).read_bytes()
+        private_key = serialization.load_pem_private_key(pem, password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError("--key", f"cannot load a private key from {args.key}: {exc}") from None
+    if isinstance(private_key, rsa.RSAPrivateKey):
+        algorithm = "RS256"
+    elif isinstance(private_key, ec.EllipticCurvePrivateKey):
+        algorithm = "ES256"
+    elif isinstance(private_key, ed25519.Ed25519PrivateKey):
+        algorithm = "EdDSA"
+    else:
+        raise ConfigError("--key", "use an RSA, P-256 or Ed25519 private key")
+    token = mint(private_key, algorithm=algorithm, issuer=args.issuer, sub=args.sub,
+                 agency=args.agency, role=args.role, ttl=parse_duration(args.ttl),
+                 audience=args.audience, kid=args.kid)
+    print("flux-agent: DEVELOPMENT TOKEN (\"dev\": true); mint production tokens with your "
+          "identity provider", file=sys.stderr)
+    print(token)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -135,6 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="apply pending schema migrations")
     add_flags(p)
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("token", help="mint a development JWT from a local key")
+    p.add_argument("--generate-key", metavar="PATH",
+                   help="write a new ES256 private key to PATH and its public key to PATH.pub")
+    p.add_argument("--key", help="PEM private key (RSA, P-256 or Ed25519)")
+    p.add_argument("--agency", default="nasa")
+    p.add_argument("--role", default="operator", help="admin, operator, viewer or analyzer")
+    p.add_argument("--sub", default="developer@localhost")
+    p.add_argument("--issuer", default="flux-agent-dev")
+    p.add_argument("--audience", default=None)
+    p.add_argument("--kid", default=None)
+    p.add_argument("--ttl", default="1h", help="lifetime, e.g. 15m or 8h")
+    p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("spool", help="inspect or verify a stopped agent's spool")
     p.add_argument("action", choices=["inspect", "verify"])

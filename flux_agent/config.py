@@ -537,7 +537,8 @@ def _check_jwt(config: AgentConfig) -> None:
         raise ConfigError(env_name("jwt_issuers"), "required when FLUX_AGENT_AUTH is jwt")
     if algs & _HMAC:
         if not config.jwt_hs256_secret:
-            raise ConfigError(env_name("jwt_hs256_secret"), f"required by {', '.join(sorted(algs))}")
+            raise ConfigError(env_name("jwt_hs256_secret"),
+                              f"required by {', '.join(sorted(algs))}")
         if len(config.jwt_hs256_secret) < 32:
             raise ConfigError(env_name("jwt_hs256_secret"), "use at least 32 characters")
         if config.jwt_public_key_file or config.jwt_jwks_file:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,6 @@ from .event import (
     RECEIVED_AT,
     RUN_ID,
     AuditRow,
-    Row,
     row_as_json,
 )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -29,7 +30,10 @@ import pytest
 
 from flux_agent import Agent, AgentConfig
 from flux_agent.embedded import LocalPostgres, find_bin_dir, free_port
+from flux_agent.logs import JsonFormatter
 from flux_agent.sink import migrate_dsn
+
+from .helpers import CAPTURED, SECRETS, remember_secret
 
 LOGIN_ROLE = "flux_test_sidecar"
 LOGIN_PASSWORD = "s3cret-sidecar-pw"
@@ -80,6 +84,31 @@ def short_tempdir(prefix: str = "fa-") -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     path.chmod(0o755)
     return path
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        CAPTURED.append(self.format(record))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_is_ever_printed() -> Iterator[None]:
+    """Every log line and every answer of the whole session is checked for secrets."""
+    remember_secret(LOGIN_PASSWORD)
+    handler = _Capture()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous = root.level
+    root.setLevel(logging.DEBUG)
+    yield
+    root.removeHandler(handler)
+    root.setLevel(previous)
+    leaks = sorted({s[:8] + "..." for s in SECRETS for text in CAPTURED if s in text})
+    assert not leaks, f"secrets leaked into logs or answers: {leaks}"
 
 
 @pytest.fixture(scope="session")
@@ -227,11 +256,18 @@ class AgentProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        self._capture()
 
     def terminate(self, timeout: float = 30) -> int:
         assert self.proc is not None
         self.proc.terminate()
-        return self.proc.wait(timeout)
+        code = self.proc.wait(timeout)
+        self._capture()
+        return code
+
+    def _capture(self) -> None:
+        with contextlib.suppress(OSError):
+            CAPTURED.append(self.log_path.read_text(errors="replace"))
 
 
 def agent_env(database: Database, state_dir: Path, **extra: str) -> dict[str, str]:

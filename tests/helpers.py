@@ -11,6 +11,19 @@ import aiohttp
 
 PROBLEM = "application/problem+json"
 
+# Everything the agents said during the session (logs, answers), and the secrets that must
+# never appear in any of it; conftest checks at the end of the session.
+CAPTURED: list[str] = []
+SECRETS: set[str] = set()
+
+
+def remember_secret(value: str | bytes) -> None:
+    text = value.decode() if isinstance(value, bytes) else value
+    for line in text.splitlines():
+        line = line.strip()
+        if len(line) >= 12 and not line.startswith("-----"):
+            SECRETS.add(line)
+
 
 async def post(url: str, body: Any, *, headers: dict[str, str] | None = None,
                raw: bytes | None = None, socket: Path | None = None,
@@ -26,6 +39,7 @@ async def post(url: str, body: Any, *, headers: dict[str, str] | None = None,
     async with aiohttp.ClientSession(connector=connector) as session, session.post(
             url, data=data, headers=hdrs) as resp:
         text = await resp.read()
+        CAPTURED.append(text.decode(errors="replace"))
         decoded = json.loads(text) if text else {}
         return resp.status, decoded, dict(resp.headers)
 
@@ -36,6 +50,7 @@ async def get(url: str, *, headers: dict[str, str] | None = None,
     async with aiohttp.ClientSession(connector=connector) as session, session.get(
             url, headers=headers or {}) as resp:
         text = await resp.read()
+        CAPTURED.append(text.decode(errors="replace"))
         ctype = resp.headers.get("Content-Type", "")
         decoded = json.loads(text) if text and "json" in ctype else text.decode()
         return resp.status, decoded, dict(resp.headers)

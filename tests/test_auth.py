@@ -1,0 +1,413 @@
+"""Tenancy and security: forged tokens, roles, agency isolation (API and PostgreSQL RLS),
+the audit trail, key rotation, socket peer checks, and the development token command."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from flux_agent import Agent
+from flux_agent.auth import JwtAuthenticator, KeySet, mint
+from flux_agent.config import Secret
+from flux_agent.errors import AuthenticationError, ConfigError
+from flux_agent.testing import make_event
+
+from .conftest import Database, agent_config
+from .faults import wait_until
+from .helpers import assert_problem, post, remember_secret
+
+ISSUER = "https://idp.flux.test"
+AUDIENCE = "flux-agent"
+
+
+def pem_public(key: Any) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def private_key() -> rsa.RSAPrivateKey:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    remember_secret(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    return key
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return private_key()
+
+
+@pytest.fixture(scope="module")
+def other_rsa_key() -> rsa.RSAPrivateKey:
+    return private_key()
+
+
+def token(key: Any, algorithm: str = "RS256", **claims: Any) -> str:
+    now = int(time.time())
+    body = {"iss": ISSUER, "sub": "etl@nasa.gov", "agency": "nasa", "role": "operator",
+            "iat": now, "exp": now + 600, "aud": AUDIENCE}
+    body.update(claims)
+    body = {k: v for k, v in body.items() if v is not None}
+    minted = jwt.encode(body, key, algorithm=algorithm)
+    remember_secret(minted)
+    return minted
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unsigned(claims: dict[str, Any], alg: str = "none") -> str:
+    head = b64(json.dumps({"alg": alg, "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    return f"{head}.{body}."
+
+
+def hs256_with(secret: bytes, claims: dict[str, Any]) -> str:
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+@pytest.fixture
+async def jwt_agent(database: Database, state_dir: Path, rsa_key) -> AsyncIterator[Agent]:
+    key_file = state_dir / "idp.pem"
+    key_file.write_bytes(pem_public(rsa_key))
+    config = agent_config(database, state_dir, auth="jwt", agency="",
+                          jwt_algorithms=("RS256",), jwt_issuers=(ISSUER,),
+                          jwt_audience=AUDIENCE, jwt_public_key_file=str(key_file))
+    async with Agent(config) as running:
+        yield running
+
+
+def bearer(tok: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tok}"}
+
+
+async def test_valid_token_writes_for_its_agency(jwt_agent: Agent, database: Database,
+                                                 rsa_key):
+    tok = token(rsa_key)
+    status, body, _ = await post(jwt_agent.endpoints.event_url + "/v1/events", make_event(),
+                                 headers={**bearer(tok), "Prefer": "wait=committed"})
+    assert status == 200, body
+    assert await database.fetchval("SELECT agency_id FROM flux.events") == "nasa"
+    # The same token again is served from the cache: one signature check in all.
+    for _ in range(5):
+        status, _, _ = await post(jwt_agent.endpoints.event_url + "/v1/events", make_event(),
+                                  headers=bearer(tok))
+        assert status == 202
+    assert isinstance(jwt_agent.intake.authenticator, JwtAuthenticator)
+    assert jwt_agent.intake.authenticator.verifications == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("missing", "TOKEN_MISSING"),
+        ("not bearer", "TOKEN_MALFORMED"),
+        ("garbage", "TOKEN_MALFORMED"),
+        ("alg none", "TOKEN_ALGORITHM_NOT_ALLOWED"),
+        ("wrong key", "TOKEN_BAD_SIGNATURE"),
+        ("hs256 signed with the public key", "TOKEN_ALGORITHM_NOT_ALLOWED"),
+        ("expired", "TOKEN_EXPIRED"),
+        ("not yet valid", "TOKEN_NOT_YET_VALID"),
+        ("issued in the future", "TOKEN_NOT_YET_VALID"),
+        ("wrong issuer", "TOKEN_WRONG_ISSUER"),
+        ("wrong audience", "TOKEN_WRONG_AUDIENCE"),
+        ("missing agency", "TOKEN_MISSING_CLAIM"),
+        ("missing exp", "TOKEN_MISSING_CLAIM"),
+        ("bad agency", "TOKEN_INVALID_CLAIM"),
+        ("tampered payload", "TOKEN_BAD_SIGNATURE"),
+    ],
+)
+async def test_forged_and_broken_tokens_are_401_with_a_precise_code(
+        jwt_agent: Agent, rsa_key, other_rsa_key, name: str, code: str):
+    now = int(time.time())
+    good = {"iss": ISSUER, "sub": "x", "agency": "nasa", "role": "operator", "iat": now,
+            "exp": now + 600, "aud": AUDIENCE}
+    headers: dict[str, str]
+    if name == "missing":
+        headers = {}
+    elif name == "not bearer":
+        headers = {"Authorization": "Basic dXNlcjpwYXNz"}
+    elif name == "garbage":
+        headers = bearer("not.a.jwt")
+    elif name == "alg none":
+        headers = bearer(unsigned(good))
+    elif name == "wrong key":
+        headers = bearer(token(other_rsa_key))
+    elif name == "hs256 signed with the public key":
+        headers = bearer(hs256_with(pem_public(rsa_key), good))
+    elif name == "expired":
+        headers = bearer(token(rsa_key, iat=now - 7200, exp=now - 3600))
+    elif name == "not yet valid":
+        headers = bearer(token(rsa_key, nbf=now + 3600))
+    elif name == "issued in the future":
+        headers = bearer(token(rsa_key, iat=now + 3600, exp=now + 7200))
+    elif name == "wrong issuer":
+        headers = bearer(token(rsa_key, iss="https://evil.example"))
+    elif name == "wrong audience":
+        headers = bearer(token(rsa_key, aud="someone-else"))
+    elif name == "missing agency":
+        headers = bearer(token(rsa_key, agency=None))
+    elif name == "missing exp":
+        headers = bearer(token(rsa_key, exp=None))
+    elif name == "bad agency":
+        headers = bearer(token(rsa_key, agency="NASA HQ"))
+    else:
+        head, _, sig = token(rsa_key).split(".")
+        forged = b64(json.dumps({**good, "agency": "noaa"}).encode())
+        headers = bearer(f"{head}.{forged}.{sig}")
+    status, body, resp_headers = await post(jwt_agent.endpoints.event_url + "/v1/events",
+                                            make_event(), headers=headers)
+    assert_problem(status, body, resp_headers, 401, code)
+    assert resp_headers["WWW-Authenticate"].startswith("Bearer")
+    assert body["class"] == "VALIDATION_ERROR"
+
+
+@pytest.mark.parametrize(("role", "allowed"), [("admin", True), ("operator", True),
+                                               ("viewer", False), ("analyzer", False),
+                                               ("superuser", False)])
+async def test_role_matrix_for_writes(jwt_agent: Agent, rsa_key, role: str, allowed: bool):
+    headers = bearer(token(rsa_key, role=role))
+    status, body, resp_headers = await post(jwt_agent.endpoints.event_url + "/v1/events",
+                                            make_event(), headers=headers)
+    if allowed:
+        assert status == 202, body
+    else:
+        assert_problem(status, body, resp_headers, 403, "FORBIDDEN")
+    if not allowed:  # drain is a write too; allowed roles are exercised in test_faults
+        status, body, resp_headers = await post(jwt_agent.endpoints.event_url + "/v1/drain",
+                                                {}, headers=headers)
+        assert_problem(status, body, resp_headers, 403, "FORBIDDEN")
+
+
+async def test_cross_agency_write_is_refused_and_audited(jwt_agent: Agent, database: Database,
+                                                         rsa_key):
+    headers = bearer(token(rsa_key, sub="mallory@nasa.gov"))
+    event = make_event(agency="noaa")
+    status, body, resp_headers = await post(jwt_agent.endpoints.event_url + "/v1/events",
+                                            event, headers={**headers, "X-Request-ID": "x-1"})
+    assert_problem(status, body, resp_headers, 403, "DATA_ISOLATION_ERROR")
+    assert body["class"] == "DATA_ISOLATION_ERROR"
+
+    async def audited() -> bool:
+        return bool(await database.fetchval(
+            "SELECT count(*) FROM flux.audit_log WHERE action = 'isolation.violation'"))
+
+    assert await wait_until(audited, 10)
+    row = (await database.fetch("SELECT * FROM flux.audit_log "
+                                "WHERE action = 'isolation.violation'"))[0]
+    assert (row["agency_id"], row["actor"], row["success"]) == ("nasa", "mallory@nasa.gov", False)
+    assert row["correlation_id"] == "x-1"
+    assert row["source"] == "tcp"
+    assert "/agency" in row["detail"]
+    assert await database.fetchval("SELECT count(*) FROM flux.events") == 0
+
+
+async def test_token_for_an_unknown_agency_is_refused(jwt_agent: Agent, rsa_key):
+    status, body, headers = await post(jwt_agent.endpoints.event_url + "/v1/events",
+                                       make_event(), headers=bearer(token(rsa_key,
+                                                                          agency="cia")))
+    assert_problem(status, body, headers, 403, "UNKNOWN_AGENCY")
+
+
+async def test_bad_tokens_are_audited_but_rate_limited(jwt_agent: Agent, database: Database):
+    url = jwt_agent.endpoints.event_url + "/v1/events"
+    results = await asyncio.gather(*(post(url, make_event(), headers=bearer("x.y.z"))
+                                     for _ in range(200)))
+    assert all(status == 401 for status, _, _ in results)
+
+    async def some() -> bool:
+        return bool(await database.fetchval(
+            "SELECT count(*) FROM flux.audit_log WHERE action = 'auth.failed'"))
+
+    assert await wait_until(some, 10)
+    await asyncio.sleep(0.5)
+    n = await database.fetchval("SELECT count(*) FROM flux.audit_log "
+                                "WHERE action = 'auth.failed'")
+    assert 1 <= n <= 40, n  # a burst of 20, then 5 per second
+    agency = await database.fetchval("SELECT DISTINCT agency_id FROM flux.audit_log "
+                                     "WHERE action = 'auth.failed'")
+    assert agency == "-"
+
+
+async def test_jwks_rotation_with_kid(database: Database, state_dir: Path, rsa_key,
+                                      other_rsa_key):
+    def jwks(*pairs: tuple[str, Any]) -> str:
+        keys = []
+        for kid, key in pairs:
+            jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+            jwk.update({"kid": kid, "use": "sig", "alg": "RS256"})
+            keys.append(jwk)
+        return json.dumps({"keys": keys})
+
+    jwks_file = state_dir / "jwks.json"
+    jwks_file.write_text(jwks(("k1", rsa_key)))
+    config = agent_config(database, state_dir, auth="jwt", agency="",
+                          jwt_algorithms=("RS256",), jwt_issuers=(ISSUER,),
+                          jwt_jwks_file=str(jwks_file))
+    now = int(time.time())
+    claims = {"iss": ISSUER, "sub": "s", "agency": "nasa", "role": "operator", "iat": now,
+              "exp": now + 600}
+    t1 = jwt.encode(claims, rsa_key, algorithm="RS256", headers={"kid": "k1"})
+    t2 = jwt.encode(claims, other_rsa_key, algorithm="RS256", headers={"kid": "k2"})
+    async with Agent(config) as running:
+        url = running.endpoints.event_url + "/v1/events"
+        assert (await post(url, make_event(), headers=bearer(t1)))[0] == 202
+        status, body, headers = await post(url, make_event(), headers=bearer(t2))
+        assert_problem(status, body, headers, 401, "TOKEN_UNKNOWN_KEY")
+        await asyncio.sleep(1.1)  # a new mtime for the rotated file
+        jwks_file.write_text(jwks(("k2", other_rsa_key)))
+
+        async def rotated() -> bool:
+            return (await post(url, make_event(), headers=bearer(t2)))[0] == 202
+
+        assert await wait_until(rotated, 10, interval=0.3)
+        status, body, headers = await post(url, make_event(), headers=bearer(t1))
+        assert_problem(status, body, headers, 401, "TOKEN_UNKNOWN_KEY")
+
+
+async def test_agent_refuses_a_superuser_login_in_jwt_mode(database: Database, state_dir: Path,
+                                                            rsa_key):
+    key_file = state_dir / "idp.pem"
+    key_file.write_bytes(pem_public(rsa_key))
+    config = agent_config(database, state_dir, auth="jwt", agency="",
+                          database_url=Secret(database.admin_dsn), jwt_algorithms=("RS256",),
+                          jwt_issuers=(ISSUER,), jwt_public_key_file=str(key_file))
+    with pytest.raises(ConfigError) as info:
+        async with Agent(config):
+            pass
+    assert info.value.setting == "FLUX_AGENT_DATABASE_URL"
+    assert "row-level security" in info.value.message
+
+
+async def test_socket_peer_uid_allow_list(database: Database, state_dir: Path):
+    mine = str(os.getuid())
+    other = str(os.getuid() + 4242)
+    for allowed, expect in (((other,), 401), ((mine, other), 202)):
+        config = agent_config(database, state_dir, socket_allowed_uids=allowed)
+        async with Agent(config) as running:
+            status, body, _ = await post("http://agent/v1/events", make_event(),
+                                         socket=running.endpoints.socket_path)
+            assert status == expect, body
+            if expect == 401:
+                assert body["code"] == "PEER_NOT_ALLOWED"
+            # TCP is not subject to the socket's peer check.
+            status, _, _ = await post(running.endpoints.event_url + "/v1/events", make_event())
+            assert status == 202
+
+
+# --------------------------------------------------------------------------- RLS in PostgreSQL
+
+
+async def test_row_level_security_as_the_agents_login_role(database: Database):
+    admin = await asyncpg.connect(database.admin_dsn)
+    now = "now()"
+    await admin.execute(f"""
+        INSERT INTO flux.events (agency_id, event_id, run_id, kind, occurred_at, received_at,
+                                 payload, payload_sha256, expires_at)
+        VALUES ('nasa', gen_random_uuid(), 'r', 'run.started', {now}, {now}, '{{}}',
+                repeat('a', 64), {now}),
+               ('noaa', gen_random_uuid(), 'r', 'run.started', {now}, {now}, '{{}}',
+                repeat('b', 64), {now})""")
+    await admin.close()
+    conn = await asyncpg.connect(database.agent_dsn)
+    try:
+        # No agency declared: nothing is visible.
+        assert await conn.fetchval("SELECT count(*) FROM flux.events") == 0
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('flux.current_agency_id', 'nasa', true)")
+            assert await conn.fetchval("SELECT array_agg(agency_id) FROM flux.events") == [
+                "nasa"]
+            await conn.execute("""
+                INSERT INTO flux.events (agency_id, event_id, run_id, kind, occurred_at,
+                    received_at, payload, payload_sha256, expires_at)
+                VALUES ('nasa', gen_random_uuid(), 'r2', 'run.started', now(), now(), '{}',
+                        repeat('c', 64), now())""")
+        # The setting is transaction-local: nothing leaks to the next transaction.
+        assert await conn.fetchval("SELECT count(*) FROM flux.events") == 0
+        # Declaring nasa but writing a noaa row violates the policy's WITH CHECK.
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("""
+                SELECT set_config('flux.current_agency_id', 'nasa', false);
+                INSERT INTO flux.events (agency_id, event_id, run_id, kind, occurred_at,
+                    received_at, payload, payload_sha256, expires_at)
+                VALUES ('noaa', gen_random_uuid(), 'r3', 'run.started', now(), now(),
+                        '{}', repeat('d', 64), now())""")
+        await conn.execute("RESET flux.current_agency_id")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("DELETE FROM flux.events")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("UPDATE flux.audit_log SET success = true")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("SELECT * FROM flux.audit_log")
+        role = await conn.fetchrow("SELECT rolsuper, rolbypassrls FROM pg_roles "
+                                   "WHERE rolname = current_user")
+        assert tuple(role) == (False, False)
+    finally:
+        await conn.close()
+    stored = await database.fetch("SELECT agency_id, run_id FROM flux.events ORDER BY 1, 2")
+    assert [tuple(r) for r in stored] == [("nasa", "r"), ("nasa", "r2"), ("noaa", "r")]
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_mixed_hmac_and_public_key_algorithms_are_refused():
+    from flux_agent.config import load_config
+
+    env = {"FLUX_AGENT_JWT_ISSUERS": ISSUER, "FLUX_AGENT_JWT_ALGORITHMS": "RS256,HS256",
+           "FLUX_AGENT_JWT_PUBLIC_KEY_FILE": "/k.pem"}
+    with pytest.raises(ConfigError, match="must not be mixed"):
+        load_config([], env)
+    with pytest.raises(ConfigError, match="not allowed: none"):
+        load_config([], {**env, "FLUX_AGENT_JWT_ALGORITHMS": "none"})
+
+
+def test_hs256_development_secret():
+    secret = "a-development-secret-of-32-chars!!"
+    remember_secret(secret)
+    auth = JwtAuthenticator(KeySet(secret=secret), algorithms=["HS256"], issuers=[ISSUER])
+    tok = mint(secret, algorithm="HS256", issuer=ISSUER, sub="s", agency="nasa",
+               role="viewer", ttl=60)
+    claims = auth.authenticate({"Authorization": f"Bearer {tok}"}, local=False)
+    assert (claims.agency, claims.role) == ("nasa", "viewer")
+    with pytest.raises(AuthenticationError):
+        auth.authenticate({"Authorization": "Bearer " + tok[:-2] + "xx"}, local=False)
+
+
+def test_token_command_mints_a_token_the_agent_accepts(tmp_path: Path):
+    key = tmp_path / "dev.pem"
+    gen = subprocess.run([sys.executable, "-m", "flux_agent", "token", "--generate-key",
+                          str(key)], capture_output=True, text=True, timeout=60)
+    assert gen.returncode == 0, gen.stderr
+    out = subprocess.run([sys.executable, "-m", "flux_agent", "token", "--key", str(key),
+                          "--agency", "noaa", "--role", "viewer"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "DEVELOPMENT TOKEN" in out.stderr
+    tok = out.stdout.strip()
+    public = KeySet(pem=(tmp_path / "dev.pem.pub").read_bytes())
+    auth = JwtAuthenticator(public, algorithms=["ES256"], issuers=["flux-agent-dev"])
+    claims = auth.authenticate({"Authorization": f"Bearer {tok}"}, local=False)
+    assert (claims.agency, claims.role) == ("noaa", "viewer")
+    assert jwt.decode(tok, options={"verify_signature": False})["dev"] is True
