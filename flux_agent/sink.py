@@ -254,7 +254,9 @@ class Sink:
         if self.schema_ready:
             return []
         pool = await self._get_pool()
-        async with pool.acquire() as conn:
+        # Every statement runs inside a transaction, also reads: behind PgBouncer in
+        # transaction pooling mode, that is what keeps a statement on one server connection.
+        async with pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "SELECT current_user AS name, rolsuper, rolbypassrls FROM pg_roles "
                 "WHERE rolname = current_user"
@@ -275,7 +277,7 @@ class Sink:
                         "run `flux-agent migrate`"
                     )
                 try:
-                    applied = await migrate(conn)
+                    applied = await migrate(conn)  # nested: runs in a savepoint
                 except asyncpg.InsufficientPrivilegeError as exc:
                     raise SchemaNotReady(
                         f"cannot apply migrations {', '.join(missing)} as {self.role.name} "
@@ -288,13 +290,13 @@ class Sink:
         """Round-trip latency in seconds."""
         pool = await self._get_pool()
         start = time.perf_counter()
-        async with pool.acquire() as conn:
+        async with pool.acquire() as conn, conn.transaction():
             await conn.fetchval("SELECT 1")
         return time.perf_counter() - start
 
     async def schema_version(self) -> str | None:
         pool = await self._get_pool()
-        async with pool.acquire() as conn:
+        async with pool.acquire() as conn, conn.transaction():
             done = await applied_migrations(conn)
         return max(done) if done else None
 

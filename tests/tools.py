@@ -1,0 +1,27 @@
+"""External tools some tests drive (PgBouncer, promtool, Prometheus).
+
+A missing tool fails the test when its name is in ``FLUX_TEST_REQUIRE`` (CI sets it after
+installing them); elsewhere the test is skipped with the reason, never counted as passed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+SEARCH = ("/usr/sbin", "/usr/bin", "/usr/local/bin")
+
+
+def require_tool(name: str) -> Path:
+    found = shutil.which(name) or next(
+        (str(Path(d) / name) for d in SEARCH if (Path(d) / name).exists()), None)
+    if found:
+        return Path(found)
+    required = {t.strip() for t in os.environ.get("FLUX_TEST_REQUIRE", "").split(",")}
+    message = f"{name} is not installed (Debian: apt-get install {name})"
+    if name in required or "all" in required:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
