@@ -34,7 +34,7 @@ from .flush import Flusher
 from .health import admin_app
 from .intake import Intake
 from .metrics import Metrics
-from .seen import Entry, SeenIndex
+from .seen import SeenIndex
 from .sink import Sink, UnsafeRole, bootstrap_database, classify, describe
 from .spool import Recovery, Spool
 from .validate import EventChecker, Schemas
@@ -136,7 +136,7 @@ class Agent:
             )
             self.flusher.start()
             self.metrics.add_state(self._metric_state)
-            self.auditor = Auditor(self.spool, self.flusher,
+            self.auditor = Auditor(self.spool,
                                    on_drop=lambda reason: self.metrics.audit_dropped.labels(
                                        reason).inc())
             self.intake = Intake(
@@ -335,8 +335,8 @@ class Agent:
         record = record_decoder.decode(payload)
         if isinstance(record, EventsRecord):
             for row in record.rows:
-                key = self.seen.key(row[AGENCY], row[EVENT_ID])
-                self.seen.add(key, Entry(int(row[PAYLOAD_SHA256][:8], 16), seq, None))
+                self.seen.add((row[AGENCY], row[EVENT_ID]),
+                              (int(row[PAYLOAD_SHA256][:8], 16), seq, None))
 
     async def _snapshot_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -15,7 +15,6 @@ from typing import Any
 import msgspec
 
 from .event import AuditRecord, AuditRow, record_encoder
-from .flush import Flusher
 from .spool import Spool
 
 UNKNOWN = "-"
@@ -34,7 +33,6 @@ class Auditor:
     def __init__(
         self,
         spool: Spool,
-        flusher: Flusher,
         *,
         rate: float = 5.0,
         burst: float = 20.0,
@@ -42,7 +40,6 @@ class Auditor:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spool = spool
-        self.flusher = flusher
         self.rate = rate
         self.burst = burst
         self.on_drop = on_drop
@@ -95,13 +92,7 @@ class Auditor:
         except Exception:  # noqa: BLE001 - a full or broken spool refuses audits like events
             self._dropped("spool_unavailable")
             return False
-        seq, durable = self.spool.append(payload)
-
-        def offer(fut: Any) -> None:
-            if not fut.cancelled() and fut.exception() is None:
-                self.flusher.offer(seq, record, len(payload))
-
-        durable.add_done_callback(offer)
+        self.spool.append(payload, record)
         self.written += 1
         return True
 

@@ -1,7 +1,8 @@
 """Spool -> batches -> PostgreSQL: the flusher.
 
-Records arrive in sequence order. When the flusher keeps up, they come from memory (intake
-offers each durable record); when it falls behind, or memory is full, it reads the spool.
+Records arrive in sequence order. When the flusher keeps up, they come from memory (the
+spool hands over each record as it becomes durable); when it falls behind, or memory is
+full, it reads them back from the spool.
 Either way it delivers *windows*: consecutive records whose events are split over a few
 lanes (connections) by run, committed in parallel, and only then is the spool cursor moved
 past the window. A crash anywhere replays at most the last window, and PostgreSQL absorbs
@@ -82,8 +83,6 @@ class Flusher:
         self.clock = clock
         self.ring: deque[tuple[int, SpoolRecord, int]] = deque()
         self.ring_bytes = 0
-        self._early: dict[int, tuple[SpoolRecord, int]] = {}
-        self._early_bytes = 0
         self.flush_pos = spool.cursor + 1  # next sequence number to gather
         self.committed_seq = spool.cursor
         self._data = asyncio.Event()
@@ -98,41 +97,22 @@ class Flusher:
         self._window_ids: set[str] = set()
         self._window_dead = 0
         self._window_returning = False
-        spool.on_written = self.notify
+        spool.on_durable = self.offer  # type: ignore[assignment]
 
     # ---------------------------------------------------------------- intake side
 
     def offer(self, seq: int, record: SpoolRecord, nbytes: int) -> None:
-        """A durable record; kept in memory if it extends the ring and fits.
+        """A record that just became durable (the spool calls this in sequence order).
 
-        Records usually arrive in sequence order; one that arrives a little early waits in
-        a small side buffer for its predecessor. Anything that does not fit is simply not
-        kept: the flusher reads it from the spool instead.
+        Kept in memory if it extends the ring and fits; otherwise the flusher will read it
+        from the spool when it gets there.
         """
         ring = self.ring
         expected = ring[-1][0] + 1 if ring else self.flush_pos
-        if seq == expected:
-            if self.ring_bytes + nbytes <= self.memory_bytes:
-                ring.append((seq, record, nbytes))
-                self.ring_bytes += nbytes
-                self._adopt_early()
-        elif seq > expected and self._early_bytes + nbytes <= self.memory_bytes // 4:
-            self._early[seq] = (record, nbytes)
-            self._early_bytes += nbytes
+        if seq == expected and self.ring_bytes + nbytes <= self.memory_bytes:
+            ring.append((seq, record, nbytes))
+            self.ring_bytes += nbytes
         self._data.set()
-
-    def _adopt_early(self) -> None:
-        early, ring = self._early, self.ring
-        while early:
-            nxt = ring[-1][0] + 1 if ring else self.flush_pos
-            item = early.pop(nxt, None)
-            if item is None:
-                break
-            self._early_bytes -= item[1]
-            if self.ring_bytes + item[1] > self.memory_bytes:
-                break
-            ring.append((nxt, item[0], item[1]))
-            self.ring_bytes += item[1]
 
     def notify(self) -> None:
         self._data.set()
@@ -227,11 +207,6 @@ class Flusher:
         while not batcher.full:
             while ring and ring[0][0] < self.flush_pos:  # already read from the spool
                 self.ring_bytes -= ring.popleft()[2]
-            if self._early:
-                for stale in [s for s in self._early if s < self.flush_pos]:
-                    self._early_bytes -= self._early.pop(stale)[1]
-                if not ring:
-                    self._adopt_early()
             if ring and (ring[0][0] == self.flush_pos or self.flush_pos > self.spool.written_seq):
                 seq, record, nbytes = ring.popleft()
                 self.ring_bytes -= nbytes

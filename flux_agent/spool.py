@@ -268,6 +268,7 @@ class _Group:
     first_seq: int
     last_seq: int
     future: asyncio.Future[int]
+    items: list[tuple[int, object, int]]  # (seq, decoded record, bytes) for on_durable
 
 
 class Spool:
@@ -306,8 +307,13 @@ class Spool:
         self.write_errors = 0
         self.corrupt_records = 0
         self.syncs = 0  # fdatasync calls for appended data (group commit shares them)
+        self._disk_bytes = 0  # sum of segment sizes, kept current instead of summed per request
+        self._queued_bytes = 0
+        self._cursor_written_at = 0.0
         self._read_hint: ReadHint | None = None
-        self.on_written: Callable[[], None] | None = None
+        # Called in sequence order, on the event loop, for each record once it is written
+        # (and synced, with fsync): how the flusher gets records without reading them back.
+        self.on_durable: Callable[[int, object, int], None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -406,6 +412,7 @@ class Spool:
         self.written_seq = self.durable_seq = last_seq
         rec.next_seq = self.next_seq
         self._open_segment(self.next_seq)
+        self._disk_bytes = sum(seg.size for seg in self.segments)
         _fsync_dir(d)
         return rec
 
@@ -447,10 +454,8 @@ class Spool:
 
     @property
     def bytes_used(self) -> int:
-        pending = self._pending.nbytes if self._pending else 0
-        return sum(s.size for s in self.segments) + pending + sum(
-            g.nbytes for g in self._groups
-        )
+        """Segment bytes on disk plus what is queued for writing."""
+        return self._disk_bytes + self._queued_bytes
 
     def check_room(self, nbytes: int) -> None:
         """Raise SpoolFull / SpoolUnavailable unless ``nbytes`` more can be accepted."""
@@ -462,18 +467,24 @@ class Spool:
         if used + nbytes > self.max_bytes:
             raise SpoolFull(used, self.max_bytes)
 
-    def append(self, payload: bytes) -> tuple[int, asyncio.Future[int]]:
-        """Queue one record; returns its seq and a future resolved once it is durable."""
+    def append(self, payload: bytes, record: object = None) -> tuple[int, asyncio.Future[int]]:
+        """Queue one record; returns its seq and a future resolved once it is durable.
+
+        ``record`` (the decoded form of ``payload``) is handed to ``on_durable`` then.
+        """
         seq = self.next_seq
         self.next_seq += 1
         data = frame(seq, payload)
         group = self._pending
         if group is None:
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            group = self._pending = _Group([], 0, seq, seq, fut)
+            group = self._pending = _Group([], 0, seq, seq, fut, [])
         group.frames.append(data)
         group.nbytes += len(data)
+        self._queued_bytes += len(data)
         group.last_seq = seq
+        if record is not None:
+            group.items.append((seq, record, len(payload)))
         self.appended_bytes += len(data)
         self._wake.set()
         if not self.fsync:
@@ -494,7 +505,7 @@ class Spool:
             group, self._pending = self._pending, None
             self._groups.append(group)
             try:
-                await loop.run_in_executor(self._io, self._write_group, group)
+                grown = await loop.run_in_executor(self._io, self._write_group, group)
             except OSError as exc:
                 self.write_errors += 1
                 reason = os.strerror(exc.errno) if exc.errno else str(exc)
@@ -506,19 +517,27 @@ class Spool:
                     group.future.exception()  # a failure nobody awaits is still handled
             else:
                 self.broken = None
+                if self.on_durable is not None:
+                    for seq, record, nbytes in group.items:
+                        self.on_durable(seq, record, nbytes)
                 self.written_seq = self.durable_seq = group.last_seq
+                self._disk_bytes += grown
                 if not group.future.done():
                     group.future.set_result(group.last_seq)
-                if self.on_written is not None:
-                    self.on_written()
             finally:
+                self._queued_bytes -= group.nbytes
                 self._groups.popleft()
 
-    def _write_group(self, group: _Group) -> None:
-        """I/O thread: append the group to the active segment and make it durable."""
+    def _write_group(self, group: _Group) -> int:
+        """I/O thread: append the group to the active segment and make it durable.
+
+        Returns how many bytes the spool grew by (a new segment's header included).
+        """
         seg = self.segments[-1]
+        grown = 0
         if seg.fd < 0:  # an earlier failure closed it
             seg = self._open_segment(group.first_seq)
+            grown += seg.size
             _fsync_dir(self.directory)
         elif seg.size + group.nbytes > self.segment_bytes and seg.last_seq >= seg.first_seq:
             if self.fsync:
@@ -526,6 +545,7 @@ class Spool:
             os.close(seg.fd)
             seg.fd = -1
             seg = self._open_segment(group.first_seq)
+            grown += seg.size
             _fsync_dir(self.directory)
         data = b"".join(group.frames)
         before = seg.size
@@ -550,6 +570,7 @@ class Spool:
             raise
         seg.size = before + len(data)
         seg.last_seq = group.last_seq
+        return grown + len(data)
 
     # ---------------------------------------------------------------- reading (flusher)
 
@@ -578,6 +599,13 @@ class Spool:
         spent = [s for s in self.segments[:-1] if s.last_seq <= seq]
         for seg in spent:
             self.segments.remove(seg)
+            self._disk_bytes -= seg.size
+        # The cursor only saves replay work, so it is written at most every 200 ms (and
+        # whenever segments go): commits of small windows stay cheap.
+        now = time.monotonic()
+        if not spent and now - self._cursor_written_at < 0.2:
+            return
+        self._cursor_written_at = now
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._io, self._apply_commit, seq, spent)
 
