@@ -7,12 +7,13 @@ acknowledged only once that record is durable. Nothing about a request is half-a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import random
 import re
 import socket as _socket
 import struct
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,6 @@ from . import logs
 from .audit import Auditor
 from .auth import Authenticator, Claims, check_agency, require
 from .config import AgentConfig
-from .digest import JsonDecoder
 from .errors import (
     PROBLEM_CONTENT_TYPE,
     AuthenticationError,
@@ -40,7 +40,7 @@ from .errors import (
 from .event import EVENT_ID, PAYLOAD_SHA256, EventsRecord, Row, record_encoder
 from .flush import Flusher
 from .metrics import Metrics
-from .seen import Entry, SeenIndex
+from .seen import Key, SeenIndex
 from .spool import Spool
 from .validate import EventChecker, Manifest, Seal, utcnow
 
@@ -50,6 +50,12 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 _BYTE_POS = re.compile(r"\(byte (\d+)\)")
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
+# Request and trace ids must be unique, not secret: the Mersenne Twister is far cheaper than
+# uuid4's system call per id. Generated request ids are this process's random prefix and a
+# counter.
+_random_bits = random.Random().getrandbits
+_ID_PREFIX = f"{_random_bits(48):012x}"
+_ids = itertools.count(1)
 _JSON_TYPES = frozenset({"application/json", "text/json"})
 _NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl",
                            "application/x-jsonlines"})
@@ -139,15 +145,16 @@ def make_problem_middleware(metrics: Metrics) -> Middleware:
     @web.middleware
     async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        rid = request.headers.get("X-Request-ID") or request.headers.get("X-Correlation-ID")
+        headers = request.headers
+        rid = headers.get("X-Request-ID") or headers.get("X-Correlation-ID")
         if not rid or not _REQUEST_ID.match(rid):
-            rid = str(uuid.uuid4())
+            rid = f"{_ID_PREFIX}-{next(_ids):x}"
         request[REQUEST_ID] = rid
-        m = _TRACEPARENT.match(request.headers.get("traceparent", ""))
-        trace = (m.group(1), m.group(2)) if m else (uuid.uuid4().hex, uuid.uuid4().hex[:16])
+        m = _TRACEPARENT.match(headers.get("traceparent", ""))
+        trace = (m.group(1), m.group(2)) if m else (f"{_random_bits(128):032x}",
+                                                     f"{_random_bits(64):016x}")
         request[TRACE] = trace
-        tokens = (logs.correlation_id.set(rid), logs.trace_id.set(trace[0]),
-                  logs.span_id.set(trace[1]))
+        token = logs.request_context.set((rid, trace[0], trace[1]))
         agency = ""
         try:
             try:
@@ -181,15 +188,11 @@ def make_problem_middleware(metrics: Metrics) -> Middleware:
             response = problem_response(request, internal)
             metrics.errors.labels(internal.error_class, "").inc()
         finally:
-            for var, token in zip((logs.correlation_id, logs.trace_id, logs.span_id), tokens,
-                                  strict=True):
-                var.reset(token)
+            logs.request_context.reset(token)
         response.headers["X-Request-ID"] = rid
         claims = request.get(CLAIMS)
-        endpoint = endpoint_of(request)
-        metrics.requests.labels(endpoint, str(response.status),
-                                claims.agency if claims else agency).inc()
-        metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
+        metrics.answered(endpoint_of(request), response.status,
+                         claims.agency if claims else agency, time.perf_counter() - started)
         return response
 
     return problem_middleware
@@ -231,7 +234,7 @@ class Intake:
         self.drain_hook = drain
         self.auditor = auditor
         self.allowed_uids = frozenset(int(u) for u in config.socket_allowed_uids)
-        self.decoder = JsonDecoder()
+        self._decode_json = msgspec.json.Decoder().decode
         self.draining = False
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -338,8 +341,7 @@ class Intake:
             expires_at=received + self.manifest.retention(claims.agency),
         )
         try:
-            rows = self.checker.rows(events, seal, batch=batch,
-                                     plain_floats=self.decoder.plain_floats)
+            rows = self.checker.rows(events, seal, batch=batch)
         except FluxError as err:
             self.metrics.events_rejected.labels(err.code).inc()
             raise
@@ -381,20 +383,17 @@ class Intake:
                 return doc, True
             return [doc], False
         events: list[Any] = []
-        plain = True
         for n, line in enumerate(body.split(b"\n"), start=1):
             if not line.strip():
                 continue
             events.append(self._decode_one(line, f" on line {n}"))
-            plain = plain and self.decoder.plain_floats
-        self.decoder.plain_floats = plain
         if not events:
             raise ValidationError("EMPTY_REQUEST", "the body holds no events")
         return events, True
 
     def _decode_one(self, data: bytes, where: str) -> Any:
         try:
-            return self.decoder.decode(data)
+            return self._decode_json(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             text = str(exc)
             m = _BYTE_POS.search(text)
@@ -417,29 +416,28 @@ class Intake:
         """
         seen = self.seen
         fresh: list[Row] = []
-        fresh_keys: list[tuple[int, int]] = []
+        fresh_keys: list[tuple[Key, int]] = []
         ids: list[str] = []
         waits: list[asyncio.Future[int]] = []
         dup_seqs: list[int] = []
         conflicts: list[dict[str, str]] = []
-        in_request: dict[int, int] = {}
+        in_request: dict[Key, int] = {}
         duplicates = 0
         for i, row in enumerate(rows):
             event_id = row[EVENT_ID]
             ids.append(event_id)
-            key = seen.key(agency, event_id)
+            key = (agency, event_id)
             sha32 = int(row[PAYLOAD_SHA256][:8], 16)
             earlier = in_request.get(key)
+            entry = None
             if earlier is None:
                 entry = seen.get(key)
-                earlier = entry.sha32 if entry is not None else None
-            else:
-                entry = None
-            if earlier is None:
-                in_request[key] = sha32
-                fresh.append(row)
-                fresh_keys.append((key, sha32))
-                continue
+                if entry is None:
+                    in_request[key] = sha32
+                    fresh.append(row)
+                    fresh_keys.append((key, sha32))
+                    continue
+                earlier = entry[0]
             if earlier != sha32:
                 conflicts.append({"pointer": f"/{i}/event_id" if len(rows) > 1 else "/event_id",
                                   "message": f"event_id {event_id} was already used for a "
@@ -447,26 +445,26 @@ class Intake:
                 continue
             duplicates += 1
             if entry is not None:
-                dup_seqs.append(entry.seq)
-                if entry.durable is not None and not entry.durable.done():
-                    waits.append(entry.durable)
-                elif entry.durable is not None and entry.durable.exception() is not None:
-                    raise entry.durable.exception()  # type: ignore[misc]
+                _, dup_seq, durable = entry
+                dup_seqs.append(dup_seq)
+                if durable is not None:
+                    if not durable.done():
+                        waits.append(durable)
+                    elif durable.exception() is not None:
+                        raise durable.exception()  # type: ignore[misc]
         if conflicts:
             raise ValidationError(
                 "EVENT_ID_CONFLICT", "an event id is reused with a different payload; "
                 "nothing from this request was accepted", status=409, errors=conflicts,
             )
         seq = 0
-        nbytes = 0
-        record = EventsRecord(fresh)
         if fresh:
+            record = EventsRecord(fresh)
             payload = record_encoder.encode(record)
-            nbytes = len(payload)
-            self.spool.check_room(nbytes)
-            seq, durable = self.spool.append(payload)
+            self.spool.check_room(len(payload))
+            seq, durable = self.spool.append(payload, record)
             for key, sha32 in fresh_keys:
-                seen.add(key, Entry(sha32, seq, durable))
+                seen.add(key, (sha32, seq, durable))
             waits.append(durable)
         try:
             for fut in waits:
@@ -477,8 +475,6 @@ class Intake:
             for key, _ in fresh_keys:
                 seen.discard(key)
             raise
-        if fresh:
-            self.flusher.offer(seq, record, nbytes)
         accepted = len(fresh)
         if wait:
             target = max([seq, *dup_seqs])

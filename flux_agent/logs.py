@@ -19,9 +19,10 @@ from typing import IO, Any
 
 SERVICE = "flux-agent"
 
-correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
-trace_id: contextvars.ContextVar[str] = contextvars.ContextVar("trace_id", default="")
-span_id: contextvars.ContextVar[str] = contextvars.ContextVar("span_id", default="")
+# (correlation_id, trace_id, span_id) of the request being handled: one variable, one set per
+# request.
+request_context: contextvars.ContextVar[tuple[str, str, str]] = contextvars.ContextVar(
+    "request_context", default=("", "", ""))
 
 _SCRUB = (
     (re.compile(r"(?i)(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@"), r"\1***@"),
@@ -60,15 +61,16 @@ def _scrub_value(value: Any) -> Any:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None) or {}
+        rid, trace, span = request_context.get()
         entry: dict[str, Any] = {
             "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(
                 timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname,
             "message": scrub(record.getMessage()),
             "service": SERVICE,
-            "trace_id": getattr(record, "trace_id", None) or trace_id.get(),
-            "span_id": getattr(record, "span_id", None) or span_id.get(),
-            "correlation_id": getattr(record, "correlation_id", None) or correlation_id.get(),
+            "trace_id": getattr(record, "trace_id", None) or trace,
+            "span_id": getattr(record, "span_id", None) or span,
+            "correlation_id": getattr(record, "correlation_id", None) or rid,
             "logger": record.name,
             "fields": _scrub_value(fields),
         }

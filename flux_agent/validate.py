@@ -145,7 +145,8 @@ _FRACTION = re.compile(r"(\.\d{6})\d+")
 
 def parse_timestamp(text: str) -> datetime:
     """RFC 3339 (already format-checked) to an aware datetime; nanoseconds are truncated."""
-    text = text.upper()
+    if "t" in text or "z" in text:  # RFC 3339 allows lower case; fromisoformat does not
+        text = text.upper()
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
@@ -153,10 +154,6 @@ def parse_timestamp(text: str) -> datetime:
     if value.tzinfo is None:  # the schema requires an offset; be defensive anyway
         raise ValueError("timestamp has no offset")
     return value
-
-
-def _has_nul(*values: Any) -> bool:
-    return any(isinstance(v, str) and "\x00" in v for v in values)
 
 
 class EventChecker:
@@ -171,9 +168,7 @@ class EventChecker:
         self.event_max_bytes = event_max_bytes
         self._is_valid = schemas.event.is_valid
 
-    def rows(
-        self, events: Sequence[Any], seal: Seal, *, batch: bool, plain_floats: bool = True
-    ) -> list[Row]:
+    def rows(self, events: Sequence[Any], seal: Seal, *, batch: bool) -> list[Row]:
         rows: list[Row] = []
         invalid: list[dict[str, str]] = []
         foreign: list[dict[str, str]] = []
@@ -181,8 +176,8 @@ class EventChecker:
         agency = seal.agency
         is_valid = self._is_valid
         for i, ev in enumerate(events):
-            prefix: list[str | int] = [i] if batch else []
             if not is_valid(ev):
+                prefix: list[str | int] = [i] if batch else []
                 if not isinstance(ev, dict):
                     invalid.append(
                         violation(_pointer(prefix), "an event must be a JSON object", "WRONG_TYPE")
@@ -191,7 +186,7 @@ class EventChecker:
                     invalid.extend(self.schemas.explain(ev, prefix))
                 continue
             payload = ev["payload"]
-            at = _pointer(prefix)
+            at = f"/{i}" if batch else ""  # JSON pointer of this event, for errors
             claimed = ev.get("agency")
             if claimed is not None and claimed != agency:
                 foreign.append(violation(at + "/agency", "agency differs from the caller's",
@@ -201,7 +196,7 @@ class EventChecker:
                 foreign.append(violation(at + "/payload/agency",
                                          "payload agency differs from the caller's",
                                          "AGENCY_MISMATCH"))
-            canonical = canonical_json(payload, plain_floats=plain_floats)
+            canonical = canonical_json(payload)
             if len(canonical) > self.event_max_bytes:
                 too_large.append(violation(
                     at + "/payload",
@@ -210,7 +205,10 @@ class EventChecker:
                 ))
                 continue
             step, provider, model = ev.get("step"), ev.get("provider"), ev.get("model")
-            if _NUL_ESCAPE in canonical or _has_nul(step, provider, model):
+            if _NUL_ESCAPE in canonical or (
+                    (step is not None and "\x00" in step)
+                    or (provider is not None and "\x00" in provider)
+                    or (model is not None and "\x00" in model)):
                 invalid.append(violation(at, "NUL characters (\\u0000) cannot be stored",
                                          "NUL_CHARACTER"))
                 continue

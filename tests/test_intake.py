@@ -112,8 +112,7 @@ async def test_duplicate_unknown_to_the_index_is_stored_once(
         status, body, _ = await post(url, events, headers={"Prefer": "wait=committed"})
         assert status == 200, body
         assert body["accepted"] == 5
-        running.seen._young.clear()
-        running.seen._old.clear()
+        running.seen.clear()
         status, body, headers = await post(url, events, headers={"Prefer": "wait=committed"})
         assert status == 200, body
         assert headers["Preference-Applied"] == "wait=committed"
