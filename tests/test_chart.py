@@ -1,0 +1,436 @@
+"""The Helm chart: rendered offline with the Helm SDK (helm-python-sdk) for several value
+sets, linted strictly, every manifest validated strictly against the Kubernetes 1.29 and 1.33
+schemas, and what the chart configures checked against what the injector and the agent
+really accept."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from flux_agent import inject
+from flux_agent.config import SETTINGS, env_name, load_config
+
+CHART = Path(__file__).resolve().parent.parent / "helm" / "flux-agent"
+RELEASE, NAMESPACE = "flux", "flux-system"
+KUBE_VERSIONS = ("1.29.0", "1.33.0")
+# Custom resources kubernetes-validate has no schema for (CRDs of cert-manager and the
+# Prometheus operator). Only these kinds are exempt from strict validation.
+CRD_KINDS = {
+    ("cert-manager.io/v1", "Certificate"),
+    ("cert-manager.io/v1", "Issuer"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "cert-manager": {"tls": {"mode": "certManager"}},
+    "cert-manager-issuer": {"tls": {"mode": "certManager", "certManager": {
+        "issuerRef": {"name": "cluster-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}}}},
+    "existing-secret": {"tls": {"mode": "secret", "secret": {
+        "name": "my-webhook-tls", "caBundle": base64.b64encode(b"-----BEGIN CERT").decode()}}},
+    "pvc-spool": {"sidecar": {"spoolVolume": "ephemeral", "spoolStorageClass": "fast-ssd",
+                              "spoolSize": "4Gi"}},
+    "legacy-sidecar": {"sidecar": {"mode": "legacy"}},
+    "monitoring": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kp"}},
+                               "podMonitor": {"enabled": True},
+                               "prometheusRule": {"enabled": True}}},
+    "namespaces-jwt": {
+        "agent": {"namespaces": ["etl", "batch"], "auth": "jwt", "agency": "",
+                  "jwt": {"issuers": ["https://idp.example"], "audience": "flux",
+                          "jwksConfigMap": "flux-jwks"},
+                  "extraEnv": {"FLUX_AGENT_BATCH_MAX_AGE": "10ms",
+                               "FLUX_AGENT_DEDUPE_INDEX_SIZE": 100000}},
+        "webhook": {"failurePolicy": "Ignore", "failClosed": True,
+                    "excludedNamespaces": ["monitoring"]},
+        "networkPolicy": {"webhookFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+                          "metricsFrom": [{"namespaceSelector": {"matchLabels": {
+                              "kubernetes.io/metadata.name": "monitoring"}}}]},
+        "image": {"repository": "registry.example/flux-agent", "tag": "0.1.0"},
+        "injector": {"replicas": 3, "nodeSelector": {"kubernetes.io/os": "linux"}},
+    },
+    "single-replica": {"injector": {"replicas": 1},
+                       "agent": {"agency": "nasa"}, "networkPolicy": {"enabled": False},
+                       "serviceAccount": {"create": False}},
+}
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(str(CHART)) as loaded:
+        yield loaded
+
+
+_RENDERED: dict[str, list[dict[str, Any]]] = {}
+
+
+def render(chart: helm.Chart, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chart's manifests (cached per value set: rendering generates RSA keys)."""
+    key = repr(sorted(values.items()))
+    if key not in _RENDERED:
+        _RENDERED[key] = _render(chart, values)
+    return copy.deepcopy(_RENDERED[key])
+
+
+def _render(chart: helm.Chart, values: dict[str, Any]) -> list[dict[str, Any]]:
+    rendered = chart.render(copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE,
+                            is_install=True)
+    docs = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc is not None:
+                doc["__template"] = path
+                docs.append(doc)
+    return docs
+
+
+def find(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = find(docs, kind)
+    assert len(found) == 1, f"{len(found)} {kind}s"
+    return found[0]
+
+
+def strip(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k != "__template"}
+
+
+def injector_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
+def injector_config(docs: list[dict[str, Any]]) -> inject.InjectorConfig:
+    """The configuration the injector builds from the Deployment's environment."""
+    env = injector_env(docs)
+    assert all(k.startswith("FLUX_INJECTOR_") for k in env)
+    return inject.config_from(argparse.Namespace(), env)
+
+
+# --------------------------------------------------------------------------- every value set
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_renders_lints_and_validates_strictly(chart: helm.Chart, name: str):
+    values = VALUE_SETS[name]
+    chart.validate_schema(copy.deepcopy(values))
+    for version in KUBE_VERSIONS:
+        report = helm.lint(str(CHART), copy.deepcopy(values), strict=True,
+                           namespace=NAMESPACE, kube_version="v" + version)
+        assert report["errors"] == [], report
+        assert [m for m in report["messages"] if m["severity"] >= 1] == [], report
+    docs = render(chart, values)
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "MutatingWebhookConfiguration", "ConfigMap"} <= kinds
+    skipped = set()
+    for doc in docs:
+        key = (doc["apiVersion"], doc["kind"])
+        if key in CRD_KINDS:
+            skipped.add(key)
+            assert doc["metadata"]["namespace"] == NAMESPACE
+            continue
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(strip(doc), version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{doc['__template']} ({doc['kind']}) is invalid for Kubernetes "
+                            f"{version}: {exc.message} at {list(exc.absolute_path)}")
+        if doc["kind"] != "MutatingWebhookConfiguration":
+            assert doc["metadata"].get("namespace"), f"{doc['kind']} without a namespace"
+    # Only CRDs are ever skipped, and only when their feature is on.
+    assert skipped <= CRD_KINDS
+    # The injector accepts its configuration and the pods it injects are valid.
+    config = injector_config(docs)
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"generateName": "etl-", "labels": {"flux.io/inject": "true"},
+                        "annotations": {"flux.io/agency": "nasa"}},
+           "spec": {"containers": [{"name": "app", "image": "etl:1"}]}}
+    mutated = inject.mutate_pod(pod, config, "etl")
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate({**mutated, "metadata": {**mutated["metadata"],
+                                                              "namespace": "etl"}},
+                                     version, strict=True)
+    agent = [c for c in mutated["spec"].get("initContainers", []) + mutated["spec"][
+        "containers"] if c["name"] == "flux-agent"]
+    assert len(agent) == 1
+
+
+# --------------------------------------------------------------------------- webhook and TLS
+
+
+def test_webhook_configuration(chart: helm.Chart):
+    docs = render(chart, {})
+    mwc = one(docs, "MutatingWebhookConfiguration")
+    (hook,) = mwc["webhooks"]
+    assert hook["sideEffects"] == "None"
+    assert hook["failurePolicy"] == "Fail"
+    assert hook["timeoutSeconds"] == 5
+    assert hook["reinvocationPolicy"] == "IfNeeded"
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert hook["objectSelector"] == {"matchLabels": {inject.INJECT_LABEL: "true"}}
+    (expr,) = hook["namespaceSelector"]["matchExpressions"]
+    assert expr["key"] == "kubernetes.io/metadata.name" and expr["operator"] == "NotIn"
+    assert set(expr["values"]) == {NAMESPACE, "kube-system", "kube-public"}
+    assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""],
+                              "apiVersions": ["v1"], "resources": ["pods"],
+                              "scope": "Namespaced"}]
+    service = one(docs, "Service")
+    ref = hook["clientConfig"]["service"]
+    assert ref == {"name": service["metadata"]["name"], "namespace": NAMESPACE,
+                   "path": "/mutate", "port": 443}
+    https = next(p for p in service["spec"]["ports"] if p["port"] == 443)
+    deployment = one(docs, "Deployment")
+    pod_spec = deployment["spec"]["template"]["spec"]
+    container = pod_spec["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert https["targetPort"] in ports
+    args = container["args"]
+    assert args[0] == "inject-webhook"
+    assert int(args[args.index("--port") + 1]) == ports[https["targetPort"]]
+    # The injector's excluded namespaces agree with the webhook's selector.
+    assert set(injector_config(docs).excluded_namespaces) == set(expr["values"])
+    # The Service selects the injector pods.
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_generated_certificate_is_signed_by_the_ca_bundle(chart: helm.Chart):
+    docs = render(chart, {})
+    secret = one(docs, "Secret")
+    assert secret["type"] == "kubernetes.io/tls"
+    hook = one(docs, "MutatingWebhookConfiguration")["webhooks"][0]
+    assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    ca = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["ca.crt"]))
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    public = ca.public_key()
+    if isinstance(public, rsa.RSAPublicKey):
+        assert cert.signature_hash_algorithm is not None
+        public.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
+                      cert.signature_hash_algorithm)
+    else:
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        assert cert.signature_hash_algorithm is not None
+        public.verify(cert.signature, cert.tbs_certificate_bytes,
+                      ec.ECDSA(cert.signature_hash_algorithm))
+    service = one(docs, "Service")["metadata"]["name"]
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert f"{service}.{NAMESPACE}.svc" in names.get_values_for_type(x509.DNSName)
+    volumes = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "tls", "secret": {"secretName": secret["metadata"]["name"],
+                                      "defaultMode": 0o440}} in volumes
+
+
+def test_cert_manager_mode(chart: helm.Chart):
+    docs = render(chart, VALUE_SETS["cert-manager"])
+    assert find(docs, "Secret") == []
+    certificate = one(docs, "Certificate")
+    issuer = one(docs, "Issuer")
+    assert issuer["spec"] == {"selfSigned": {}}
+    assert certificate["spec"]["issuerRef"]["name"] == issuer["metadata"]["name"]
+    mwc = one(docs, "MutatingWebhookConfiguration")
+    assert mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == \
+        f"{NAMESPACE}/{certificate['metadata']['name']}"
+    assert "caBundle" not in mwc["webhooks"][0]["clientConfig"]
+    volumes = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert volumes[0]["secret"]["secretName"] == certificate["spec"]["secretName"]
+    service = one(docs, "Service")["metadata"]["name"]
+    assert f"{service}.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
+    # With an issuer of the cluster's, the chart creates none.
+    docs = render(chart, VALUE_SETS["cert-manager-issuer"])
+    assert find(docs, "Issuer") == []
+    assert one(docs, "Certificate")["spec"]["issuerRef"] == {
+        "name": "cluster-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+
+
+# --------------------------------------------------------------------------- what is injected
+
+
+def test_legacy_and_pvc_value_sets_reach_the_injector(chart: helm.Chart):
+    config = injector_config(render(chart, VALUE_SETS["legacy-sidecar"]))
+    assert config.sidecar_mode == "legacy"
+    config = injector_config(render(chart, VALUE_SETS["pvc-spool"]))
+    assert (config.spool_volume, config.spool_storage_class, config.spool_size) == (
+        "ephemeral", "fast-ssd", "4Gi")
+    defaults = injector_config(render(chart, {}))
+    assert defaults == inject.InjectorConfig(
+        image="flux-agent:0.1.0", excluded_namespaces=(NAMESPACE, "kube-system", "kube-public"),
+        require_agency=True)
+
+
+def test_the_agent_accepts_the_configmap(chart: helm.Chart):
+    """Every key is a real agent setting, and the agent's own loader accepts the values
+    together with what the injector sets per pod."""
+    known = {env_name(f.name) for f in SETTINGS}
+    for name in ("defaults", "namespaces-jwt", "single-replica"):
+        docs = render(chart, VALUE_SETS[name])
+        config = injector_config(docs)
+        pod = {"metadata": {"labels": {"flux.io/inject": "true"},
+                            "annotations": {"flux.io/agency": "nasa"}},
+               "spec": {"containers": [{"name": "app", "image": "etl:1"}]}}
+        mutated = inject.mutate_pod(pod, config, "etl")
+        agent = next(c for c in mutated["spec"].get("initContainers", []) if
+                     c["name"] == "flux-agent")
+        configmaps = find(docs, "ConfigMap")
+        for cm in configmaps:
+            assert cm["metadata"]["name"] == agent["envFrom"][0]["configMapRef"]["name"]
+            assert set(cm["data"]) <= known, set(cm["data"]) - known
+            environ = dict(cm["data"])
+            for e in agent["env"]:  # env wins over envFrom, as in Kubernetes
+                environ[e["name"]] = e.get("value", "postgresql://u:p@db.example/flux")
+            loaded = load_config([], environ=environ)
+            assert str(loaded.state_path) == inject.STATE_DIR
+    docs = render(chart, VALUE_SETS["namespaces-jwt"])
+    assert {cm["metadata"]["namespace"] for cm in find(docs, "ConfigMap")} == {
+        NAMESPACE, "etl", "batch"}
+    data = find(docs, "ConfigMap")[0]["data"]
+    assert data["FLUX_AGENT_AUTH"] == "jwt"
+    assert data["FLUX_AGENT_JWT_ISSUERS"] == "https://idp.example"
+    assert data["FLUX_AGENT_DEDUPE_INDEX_SIZE"] == "100000"
+    hook = one(docs, "MutatingWebhookConfiguration")["webhooks"][0]
+    assert {"key": "kubernetes.io/metadata.name", "operator": "In",
+            "values": ["etl", "batch"]} in hook["namespaceSelector"]["matchExpressions"]
+    config = injector_config(docs)
+    assert config.jwks_configmap == "flux-jwks"
+    assert config.fail_closed is True and config.require_agency is False
+    assert "monitoring" in config.excluded_namespaces
+
+
+def test_injector_arguments_parse(chart: helm.Chart, capsys: pytest.CaptureFixture[str]):
+    """The Deployment's args and env reach the real command line; it stops only at the
+    missing certificate (there is no Secret volume here)."""
+    docs = render(chart, VALUE_SETS["namespaces-jwt"])
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][0] == "inject-webhook"
+    code = inject.prepare_webhook(container["args"][1:], environ=injector_env(docs))
+    assert code == 78
+    assert "--cert: no such file: /etc/flux-agent-injector/tls/tls.crt" in \
+        capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- hardening
+
+
+def test_injector_pod_is_locked_down(chart: helm.Chart):
+    docs = render(chart, {})
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    sc = pod["containers"][0]["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["containers"][0]["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    # No API access: a ServiceAccount without token and no RBAC objects at all.
+    assert one(docs, "ServiceAccount")["automountServiceAccountToken"] is False
+    assert not {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"} & {
+        d["kind"] for d in docs}
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= \
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    policy = one(docs, "NetworkPolicy")
+    assert policy["spec"]["egress"] == []
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    port_names = {p["name"] for p in pod["containers"][0]["ports"]}
+    assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == \
+        port_names
+    # One replica: no PodDisruptionBudget that would block node drains forever.
+    docs = render(chart, VALUE_SETS["single-replica"])
+    assert find(docs, "PodDisruptionBudget") == []
+    assert find(docs, "NetworkPolicy") == []
+    assert find(docs, "ServiceAccount") == []
+
+
+def test_monitoring_objects(chart: helm.Chart):
+    assert not {"ServiceMonitor", "PodMonitor", "PrometheusRule"} & {
+        d["kind"] for d in render(chart, {})}
+    docs = render(chart, VALUE_SETS["monitoring"])
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kp"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    service_ports = {p["name"] for p in one(docs, "Service")["spec"]["ports"]}
+    assert "metrics" in service_ports
+    pods = one(docs, "PodMonitor")
+    assert pods["spec"]["selector"] == {"matchLabels": {"flux.io/inject": "true"}}
+    assert pods["spec"]["podMetricsEndpoints"][0]["port"] == inject.ADMIN_PORT_NAME
+    rules = one(docs, "PrometheusRule")
+    exprs = " ".join(r["expr"] for g in rules["spec"]["groups"] for r in g["rules"])
+    for metric in ("flux_spool_bytes", "flux_spool_max_bytes", "flux_postgres_up",
+                   "flux_flush_stalled_seconds", "flux_ready",
+                   "flux_events_dead_lettered_total", "flux_injector_admissions_total"):
+        assert metric in exprs
+
+
+def test_notes_tell_how_to_opt_in(chart: helm.Chart):
+    notes = chart.render({}, name=RELEASE, namespace=NAMESPACE)["flux-agent/templates/NOTES.txt"]
+    assert 'flux.io/inject: "true"' in notes
+    assert "flux.io/agency" in notes
+    assert "create secret generic flux-agent-database" in notes
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+@pytest.mark.parametrize("bad", [
+    {"injector": {"replicas": "two"}},
+    {"injector": {"replica": 2}},
+    {"injector": {"replicas": 0}},
+    {"tls": {"mode": "acme"}},
+    {"tls": {"mode": "secret"}},
+    {"webhook": {"failurePolicy": "Retry"}},
+    {"webhook": {"timeoutSeconds": 31}},
+    {"sidecar": {"mode": "sidecar"}},
+    {"sidecar": {"spoolSize": "lots"}},
+    {"agent": {"auth": "jwt"}},
+    {"agent": {"agency": "NASA"}},
+    {"agent": {"extraEnv": {"FLUX_AGENT_DATABASE_URL": "postgresql://x"}}},
+    {"agent": {"extraEnv": {"PATH": "/bin"}}},
+    {"database": {"existingSecret": "Not_A_Name"}},
+    {"metrics": {"serviceMonitor": {"enabled": "yes"}}},
+    {"unknownTopLevel": True},
+])
+def test_schema_rejects_bad_values(chart: helm.Chart, bad: dict[str, Any]):
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(bad)
+    with pytest.raises(helm.HelmError):
+        chart.render(bad, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_every_value_is_described_by_the_schema(chart: helm.Chart):
+    """values.yaml and values.schema.json name the same keys."""
+    schema = chart.schema
+    assert schema is not None
+
+    def walk(values: dict[str, Any], node: dict[str, Any], where: str) -> None:
+        props = node.get("properties", {})
+        assert node.get("additionalProperties") is False or not props, where
+        for key, value in values.items():
+            assert key in props, f"{where}.{key} is not in values.schema.json"
+            if isinstance(value, dict) and props[key].get("properties"):
+                walk(value, props[key], f"{where}.{key}")
+        for key in node.get("required", []):
+            assert key in values, f"{where}.{key} is required but has no default"
+
+    walk(chart.values, schema, "values")
