@@ -1,11 +1,18 @@
 """flux-agent: an embeddable asyncio sidecar that takes ETL step events on localhost, spools
 them durably, and delivers them to PostgreSQL exactly once.
 
-Public API: :class:`Agent`, :class:`AgentConfig`, :func:`load_config` and the error tree.
+Public API: :class:`Agent`, :class:`AgentConfig`, :func:`load_config`, the clients
+:class:`FluxClient` and :class:`AsyncFluxClient`, and the error tree. ``Agent`` and the
+clients are imported on first use, so a workload that only needs the standard-library
+``FluxClient`` never loads the agent's dependencies.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .agent import Agent
 from .config import AgentConfig, load_config
 from .errors import (
     CheckpointError,
@@ -17,12 +24,28 @@ from .errors import (
     ValidationError,
 )
 
+if TYPE_CHECKING:
+    from .agent import Agent
+    from .client import AsyncFluxClient, FluxClient
+
+_LAZY = {"Agent": ".agent", "FluxClient": ".client", "AsyncFluxClient": ".client"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flux_agent' has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)
+
+
 __all__ = [
     "Agent",
     "AgentConfig",
+    "AsyncFluxClient",
     "CheckpointError",
     "ConfigError",
     "DataIsolationError",
+    "FluxClient",
     "FluxError",
     "TerminalError",
     "TransientError",

@@ -165,6 +165,46 @@ def cmd_token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- injector
+
+
+def cmd_inject(argv: Sequence[str]) -> int:
+    from .inject import cli_inject
+
+    return cli_inject(argv)
+
+
+def cmd_inject_webhook(argv: Sequence[str]) -> int:
+    from .inject import prepare_webhook, serve_webhook
+
+    plan = prepare_webhook(argv)
+    if isinstance(plan, int):
+        return plan
+    logs.setup(plan.log_level)
+
+    async def serve() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_webhook(plan.config, plan.host, plan.port, plan.cert, plan.key,
+                            metrics_port=plan.metrics_port, stop=stop, grace=plan.grace)
+        return EXIT_OK
+
+    try:
+        return _run_async(serve)
+    except OSError as exc:
+        print(f"flux-agent inject-webhook: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+# The injector's commands parse their own arguments (they are not agent settings).
+PASSTHROUGH: dict[str, Callable[[Sequence[str]], int]] = {
+    "inject": cmd_inject,
+    "inject-webhook": cmd_inject_webhook,
+}
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -197,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", default="1h", help="lifetime, e.g. 15m or 8h")
     p.set_defaults(func=cmd_token)
 
+    for name, text in (
+        ("inject", "print a pod (or workload) as the sidecar injector would admit it"),
+        ("inject-webhook", "serve the sidecar-injection admission webhook over HTTPS"),
+    ):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+
     p = sub.add_parser("spool", help="inspect or verify a stopped agent's spool")
     p.add_argument("action", choices=["inspect", "verify"])
     add_flags(p)
@@ -205,8 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0] in PASSTHROUGH:
+        return PASSTHROUGH[words[0]](words[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(words)
     try:
         code: int = args.func(args)
     except ConfigError as exc:
