@@ -30,7 +30,7 @@ def floats_plain(obj: Any) -> bool:
     kind = type(obj)
     if kind is float:
         magnitude = abs(obj)
-        return magnitude == 0.0 or 1e-4 <= magnitude < 1e16
+        return bool(magnitude == 0.0 or 1e-4 <= magnitude < 1e16)
     if kind is dict:
         values = obj.values()
     elif kind is list:
