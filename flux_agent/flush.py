@@ -216,10 +216,12 @@ class Flusher:
                 room = max(64 * 1024, self.limits.max_bytes - batcher.batch.nbytes)
                 records = await self.spool.read(self.flush_pos, room)
                 if not records:
-                    log.error("spool: records %d..%d are missing; skipped",
+                    # Cannot happen while segments are only removed behind the cursor; if it
+                    # does, stall loudly (readiness fails) rather than skip acknowledged data.
+                    log.error("spool: records %d..%d could not be read; retrying",
                               self.flush_pos, self.spool.written_seq)
-                    self.flush_pos = self.spool.written_seq + 1
-                    continue
+                    await asyncio.sleep(1.0)
+                    return
                 for seq, payload in records:
                     batcher.add(seq, record_decoder.decode(payload), len(payload))
                     self.flush_pos = seq + 1
