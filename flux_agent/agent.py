@@ -17,14 +17,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from . import logs
 from .audit import Auditor
-from .auth import Authenticator, FixedAgency, JwtAuthenticator, KeySet
+from .auth import Authenticator, FixedAgency
 from .batch import Limits
 from .config import AgentConfig, env_name, redact_dsn, split_hostport
 from .embedded import LocalPostgres
@@ -38,6 +38,9 @@ from .seen import SeenIndex
 from .sink import Sink, UnsafeRole, bootstrap_database, classify, describe
 from .spool import Recovery, Spool
 from .validate import EventChecker, Schemas
+
+if TYPE_CHECKING:
+    from .tokens import KeySet
 
 log = logging.getLogger("flux_agent.agent")
 
@@ -147,7 +150,7 @@ class Agent:
             )
             await self._listen(self.intake.app(), admin_app(self, self.metrics))
             self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="flux-seen"))
-            if isinstance(authenticator, JwtAuthenticator) and config.jwt_jwks_file:
+            if config.auth == "jwt" and config.jwt_jwks_file:
                 self._tasks.append(asyncio.create_task(
                     self._watch_jwks(authenticator, Path(config.jwt_jwks_file)),
                     name="flux-jwks"))
@@ -235,6 +238,8 @@ class Agent:
         config = self.config
         if config.auth == "none":
             return FixedAgency(config.agency)
+        from .tokens import JwtAuthenticator
+
         if config.jwt_hs256_secret:
             logs.register_secret(config.jwt_hs256_secret.reveal())
         return JwtAuthenticator(
@@ -242,7 +247,7 @@ class Agent:
             audience=config.jwt_audience or None, leeway=config.jwt_leeway,
         )
 
-    async def _watch_jwks(self, authenticator: JwtAuthenticator, path: Path) -> None:
+    async def _watch_jwks(self, authenticator: Authenticator, path: Path) -> None:
         """Key rotation: re-read the JWKS file when it changes (checked every 2 s)."""
         loop = asyncio.get_running_loop()
         last = _stamp(path)
@@ -258,7 +263,7 @@ class Agent:
                 log.error("JWKS file unreadable; keeping the previous keys",
                           extra={"fields": {"path": str(path), "error": str(exc)}})
                 continue
-            authenticator.set_keys(keys)
+            authenticator.set_keys(keys)  # type: ignore[attr-defined]
             log.info("JWKS reloaded", extra={"fields": {"path": str(path),
                                                          "keys": len(keys.by_kid)}})
 
@@ -440,6 +445,8 @@ def _stamp(path: Path) -> tuple[float, int]:
 
 def _load_keys(config: AgentConfig) -> KeySet:
     """Read the configured verification keys (a ConfigError names the bad setting)."""
+    from .tokens import KeySet
+
     try:
         if config.jwt_hs256_secret:
             return KeySet(secret=config.jwt_hs256_secret.reveal())

@@ -1,26 +1,17 @@
 """Who is calling: credentials -> Claims (pure; key files are read by the caller).
 
-The agency always comes from here, never from a request body.
+The agency always comes from here, never from a request body. Bearer tokens are verified in
+``tokens`` (imported only when the agent runs with ``FLUX_AGENT_AUTH=jwt``: the JWT and
+cryptography libraries cost about 9 MiB of memory).
 """
 
 from __future__ import annotations
 
-import json
-import re
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol
-
-import jwt
+from typing import Final, Literal, Protocol
 
 from .errors import AuthenticationError, DataIsolationError, ValidationError
-
-_SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
-HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
-ASYMMETRIC_ALGORITHMS: Final = frozenset({
-    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
-})
 
 Role = Literal["admin", "operator", "viewer", "analyzer"]
 ROLES: Final = ("admin", "operator", "viewer", "analyzer")
@@ -76,197 +67,9 @@ class FixedAgency:
         return self.claims
 
 
-# --------------------------------------------------------------------------- JWT
-
-# pyjwt's exceptions -> precise problem codes (most specific first: they subclass each other).
-_JWT_CODES: tuple[tuple[type[Exception], str, str], ...] = (
-    (jwt.ExpiredSignatureError, "TOKEN_EXPIRED", "the token has expired"),
-    (jwt.ImmatureSignatureError, "TOKEN_NOT_YET_VALID", "the token is not valid yet"),
-    (jwt.InvalidIssuedAtError, "TOKEN_NOT_YET_VALID", "the token's iat is invalid"),
-    (jwt.InvalidIssuerError, "TOKEN_WRONG_ISSUER", "the token's issuer is not trusted"),
-    (jwt.InvalidAudienceError, "TOKEN_WRONG_AUDIENCE", "the token is for another audience"),
-    (jwt.MissingRequiredClaimError, "TOKEN_MISSING_CLAIM", "the token lacks a claim"),
-    (jwt.InvalidAlgorithmError, "TOKEN_ALGORITHM_NOT_ALLOWED",
-     "the token's algorithm is not allowed"),
-    (jwt.InvalidSignatureError, "TOKEN_BAD_SIGNATURE", "the token's signature is invalid"),
-    (jwt.DecodeError, "TOKEN_MALFORMED", "the token is malformed"),
-    (jwt.InvalidKeyError, "TOKEN_BAD_SIGNATURE", "the token cannot be verified with our keys"),
-    (jwt.PyJWKError, "TOKEN_BAD_SIGNATURE", "the token cannot be verified with our keys"),
-    (jwt.InvalidTokenError, "TOKEN_INVALID", "the token is invalid"),
-)
-
-
-class KeySet:
-    """Verification keys: one PEM public key, a JWKS (by ``kid``), or an HMAC secret."""
-
-    def __init__(self, *, pem: bytes | None = None, jwks: str | None = None,
-                 secret: str | None = None) -> None:
-        self.single: Any = None
-        self.by_kid: dict[str, Any] = {}
-        if pem is not None:
-            self.single = _load_public_pem(pem)
-        if jwks is not None:
-            data = json.loads(jwks)
-            keys = data.get("keys") if isinstance(data, dict) else None
-            if not isinstance(keys, list) or not keys:
-                raise ValueError("a JWKS needs a non-empty \"keys\" list")
-            for item in keys:
-                jwk = jwt.PyJWK.from_dict(item)
-                kid = item.get("kid") or ""
-                self.by_kid[kid] = jwk.key
-            if len(self.by_kid) == 1:
-                self.single = next(iter(self.by_kid.values()))
-        if secret is not None:
-            self.single = secret.encode() if isinstance(secret, str) else secret
-
-    def key_for(self, kid: str | None) -> Any:
-        if kid is not None and kid in self.by_kid:
-            return self.by_kid[kid]
-        if self.single is not None and (kid is None or not self.by_kid):
-            return self.single
-        raise AuthenticationError("TOKEN_UNKNOWN_KEY",
-                                  f"no verification key with kid {kid!r}" if kid else
-                                  "the token names no kid and several keys are configured")
-
-
-def _load_public_pem(pem: bytes) -> Any:
-    from cryptography.hazmat.primitives.serialization import (
-        load_pem_public_key,
-    )
-
-    return load_pem_public_key(pem)
-
-
-class JwtAuthenticator:
-    """Bearer tokens, verified with an explicit algorithm list and cached until expiry.
-
-    Verifying a signature costs tens of microseconds (RSA) to a few hundred (ECDSA); a
-    workload sends the same token with every request, so a verified token's claims are
-    cached (bounded) until it expires. A key rotation clears the cache.
-    """
-
-    def __init__(
-        self,
-        keys: KeySet,
-        *,
-        algorithms: Sequence[str],
-        issuers: Sequence[str],
-        audience: str | None = None,
-        leeway: float = 30.0,
-        cache_size: int = 4096,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.keys = keys
-        self.algorithms = list(algorithms)
-        self.issuers = list(issuers)
-        self.audience = audience or None
-        self.leeway = leeway
-        self.clock = clock
-        self._cache: dict[str, Claims] = {}
-        self._cache_size = cache_size
-        self.verifications = 0
-
-    def set_keys(self, keys: KeySet) -> None:
-        self.keys = keys
-        self._cache.clear()
-
-    def authenticate(self, headers: Mapping[str, str], local: bool) -> Claims:
-        raw = headers.get("Authorization", "")
-        scheme, _, token = raw.partition(" ")
-        if not raw:
-            raise AuthenticationError("TOKEN_MISSING", "send Authorization: Bearer <token>",
-                                      headers={"WWW-Authenticate": 'Bearer realm="flux-agent"'})
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthenticationError("TOKEN_MALFORMED", "the Authorization header must be "
-                                      "'Bearer <token>'")
-        token = token.strip()
-        cached = self._cache.get(token)
-        now = self.clock()
-        if cached is not None:
-            if cached.expires_at is not None and now <= cached.expires_at + self.leeway:
-                return cached
-            del self._cache[token]
-        claims = self._verify(token)
-        if len(self._cache) >= self._cache_size:
-            self._evict(now)
-        self._cache[token] = claims
-        return claims
-
-    def _evict(self, now: float) -> None:
-        expired = [t for t, c in self._cache.items()
-                   if c.expires_at is None or c.expires_at + self.leeway < now]
-        for t in expired:
-            del self._cache[t]
-        while len(self._cache) >= self._cache_size:
-            del self._cache[next(iter(self._cache))]
-
-    def _verify(self, token: str) -> Claims:
-        self.verifications += 1
-        try:
-            header = jwt.get_unverified_header(token)
-            alg = header.get("alg")
-            if alg not in self.algorithms:
-                raise AuthenticationError(
-                    "TOKEN_ALGORITHM_NOT_ALLOWED",
-                    f"algorithm {alg!r} is not allowed (allowed: {', '.join(self.algorithms)})")
-            key = self.keys.key_for(header.get("kid"))
-            payload = jwt.decode(
-                token, key, algorithms=self.algorithms, issuer=self.issuers,
-                audience=self.audience, leeway=self.leeway,
-                options={"require": ["exp", "iat", "iss", "sub"],
-                         "verify_aud": self.audience is not None},
-            )
-        except AuthenticationError:
-            raise
-        except jwt.PyJWTError as exc:
-            for kind, code, detail in _JWT_CODES:
-                if isinstance(exc, kind):
-                    if isinstance(exc, jwt.MissingRequiredClaimError):
-                        detail = f"the token lacks the {exc.claim!r} claim"
-                    raise AuthenticationError(code, detail) from None
-            raise AuthenticationError("TOKEN_INVALID", "the token is invalid") from None
-        except (ValueError, TypeError):
-            raise AuthenticationError("TOKEN_MALFORMED", "the token is malformed") from None
-        sub, agency, role = payload.get("sub"), payload.get("agency"), payload.get("role")
-        if "agency" not in payload:
-            raise AuthenticationError("TOKEN_MISSING_CLAIM", "the token lacks the 'agency' claim")
-        if "role" not in payload:
-            raise AuthenticationError("TOKEN_MISSING_CLAIM", "the token lacks the 'role' claim")
-        if not isinstance(sub, str) or not sub:
-            raise AuthenticationError("TOKEN_INVALID_CLAIM", "'sub' must be a non-empty string")
-        if not isinstance(agency, str) or not _SLUG.match(agency):
-            raise AuthenticationError("TOKEN_INVALID_CLAIM", "'agency' must be an agency slug")
-        if not isinstance(role, str):
-            raise AuthenticationError("TOKEN_INVALID_CLAIM", "'role' must be a string")
-        return Claims(sub=sub, agency=agency, role=role, expires_at=float(payload["exp"]))
-
-
 def check_agency(claims: Claims, known: Callable[[str], bool]) -> None:
     """A valid token for an agency this deployment does not serve is refused."""
     if not known(claims.agency):
         raise DataIsolationError("UNKNOWN_AGENCY",
                                  f"agency {claims.agency!r} is not served by this agent",
                                  context={"agency": claims.agency})
-
-
-def mint(
-    private_key: Any,
-    *,
-    algorithm: str,
-    issuer: str,
-    sub: str,
-    agency: str,
-    role: str,
-    ttl: float,
-    audience: str | None = None,
-    kid: str | None = None,
-    now: float | None = None,
-) -> str:
-    """A development token (``"dev": true``), for the README's examples and the tests."""
-    issued = int(now if now is not None else time.time())
-    claims: dict[str, Any] = {"iss": issuer, "sub": sub, "agency": agency, "role": role,
-                              "iat": issued, "exp": issued + int(ttl), "dev": True}
-    if audience:
-        claims["aud"] = audience
-    headers = {"kid": kid} if kid else None
-    return jwt.encode(claims, private_key, algorithm=algorithm, headers=headers)

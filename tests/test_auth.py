@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from flux_agent import Agent
-from flux_agent.auth import JwtAuthenticator, KeySet, mint
 from flux_agent.config import Secret
 from flux_agent.errors import AuthenticationError, ConfigError
 from flux_agent.testing import make_event
+from flux_agent.tokens import JwtAuthenticator, KeySet, mint
 
 from .conftest import Database, agent_config
 from .faults import wait_until
