@@ -225,7 +225,14 @@ class AgentConfig:
     )
     memory_queue_bytes: int = setting(
         16 * 1024**2,
-        "Events kept in memory for the flusher; beyond it the flusher reads the spool.",
+        "Memory for events on their way from intake to the flusher; beyond it the flusher "
+        "reads them back from the spool.",
+        parse_bytes,
+        shown_default="16MiB",
+    )
+    request_memory_bytes: int = setting(
+        16 * 1024**2,
+        "Request bodies processed at once; further requests wait (TCP backpressure).",
         parse_bytes,
         shown_default="16MiB",
     )
@@ -506,6 +513,9 @@ def _check(config: AgentConfig, serving: bool = True) -> None:
     sock = config.socket_path
     if sock is not None and len(os.fsencode(sock)) > 100:
         raise ConfigError(env_name("socket"), f"path too long for a Unix socket: {sock}")
+    if config.request_memory_bytes < config.request_max_bytes:
+        raise ConfigError(env_name("request_memory_bytes"),
+                          "must hold at least one largest request (FLUX_AGENT_REQUEST_MAX_BYTES)")
     if config.event_max_bytes > config.request_max_bytes:
         raise ConfigError(env_name("event_max_bytes"),
                           "must not exceed FLUX_AGENT_REQUEST_MAX_BYTES")

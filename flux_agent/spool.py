@@ -47,6 +47,7 @@ FRAME = struct.Struct("<IIQ")  # payload length, crc32c(seq + payload), seq
 SEQ = struct.Struct("<Q")
 CURSOR = struct.Struct("<QI")  # committed seq, crc32c
 MAX_RECORD = 256 * 1024 * 1024  # sanity bound when scanning for frames
+UNSYNCED_QUEUE_BYTES = 8 * 1024 * 1024  # durability "none": most bytes acknowledged unwritten
 SUFFIX = ".seg"
 
 
@@ -487,7 +488,9 @@ class Spool:
             group.items.append((seq, record, len(payload)))
         self.appended_bytes += len(data)
         self._wake.set()
-        if not self.fsync:
+        # Without fsync the answer does not wait for the disk, unless writing falls behind by
+        # more than a few MiB: then it waits like fsync would, so memory stays bounded.
+        if not self.fsync and self._queued_bytes <= UNSYNCED_QUEUE_BYTES:
             done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             done.set_result(seq)
             return seq, done
