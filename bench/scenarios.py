@@ -15,7 +15,7 @@ import asyncpg
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from flux_agent.auth import mint
+from flux_agent.tokens import mint
 
 from . import baselines
 from .harness import (

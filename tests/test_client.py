@@ -22,7 +22,6 @@ import pytest
 from aiohttp import web
 
 from flux_agent import Agent
-from flux_agent.auth import mint
 from flux_agent.client import (
     AsyncFluxClient,
     FluxAuthError,
@@ -42,6 +41,7 @@ from flux_agent.client import (
 )
 from flux_agent.config import Secret
 from flux_agent.testing import make_events
+from flux_agent.tokens import mint
 
 from .conftest import Database, agent_config
 from .faults import TcpProxy
