@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -26,10 +27,18 @@ from . import logs
 from .audit import Auditor
 from .auth import Authenticator, FixedAgency
 from .batch import Limits
+from .checkpoints import Checkpoints
 from .config import AgentConfig, env_name, redact_dsn, split_hostport
 from .embedded import LocalPostgres
 from .errors import ConfigError
-from .event import AGENCY, EVENT_ID, PAYLOAD_SHA256, EventsRecord, record_decoder
+from .event import (
+    AGENCY,
+    EVENT_ID,
+    PAYLOAD_SHA256,
+    CheckpointRecord,
+    EventsRecord,
+    record_decoder,
+)
 from .flush import Flusher
 from .health import admin_app
 from .intake import Intake
@@ -37,6 +46,7 @@ from .metrics import Metrics
 from .seen import SeenIndex
 from .sink import Sink, UnsafeRole, bootstrap_database, classify, describe
 from .spool import Recovery, Spool
+from .store import Store
 from .validate import EventChecker, Schemas
 
 if TYPE_CHECKING:
@@ -78,6 +88,10 @@ class Agent:
         self.flusher: Flusher | None = None
         self.intake: Intake | None = None
         self.auditor: Auditor | None = None
+        self.store: Store | None = None
+        self.checkpoints: Checkpoints | None = None
+        self.retention_rounds = 0
+        self.purged: dict[str, int] = {}
         self.seen = SeenIndex(config.dedupe_index_size)
 
     # ---------------------------------------------------------------- lifecycle
@@ -112,6 +126,7 @@ class Agent:
                              migrate_on_connect=config.migrate,
                              refuse_privileged=config.auth == "jwt")
             await self._check_database()
+            self.store = Store(dsn, pgbouncer=config.database_pgbouncer)
 
             state_dir = config.state_path
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +136,13 @@ class Agent:
                                segment_bytes=config.spool_segment_bytes,
                                fsync=config.spool_durability == "fsync",
                                on_recover_record=self._recovered_record)
+            self.checkpoints = Checkpoints(
+                self.spool, self.store, schemas, max_bytes=config.event_max_bytes,
+                committed=lambda: self.flusher.committed_seq if self.flusher else 0)
+            # Versions known before the restart first; saves still on the spool then
+            # replace them as recovery finds them.
+            await loop.run_in_executor(None, self.checkpoints.restore,
+                                       state_dir / "checkpoints.idx")
             self.recovery = await self.spool.open()
             log.info("spool recovered", extra={"fields": {
                 "directory": str(config.spool_dir),
@@ -146,10 +168,14 @@ class Agent:
                 config=config, checker=EventChecker(schemas, config.event_max_bytes),
                 manifest=schemas.manifest, spool=self.spool, flusher=self.flusher,
                 seen=self.seen, authenticator=authenticator, metrics=self.metrics,
-                auditor=self.auditor, drain=self._drain_request,
+                checkpoints=self.checkpoints, store=self.store, auditor=self.auditor,
+                drain=self._drain_request,
             )
             await self._listen(self.intake.app(), admin_app(self, self.metrics))
             self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="flux-seen"))
+            if config.retention_interval > 0:
+                self._tasks.append(asyncio.create_task(
+                    self._retention_loop(schemas.manifest.retention_days), name="flux-retention"))
             if config.auth == "jwt" and config.jwt_jwks_file:
                 self._tasks.append(asyncio.create_task(
                     self._watch_jwks(authenticator, Path(config.jwt_jwks_file)),
@@ -205,12 +231,13 @@ class Agent:
         self._tasks.clear()
         if self.sink is not None:
             await self.sink.close()
+        if self.store is not None:
+            await self.store.close()
         if self.spool is not None:
             await self.spool.close()
             loop = asyncio.get_running_loop()
             with contextlib.suppress(OSError):
-                await loop.run_in_executor(None, self.seen.save,
-                                           config.state_path / "seen.idx")
+                await loop.run_in_executor(None, self._save_snapshots)
         if self.endpoints.socket_path is not None:
             with contextlib.suppress(OSError):
                 self.endpoints.socket_path.unlink()
@@ -338,21 +365,57 @@ class Agent:
 
     def _recovered_record(self, seq: int, payload: bytes) -> None:
         record = record_decoder.decode(payload)
-        if isinstance(record, EventsRecord):
+        if isinstance(record, CheckpointRecord) and self.checkpoints is not None:
+            self.checkpoints.recovered(seq, record)
+        if isinstance(record, EventsRecord | CheckpointRecord):
             for row in record.rows:
                 self.seen.add((row[AGENCY], row[EVENT_ID]),
                               (int(row[PAYLOAD_SHA256][:8], 16), seq, None))
+
+    def _save_snapshots(self) -> None:
+        """What the agent remembers across restarts besides the spool: recently seen event
+        ids (duplicate reporting) and checkpoint versions (version assignment)."""
+        state = self.config.state_path
+        self.seen.save(state / "seen.idx")
+        if self.checkpoints is not None:
+            self.checkpoints.save_snapshot(state / "checkpoints.idx")
 
     async def _snapshot_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(SEEN_SNAPSHOT_INTERVAL)
             try:
-                await loop.run_in_executor(None, self.seen.save,
-                                           self.config.state_path / "seen.idx")
+                await loop.run_in_executor(None, self._save_snapshots)
             except OSError as exc:
-                log.warning("could not save the duplicate index",
+                log.warning("could not save the agent's snapshots",
                             extra={"fields": {"error": exc.strerror}})
+
+    async def _retention_loop(self, agencies: Mapping[str, int]) -> None:
+        """Delete expired rows in small batches, in one agent at a time (a lease)."""
+        assert self.sink is not None
+        interval = self.config.retention_interval
+        batch = self.config.retention_batch
+        holder = f"{self.config.effective_agent_id}/{os.getpid()}/{os.urandom(4).hex()}"
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                # The lease outlives a round and the pause before the next one, so the holder
+                # keeps it; if the holder dies, another agent takes over once it expires.
+                if not await self.sink.claim_lease("retention", holder, interval * 3 + 30):
+                    continue
+                self.retention_rounds += 1
+                for agency in agencies:
+                    while True:
+                        counts = await self.sink.purge(agency, batch)
+                        for table, n in zip(("events", "checkpoint_history", "checkpoints"),
+                                            counts, strict=True):
+                            self.purged[table] = self.purged.get(table, 0) + n
+                        if max(counts) < batch:
+                            break
+                        await asyncio.sleep(0.05)  # let ingestion have the database
+            except Exception as exc:  # noqa: BLE001 - retention retries next round
+                log.warning("retention round failed", extra={"fields": {
+                    "error": describe(exc)}})
 
     # ---------------------------------------------------------------- health and metrics
 
@@ -408,7 +471,7 @@ class Agent:
             }
         return out
 
-    def _metric_state(self) -> dict[str, float]:
+    def _metric_state(self) -> dict[str, Any]:
         spool, flusher = self.spool, self.flusher
         if spool is None or flusher is None:
             return {}
@@ -432,6 +495,10 @@ class Agent:
             "flux_postgres_up": 1.0 if flusher.db_up else 0.0,
             "flux_flush_stalled_seconds": flusher.stalled_for(),
             "flux_ready": 1.0 if self.readiness()[0] else 0.0,
+            "flux_checkpoint_queue_depth": self.checkpoints.pending() if self.checkpoints
+            else 0,
+            "flux_active_runs": self.intake.runs.counts() if self.intake else {},
+            "flux_retention_purged_rows": dict(self.purged),
         }
 
 

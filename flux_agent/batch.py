@@ -8,8 +8,19 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from .event import AGENCY, RUN_ID, AuditRecord, AuditRow, EventsRecord, Row, SpoolRecord
+from .event import (
+    AGENCY,
+    RUN_ID,
+    AuditRecord,
+    AuditRow,
+    CheckpointRecord,
+    CheckpointRow,
+    EventsRecord,
+    Row,
+    SpoolRecord,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +62,7 @@ class Batcher:
             self.batch.opened_at = self.clock()
         self.batch.records.append((seq, record))
         self.batch.events += len(record.rows)
-        if isinstance(record, EventsRecord):
+        if isinstance(record, EventsRecord | CheckpointRecord):
             self.batch.event_rows += len(record.rows)
         self.batch.nbytes += nbytes
 
@@ -81,24 +92,24 @@ class Work:
 
     events: list[Row] = field(default_factory=list)
     audits: list[AuditRow] = field(default_factory=list)
+    checkpoints: list[CheckpointRow] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.events) + len(self.audits)
+        return len(self.events) + len(self.audits) + len(self.checkpoints)
 
     def halves(self) -> tuple[Work, Work]:
         items: list[tuple[str, object]] = [("e", r) for r in self.events]
         items += [("a", r) for r in self.audits]
+        items += [("c", r) for r in self.checkpoints]
         mid = len(items) // 2
         return _work(items[:mid]), _work(items[mid:])
 
 
 def _work(items: list[tuple[str, object]]) -> Work:
     w = Work()
+    lists: dict[str, list[Any]] = {"e": w.events, "a": w.audits, "c": w.checkpoints}
     for kind, item in items:
-        if kind == "e":
-            w.events.append(item)  # type: ignore[arg-type]
-        else:
-            w.audits.append(item)  # type: ignore[arg-type]
+        lists[kind].append(item)
     return w
 
 
@@ -118,6 +129,13 @@ def split_lanes(batch: Batch, lanes: int) -> list[Work]:
             else:
                 for row in record.rows:
                     out[lane_of(row[AGENCY], row[RUN_ID], lanes)].events.append(row)
+        elif isinstance(record, CheckpointRecord):
+            # The checkpoint and its event go to the run's lane, after the run's earlier
+            # events: a run's history stays in order.
+            cp = record.checkpoint
+            work = out[lane_of(cp[0], cp[1], lanes)]
+            work.checkpoints.append(cp)
+            work.events.extend(record.rows)
         elif isinstance(record, AuditRecord):
             out[0].audits.extend(record.rows)  # few, and unordered among themselves
     return out

@@ -118,6 +118,37 @@ def _wrap(coro: Coroutine[Any, Any, Any]) -> Callable[[], Coroutine[Any, Any, An
     return lambda: coro
 
 
+# --------------------------------------------------------------------------- verify
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-hash stored events and checkpoints; exit 1 if any does not match its hash."""
+    from .store import Store
+    from .validate import Schemas
+
+    config = load_config(args, serving=False)
+    if not config.database_url:
+        raise ConfigError("FLUX_AGENT_DATABASE_URL", "required by verify")
+    agencies = [config.agency] if config.agency else list(
+        Schemas(manifest_path=Path(config.agency_manifest) if config.agency_manifest
+                else None).manifest.retention_days)
+
+    async def run() -> int:
+        store = Store(config.database_url.reveal())  # type: ignore[union-attr]
+        mismatches = 0
+        try:
+            for agency in agencies:
+                async for report in store.verify(agency, args.run):
+                    print(json.dumps(report))
+                    if "stored_hash" in report:
+                        mismatches += 1
+        finally:
+            await store.close()
+        return EXIT_FAILURE if mismatches else EXIT_OK
+
+    return _run_async(run)
+
+
 # --------------------------------------------------------------------------- spool
 
 
@@ -265,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("verify", help="re-hash stored events and checkpoints")
+    p.add_argument("--run", default=None, help="only this run")
+    add_flags(p)  # --agency A: only this agency (default: every agency in the manifest)
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("spool", help="inspect or verify a stopped agent's spool")
     p.add_argument("action", choices=["inspect", "verify"])

@@ -314,6 +314,14 @@ class AgentConfig:
         shown_default="10s",
     )
     migrate: bool = setting(True, "Apply pending schema migrations at start.", parse_bool)
+    retention_interval: float = setting(
+        300.0, "How often one agent (holding a lease) deletes expired rows; `0` disables.",
+        parse_duration, shown_default="5m",
+    )
+    retention_batch: int = setting(
+        1000, "Rows deleted per retention transaction (small: never blocks ingestion).",
+        parse_int,
+    )
     dedupe_index_size: int = setting(
         50_000, "Recently seen event ids remembered for duplicate reporting.", parse_int
     )

@@ -91,6 +91,26 @@ AUDIT_COLUMNS: Final = ("agency_id", "at", "actor", "action", "target", "success
                         "before_state", "after_state", "correlation_id", "source", "detail")
 
 
+CheckpointRow = tuple[
+    str,  # agency_id
+    str,  # run_id
+    int,  # version
+    str,  # step
+    str,  # state: canonical JSON text (hashed as is)
+    str,  # checkpoint_hash
+    str | None,  # provider
+    str | None,  # model
+    str | None,  # status
+    datetime,  # saved_at
+    datetime,  # expires_at
+    str,  # event_id of the checkpoint.saved event
+    str | None,  # correlation_id
+]
+CHECKPOINT_COLUMNS: Final = ("agency_id", "run_id", "version", "step", "state",
+                             "checkpoint_hash", "provider", "model", "status", "saved_at",
+                             "expires_at", "event_id", "correlation_id")
+
+
 class EventsRecord(msgspec.Struct, tag="events", array_like=True, frozen=True):
     """One accepted request: its events are durable together or not at all."""
 
@@ -103,11 +123,14 @@ class AuditRecord(msgspec.Struct, tag="audit", array_like=True, frozen=True):
     rows: list[AuditRow]
 
 
-SpoolRecord = EventsRecord | AuditRecord
+class CheckpointRecord(msgspec.Struct, tag="checkpoint", array_like=True, frozen=True):
+    """One checkpoint save: the checkpoint and its checkpoint.saved event, durable together."""
+
+    rows: list[Row]  # the checkpoint.saved event (one)
+    checkpoint: CheckpointRow
 
 
-def record_items(record: SpoolRecord) -> int:
-    return len(record.rows)
+SpoolRecord = EventsRecord | AuditRecord | CheckpointRecord
 
 record_encoder: Final = msgspec.msgpack.Encoder()
 record_decoder: Final = msgspec.msgpack.Decoder(SpoolRecord)

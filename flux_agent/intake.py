@@ -14,9 +14,11 @@ import re
 import socket as _socket
 import struct
 import time
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -27,21 +29,34 @@ from aiohttp.web_protocol import RequestPayloadError
 from . import logs
 from .audit import Auditor
 from .auth import Authenticator, Claims, check_agency, require
+from .checkpoints import Checkpoints, Known, parse_if_match
 from .config import AgentConfig
 from .errors import (
     PROBLEM_CONTENT_TYPE,
     AuthenticationError,
+    CheckpointError,
     DataIsolationError,
     FluxError,
     TerminalError,
     TransientError,
     ValidationError,
 )
-from .event import EVENT_ID, PAYLOAD_SHA256, EventsRecord, Row, record_encoder
+from .event import (
+    EVENT_ID,
+    KIND,
+    KINDS,
+    PAYLOAD_SHA256,
+    RUN_ID,
+    EventsRecord,
+    Row,
+    record_encoder,
+)
 from .flush import Flusher
+from .lineage import Lineage
 from .metrics import Metrics
 from .seen import Key, SeenIndex
 from .spool import Spool
+from .store import BadCursor, Store, decode_cursor
 from .validate import EventChecker, Manifest, Seal, utcnow
 
 log = logging.getLogger("flux_agent.intake")
@@ -198,6 +213,67 @@ def make_problem_middleware(metrics: Metrics) -> Middleware:
     return problem_middleware
 
 
+class RunTracker:
+    """Runs started and not yet ended, per agency (for flux_active_runs). Bounded: a run
+    that never reports its end is forgotten after ``capacity`` newer ones."""
+
+    TERMINAL = frozenset({"run.completed", "run.failed", "run.aborted"})
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self.capacity = capacity
+        self.active: dict[str, OrderedDict[str, None]] = {}
+
+    def observe(self, rows: list[Row]) -> None:
+        for row in rows:
+            kind = row[KIND]
+            if kind == "run.started":
+                runs = self.active.setdefault(row[0], OrderedDict())
+                runs[row[RUN_ID]] = None
+                if len(runs) > self.capacity:
+                    runs.popitem(last=False)
+            elif kind in self.TERMINAL and row[0] in self.active:
+                self.active[row[0]].pop(row[RUN_ID], None)
+
+    def counts(self) -> dict[str, int]:
+        return {agency: len(runs) for agency, runs in self.active.items()}
+
+
+class ByteBudget:
+    """Bounds the request bodies processed at once. A request that does not fit waits, in
+    arrival order; while it waits its body stays in the kernel's socket buffers (TCP
+    backpressure)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, nbytes: int) -> int:
+        nbytes = min(nbytes, self.total)
+        if self.free >= nbytes and not self._waiters:
+            self.free -= nbytes
+            return nbytes
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((nbytes, fut))
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release(nbytes)  # granted just as we were cancelled: give it back
+            else:
+                self._waiters.remove((nbytes, fut))
+            raise
+        return nbytes
+
+    def release(self, nbytes: int) -> None:
+        self.free += nbytes
+        while self._waiters and self._waiters[0][0] <= self.free:
+            wanted, fut = self._waiters.popleft()
+            if not fut.done():
+                self.free -= wanted
+                fut.set_result(None)
+
+
 @dataclass(slots=True)
 class Accepted:
     accepted: int
@@ -220,6 +296,8 @@ class Intake:
         seen: SeenIndex,
         authenticator: Authenticator,
         metrics: Metrics,
+        checkpoints: Checkpoints,
+        store: Store,
         auditor: Auditor | None = None,
         drain: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
@@ -233,10 +311,15 @@ class Intake:
         self.metrics = metrics
         self.drain_hook = drain
         self.auditor = auditor
+        self.checkpoints = checkpoints
+        self.store = store
+        self.lineage = Lineage()
         self.allowed_uids = frozenset(int(u) for u in config.socket_allowed_uids)
         self._decode_json = msgspec.json.Decoder().decode
         self.draining = False
         self.inflight = 0
+        self.bodies = ByteBudget(config.request_memory_bytes)
+        self.runs = RunTracker()
         self._idle = asyncio.Event()
         self._idle.set()
         self.agent_id = config.effective_agent_id
@@ -249,6 +332,13 @@ class Intake:
             middlewares=[make_problem_middleware(self.metrics), self._auth_middleware],
         )
         app.router.add_post("/v1/events", self.post_events)
+        app.router.add_post("/api/v1/lineage", self.post_lineage)
+        app.router.add_put("/v1/runs/{run_id}/checkpoint", self.put_checkpoint)
+        app.router.add_get("/v1/runs/{run_id}/checkpoint", self.get_checkpoint)
+        app.router.add_get("/v1/runs/{run_id}/checkpoints", self.get_checkpoint_history)
+        app.router.add_get("/v1/runs/{run_id}", self.get_run)
+        app.router.add_get("/v1/runs/{run_id}/events", self.get_run_events)
+        app.router.add_get("/v1/events/{event_id}", self.get_event)
         app.router.add_post("/v1/drain", self.post_drain)
         return app
 
@@ -309,6 +399,27 @@ class Intake:
     # ---------------------------------------------------------------- POST /v1/events
 
     async def post_events(self, request: web.Request) -> web.Response:
+        return await self._ingest(request, self._read_events)
+
+    async def post_lineage(self, request: web.Request) -> web.Response:
+        """``POST /api/v1/lineage``: an OpenLineage RunEvent, as its HTTP transport sends it."""
+        return await self._ingest(request, self._read_lineage, created=201)
+
+    async def _read_events(self, request: web.Request) -> tuple[list[Any], bool]:
+        ndjson = self._media_type(request)
+        return self._decode(await request.read(), ndjson)
+
+    async def _read_lineage(self, request: web.Request) -> tuple[list[Any], bool]:
+        self._media_type(request)
+        doc = self._decode_one(await request.read(), "")
+        return self.lineage.to_events(doc), False
+
+    async def _ingest(
+        self,
+        request: web.Request,
+        read: Callable[[web.Request], Awaitable[tuple[list[Any], bool]]],
+        created: int = 202,
+    ) -> web.Response:
         claims: Claims = request[CLAIMS]
         require(claims, "write")
         if self.draining:
@@ -316,22 +427,49 @@ class Intake:
                                  "successor", retry_after=1)
         self.inflight += 1
         self._idle.clear()
+        # A compressed or chunked body may decode to the largest request allowed.
+        size = request.content_length
+        if size is None or "Content-Encoding" in request.headers:
+            size = self.config.request_max_bytes
+        reserved = 0
         try:
-            return await self._post_events(request, claims)
+            # Refuse early when the spool is full, before reading a large body.
+            self.spool.check_room(request.content_length or 0)
+            reserved = await self.bodies.acquire(size)
+            events, batch = await read(request)
+            rows = self._seal(request, claims, events, batch)
+            del events
+            wait = _prefers_committed(request.headers.get("Prefer", ""))
+            result = await self.accept(rows, claims.agency, wait=wait)
         finally:
+            if reserved:
+                self.bodies.release(reserved)
             self.inflight -= 1
             if self.inflight == 0:
                 self._idle.set()
+        self.metrics.events_accepted.labels(claims.agency).inc(result.accepted)
+        self.runs.observe(rows)
+        if result.duplicates:
+            self.metrics.events_duplicate.labels("intake").inc(result.duplicates)
+        body_out = {"accepted": result.accepted, "duplicates": result.duplicates,
+                    "event_ids": result.event_ids}
+        if wait:
+            body_out["committed"] = True
+            return json_response(body_out, 200, {"Preference-Applied": "wait=committed"})
+        return json_response(body_out, created)
 
-    async def _post_events(self, request: web.Request, claims: Claims) -> web.Response:
-        # Refuse early when the spool is full, before reading a large body.
-        self.spool.check_room(request.content_length or 0)
-        ndjson = self._media_type(request)
-        body = await request.read()
-        events, batch = self._decode(body, ndjson)
+    def _seal(self, request: web.Request, claims: Claims, events: list[Any], batch: bool
+              ) -> list[Row]:
+        try:
+            return self.checker.rows(events, self._sealer(request, claims), batch=batch)
+        except FluxError as err:
+            self.metrics.events_rejected.labels(err.code).inc()
+            raise
+
+    def _sealer(self, request: web.Request, claims: Claims) -> Seal:
         received = utcnow()
         trace_id, span_id = request[TRACE]
-        seal = Seal(
+        return Seal(
             agency=claims.agency,
             received_at=received,
             correlation_id=request[REQUEST_ID],
@@ -340,22 +478,6 @@ class Intake:
             span_id=span_id,
             expires_at=received + self.manifest.retention(claims.agency),
         )
-        try:
-            rows = self.checker.rows(events, seal, batch=batch)
-        except FluxError as err:
-            self.metrics.events_rejected.labels(err.code).inc()
-            raise
-        wait = _prefers_committed(request.headers.get("Prefer", ""))
-        result = await self.accept(rows, claims.agency, wait=wait)
-        self.metrics.events_accepted.labels(claims.agency).inc(result.accepted)
-        if result.duplicates:
-            self.metrics.events_duplicate.labels("intake").inc(result.duplicates)
-        body_out = {"accepted": result.accepted, "duplicates": result.duplicates,
-                    "event_ids": result.event_ids}
-        if wait:
-            body_out["committed"] = True
-            return json_response(body_out, 200, {"Preference-Applied": "wait=committed"})
-        return json_response(body_out, 202)
 
     def _media_type(self, request: web.Request) -> bool:
         """True for NDJSON, False for JSON; 415 for anything else."""
@@ -495,6 +617,151 @@ class Intake:
                 accepted = really_new
         return Accepted(accepted, duplicates, ids, wait)
 
+    # ---------------------------------------------------------------- checkpoints
+
+    async def put_checkpoint(self, request: web.Request) -> web.Response:
+        claims: Claims = request[CLAIMS]
+        require(claims, "write")
+        if self.draining:
+            raise TransientError("DRAINING", "the agent is shutting down", retry_after=1)
+        run_id = request.match_info["run_id"]
+        if_match = parse_if_match(request.headers.get("If-Match"))
+        self._media_type(request)
+        self.spool.check_room(request.content_length or 0)
+        body = self._decode_one(await request.read(), "")
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            try:
+                known, previous, durable, seq = await self.checkpoints.save(
+                    claims.agency, run_id, body, self._sealer(request, claims), if_match)
+            except FluxError:
+                self.metrics.checkpoints_saved.labels("false").inc()
+                raise
+            try:
+                await asyncio.shield(durable)
+            except BaseException:
+                self.checkpoints.forget(claims.agency, run_id, previous)
+                self.metrics.checkpoints_saved.labels("false").inc()
+                raise
+            if _prefers_committed(request.headers.get("Prefer", "")):
+                await self._wait_committed(seq)
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+        self.metrics.checkpoints_saved.labels("true").inc()
+        assert known.state is not None
+        self.metrics.checkpoint_size.observe(len(known.state))
+        self.audit(request, "checkpoint.saved", success=True, claims=claims,
+                   target=f"run {run_id}",
+                   before={"version": previous.version,
+                           "checkpoint_hash": previous.checkpoint_hash} if previous else None,
+                   after={"version": known.version, "checkpoint_hash": known.checkpoint_hash,
+                          "step": known.step})
+        headers = {"ETag": f'"{known.version}"',
+                   "Location": f"/v1/runs/{run_id}/checkpoint"}
+        return json_response(_checkpoint_json(run_id, known, with_state=False), 201, headers)
+
+    async def get_checkpoint(self, request: web.Request) -> web.Response:
+        claims: Claims = request[CLAIMS]
+        require(claims, "read")
+        run_id = request.match_info["run_id"]
+        try:
+            known = await self.checkpoints.load(claims.agency, run_id)
+        except CheckpointError as err:
+            if err.code == "CHECKPOINT_INTEGRITY_FAILED":
+                self.metrics.checkpoint_integrity_failures.inc()
+                self.audit(request, "checkpoint.integrity_failed", success=False,
+                           claims=claims, target=f"run {run_id}", detail=err.context)
+            raise
+        if known is None:
+            raise _not_found("CHECKPOINT_NOT_FOUND", f"run {run_id} has no checkpoint")
+        return json_response(_checkpoint_json(run_id, known, with_state=True), 200,
+                             {"ETag": f'"{known.version}"'})
+
+    async def get_checkpoint_history(self, request: web.Request) -> web.Response:
+        claims: Claims = request[CLAIMS]
+        require(claims, "read")
+        run_id = request.match_info["run_id"]
+        limit = _limit(request, default=100)
+        versions = await self._read(self.store.checkpoint_history(claims.agency, run_id,
+                                                                  limit))
+        pending = self.checkpoints.known.get((claims.agency, run_id))
+        if pending is not None and (not versions or versions[0]["version"] < pending.version):
+            versions.insert(0, {"version": pending.version,
+                                "checkpoint_hash": pending.checkpoint_hash,
+                                "step": pending.step, "status": pending.status,
+                                "saved_at": _iso(pending.saved_at),
+                                "event_id": pending.event_id, "pending": True})
+        if not versions:
+            raise _not_found("CHECKPOINT_NOT_FOUND", f"run {run_id} has no checkpoint")
+        return json_response({"run_id": run_id, "versions": versions[:limit]})
+
+    # ---------------------------------------------------------------- reads
+
+    async def get_run(self, request: web.Request) -> web.Response:
+        claims: Claims = request[CLAIMS]
+        require(claims, "read")
+        run_id = request.match_info["run_id"]
+        summary = await self._read(self.store.run_summary(claims.agency, run_id))
+        if summary is None:
+            raise _not_found("RUN_NOT_FOUND", f"no events of run {run_id}")
+        return json_response(summary)
+
+    async def get_run_events(self, request: web.Request) -> web.Response:
+        claims: Claims = request[CLAIMS]
+        require(claims, "read")
+        run_id = request.match_info["run_id"]
+        query = request.query
+        cursor = query.get("cursor")
+        after = None
+        if cursor:
+            try:
+                after = decode_cursor(cursor)
+            except BadCursor as exc:
+                raise ValidationError("INVALID_CURSOR", str(exc), status=400) from None
+        kind = query.get("kind")
+        if kind is not None and kind not in KINDS:
+            raise ValidationError("INVALID_KIND", f"unknown kind {kind!r}", status=400)
+        events, next_cursor = await self._read(self.store.run_events(
+            claims.agency, run_id, kind=kind, step=query.get("step"), after=after,
+            limit=_limit(request, default=100)))
+        if not events and after is None and kind is None and query.get("step") is None:
+            raise _not_found("RUN_NOT_FOUND", f"no events of run {run_id}")
+        return json_response({"run_id": run_id, "events": events, "next_cursor": next_cursor})
+
+    async def get_event(self, request: web.Request) -> web.Response:
+        claims: Claims = request[CLAIMS]
+        require(claims, "read")
+        event_id = request.match_info["event_id"].lower()
+        if not _UUID.match(event_id):
+            raise _not_found("EVENT_NOT_FOUND", "no such event")
+        event = await self._read(self.store.event(claims.agency, event_id))
+        if event is None:
+            raise _not_found("EVENT_NOT_FOUND", "no such event (an event just accepted may "
+                             "take a moment to reach PostgreSQL)")
+        return json_response(event)
+
+    async def _read(self, query: Awaitable[T]) -> T:
+        try:
+            return await query
+        except FluxError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every database failure is "not now"
+            raise TransientError("DATABASE_UNAVAILABLE", "PostgreSQL is unreachable; reads "
+                                 "need it (events are still accepted)", retry_after=2,
+                                 context={"reason": type(exc).__name__}) from None
+
+    async def _wait_committed(self, seq: int) -> None:
+        try:
+            await asyncio.wait_for(self.flusher.wait_committed(seq),
+                                   self.config.commit_wait_timeout)
+        except TimeoutError:
+            raise TransientError(
+                "COMMIT_TIMEOUT", "durably spooled but not yet in PostgreSQL; a retry is safe",
+                retry_after=max(1, int(self.config.commit_wait_timeout))) from None
+
     # ---------------------------------------------------------------- POST /v1/drain
 
     async def post_drain(self, request: web.Request) -> web.Response:
@@ -505,6 +772,41 @@ class Intake:
         self.audit(request, "agent.drain", success=True, claims=request[CLAIMS])
         result = await self.drain_hook()
         return json_response(result, 200)
+
+
+T = TypeVar("T")
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def _not_found(code: str, detail: str) -> ValidationError:
+    return ValidationError(code, detail, status=404)
+
+
+def _limit(request: web.Request, default: int) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise ValidationError("INVALID_LIMIT", "limit must be an integer from 1 to 1000",
+                              status=400)
+    return int(raw)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+def _checkpoint_json(run_id: str, known: Known, *, with_state: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "run_id": run_id, "version": known.version, "step": known.step,
+        "checkpoint_hash": known.checkpoint_hash, "saved_at": _iso(known.saved_at),
+        "provider": known.provider, "model": known.model, "status": known.status,
+        "expires_at": _iso(known.expires_at), "event_id": known.event_id,
+    }
+    if with_state:
+        assert known.state is not None
+        out["state"] = msgspec.Raw(known.state.encode())
+    return out
 
 
 def _prefers_committed(prefer: str) -> bool:

@@ -27,6 +27,7 @@ class Gauge:
     name: str
     doc: str
     kind: str = "gauge"  # or "counter" (a monotonic total read at scrape time)
+    label: str = ""  # when set, the value is a mapping label value -> number
 
 
 # Scrape-time values: name -> description. The agent supplies a callable returning them.
@@ -51,11 +52,16 @@ STATE: tuple[Gauge, ...] = (
     Gauge("flux_postgres_up", "1 when the last PostgreSQL operation succeeded, else 0."),
     Gauge("flux_flush_stalled_seconds", "Seconds without flush progress while events wait."),
     Gauge("flux_ready", "1 while the agent accepts events."),
+    Gauge("flux_checkpoint_queue_depth", "Checkpoint saves not yet in PostgreSQL."),
+    Gauge("flux_active_runs", "Runs started and not yet completed, failed or aborted.",
+          "gauge", "agency"),
+    Gauge("flux_retention_purged_rows", "Expired rows deleted by retention.", "counter",
+          "table"),
 )
 
 
 class _StateCollector(Collector):
-    def __init__(self, read: Callable[[], Mapping[str, float]]) -> None:
+    def __init__(self, read: Callable[[], Mapping[str, Any]]) -> None:
         self._read = read
 
     def collect(self) -> Iterable[Metric]:
@@ -64,10 +70,13 @@ class _StateCollector(Collector):
             if g.name not in values:
                 continue
             family: Metric
-            if g.kind == "counter":
-                family = CounterMetricFamily(g.name, g.doc, value=values[g.name])
+            kind = CounterMetricFamily if g.kind == "counter" else GaugeMetricFamily
+            if g.label:
+                family = kind(g.name, g.doc, labels=[g.label])
+                for label_value, number in sorted(values[g.name].items()):
+                    family.add_metric([label_value], number)
             else:
-                family = GaugeMetricFamily(g.name, g.doc, value=values[g.name])
+                family = kind(g.name, g.doc, value=values[g.name])
             yield family
         info = GaugeMetricFamily("flux_build_info", "Build of this agent.", labels=["version"])
         info.add_metric([__version__], 1)
@@ -101,6 +110,17 @@ class Metrics:
         self.events_rejected = Counter(
             "flux_events_rejected", "Requests refused, by error code.", ["reason"], registry=r
         )
+        self.checkpoints_saved = Counter(
+            "flux_checkpoints_saved", "Checkpoint saves by outcome.", ["success"], registry=r
+        )
+        self.checkpoint_size = Histogram(
+            "flux_checkpoint_size_bytes", "Size of saved checkpoint states (canonical JSON).",
+            buckets=(256, 1024, 4096, 16384, 65536, 262144, 1048576), registry=r,
+        )
+        self.checkpoint_integrity_failures = Counter(
+            "flux_checkpoint_integrity_failures", "Loads refused because the state did not "
+            "match its hash.", registry=r,
+        )
         self.audit_dropped = Counter(
             "flux_audit_dropped", "Audit entries not written, by reason.", ["reason"],
             registry=r,
@@ -130,7 +150,7 @@ class Metrics:
             hist = self._durations[endpoint] = self.request_duration.labels(endpoint)
         hist.observe(seconds)
 
-    def add_state(self, read: Callable[[], Mapping[str, float]]) -> None:
+    def add_state(self, read: Callable[[], Mapping[str, Any]]) -> None:
         self.registry.register(_StateCollector(read))
 
     def observe_flush(self, events: int, seconds: float, duplicates: int) -> None:

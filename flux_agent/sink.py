@@ -29,12 +29,14 @@ from .batch import Work
 from .event import (
     AGENCY,
     AUDIT_COLUMNS,
+    CHECKPOINT_COLUMNS,
     COLUMNS,
     EVENT_ID,
     KIND,
     RECEIVED_AT,
     RUN_ID,
     AuditRow,
+    CheckpointRow,
     row_as_json,
 )
 
@@ -56,6 +58,22 @@ _INSERT_AUDIT = (
     f"INSERT INTO flux.audit_log ({', '.join(AUDIT_COLUMNS)}) "
     "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10, $11::jsonb)"
 )
+_CP_COLS = ", ".join(CHECKPOINT_COLUMNS)
+_CP_ARGS = "$1, $2, $3, $4, $5::json, $6, $7, $8, $9, $10, $11, $12::uuid, $13"
+_INSERT_HISTORY = (
+    f"INSERT INTO flux.checkpoint_history ({_CP_COLS}) VALUES ({_CP_ARGS}) "
+    "ON CONFLICT (agency_id, run_id, version) DO NOTHING"
+)
+_CHECK_HISTORY = (
+    "SELECT checkpoint_hash FROM flux.checkpoint_history "
+    "WHERE agency_id = $1 AND run_id = $2 AND version = $3"
+)
+_UPSERT_LATEST = (
+    f"INSERT INTO flux.checkpoints ({_CP_COLS}) VALUES ({_CP_ARGS}) "
+    "ON CONFLICT (agency_id, run_id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in CHECKPOINT_COLUMNS[2:])
+    + " WHERE flux.checkpoints.version < EXCLUDED.version"
+)
 _INSERT_DEAD = (
     "INSERT INTO flux.dead_letters (agency_id, event_id, run_id, kind, reason, sqlstate, "
     "event, received_at) VALUES ($1, $2::uuid, $3, $4, $5, $6, $7, $8)"
@@ -70,6 +88,15 @@ POISON_CLASSES = {
     "23": "integrity constraint violation",
     "54": "program limit exceeded",
 }
+
+
+class CheckpointConflict(Exception):
+    """Another save already holds this run's version number with different content.
+
+    A data fault of the row (integrity class 23): isolated and kept as a dead letter, never
+    silently dropped."""
+
+    sqlstate = "23505"
 
 
 def classify(exc: BaseException) -> str:
@@ -324,10 +351,24 @@ class Sink:
                 else:
                     status = await conn.execute(_INSERT, agency)
                     inserted += int(status.rsplit(" ", 1)[-1])
+            if work.checkpoints:
+                await self._insert_checkpoints(conn, work.checkpoints)
             if work.audits:
                 await self._insert_audits(conn, work.audits)
         self.last_ok = time.time()
         return inserted, ids
+
+    @staticmethod
+    async def _insert_checkpoints(conn: Any, rows: list[CheckpointRow]) -> None:
+        for row in rows:
+            await conn.execute(_SET_AGENCY, row[0])
+            await conn.execute(_INSERT_HISTORY, *row)
+            stored = await conn.fetchval(_CHECK_HISTORY, row[0], row[1], row[2])
+            if stored != row[5]:
+                raise CheckpointConflict(
+                    f"checkpoint version {row[2]} of run {row[1]} already exists with "
+                    "other content")
+            await conn.execute(_UPSERT_LATEST, *row)
 
     @staticmethod
     async def _insert_audits(conn: Any, rows: list[AuditRow]) -> None:
@@ -349,6 +390,12 @@ class Sink:
                     _INSERT_DEAD, row[AGENCY], row[EVENT_ID], row[RUN_ID], row[KIND], reason,
                     sqlstate, msgspec.json.encode(row_as_json(row)), row[RECEIVED_AT],
                 )
+            for cp in work.checkpoints:
+                await conn.execute(_SET_AGENCY, cp[0])
+                await conn.execute(
+                    _INSERT_DEAD, cp[0], cp[11], cp[1], "checkpoint", reason, sqlstate,
+                    msgspec.json.encode(dict(zip(CHECKPOINT_COLUMNS, cp, strict=True))), cp[9],
+                )
             for audit in work.audits:
                 await conn.execute(_SET_AGENCY, audit[0])
                 await conn.execute(
@@ -356,3 +403,20 @@ class Sink:
                     msgspec.json.encode(dict(zip(AUDIT_COLUMNS, audit, strict=True))), audit[1],
                 )
         self.last_ok = time.time()
+
+    # ---------------------------------------------------------------- retention
+
+    async def claim_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """True if this agent holds the named maintenance lease for ``seconds`` now."""
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction():
+            return bool(await conn.fetchval("SELECT flux.claim_lease($1, $2, $3)",
+                                            name, holder, seconds))
+
+    async def purge(self, agency: str, batch: int) -> tuple[int, int, int]:
+        """Delete one small batch of expired rows of one agency: (events, history, latest)."""
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT * FROM flux.purge_expired($1, $2)", agency, batch)
+        self.last_ok = time.time()
+        return int(row[0]), int(row[1]), int(row[2])

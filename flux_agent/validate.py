@@ -104,6 +104,9 @@ class Schemas:
             envelope, registry=registry, validate_formats=True
         )
         self.payload = jsonschema_rs.validator_for(payload, validate_formats=True)
+        self.checkpoint = jsonschema_rs.validator_for(
+            _load_json(root / "checkpoint.schema.json"), validate_formats=True
+        )
         self.manifest_schema = jsonschema_rs.validator_for(
             _load_json(root / "agency-manifest.schema.json"), validate_formats=True
         )
@@ -128,12 +131,18 @@ class Schemas:
 
     def explain(self, event: Any, prefix: list[str | int]) -> list[dict[str, str]]:
         """Every violation of one event, with a JSON pointer into the request body."""
+        return self.explain_with(self.event, event, prefix)
+
+    @staticmethod
+    def explain_with(validator: Any, doc: Any, prefix: list[str | int] | None = None
+                     ) -> list[dict[str, str]]:
+        """Every violation of ``doc`` against ``validator``, with JSON pointers and codes."""
         out = []
-        for err in self.event.iter_errors(event):
-            path: list[str | int] = [*prefix, *err.instance_path]
+        for err in validator.iter_errors(doc):
+            path: list[str | int] = [*(prefix or []), *err.instance_path]
             keyword = err.kind.name
             if keyword == "required":
-                path.append(err.kind.property)  # type: ignore[attr-defined]
+                path.append(err.kind.property)
             last = next((p for p in reversed(path) if isinstance(p, str)), "")
             code = _CODES.get((last, keyword)) or _KEYWORD_CODES.get(keyword, "SCHEMA_VIOLATION")
             out.append(violation(_pointer(path), err.message, code))

@@ -33,6 +33,7 @@ from flux_agent.embedded import LocalPostgres, find_bin_dir, free_port
 from flux_agent.logs import JsonFormatter
 from flux_agent.sink import migrate_dsn
 
+from .faults import TcpProxy
 from .helpers import CAPTURED, SECRETS, remember_secret
 
 LOGIN_ROLE = "flux_test_sidecar"
@@ -282,3 +283,31 @@ def agent_env(database: Database, state_dir: Path, **extra: str) -> dict[str, st
     })
     env.update(extra)
     return env
+
+
+# --------------------------------------------------------------------------- a cut line
+
+
+def proxied(database: Database, proxy: TcpProxy) -> Database:
+    """The same database, but the agent reaches it through the proxy."""
+    parts = urlsplit(database.agent_dsn)
+    userinfo = parts.netloc.rsplit("@", 1)[0]
+    agent_dsn = urlunsplit(parts._replace(netloc=f"{userinfo}@127.0.0.1:{proxy.port}"))
+    return Database(database.name, database.admin_dsn, agent_dsn)
+
+
+def _port_of(dsn: str) -> int:
+    port = urlsplit(dsn).port
+    assert port is not None, "the fault tests need PostgreSQL on TCP"
+    return port
+
+
+@pytest.fixture
+async def proxy(database: Database) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy between the agent and PostgreSQL: ``proxy.cut()`` is an outage."""
+    p = TcpProxy("127.0.0.1", _port_of(database.admin_dsn))
+    await p.start()
+    yield p
+    await p.stop()
+
+

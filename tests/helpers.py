@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDict
 
 PROBLEM = "application/problem+json"
 
@@ -41,7 +42,7 @@ async def post(url: str, body: Any, *, headers: dict[str, str] | None = None,
         text = await resp.read()
         CAPTURED.append(text.decode(errors="replace"))
         decoded = json.loads(text) if text else {}
-        return resp.status, decoded, dict(resp.headers)
+        return resp.status, decoded, CIMultiDict(resp.headers)
 
 
 async def get(url: str, *, headers: dict[str, str] | None = None,
@@ -53,7 +54,7 @@ async def get(url: str, *, headers: dict[str, str] | None = None,
         CAPTURED.append(text.decode(errors="replace"))
         ctype = resp.headers.get("Content-Type", "")
         decoded = json.loads(text) if text and "json" in ctype else text.decode()
-        return resp.status, decoded, dict(resp.headers)
+        return resp.status, decoded, CIMultiDict(resp.headers)
 
 
 def assert_problem(status: int, body: dict[str, Any], headers: dict[str, str],

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import psutil
@@ -32,6 +31,7 @@ from .conftest import (
     Database,
     agent_config,
     agent_env,
+    proxied,
     short_tempdir,
 )
 from .faults import Ledger, LoadGen, TcpProxy, wait_until
@@ -55,28 +55,6 @@ async def assert_exactly_once(db: Database, ledger: Ledger, timeout: float = 30)
     assert lost == 0
     assert foreign == 0
     assert ledger.acked, "the scenario acknowledged nothing"
-
-
-def proxied(database: Database, proxy: TcpProxy) -> Database:
-    """The same database, but the agent reaches it through the proxy."""
-    parts = urlsplit(database.agent_dsn)
-    userinfo = parts.netloc.rsplit("@", 1)[0]
-    agent_dsn = urlunsplit(parts._replace(netloc=f"{userinfo}@127.0.0.1:{proxy.port}"))
-    return Database(database.name, database.admin_dsn, agent_dsn)
-
-
-def _port_of(dsn: str) -> int:
-    port = urlsplit(dsn).port
-    assert port is not None, "the fault tests need PostgreSQL on TCP"
-    return port
-
-
-@pytest.fixture
-async def proxy(database: Database) -> AsyncIterator[TcpProxy]:
-    p = TcpProxy("127.0.0.1", _port_of(database.admin_dsn))
-    await p.start()
-    yield p
-    await p.stop()
 
 
 # --------------------------------------------------------------------------- PostgreSQL stops

@@ -315,3 +315,29 @@ async def test_gzip_of_json_array(agent: Agent, database: Database):
                                  headers={"Content-Encoding": "gzip"})
     assert status == 202, body
     assert await wait_rows(database, 50) == 50
+
+
+async def test_body_budget_waits_in_order_and_survives_cancellation():
+    from flux_agent.intake import ByteBudget
+
+    budget = ByteBudget(100)
+    assert await budget.acquire(60) == 60
+    order: list[str] = []
+
+    async def take(name: str, n: int) -> None:
+        await budget.acquire(n)
+        order.append(name)
+
+    first = asyncio.create_task(take("first", 50))
+    second = asyncio.create_task(take("second", 10))  # fits, but must not overtake
+    cancelled = asyncio.create_task(take("cancelled", 30))
+    await asyncio.sleep(0.01)
+    assert order == []
+    cancelled.cancel()
+    await asyncio.sleep(0.01)
+    budget.release(60)
+    await asyncio.gather(first, second)
+    assert order == ["first", "second"]
+    assert budget.free == 40
+    budget.release(60)
+    assert await budget.acquire(10**9) == 100  # a request larger than the budget gets all of it

@@ -1,0 +1,324 @@
+"""Run checkpoints: versioned saves with integrity, and read-your-writes during outages.
+
+A save is spooled like an event (one record: the checkpoint and its ``checkpoint.saved``
+event), so it is durable before the answer and reaches PostgreSQL exactly once. The agent
+assigns versions: it remembers the latest version of recently used runs (and persists that
+memory across restarts); for a run it does not know it asks PostgreSQL. A save PostgreSQL
+has not received yet is served from memory or read back from the spool, so a load returns
+the latest save even while PostgreSQL is down, also after a restart.
+
+``checkpoint_hash`` is the SHA-256 of the state's canonical JSON (the same canonical form as
+event payloads). It is verified on every load; a mismatch is never returned as valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .digest import canonical_json, sha256_hex
+from .errors import CheckpointError, TransientError, ValidationError
+from .event import CheckpointRecord, CheckpointRow, Row, record_decoder, record_encoder
+from .spool import Spool
+from .store import Store, StoredCheckpoint
+from .validate import Schemas, Seal, violation
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+# checkpoint.saved event ids derive from the checkpoint, so a replay is the same event.
+_EVENT_NAMESPACE = uuid.UUID("6a4f6c1e-4a51-4c6e-9b0a-2f1d5f9f7c10")
+_NUL_ESCAPE = b"\\u0000"
+
+
+@dataclass(slots=True)
+class Known:
+    """What the agent knows of a run's latest checkpoint."""
+
+    version: int
+    checkpoint_hash: str
+    step: str
+    saved_at: datetime
+    seq: int  # spool record of the save; 0 when it came from PostgreSQL or the snapshot
+    state: str | None = None  # kept while PostgreSQL may not have it yet
+    provider: str | None = None
+    model: str | None = None
+    status: str | None = None
+    expires_at: datetime | None = None
+    event_id: str = ""
+
+
+class _Snapshot(msgspec.Struct, array_like=True):
+    version: int
+    runs: list[tuple[str, str, int, str, str, str]]  # agency, run, version, hash, step, at
+
+
+def parse_if_match(value: str | None) -> int | None:
+    """``If-Match: "3"`` (or ``W/"3"``, or ``3``) -> 3; ``*`` -> -1; absent -> None."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text == "*":
+        return -1
+    text = text.removeprefix("W/").strip('"')
+    if not text.isdigit():
+        raise ValidationError("INVALID_IF_MATCH", 'If-Match must be a version, e.g. "3"',
+                              status=400)
+    return int(text)
+
+
+class Checkpoints:
+    """The checkpoint stage: between intake's routes and the spool and store."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        store: Store,
+        schemas: Schemas,
+        *,
+        max_bytes: int,
+        committed: Callable[[], int],
+        capacity: int = 10_000,
+        state_memory_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        self.spool = spool
+        self.store = store
+        self.schemas = schemas
+        self.max_bytes = max_bytes
+        self.committed = committed  # the flusher's committed sequence number
+        self.capacity = capacity
+        self.state_memory_bytes = state_memory_bytes
+        self.known: OrderedDict[tuple[str, str], Known] = OrderedDict()
+        self._state_bytes = 0
+        self.integrity_failures = 0
+
+    # ---------------------------------------------------------------- memory
+
+    def remember(self, key: tuple[str, str], known: Known) -> None:
+        old = self.known.pop(key, None)
+        if old is not None and old.state is not None:
+            self._state_bytes -= len(old.state)
+        self.known[key] = known
+        if known.state is not None:
+            self._state_bytes += len(known.state)
+        while len(self.known) > self.capacity:
+            _, evicted = self.known.popitem(last=False)
+            if evicted.state is not None:
+                self._state_bytes -= len(evicted.state)
+        # States beyond the memory budget are dropped oldest first; they are still on the
+        # spool (or in PostgreSQL) and are read back from there when asked for.
+        if self._state_bytes > self.state_memory_bytes:
+            for entry in self.known.values():
+                if entry.state is not None and entry is not known:
+                    self._state_bytes -= len(entry.state)
+                    entry.state = None
+                    if self._state_bytes <= self.state_memory_bytes:
+                        break
+
+    def pending(self) -> int:
+        """Saves not yet in PostgreSQL (the checkpoint queue depth)."""
+        committed = self.committed()
+        return sum(1 for k in self.known.values() if k.seq > committed)
+
+    def recovered(self, seq: int, record: CheckpointRecord) -> None:
+        """A save found on the spool at start."""
+        cp = record.checkpoint
+        key = (cp[0], cp[1])
+        current = self.known.get(key)
+        if current is None or current.version <= cp[2]:
+            self.remember(key, _known_from_row(cp, seq, with_state=True))
+
+    def dump(self) -> bytes:
+        runs = [(a, r, k.version, k.checkpoint_hash, k.step, k.saved_at.isoformat())
+                for (a, r), k in self.known.items()]
+        return msgspec.msgpack.encode(_Snapshot(1, runs))
+
+    def save_snapshot(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as fh:
+            fh.write(self.dump())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def restore(self, path: Path) -> int:
+        """Versions known before a restart (saves still on the spool are recovered too)."""
+        try:
+            snap = msgspec.msgpack.decode(path.read_bytes(), type=_Snapshot)
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return 0
+        for agency, run, version, digest, step, at in snap.runs[-self.capacity:]:
+            self.known[(agency, run)] = Known(version, digest, step, datetime.fromisoformat(at),
+                                              0)
+        return len(snap.runs)
+
+    # ---------------------------------------------------------------- save
+
+    def check_request(self, run_id: str, body: Any) -> tuple[str, dict[str, Any]]:
+        """Validate a save request; returns the state's canonical JSON and the body."""
+        if not RUN_ID.match(run_id):
+            raise ValidationError("INVALID_RUN_ID", f"{run_id!r} is not a valid run id",
+                                  errors=[violation("/run_id", "must match "
+                                                    "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$",
+                                                    "INVALID_RUN_ID")])
+        problems = self.schemas.explain_with(self.schemas.checkpoint, body)
+        if problems:
+            codes = {p["code"] for p in problems}
+            raise ValidationError(codes.pop() if len(codes) == 1 else "SCHEMA_VIOLATION",
+                                  f"{len(problems)} violation(s); the checkpoint was not saved",
+                                  errors=problems)
+        state = canonical_json(body["state"])
+        if len(state) > self.max_bytes:
+            raise ValidationError(
+                "CHECKPOINT_TOO_LARGE",
+                f"state is {len(state)} bytes; the limit is {self.max_bytes}", status=413,
+                errors=[violation("/state", "too large", "CHECKPOINT_TOO_LARGE")])
+        if _NUL_ESCAPE in state or any("\x00" in str(body.get(k) or "")
+                                       for k in ("step", "provider", "model", "status")):
+            raise ValidationError("NUL_CHARACTER", "NUL characters (\\u0000) cannot be stored",
+                                  errors=[violation("", "NUL character", "NUL_CHARACTER")])
+        return state.decode("ascii"), body
+
+    async def current(self, agency: str, run_id: str) -> Known | None:
+        """The latest checkpoint the agent knows of, asking PostgreSQL if it must."""
+        key = (agency, run_id)
+        known = self.known.get(key)
+        if known is not None:
+            self.known.move_to_end(key)
+            return known
+        try:
+            stored = await self.store.latest_checkpoint(agency, run_id)
+        except Exception as exc:  # noqa: BLE001 - any failure here means "cannot tell now"
+            raise TransientError(
+                "CHECKPOINT_VERSION_UNKNOWN",
+                "PostgreSQL is unreachable and this agent has not seen this run's checkpoints; "
+                "retry shortly", retry_after=2,
+                context={"reason": type(exc).__name__},
+            ) from None
+        known = self.known.get(key)  # another request may have saved meanwhile
+        if known is not None:
+            return known
+        if stored is None:
+            return None
+        known = _known_from_stored(stored)
+        self.remember(key, known)
+        return known
+
+    def build(
+        self, agency: str, run_id: str, version: int, state: str, body: Mapping[str, Any],
+        seal: Seal,
+    ) -> CheckpointRecord:
+        digest = sha256_hex(state.encode("ascii"))
+        event_id = str(uuid.uuid5(_EVENT_NAMESPACE, f"{agency}/{run_id}/{version}/{digest}"))
+        payload = canonical_json({"version": version, "checkpoint_hash": digest,
+                                  "agency": agency}).decode("ascii")
+        event: Row = (
+            agency, event_id, run_id, "checkpoint.saved", body["step"], seal.received_at,
+            seal.received_at, body.get("provider"), body.get("model"), payload,
+            sha256_hex(payload.encode("ascii")), seal.correlation_id, seal.agent_id,
+            seal.trace_id, seal.span_id, seal.expires_at,
+        )
+        row: CheckpointRow = (
+            agency, run_id, version, body["step"], state, digest, body.get("provider"),
+            body.get("model"), body.get("status"), seal.received_at, seal.expires_at,
+            event_id, seal.correlation_id,
+        )
+        return CheckpointRecord([event], row)
+
+    async def save(
+        self, agency: str, run_id: str, body: Any, seal: Seal, if_match: int | None
+    ) -> tuple[Known, Known | None, asyncio.Future[int], int]:
+        """Spool a save. Returns (new, previous, durability future, spool seq)."""
+        state, body = self.check_request(run_id, body)
+        previous = await self.current(agency, run_id)
+        current = previous.version if previous else 0
+        if if_match is not None and (
+            (if_match == -1 and previous is None) or (if_match >= 0 and if_match != current)
+        ):
+            raise CheckpointError(
+                "CHECKPOINT_VERSION_MISMATCH",
+                f"the latest checkpoint of {run_id} is version {current}, not {if_match}",
+                status=412, context={"current_version": current})
+        record = self.build(agency, run_id, current + 1, state, body, seal)
+        payload = record_encoder.encode(record)
+        self.spool.check_room(len(payload))
+        seq, durable = self.spool.append(payload, record)
+        known = _known_from_row(record.checkpoint, seq, with_state=True)
+        self.remember((agency, run_id), known)
+        return known, previous, durable, seq
+
+    def forget(self, agency: str, run_id: str, previous: Known | None) -> None:
+        """Undo ``remember`` after a save that did not become durable."""
+        if previous is None:
+            self.known.pop((agency, run_id), None)
+        else:
+            self.remember((agency, run_id), previous)
+
+    # ---------------------------------------------------------------- load
+
+    async def load(self, agency: str, run_id: str) -> Known | None:
+        """The latest checkpoint, hash verified; None when the run has none."""
+        if not RUN_ID.match(run_id):
+            return None
+        key = (agency, run_id)
+        known = self.known.get(key)
+        stored: StoredCheckpoint | None = None
+        if known is None or known.seq <= self.committed():
+            try:
+                stored = await self.store.latest_checkpoint(agency, run_id)
+            except Exception as exc:  # noqa: BLE001
+                if known is None or (known.state is None and known.seq <= self.spool.cursor):
+                    raise TransientError(
+                        "CHECKPOINT_UNAVAILABLE",
+                        "PostgreSQL is unreachable; this checkpoint is not held locally",
+                        retry_after=2, context={"reason": type(exc).__name__}) from None
+        if stored is not None and (known is None or stored.version >= known.version):
+            known = _known_from_stored(stored)
+        if known is None:
+            return None
+        if known.state is None and known.seq > self.spool.cursor:
+            known.state = await self._from_spool(known.seq)
+        if known.state is None:
+            return None
+        self.verify(agency, run_id, known)
+        return known
+
+    async def _from_spool(self, seq: int) -> str | None:
+        for got, payload in await self.spool.read(seq, 1):
+            if got == seq:
+                record = record_decoder.decode(payload)
+                if isinstance(record, CheckpointRecord):
+                    return record.checkpoint[4]
+        return None
+
+    def verify(self, agency: str, run_id: str, known: Known) -> None:
+        assert known.state is not None
+        actual = sha256_hex(known.state.encode())
+        if actual != known.checkpoint_hash:
+            self.integrity_failures += 1
+            raise CheckpointError(
+                "CHECKPOINT_INTEGRITY_FAILED",
+                f"checkpoint version {known.version} of run {run_id} does not match its hash; "
+                "it is not returned",
+                context={"version": known.version, "stored_hash": known.checkpoint_hash,
+                         "computed_hash": actual})
+
+
+def _known_from_row(cp: CheckpointRow, seq: int, *, with_state: bool) -> Known:
+    return Known(version=cp[2], checkpoint_hash=cp[5], step=cp[3], saved_at=cp[9], seq=seq,
+                 state=cp[4] if with_state else None, provider=cp[6], model=cp[7],
+                 status=cp[8], expires_at=cp[10], event_id=cp[11])
+
+
+def _known_from_stored(s: StoredCheckpoint) -> Known:
+    return Known(version=s.version, checkpoint_hash=s.checkpoint_hash, step=s.step,
+                 saved_at=s.saved_at, seq=0, state=s.state, provider=s.provider,
+                 model=s.model, status=s.status, expires_at=s.expires_at, event_id=s.event_id)

@@ -1,0 +1,267 @@
+"""The read side: checkpoints, runs and events, for the caller's agency only.
+
+Every query runs in a READ ONLY transaction that first declares the agency, so row-level
+security decides what is visible: another agency's run is simply not there (404, not 403).
+The read path never writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from .digest import canonical_json, sha256_hex
+
+_SET_AGENCY = "SELECT set_config('flux.current_agency_id', $1, true)"
+_EVENT_COLUMNS = (
+    "agency_id, event_id::text AS event_id, run_id, kind, step, occurred_at, received_at, "
+    "provider, model, payload::text AS payload, payload_sha256, correlation_id, agent_id, "
+    "trace_id, span_id, expires_at"
+)
+_CHECKPOINT_COLUMNS = (
+    "run_id, version, step, state::text AS state, checkpoint_hash, provider, model, status, "
+    "saved_at, expires_at, event_id::text AS event_id"
+)
+TERMINAL = {"run.completed": "completed", "run.failed": "failed", "run.aborted": "aborted"}
+
+
+class BadCursor(ValueError):
+    pass
+
+
+def encode_cursor(occurred_at: datetime, event_id: str) -> str:
+    raw = msgspec.json.encode([occurred_at.isoformat(), event_id])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        when, event_id = msgspec.json.decode(raw, type=tuple[str, str])
+        return datetime.fromisoformat(when), event_id
+    except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
+        raise BadCursor("the cursor is not one this agent issued") from None
+
+
+def _hash_matches(kind: str, body: str, digest: str) -> bool:
+    """Checkpoint states are stored as exact text (json): hash the text. Event payloads are
+    jsonb, which keeps values, not spelling: re-canonicalise. jsonb writes a float such as
+    1e+16 as the integer 10000000000000000, so a second reading treats integers of 17 or
+    more digits as the floats they may have been before concluding a mismatch."""
+    if kind == "checkpoint":
+        return sha256_hex(body.encode()) == digest
+    value = msgspec.json.decode(body)
+    if sha256_hex(canonical_json(value)) == digest:
+        return True
+    widened = json.loads(body, parse_int=lambda s: float(s) if len(s.lstrip("-")) > 16
+                         else int(s))
+    return sha256_hex(canonical_json(widened)) == digest
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+def event_json(r: Any) -> dict[str, Any]:
+    """A stored event as the API shows it; the payload is passed through as raw JSON."""
+    return {
+        "event_id": r["event_id"], "run_id": r["run_id"], "kind": r["kind"],
+        "step": r["step"], "occurred_at": _iso(r["occurred_at"]),
+        "received_at": _iso(r["received_at"]), "provider": r["provider"],
+        "model": r["model"], "payload": msgspec.Raw(r["payload"].encode()),
+        "payload_sha256": r["payload_sha256"], "agency": r["agency_id"],
+        "correlation_id": r["correlation_id"], "agent_id": r["agent_id"],
+        "trace_id": r["trace_id"], "span_id": r["span_id"],
+        "expires_at": _iso(r["expires_at"]),
+    }
+
+
+@dataclass(slots=True)
+class StoredCheckpoint:
+    run_id: str
+    version: int
+    step: str
+    state: str  # exact JSON text, as hashed
+    checkpoint_hash: str
+    provider: str | None
+    model: str | None
+    status: str | None
+    saved_at: datetime
+    expires_at: datetime
+    event_id: str
+
+
+class Store:
+    def __init__(self, dsn: str, *, pgbouncer: bool = False, max_connections: int = 3) -> None:
+        self._dsn = dsn
+        self._pgbouncer = pgbouncer
+        self._max = max_connections
+        self._pool: Any = None
+        self._lock = asyncio.Lock()
+
+    async def _get_pool(self) -> Any:
+        if self._pool is None:
+            async with self._lock:
+                if self._pool is None:
+                    self._pool = await asyncpg.create_pool(
+                        self._dsn, min_size=0, max_size=self._max, timeout=5,
+                        command_timeout=30, max_inactive_connection_lifetime=60,
+                        statement_cache_size=0 if self._pgbouncer else 128,
+                        server_settings={"application_name": "flux-agent-read"},
+                    )
+        return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pool.terminate()
+
+    async def _fetch(self, agency: str, query: str, *args: Any) -> list[Any]:
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction(readonly=True):
+            await conn.execute(_SET_AGENCY, agency)
+            return list(await conn.fetch(query, *args))
+
+    # ---------------------------------------------------------------- checkpoints
+
+    async def latest_checkpoint(self, agency: str, run_id: str) -> StoredCheckpoint | None:
+        rows = await self._fetch(
+            agency, f"SELECT {_CHECKPOINT_COLUMNS} FROM flux.checkpoints "
+            "WHERE agency_id = $1 AND run_id = $2", agency, run_id)
+        return StoredCheckpoint(**dict(rows[0])) if rows else None
+
+    async def checkpoint_history(self, agency: str, run_id: str, limit: int
+                                 ) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            agency, "SELECT version, checkpoint_hash, step, status, saved_at, event_id::text "
+            "AS event_id FROM flux.checkpoint_history WHERE agency_id = $1 AND run_id = $2 "
+            "ORDER BY version DESC LIMIT $3", agency, run_id, limit)
+        return [{"version": r["version"], "checkpoint_hash": r["checkpoint_hash"],
+                 "step": r["step"], "status": r["status"], "saved_at": _iso(r["saved_at"]),
+                 "event_id": r["event_id"]} for r in rows]
+
+    # ---------------------------------------------------------------- runs and events
+
+    async def run_summary(self, agency: str, run_id: str) -> dict[str, Any] | None:
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction(readonly=True):
+            await conn.execute(_SET_AGENCY, agency)
+            counts = await conn.fetch(
+                "SELECT kind, count(*) AS n, min(occurred_at) AS first, "
+                "max(occurred_at) AS last FROM flux.events "
+                "WHERE agency_id = $1 AND run_id = $2 GROUP BY kind", agency, run_id)
+            if not counts:
+                return None
+            last = await conn.fetchrow(
+                "SELECT kind, step, occurred_at FROM flux.events "
+                "WHERE agency_id = $1 AND run_id = $2 "
+                "ORDER BY occurred_at DESC, event_id DESC LIMIT 1", agency, run_id)
+            last_step = await conn.fetchval(
+                "SELECT step FROM flux.events WHERE agency_id = $1 AND run_id = $2 "
+                "AND step IS NOT NULL ORDER BY occurred_at DESC, event_id DESC LIMIT 1",
+                agency, run_id)
+            checkpoint = await conn.fetchval(
+                "SELECT version FROM flux.checkpoints WHERE agency_id = $1 AND run_id = $2",
+                agency, run_id)
+        return {
+            "run_id": run_id,
+            "status": TERMINAL.get(last["kind"], "running"),
+            "last_event": {"kind": last["kind"], "step": last["step"],
+                           "occurred_at": _iso(last["occurred_at"])},
+            "last_step": last_step,
+            "first_event_at": _iso(min(r["first"] for r in counts)),
+            "last_event_at": _iso(max(r["last"] for r in counts)),
+            "events": sum(r["n"] for r in counts),
+            "counts_by_kind": {r["kind"]: r["n"] for r in counts},
+            "checkpoint_version": checkpoint,
+        }
+
+    async def run_events(
+        self, agency: str, run_id: str, *, kind: str | None, step: str | None,
+        after: tuple[datetime, str] | None, limit: int,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page in (occurred_at, event_id) order, and the cursor of the next page.
+
+        Keyset pagination: a page starts strictly after the last row of the previous one, so
+        rows inserted meanwhile never make a row appear twice or shift another out of view.
+        """
+        args: list[Any] = [agency, run_id]
+        where = ["agency_id = $1", "run_id = $2"]
+        if kind is not None:
+            args.append(kind)
+            where.append(f"kind = ${len(args)}")
+        if step is not None:
+            args.append(step)
+            where.append(f"step = ${len(args)}")
+        if after is not None:
+            args += [after[0], after[1]]
+            where.append(f"(occurred_at, event_id) > (${len(args) - 1}, ${len(args)}::uuid)")
+        args.append(limit + 1)
+        rows = await self._fetch(
+            agency, f"SELECT {_EVENT_COLUMNS} FROM flux.events WHERE {' AND '.join(where)} "
+            f"ORDER BY occurred_at, event_id LIMIT ${len(args)}", *args)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        cursor = encode_cursor(rows[-1]["occurred_at"], rows[-1]["event_id"]) if more else None
+        return [event_json(r) for r in rows], cursor
+
+    async def event(self, agency: str, event_id: str) -> dict[str, Any] | None:
+        rows = await self._fetch(
+            agency, f"SELECT {_EVENT_COLUMNS} FROM flux.events "
+            "WHERE agency_id = $1 AND event_id = $2::uuid", agency, event_id)
+        return event_json(rows[0]) if rows else None
+
+    # ---------------------------------------------------------------- verification
+
+    async def verify(self, agency: str, run_id: str | None = None
+                     ) -> AsyncIterator[dict[str, Any]]:
+        """Re-hash stored events and checkpoints; yields one report per mismatch, then a
+        summary (``{"agency", "events", "checkpoints", "mismatches"}``)."""
+        pool = await self._get_pool()
+        counts = {"events": 0, "checkpoints": 0, "mismatches": 0}
+        queries = (
+            ("event", "SELECT event_id::text AS id, run_id, payload::text AS body, "
+                      "payload_sha256 AS digest FROM flux.events WHERE agency_id = $1"),
+            ("checkpoint", "SELECT run_id || ' v' || version AS id, run_id, "
+                           "state::text AS body, checkpoint_hash AS digest "
+                           "FROM flux.checkpoint_history WHERE agency_id = $1"),
+            ("checkpoint", "SELECT run_id || ' v' || version || ' (latest)' AS id, run_id, "
+                           "state::text AS body, checkpoint_hash AS digest "
+                           "FROM flux.checkpoints WHERE agency_id = $1"),
+        )
+        for kind, query in queries:
+            args: list[Any] = [agency]
+            if run_id is not None:
+                query += " AND run_id = $2"
+                args.append(run_id)
+            async with pool.acquire() as conn, conn.transaction(readonly=True):
+                await conn.execute(_SET_AGENCY, agency)
+                async for r in conn.cursor(query, *args, prefetch=500):
+                    counts["events" if kind == "event" else "checkpoints"] += 1
+                    if _hash_matches(kind, r["body"], r["digest"]):
+                        continue
+                    counts["mismatches"] += 1
+                    yield {"kind": kind, "agency": agency, "run_id": r["run_id"],
+                           "id": r["id"], "stored_hash": r["digest"],
+                           "computed_hash": sha256_hex(r["body"].encode())
+                           if kind == "checkpoint" else
+                           sha256_hex(canonical_json(msgspec.json.decode(r["body"])))}
+        yield {"agency": agency, **counts}
+
+    async def explain_run_events(self, agency: str, run_id: str) -> str:
+        """The query plan of an events page (for the benchmark's index-use check)."""
+        rows = await self._fetch(
+            agency, "EXPLAIN SELECT event_id FROM flux.events WHERE agency_id = $1 AND "
+            "run_id = $2 ORDER BY occurred_at, event_id LIMIT 100", agency, run_id)
+        return "\n".join(r[0] for r in rows)
