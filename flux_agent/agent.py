@@ -41,12 +41,13 @@ from .event import (
 )
 from .flush import Flusher
 from .health import admin_app
-from .intake import Intake
+from .intake import AccessLogger, Intake
 from .metrics import Metrics
 from .seen import SeenIndex
 from .sink import Sink, UnsafeRole, bootstrap_database, classify, describe
 from .spool import Recovery, Spool
 from .store import Store
+from .tracing import Tracing, make_tracing
 from .validate import EventChecker, Schemas
 
 if TYPE_CHECKING:
@@ -69,8 +70,8 @@ class Endpoints:
 class Agent:
     """``async with Agent(config) as agent:`` runs the whole sidecar in the current loop."""
 
-    def __init__(self, config: AgentConfig, *, authenticator: Authenticator | None = None
-                 ) -> None:
+    def __init__(self, config: AgentConfig, *, authenticator: Authenticator | None = None,
+                 span_exporter: Any = None) -> None:
         self.config = config
         self.metrics = Metrics()
         self.endpoints = Endpoints()
@@ -78,6 +79,8 @@ class Agent:
         self.recovery: Recovery | None = None
         self.started_at = 0.0
         self._authenticator = authenticator
+        self._span_exporter = span_exporter
+        self.tracing: Tracing = Tracing()
         self._embedded: LocalPostgres | None = None
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -119,6 +122,7 @@ class Agent:
             raise ConfigError(env_name("agency"),
                               f"{config.agency!r} is not in the agency manifest")
         authenticator = self._authenticator or self._make_authenticator(schemas)
+        self.tracing = make_tracing(config.tracing, self._span_exporter)
         try:
             dsn = await self._database()
             self.sink = Sink(dsn, max_connections=config.flush_lanes + 2,
@@ -158,6 +162,7 @@ class Agent:
                 lanes=config.flush_lanes, retry_max=config.flush_retry_max,
                 memory_bytes=config.memory_queue_bytes, classify=classify,
                 describe=describe, observe=self.metrics.observe_flush,
+                tracing=self.tracing,
             )
             self.flusher.start()
             self.metrics.add_state(self._metric_state)
@@ -169,7 +174,7 @@ class Agent:
                 manifest=schemas.manifest, spool=self.spool, flusher=self.flusher,
                 seen=self.seen, authenticator=authenticator, metrics=self.metrics,
                 checkpoints=self.checkpoints, store=self.store, auditor=self.auditor,
-                drain=self._drain_request,
+                tracing=self.tracing, drain=self._drain_request,
             )
             await self._listen(self.intake.app(), admin_app(self, self.metrics))
             self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="flux-seen"))
@@ -241,6 +246,7 @@ class Agent:
         if self.endpoints.socket_path is not None:
             with contextlib.suppress(OSError):
                 self.endpoints.socket_path.unlink()
+        self.tracing.shutdown()  # exports what is still buffered
         if self._embedded is not None:
             embedded, self._embedded = self._embedded, None
             await asyncio.get_running_loop().run_in_executor(None, embedded.stop)
@@ -335,7 +341,7 @@ class Agent:
     async def _listen(self, events: web.Application, admin: web.Application) -> None:
         config = self.config
         runner = web.AppRunner(events, access_log=logging.getLogger("aiohttp.access"),
-                               handle_signals=False)
+                               access_log_class=AccessLogger, handle_signals=False)
         await runner.setup()
         self._runners.append(runner)
         if config.listen:

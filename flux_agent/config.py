@@ -272,6 +272,11 @@ class AgentConfig:
         "", "JSON file of known agencies (and their retention).", shown_default="bundled manifest"
     )
     agent_id: str = setting("", "Identifies this agent in stored rows.", shown_default="hostname")
+    tracing: str = setting(
+        "auto", "OpenTelemetry traces: `off`, `otlp`, `console`, or `auto` (OTLP when "
+        "OpenTelemetry's `OTEL_EXPORTER_OTLP_*ENDPOINT` or `OTEL_TRACES_EXPORTER` is set).",
+        choice("auto", "on", "off", "otlp", "console"),
+    )
     log_level: str = setting(
         "info", "`debug`, `info`, `warning` or `error`.",
         choice("debug", "info", "warning", "error"),
@@ -444,9 +449,29 @@ def load_config(
         if f.metadata["secret"]:
             value = Secret(value) if value else None
         values[f.name] = value
+    values["tracing"] = _resolve_tracing(values.get("tracing", "auto"), environ)
     config = AgentConfig(**values)
     _check(config, serving)
     return config
+
+
+def _resolve_tracing(mode: str, environ: Mapping[str, str]) -> str:
+    """``auto`` follows OpenTelemetry's own variables; the result is off, otlp or console."""
+    if mode == "on":
+        return "otlp"
+    if mode != "auto":
+        return mode
+    if environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return "off"
+    exporter = environ.get("OTEL_TRACES_EXPORTER", "").split(",")[0].strip().lower()
+    if exporter in {"otlp", "console"}:
+        return exporter
+    if exporter == "none":
+        return "off"
+    if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return "otlp"
+    return "off"
 
 
 def _pick(

@@ -42,6 +42,8 @@ RECEIVED_AT: Final = 6
 PAYLOAD: Final = 9
 PAYLOAD_SHA256: Final = 10
 CORRELATION_ID: Final = 11
+TRACE_ID: Final = 13
+SPAN_ID: Final = 14
 
 KINDS: Final = (
     "run.started",

@@ -22,13 +22,21 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from .batch import Batch, Batcher, Limits, Work, split_lanes
-from .event import SpoolRecord, record_decoder
+from .event import (
+    SPAN_ID,
+    TRACE_ID,
+    CheckpointRecord,
+    EventsRecord,
+    SpoolRecord,
+    record_decoder,
+)
 from .spool import Spool
+from .tracing import Tracing
 
 log = logging.getLogger("flux_agent.flush")
 
@@ -69,6 +77,7 @@ class Flusher:
         classify: Classifier,
         describe: Callable[[BaseException], str],
         observe: Callable[[int, float, int], None] | None = None,
+        tracing: Tracing | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spool = spool
@@ -80,6 +89,7 @@ class Flusher:
         self.classify = classify
         self.describe = describe
         self.observe = observe
+        self.tracing = tracing or Tracing()
         self.clock = clock
         self.ring: deque[tuple[int, SpoolRecord, int]] = deque()
         self.ring_bytes = 0
@@ -179,7 +189,11 @@ class Flusher:
                 # decoding with PostgreSQL's work. Order is kept: windows commit one by one.
                 gather = asyncio.create_task(self._gather())
                 started = self.clock()
-                inserted = await self._deliver(batch)
+                if self.tracing.enabled:
+                    with self.tracing.flush(batch.event_rows, _span_ids(batch)):
+                        inserted = await self._deliver(batch)
+                else:
+                    inserted = await self._deliver(batch)
                 await self._committed(batch, inserted, self.clock() - started)
         finally:
             gather.cancel()
@@ -329,3 +343,11 @@ class Flusher:
             seq, _, fut = heapq.heappop(self._waiters)
             if not fut.done():
                 fut.set_result(ids if seq >= first else None)
+
+
+def _span_ids(batch: Batch) -> Iterator[tuple[str | None, str | None]]:
+    """The (trace, span) of every request whose events a window carries (for span links)."""
+    for _, record in batch.records:
+        if isinstance(record, EventsRecord | CheckpointRecord):
+            for row in record.rows:
+                yield row[TRACE_ID], row[SPAN_ID]

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
@@ -57,6 +58,7 @@ from .metrics import Metrics
 from .seen import Key, SeenIndex
 from .spool import Spool
 from .store import BadCursor, Store, decode_cursor
+from .tracing import Tracing
 from .validate import EventChecker, Manifest, Seal, utcnow
 
 log = logging.getLogger("flux_agent.intake")
@@ -87,6 +89,27 @@ _HTTP_CODES: Mapping[int, str] = {
     413: "REQUEST_TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
 }
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One structured line per request, at debug level, tagged with the request's ids."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if not self.logger.isEnabledFor(logging.DEBUG):
+            return
+        trace = request.get(TRACE, ("", ""))
+        self.logger.debug(
+            "%s %s %s", request.method, request.path, response.status,
+            extra={"fields": {"method": request.method, "path": request.path,
+                              "status": response.status,
+                              "duration_ms": round(time * 1000, 3),
+                              "bytes": response.body_length},
+                   "trace_id": trace[0], "span_id": trace[1],
+                   "correlation_id": request.get(REQUEST_ID, "")})
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.DEBUG)
 
 
 def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None
@@ -154,7 +177,7 @@ def endpoint_of(request: web.Request) -> str:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def make_problem_middleware(metrics: Metrics) -> Middleware:
+def make_problem_middleware(metrics: Metrics, tracing: Tracing | None = None) -> Middleware:
     """Outermost middleware: request id, trace context, problem+json for every error."""
 
     @web.middleware
@@ -165,9 +188,18 @@ def make_problem_middleware(metrics: Metrics) -> Middleware:
         if not rid or not _REQUEST_ID.match(rid):
             rid = f"{_ID_PREFIX}-{next(_ids):x}"
         request[REQUEST_ID] = rid
-        m = _TRACEPARENT.match(headers.get("traceparent", ""))
+        traceparent = headers.get("traceparent")
+        m = _TRACEPARENT.match(traceparent) if traceparent else None
         trace = (m.group(1), m.group(2)) if m else (f"{_random_bits(128):032x}",
                                                      f"{_random_bits(64):016x}")
+        if tracing is not None and tracing.enabled:
+            with tracing.request(f"{request.method} {endpoint_of(request)}",
+                                 traceparent if m else None, trace) as trace:
+                return await answer(request, handler, rid, trace, started)
+        return await answer(request, handler, rid, trace, started)
+
+    async def answer(request: web.Request, handler: Handler, rid: str,
+                     trace: tuple[str, str], started: float) -> web.StreamResponse:
         request[TRACE] = trace
         token = logs.request_context.set((rid, trace[0], trace[1]))
         agency = ""
@@ -299,6 +331,7 @@ class Intake:
         checkpoints: Checkpoints,
         store: Store,
         auditor: Auditor | None = None,
+        tracing: Tracing | None = None,
         drain: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.config = config
@@ -311,6 +344,7 @@ class Intake:
         self.metrics = metrics
         self.drain_hook = drain
         self.auditor = auditor
+        self.tracing = tracing or Tracing()
         self.checkpoints = checkpoints
         self.store = store
         self.lineage = Lineage()
@@ -329,7 +363,8 @@ class Intake:
     def app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.config.request_max_bytes,
-            middlewares=[make_problem_middleware(self.metrics), self._auth_middleware],
+            middlewares=[make_problem_middleware(self.metrics, self.tracing),
+                         self._auth_middleware],
         )
         app.router.add_post("/v1/events", self.post_events)
         app.router.add_post("/api/v1/lineage", self.post_lineage)
@@ -589,10 +624,11 @@ class Intake:
                 seen.add(key, (sha32, seq, durable))
             waits.append(durable)
         try:
-            for fut in waits:
-                # shield: the future is shared by every request of the commit group, and a
-                # client that hangs up must not cancel it for the others.
-                await asyncio.shield(fut)
+            if self.tracing.enabled:
+                with self.tracing.span("flux.spool.append", **{"flux.events": len(fresh)}):
+                    await _all_durable(waits)
+            else:
+                await _all_durable(waits)
         except BaseException:
             for key, _ in fresh_keys:
                 seen.discard(key)
@@ -775,6 +811,13 @@ class Intake:
 
 
 T = TypeVar("T")
+
+
+async def _all_durable(waits: list[asyncio.Future[int]]) -> None:
+    for fut in waits:
+        # shield: the future is shared by every request of the commit group, and a client
+        # that hangs up must not cancel it for the others.
+        await asyncio.shield(fut)
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
