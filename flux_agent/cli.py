@@ -218,6 +218,78 @@ def cmd_token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- emit
+
+# sysexits.h, so shell scripts can tell what went wrong.
+EXIT_DATAERR = 65  # the agent refused the event (4xx): fix the event, do not retry
+EXIT_UNAVAILABLE = 69  # the agent could not be reached or stayed unavailable: retry later
+EXIT_NOPERM = 77  # authentication or authorisation refused
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    """Post one event from a shell script, through the workload client."""
+    from .client import (
+        FluxAuthError,
+        FluxClient,
+        FluxClientError,
+        FluxConnectionError,
+        FluxRequestError,
+        FluxUnavailableError,
+        RetryPolicy,
+    )
+
+    try:
+        payload = _read_payload(args.payload)
+    except ValueError as exc:
+        print(f"flux-agent emit: --payload: {exc}", file=sys.stderr)
+        return EXIT_DATAERR
+    client = FluxClient(args.url, socket_path=args.socket, token=args.token,
+                        token_file=args.token_file, timeout=args.timeout,
+                        retry=RetryPolicy(attempts=args.attempts))
+    try:
+        with client:
+            result = client.emit(args.kind, args.run, step=args.step, payload=payload,
+                                 provider=args.provider, model=args.model,
+                                 event_id=args.event_id, wait_committed=args.wait_committed)
+    except ValueError as exc:  # the client refuses what the agent would refuse anyway
+        print(f"flux-agent emit: {exc}", file=sys.stderr)
+        return EXIT_DATAERR
+    except FluxClientError as exc:
+        print(f"flux-agent emit: {exc}", file=sys.stderr)
+        if isinstance(exc, FluxAuthError):
+            return EXIT_NOPERM
+        if isinstance(exc, FluxRequestError):
+            return EXIT_DATAERR
+        if isinstance(exc, FluxConnectionError | FluxUnavailableError):
+            return EXIT_UNAVAILABLE
+        return EXIT_FAILURE
+    print(json.dumps({"accepted": result.accepted, "duplicates": result.duplicates,
+                      "event_ids": result.event_ids, "committed": result.committed}))
+    return EXIT_OK
+
+
+def _read_payload(spec: str | None) -> dict[str, object]:
+    """``--payload '{"a": 1}'``, ``--payload @file.json`` or ``--payload -`` (stdin)."""
+    if spec is None:
+        return {}
+    if spec == "-":
+        text = sys.stdin.read()
+    elif spec.startswith("@"):
+        try:
+            text = Path(spec[1:]).read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read {spec[1:]}: {exc.strerror}") from None
+    else:
+        text = spec
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("the payload must be a JSON object")
+    return value
+
+
 # --------------------------------------------------------------------------- injector
 
 
@@ -276,6 +348,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="apply pending schema migrations")
     add_flags(p)
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("emit", help="post one event (for shell scripts)",
+                       description="Exit 0 when accepted (or a duplicate), 65 when the agent "
+                       "refused the event, 69 when it could not be reached, 77 when "
+                       "authentication failed, 1 otherwise.")
+    p.add_argument("--run", required=True, help="run id")
+    p.add_argument("--kind", required=True, help="run.started, step.completed, ...")
+    p.add_argument("--step", default=None)
+    p.add_argument("--payload", default=None,
+                   help="a JSON object, @file.json, or - to read it from stdin")
+    p.add_argument("--provider", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--event-id", default=None, help="idempotency key (default: a new UUIDv7)")
+    p.add_argument("--wait-committed", action="store_true",
+                   help="answer once the event is in PostgreSQL")
+    p.add_argument("--url", default=None, help="agent URL (default: FLUX_AGENT_SOCKET, then "
+                   "FLUX_AGENT_URL, then http://127.0.0.1:8787)")
+    p.add_argument("--socket", default=None, help="agent Unix socket")
+    p.add_argument("--token", default=None, help="bearer token (default: FLUX_AGENT_TOKEN)")
+    p.add_argument("--token-file", default=None)
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--attempts", type=int, default=6, help="tries, with backoff, on 503")
+    p.set_defaults(func=cmd_emit)
 
     p = sub.add_parser("token", help="mint a development JWT from a local key")
     p.add_argument("--generate-key", metavar="PATH",
