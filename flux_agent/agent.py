@@ -177,6 +177,7 @@ class Agent:
                 tracing=self.tracing, drain=self._drain_request,
             )
             await self._listen(self.intake.app(), admin_app(self, self.metrics))
+            self.intake.servers = [u for u in (self.endpoints.event_url,) if u]
             self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="flux-seen"))
             if config.retention_interval > 0:
                 self._tasks.append(asyncio.create_task(

@@ -345,6 +345,8 @@ class Intake:
         self.drain_hook = drain
         self.auditor = auditor
         self.tracing = tracing or Tracing()
+        self.servers: list[str] = []  # the agent fills in its URLs once it listens
+        self._openapi: bytes | None = None
         self.checkpoints = checkpoints
         self.store = store
         self.lineage = Lineage()
@@ -374,13 +376,14 @@ class Intake:
         app.router.add_get("/v1/runs/{run_id}", self.get_run)
         app.router.add_get("/v1/runs/{run_id}/events", self.get_run_events)
         app.router.add_get("/v1/events/{event_id}", self.get_event)
+        app.router.add_get("/openapi.json", self.get_openapi)
         app.router.add_post("/v1/drain", self.post_drain)
         return app
 
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: Handler
                                ) -> web.StreamResponse:
-        if request.match_info.http_exception is not None:
+        if request.match_info.http_exception is not None or request.path in _PUBLIC:
             return await handler(request)
         source = source_of(request)
         try:
@@ -798,6 +801,13 @@ class Intake:
                 "COMMIT_TIMEOUT", "durably spooled but not yet in PostgreSQL; a retry is safe",
                 retry_after=max(1, int(self.config.commit_wait_timeout))) from None
 
+    async def get_openapi(self, request: web.Request) -> web.Response:
+        if self._openapi is None:
+            from .openapi import document
+
+            self._openapi = msgspec.json.encode(document(self.servers))
+        return web.Response(body=self._openapi, content_type="application/json")
+
     # ---------------------------------------------------------------- POST /v1/drain
 
     async def post_drain(self, request: web.Request) -> web.Response:
@@ -811,6 +821,7 @@ class Intake:
 
 
 T = TypeVar("T")
+_PUBLIC = frozenset({"/openapi.json"})  # served without credentials
 
 
 async def _all_durable(waits: list[asyncio.Future[int]]) -> None:

@@ -1,0 +1,290 @@
+"""The OpenAPI 3.1 description served at ``GET /openapi.json`` (pure).
+
+Built from the same JSON Schemas the agent validates with, so the description cannot drift
+from the behaviour; ``tests/test_openapi.py`` runs schemathesis against a live agent to
+check that every status it answers is one documented here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from ._resources import data_dir
+from ._version import __version__
+
+PROBLEM = "application/problem+json"
+_REF = "#/components/schemas/"
+
+
+def _load(name: str) -> dict[str, Any]:
+    with (data_dir("schemas") / "v1" / name).open() as fh:
+        schema: dict[str, Any] = json.load(fh)
+    schema.pop("$schema", None)
+    schema.pop("$id", None)
+    return schema
+
+
+def _rewrite_refs(node: Any, mapping: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {k: (mapping.get(v, v) if k == "$ref" and isinstance(v, str)
+                    else _rewrite_refs(v, mapping)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rewrite_refs(v, mapping) for v in node]
+    return node
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {PROBLEM: {"schema": {"$ref": _REF + "Problem"}}}}
+
+
+def _json(description: str, schema: dict[str, Any], headers: dict[str, Any] | None = None
+          ) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description,
+                           "content": {"application/json": {"schema": schema}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+_ERRORS = {
+    "400": "Malformed request (bad JSON, body, cursor, limit or If-Match).",
+    "401": "No valid bearer token (see WWW-Authenticate).",
+    "403": "The role may not do this, or the request names another agency.",
+    "404": "Not found for the caller's agency (another agency's data is 404 too).",
+    "409": "An event id was reused for a different payload.",
+    "412": "If-Match names a version that is not the latest.",
+    "413": "The request, an event or a checkpoint is too large.",
+    "415": "Unsupported Content-Type.",
+    "422": "Schema or content violations; `errors` lists them with JSON pointers.",
+    "500": "The stored checkpoint failed its integrity check (CHECKPOINT_INTEGRITY_FAILED), "
+           "or the agent failed unexpectedly; never a partial acceptance.",
+    "503": "Retry later (Retry-After): spool full or unwritable, draining, or PostgreSQL "
+           "needed and unreachable.",
+}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {code: _problem(_ERRORS[code]) for code in codes}
+
+
+def document(servers: list[str] | None = None) -> dict[str, Any]:
+    """The OpenAPI document; ``servers`` are the URLs this agent's event API answers on."""
+    event = _rewrite_refs(_load("step-event.schema.json"),
+                          {"payload.schema.json": _REF + "Payload"})
+    payload = _load("payload.schema.json")
+    checkpoint = _load("checkpoint.schema.json")
+    run_id = {"name": "run_id", "in": "path", "required": True,
+              "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"}}
+    request_headers = [
+        {"name": "X-Request-ID", "in": "header", "required": False,
+         "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:/+=@-]{1,128}$"},
+         "description": "Echoed, stored as correlation_id; generated when absent."},
+        {"name": "traceparent", "in": "header", "required": False,
+         "schema": {"type": "string"}, "description": "W3C trace context."},
+    ]
+    prefer = {"name": "Prefer", "in": "header", "required": False,
+              "schema": {"type": "string", "enum": ["wait=committed"]},
+              "description": "Answer only once the events are in PostgreSQL."}
+    accepted = {"$ref": _REF + "Accepted"}
+    etag = {"ETag": {"schema": {"type": "string"}, "description": "The version, quoted."}}
+    event_writes = _errors("400", "401", "403", "409", "413", "415", "422", "500", "503")
+    reads = _errors("400", "401", "403", "404", "503")
+    paths: dict[str, Any] = {
+        "/v1/events": {"post": {
+            "operationId": "postEvents",
+            "summary": "Post one event, a JSON array, or NDJSON. Atomic: all or none.",
+            "parameters": [*request_headers, prefer],
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": {"oneOf": [
+                    {"$ref": _REF + "StepEvent"},
+                    {"type": "array", "items": {"$ref": _REF + "StepEvent"}, "minItems": 1},
+                ]}},
+                "application/x-ndjson": {"schema": {"type": "string"}},
+            }},
+            "responses": {"202": _json("Durably spooled.", accepted),
+                          "200": _json("In PostgreSQL (Prefer: wait=committed).", accepted),
+                          **event_writes},
+        }},
+        "/api/v1/lineage": {"post": {
+            "operationId": "postLineage",
+            "summary": "An OpenLineage RunEvent, as the openlineage-python HTTP transport "
+                       "sends it; stored as one flux event.",
+            "parameters": [*request_headers, prefer],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "description": "An OpenLineage RunEvent (spec 2-0-2)."}}}},
+            "responses": {"201": _json("Durably spooled.", accepted),
+                          "200": _json("In PostgreSQL (Prefer: wait=committed).", accepted),
+                          **event_writes},
+        }},
+        "/v1/runs/{run_id}/checkpoint": {
+            "parameters": [run_id],
+            "put": {
+                "operationId": "saveCheckpoint",
+                "summary": "Save the run's checkpoint; the agent hashes it and assigns the "
+                           "next version.",
+                "parameters": [*request_headers, prefer,
+                               {"name": "If-Match", "in": "header", "required": False,
+                                "schema": {"type": "string"},
+                                "description": 'The version the writer read, e.g. "3".'}],
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": {"$ref": _REF + "CheckpointSave"}}}},
+                "responses": {"201": _json("Saved (durably spooled).",
+                                           {"$ref": _REF + "CheckpointInfo"}, etag),
+                              **_errors("400", "401", "403", "412", "413", "415", "422",
+                                        "500", "503")},
+            },
+            "get": {
+                "operationId": "loadCheckpoint",
+                "summary": "The latest checkpoint, its hash verified.",
+                "parameters": request_headers,
+                "responses": {"200": _json("The checkpoint.", {"$ref": _REF + "Checkpoint"},
+                                           etag),
+                              **_errors("401", "403", "404", "500", "503")},
+            },
+        },
+        "/v1/runs/{run_id}/checkpoints": {"get": {
+            "operationId": "checkpointHistory",
+            "summary": "The run's checkpoint versions, newest first.",
+            "parameters": [run_id, *request_headers, _limit()],
+            "responses": {"200": _json("Versions.", {"type": "object", "properties": {
+                "run_id": {"type": "string"},
+                "versions": {"type": "array", "items": {"type": "object"}}}}),
+                **reads},
+        }},
+        "/v1/runs/{run_id}": {"get": {
+            "operationId": "runSummary",
+            "summary": "Status, last step, first/last event time, counts by kind.",
+            "parameters": [run_id, *request_headers],
+            "responses": {"200": _json("The run.", {"type": "object"}), **reads},
+        }},
+        "/v1/runs/{run_id}/events": {"get": {
+            "operationId": "runEvents",
+            "summary": "The run's events by occurred_at then event_id (keyset pagination).",
+            "parameters": [
+                run_id, *request_headers, _limit(),
+                {"name": "kind", "in": "query", "required": False,
+                 "schema": {"type": "string"}},
+                {"name": "step", "in": "query", "required": False,
+                 "schema": {"type": "string"}},
+                {"name": "cursor", "in": "query", "required": False,
+                 "schema": {"type": "string"},
+                 "description": "next_cursor of the previous page."},
+            ],
+            "responses": {"200": _json("A page.", {"type": "object", "properties": {
+                "run_id": {"type": "string"},
+                "events": {"type": "array", "items": {"$ref": _REF + "StoredEvent"}},
+                "next_cursor": {"type": ["string", "null"]}}}), **reads},
+        }},
+        "/v1/events/{event_id}": {"get": {
+            "operationId": "getEvent",
+            "summary": "One stored event of the caller's agency.",
+            "parameters": [{"name": "event_id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}, *request_headers],
+            "responses": {"200": _json("The event.", {"$ref": _REF + "StoredEvent"}),
+                          **reads},
+        }},
+        "/v1/drain": {"post": {
+            "operationId": "drain",
+            "summary": "For Jobs on clusters without native sidecars: flush, then exit 0.",
+            "parameters": request_headers,
+            "responses": {"200": _json("Drained (or the deadline passed).", {
+                "type": "object", "properties": {"drained": {"type": "boolean"},
+                                                 "backlog_records": {"type": "integer"}}}),
+                **_errors("401", "403", "503")},
+        }},
+        "/openapi.json": {"get": {
+            "operationId": "openapi", "summary": "This document.", "security": [],
+            "responses": {"200": _json("OpenAPI 3.1.", {"type": "object"})},
+        }},
+    }
+    for path, summary in (
+        ("/health/live", "200 while the process is sound."),
+        ("/health/ready", "200 while the agent accepts events; 503 when draining, when the "
+                          "spool is full or unwritable, or when flushing has stalled."),
+        ("/health/deep", "Diagnostics: PostgreSQL latency, schema version, spool, last "
+                         "flush and error, uptime."),
+        ("/metrics", "Prometheus text exposition."),
+    ):
+        paths[path] = {"get": {
+            "operationId": path.strip("/").replace("/", "_"),
+            "summary": summary + " Admin listener only (FLUX_AGENT_ADMIN_LISTEN).",
+            "tags": ["admin"], "security": [],
+            "responses": {"200": {"description": "OK"},
+                          **({"503": _problem("Not ready.")} if "ready" in path
+                             or "deep" in path else {})},
+        }}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "flux-agent", "version": __version__,
+                 "description": "The event API of the flux-agent sidecar (localhost TCP and "
+                                "Unix socket). Every error is application/problem+json."},
+        "servers": [{"url": url} for url in (servers or ["http://127.0.0.1:8787"])],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                "description": "Claims iss, sub, agency, role, exp, iat. Not required when "
+                               "the agent runs with FLUX_AGENT_AUTH=none."}},
+            "schemas": {
+                "StepEvent": event,
+                "Payload": payload,
+                "CheckpointSave": checkpoint,
+                "Accepted": {"type": "object", "required": ["accepted", "duplicates",
+                                                            "event_ids"],
+                             "properties": {"accepted": {"type": "integer"},
+                                            "duplicates": {"type": "integer"},
+                                            "event_ids": {"type": "array",
+                                                          "items": {"type": "string"}},
+                                            "committed": {"type": "boolean"}}},
+                "CheckpointInfo": _checkpoint_info(),
+                "Checkpoint": {**copy.deepcopy(_checkpoint_info()),
+                               "required": ["run_id", "version", "step", "state",
+                                            "checkpoint_hash"]},
+                "StoredEvent": {"type": "object", "required": [
+                    "event_id", "run_id", "kind", "occurred_at", "payload", "payload_sha256",
+                    "agency"]},
+                "Problem": _problem_schema(),
+            },
+        },
+    }
+
+
+def _limit() -> dict[str, Any]:
+    return {"name": "limit", "in": "query", "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}
+
+
+def _checkpoint_info() -> dict[str, Any]:
+    return {"type": "object", "required": ["run_id", "version", "step", "checkpoint_hash"],
+            "properties": {"run_id": {"type": "string"}, "version": {"type": "integer"},
+                           "step": {"type": "string"},
+                           "checkpoint_hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                           "saved_at": {"type": "string"}, "state": {"type": "object"}}}
+
+
+def _problem_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["type", "title", "status", "detail", "instance", "error_id", "timestamp",
+                     "class", "code", "context", "trace_id", "span_id", "request_id",
+                     "retryable"],
+        "properties": {
+            "type": {"type": "string"}, "title": {"type": "string"},
+            "status": {"type": "integer"}, "detail": {"type": "string"},
+            "instance": {"type": "string"}, "error_id": {"type": "string"},
+            "timestamp": {"type": "string"},
+            "class": {"enum": ["VALIDATION_ERROR", "TRANSIENT_ERROR", "TERMINAL_ERROR",
+                               "DATA_ISOLATION_ERROR", "CHECKPOINT_ERROR"]},
+            "code": {"type": "string"}, "context": {"type": "object"},
+            "trace_id": {"type": "string"}, "span_id": {"type": "string"},
+            "request_id": {"type": "string"}, "retryable": {"type": "boolean"},
+            "errors": {"type": "array", "items": {
+                "type": "object", "required": ["pointer", "message", "code"],
+                "properties": {"pointer": {"type": "string"}, "message": {"type": "string"},
+                               "code": {"type": "string"}}}},
+        },
+    }
