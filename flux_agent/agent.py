@@ -25,7 +25,7 @@ from aiohttp import web
 
 from . import logs
 from .audit import Auditor
-from .auth import Authenticator, FixedAgency
+from .auth import ApiKeyAuthenticator, Authenticator, FixedAgency, load_api_keys
 from .batch import Limits
 from .checkpoints import Checkpoints
 from .config import AgentConfig, env_name, redact_dsn, split_hostport
@@ -183,9 +183,9 @@ class Agent:
                 self._tasks.append(asyncio.create_task(
                     self._retention_loop(schemas.manifest.retention_days), name="flux-retention"))
             if config.auth == "jwt" and config.jwt_jwks_file:
+                jwt_auth = getattr(authenticator, "tokens", None) or authenticator
                 self._tasks.append(asyncio.create_task(
-                    self._watch_jwks(authenticator, Path(config.jwt_jwks_file)),
-                    name="flux-jwks"))
+                    self._watch_jwks(jwt_auth, Path(config.jwt_jwks_file)), name="flux-jwks"))
             self.auditor.record("agent.start", success=True, detail={
                 "auth": config.auth, "agent_id": config.effective_agent_id})
         except BaseException:
@@ -272,14 +272,25 @@ class Agent:
         config = self.config
         if config.auth == "none":
             return FixedAgency(config.agency)
-        from .tokens import JwtAuthenticator
+        tokens: Authenticator | None = None
+        if config.jwt_issuers:
+            from .tokens import JwtAuthenticator  # only jwt mode pays for pyjwt + cryptography
 
-        if config.jwt_hs256_secret:
-            logs.register_secret(config.jwt_hs256_secret.reveal())
-        return JwtAuthenticator(
-            _load_keys(config), algorithms=config.jwt_algorithms, issuers=config.jwt_issuers,
-            audience=config.jwt_audience or None, leeway=config.jwt_leeway,
-        )
+            if config.jwt_hs256_secret:
+                logs.register_secret(config.jwt_hs256_secret.reveal())
+            tokens = JwtAuthenticator(
+                _load_keys(config), algorithms=config.jwt_algorithms,
+                issuers=config.jwt_issuers, audience=config.jwt_audience or None,
+                leeway=config.jwt_leeway,
+            )
+        if not config.api_keys_file:
+            assert tokens is not None
+            return tokens
+        try:
+            keys = load_api_keys(Path(config.api_keys_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(env_name("api_keys_file"), f"cannot load API keys: {exc}") from None
+        return ApiKeyAuthenticator(keys, tokens)
 
     async def _watch_jwks(self, authenticator: Authenticator, path: Path) -> None:
         """Key rotation: re-read the JWKS file when it changes (checked every 2 s)."""

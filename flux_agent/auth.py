@@ -7,9 +7,12 @@ cryptography libraries cost about 9 MiB of memory).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from .errors import AuthenticationError, DataIsolationError, ValidationError
 
@@ -73,3 +76,65 @@ def check_agency(claims: Claims, known: Callable[[str], bool]) -> None:
         raise DataIsolationError("UNKNOWN_AGENCY",
                                  f"agency {claims.agency!r} is not served by this agent",
                                  context={"agency": claims.agency})
+
+
+# --------------------------------------------------------------------------- API keys
+
+_SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def load_api_keys(text: str) -> dict[str, Claims]:
+    """``{"keys": [{"sha256": "<hex of the key's SHA-256>", "agency": "nasa",
+    "role": "operator", "name": "airflow-prod"}]}`` -> {hash: Claims}. The file holds hashes
+    only, so reading it reveals no key. Raises ValueError naming the bad entry."""
+    data: Any = json.loads(text)
+    keys = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(keys, list):
+        raise ValueError('expected {"keys": [...]}')
+    out: dict[str, Claims] = {}
+    for i, entry in enumerate(keys):
+        if not isinstance(entry, dict):
+            raise ValueError(f"keys[{i}] is not an object")
+        digest, agency = entry.get("sha256"), entry.get("agency")
+        role, name = entry.get("role", "operator"), entry.get("name", f"api-key-{i}")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise ValueError(f"keys[{i}].sha256 must be 64 lower-case hex digits")
+        if not isinstance(agency, str) or not _SLUG.match(agency):
+            raise ValueError(f"keys[{i}].agency must be an agency slug")
+        if role not in ROLES:
+            raise ValueError(f"keys[{i}].role must be one of {', '.join(ROLES)}")
+        out[digest] = Claims(sub=f"api-key:{name}", agency=agency, role=str(role))
+    return out
+
+
+def api_key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiKeyAuthenticator:
+    """Bearer API keys for clients that cannot mint JWTs (the OpenLineage HTTP transport's
+    ``api_key`` auth sends one). A token that looks like a JWT goes to ``tokens`` instead.
+
+    Keys are compared by SHA-256: the lookup reveals nothing by its timing."""
+
+    def __init__(self, keys: Mapping[str, Claims], tokens: Authenticator | None = None) -> None:
+        self.keys = dict(keys)
+        self.tokens = tokens
+
+    def authenticate(self, headers: Mapping[str, str], local: bool) -> Claims:
+        raw = headers.get("Authorization", "")
+        scheme, _, token = raw.partition(" ")
+        token = token.strip()
+        if self.tokens is not None and (not token or token.count(".") == 2):
+            return self.tokens.authenticate(headers, local)
+        if not raw:
+            raise AuthenticationError("TOKEN_MISSING", "send Authorization: Bearer <key>",
+                                      headers={"WWW-Authenticate": 'Bearer realm="flux-agent"'})
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationError("TOKEN_MALFORMED", "the Authorization header must be "
+                                      "'Bearer <key>'")
+        claims = self.keys.get(api_key_digest(token))
+        if claims is None:
+            raise AuthenticationError("TOKEN_UNKNOWN_KEY", "unknown API key")
+        return claims

@@ -181,6 +181,18 @@ def cmd_token(args: argparse.Namespace) -> int:
 
     from .tokens import mint
 
+    if args.api_key:
+        import secrets
+
+        from .auth import api_key_digest
+
+        api_key = "flux_" + secrets.token_urlsafe(32)
+        entry = {"sha256": api_key_digest(api_key), "agency": args.agency, "role": args.role,
+                 "name": args.sub}
+        print("flux-agent: a new API key. Give the key (stdout) to the client; add this "
+              f"entry to FLUX_AGENT_API_KEYS_FILE: {json.dumps(entry)}", file=sys.stderr)
+        print(api_key)
+        return EXIT_OK
     if args.generate_key:
         private = Path(args.generate_key)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -373,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_emit)
 
     p = sub.add_parser("token", help="mint a development JWT from a local key")
+    p.add_argument("--api-key", action="store_true",
+                   help="print a new random API key (and its entry for the API keys file)")
     p.add_argument("--generate-key", metavar="PATH",
                    help="write a new ES256 private key to PATH and its public key to PATH.pub")
     p.add_argument("--key", help="PEM private key (RSA, P-256 or Ed25519)")

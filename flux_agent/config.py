@@ -260,6 +260,10 @@ class AgentConfig:
     jwt_hs256_secret: Secret | None = setting(
         None, "HMAC secret (development only).", secret=True, shown_default="unset"
     )
+    api_keys_file: str = setting(
+        "", "JSON file of API keys (their SHA-256, agency and role) for clients that cannot "
+        "mint JWTs; used with `auth` `jwt`.", shown_default="unset",
+    )
     jwt_leeway: float = setting(
         30.0, "Clock skew tolerated on `exp`, `iat` and `nbf`.", parse_duration,
         shown_default="30s",
@@ -576,8 +580,12 @@ def _check_jwt(config: AgentConfig) -> None:
         raise ConfigError(name, f"not allowed: {', '.join(sorted(unknown))}")
     if algs & _HMAC and algs & _PUBLIC:
         raise ConfigError(name, "HMAC and public-key algorithms must not be mixed")
+    jwt_keys = config.jwt_public_key_file or config.jwt_jwks_file or config.jwt_hs256_secret
+    if config.api_keys_file and not (config.jwt_issuers or jwt_keys):
+        return  # API keys only
     if not config.jwt_issuers:
-        raise ConfigError(env_name("jwt_issuers"), "required when FLUX_AGENT_AUTH is jwt")
+        raise ConfigError(env_name("jwt_issuers"), "required when FLUX_AGENT_AUTH is jwt "
+                          "(or use FLUX_AGENT_API_KEYS_FILE alone)")
     if algs & _HMAC:
         if not config.jwt_hs256_secret:
             raise ConfigError(env_name("jwt_hs256_secret"),

@@ -411,3 +411,41 @@ def test_token_command_mints_a_token_the_agent_accepts(tmp_path: Path):
     claims = auth.authenticate({"Authorization": f"Bearer {tok}"}, local=False)
     assert (claims.agency, claims.role) == ("noaa", "viewer")
     assert jwt.decode(tok, options={"verify_signature": False})["dev"] is True
+
+
+async def test_api_keys_map_a_key_to_an_agency(database: Database, state_dir: Path, rsa_key):
+    gen = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "flux_agent", "token", "--api-key", "--agency",
+                         "noaa", "--role", "operator", "--sub", "airflow"],
+        capture_output=True, text=True, timeout=60)
+    assert gen.returncode == 0, gen.stderr
+    key = gen.stdout.strip()
+    remember_secret(key)
+    entry = json.loads(gen.stderr.split("FLUX_AGENT_API_KEYS_FILE: ", 1)[1])
+    assert key not in gen.stderr  # the file holds only the hash
+    keys_file = state_dir / "keys.json"
+    keys_file.write_text(json.dumps({"keys": [entry]}))
+    pem = state_dir / "idp.pem"
+    pem.write_bytes(pem_public(rsa_key))
+    config = agent_config(database, state_dir, auth="jwt", agency="",
+                          api_keys_file=str(keys_file), jwt_algorithms=("RS256",),
+                          jwt_issuers=(ISSUER,), jwt_audience=AUDIENCE,
+                          jwt_public_key_file=str(pem))
+    async with Agent(config) as running:
+        url = running.endpoints.event_url + "/v1/events"
+        status, body, _ = await post(url, make_event(), headers={
+            **bearer(key), "Prefer": "wait=committed"})
+        assert status == 200, body
+        # JWTs still work beside the keys.
+        assert (await post(url, make_event(), headers=bearer(token(rsa_key))))[0] == 202
+        status, body, headers = await post(url, make_event(), headers=bearer("flux_wrong"))
+        assert_problem(status, body, headers, 401, "TOKEN_UNKNOWN_KEY")
+    agencies = await database.fetch("SELECT agency_id, count(*) FROM flux.events GROUP BY 1 "
+                                    "ORDER BY 1")
+    assert [tuple(r) for r in agencies] == [("nasa", 1), ("noaa", 1)]
+    bad = state_dir / "bad.json"
+    bad.write_text('{"keys": [{"sha256": "abc", "agency": "noaa"}]}')
+    with pytest.raises(ConfigError) as info:
+        async with Agent(config.replace(api_keys_file=str(bad))):
+            pass
+    assert info.value.setting == "FLUX_AGENT_API_KEYS_FILE"
