@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .harness import Database, machine
+from .harness import BareServer, Database, machine
 from .report import markdown, plot_outage
 from .scenarios import (
     Ctx,
     backlog,
+    checkpoints,
     crash,
+    event_pages,
     idle,
     make_jwt,
     measure_baselines,
@@ -62,10 +64,21 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
                          connections=32, baseline="c_single_tcp", auth=True)
         await throughput(ctx, "batches of 500, TCP, c=2, JWT auth", events=500, fmt="json",
                          connections=2, auth=True)
+        with BareServer(ctx.tmp) as collector:  # an OTLP receiver that keeps nothing
+            tracing = {"FLUX_AGENT_TRACING": "otlp",
+                       "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT":
+                           f"http://127.0.0.1:{collector.port}/v1/traces"}
+            await throughput(ctx, "batches of 500, TCP, c=2, tracing on (OTLP)", events=500,
+                             fmt="json", connections=2, env=tracing)
+            await throughput(ctx, "single events, TCP, c=32, tracing on (OTLP)", events=1,
+                             fmt="single", connections=32, baseline="c_single_tcp",
+                             env=tracing)
         print("latency, faults, footprint", flush=True)
         await steady(ctx, peak / 2)
         await outage(ctx, peak / 2)
         await crash(ctx, peak / 2)
+        await checkpoints(ctx)
+        await event_pages(ctx, 100_000 if ctx.quick else 1_000_000)
         if not ctx.quick:
             await backlog(ctx, 1_000_000)
         await idle(ctx)

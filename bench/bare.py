@@ -26,9 +26,17 @@ async def post_events(request: web.Request) -> web.Response:
                         content_type="application/json")
 
 
+async def otlp_sink(request: web.Request) -> web.Response:
+    """An OTLP/HTTP trace receiver that keeps nothing: what exporting spans costs the agent
+    (the scenario "tracing on") without a collector's own work in the measurement."""
+    await request.read()
+    return web.Response(body=b"", status=200, content_type="application/x-protobuf")
+
+
 async def serve(port: int, socket: str | None) -> None:
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app.router.add_post("/v1/events", post_events)
+    app.router.add_post("/v1/traces", otlp_sink)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()

@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -383,3 +384,113 @@ async def backlog(ctx: Ctx, events: int) -> None:
              "events_per_s": load["events_acked"] / seconds, "time_to_drain_s": seconds,
              "spool_mib": spool / MiB, "peak_rss_mib": peak,
              "ingest_events_per_s": load["events_acked"] / load["elapsed_s"]})
+
+
+async def checkpoints(ctx: Ctx) -> None:
+    """Checkpoint save (fsync'ed, spooled) and load (from PostgreSQL, hash verified)."""
+    import aiohttp
+
+    await ctx.db.reset()
+    agent = AgentProc(ctx.db, ctx.state("checkpoints"))
+    await asyncio.to_thread(agent.start)
+    n = 300 if ctx.quick else 2000
+    state = {"offset": 0, "files": [f"part-{i:05d}.parquet" for i in range(20)],
+             "watermark": "2026-11-23T07:00:00Z"}
+    saves: list[float] = []
+    loads: list[float] = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def save(i: int) -> None:
+                body = {"step": f"step-{i % 9}", "state": {**state, "offset": i}}
+                t = time.perf_counter()
+                async with session.put(f"{agent.url}/v1/runs/cp-{i % 50}/checkpoint",
+                                       json=body) as r:
+                    await r.read()
+                    assert r.status == 201, r.status
+                saves.append((time.perf_counter() - t) * 1000)
+
+            async def load(i: int) -> None:
+                t = time.perf_counter()
+                async with session.get(f"{agent.url}/v1/runs/cp-{i % 50}/checkpoint") as r:
+                    await r.read()
+                    assert r.status == 200, r.status
+                loads.append((time.perf_counter() - t) * 1000)
+
+            for start in range(0, n, 8):  # eight clients at a time
+                await asyncio.gather(*(save(i) for i in range(start, min(n, start + 8))))
+            await asyncio.to_thread(wait_flushed, agent, n)  # the checkpoint.saved events
+            for start in range(0, n, 8):
+                await asyncio.gather(*(load(i) for i in range(start, min(n, start + 8))))
+    finally:
+        agent.stop()
+    for name, values in (("checkpoint save (fsync'ed), 8 clients", saves),
+                         ("checkpoint load (PostgreSQL, hash verified), 8 clients", loads)):
+        values.sort()
+        ctx.add({"name": name, "requests": len(values), "p50_ms": _pct(values, 50),
+                 "p99_ms": _pct(values, 99), "p999_ms": _pct(values, 99.9)})
+
+
+def _pct(values: list[float], p: float) -> float:
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+async def event_pages(ctx: Ctx, total: int) -> None:
+    """GET /v1/runs/{id}/events page latency on a table of ``total`` events, and the plan."""
+    import aiohttp
+
+    await ctx.db.reset()
+    conn = await asyncpg.connect(ctx.db.admin_dsn)
+    try:
+        step = 100_000
+        for start in range(0, total, step):
+            rows = baselines.rows(min(step, total - start))
+            base = rows[0][5]
+            rows = [(r[0], r[1], f"page-run-{(start + i) % 200}", r[3], r[4],
+                     base + timedelta(milliseconds=start + i), *r[6:])
+                    for i, r in enumerate(rows)]
+            await conn.copy_records_to_table("events", schema_name="flux", records=rows,
+                                             columns=baselines.COLUMNS)
+        await conn.execute("ANALYZE flux.events")
+        plan = await _plan(conn)
+    finally:
+        await conn.close()
+    agent = AgentProc(ctx.db, ctx.state("pages"))
+    await asyncio.to_thread(agent.start)
+    first: list[float] = []
+    deep: list[float] = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            for i in range(40 if ctx.quick else 200):
+                run = f"page-run-{i % 200}"
+                cursor = None
+                for page in range(5):
+                    url = f"{agent.url}/v1/runs/{run}/events?limit=100"
+                    if cursor:
+                        url += f"&cursor={cursor}"
+                    t = time.perf_counter()
+                    async with session.get(url) as r:
+                        body = await r.json()
+                    (first if page == 0 else deep).append((time.perf_counter() - t) * 1000)
+                    cursor = body["next_cursor"]
+    finally:
+        agent.stop()
+    for name, values in ((f"events page (100 rows), first page, {total:,}-event table", first),
+                         (f"events page (100 rows), pages 2-5 by cursor, {total:,}-event table",
+                          deep)):
+        values.sort()
+        ctx.add({"name": name, "requests": len(values), "p50_ms": _pct(values, 50),
+                 "p99_ms": _pct(values, 99), "p999_ms": _pct(values, 99.9),
+                 "index_scan": "Index" in plan})
+    ctx.notes.append("Query plan of an events page (EXPLAIN, as the agent's role):\n\n"
+                     + "\n".join("    " + line for line in plan.splitlines()))
+
+
+async def _plan(conn: Any) -> str:
+    async with conn.transaction():
+        await conn.execute("SET LOCAL ROLE flux_agent")
+        await conn.execute("SELECT set_config('flux.current_agency_id', 'nasa', true)")
+        rows = await conn.fetch(
+            "EXPLAIN (ANALYZE, BUFFERS) SELECT event_id FROM flux.events "
+            "WHERE agency_id = 'nasa' AND run_id = 'page-run-7' "
+            "ORDER BY occurred_at, event_id LIMIT 101")
+    return "\n".join(r[0] for r in rows)

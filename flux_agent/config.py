@@ -224,11 +224,11 @@ class AgentConfig:
         choice("fsync", "none"),
     )
     memory_queue_bytes: int = setting(
-        16 * 1024**2,
+        8 * 1024**2,
         "Memory for events on their way from intake to the flusher; beyond it the flusher "
         "reads them back from the spool.",
         parse_bytes,
-        shown_default="16MiB",
+        shown_default="8MiB",
     )
     request_memory_bytes: int = setting(
         16 * 1024**2,
@@ -332,7 +332,8 @@ class AgentConfig:
         parse_int,
     )
     dedupe_index_size: int = setting(
-        50_000, "Recently seen event ids remembered for duplicate reporting.", parse_int
+        20_000, "Recently seen event ids remembered for duplicate reporting (about 300 bytes "
+        "each).", parse_int
     )
     database_pgbouncer: bool = setting(
         False, "PgBouncer in transaction pooling mode: no server-side prepared statements.",
