@@ -14,7 +14,6 @@ event payloads). It is verified on every load; a mismatch is never returned as v
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import uuid
 from collections import OrderedDict
@@ -26,6 +25,7 @@ from typing import Any
 
 import msgspec
 
+from ._files import write_atomic
 from .digest import canonical_json, sha256_hex
 from .errors import CheckpointError, TransientError, ValidationError
 from .event import CheckpointRecord, CheckpointRow, Row, record_decoder, record_encoder
@@ -142,12 +142,7 @@ class Checkpoints:
         return msgspec.msgpack.encode(_Snapshot(1, runs))
 
     def save_snapshot(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as fh:
-            fh.write(self.dump())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, self.dump())
 
     def restore(self, path: Path) -> int:
         """Versions known before a restart (saves still on the spool are recovered too)."""

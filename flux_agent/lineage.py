@@ -30,10 +30,9 @@ Nothing is reordered: the agent keeps a run's events in arrival order.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -42,7 +41,14 @@ import jsonschema_rs
 from ._resources import data_dir
 from .digest import canonical_json
 from .errors import ValidationError
-from .validate import SCHEMA_VERSION, parse_timestamp, violation
+from .validate import (
+    KEYWORD_CODES,
+    SCHEMA_VERSION,
+    load_json,
+    parse_timestamp,
+    pointer,
+    violation,
+)
 
 OPENLINEAGE_DIR: Final = "openlineage"
 # What the bundled RunEvent schema is known as; every *.json file in schemas/openlineage/ (and
@@ -79,29 +85,6 @@ _CODES: Final[Mapping[tuple[str, str], str]] = {
     ("content_type", "enum"): "INVALID_CONTENT_TYPE",
     ("use_case", "enum"): "INVALID_USE_CASE",
 }
-_KEYWORD_CODES: Final[Mapping[str, str]] = {
-    "required": "MISSING_FIELD",
-    "type": "WRONG_TYPE",
-    "format": "INVALID_FORMAT",
-    "enum": "INVALID_VALUE",
-    "const": "INVALID_VALUE",
-    "minimum": "OUT_OF_RANGE",
-    "maximum": "OUT_OF_RANGE",
-    "pattern": "INVALID_FORMAT",
-    "minLength": "INVALID_LENGTH",
-    "maxLength": "INVALID_LENGTH",
-}
-
-
-def _pointer(parts: Sequence[str | int]) -> str:
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
-
-
-def _load(path: Path) -> Any:
-    with path.open("rb") as fh:
-        return json.load(fh)
-
-
 def _offline(uri: str) -> Any:
     """The retriever: every schema is bundled, nothing is ever fetched."""
     raise ValueError(f"{uri} is not bundled with flux-agent and is never fetched")
@@ -161,7 +144,7 @@ class Lineage:
                   root / SCHEMA_VERSION / "step-event.schema.json"]
         resources = []
         for path in files:
-            schema = _load(path)
+            schema = load_json(path)
             resources.append((schema["$id"], schema))
         registry = jsonschema_rs.Registry(resources, retriever=_offline)
         facet_path = {"properties": {"run": {"properties": {"facets": {"properties": {
@@ -187,12 +170,12 @@ class Lineage:
             if keyword == "required":
                 path.append(err.kind.property)  # type: ignore[attr-defined]
             last = next((p for p in reversed(path) if isinstance(p, str)), "")
-            code = _CODES.get((last, keyword)) or _KEYWORD_CODES.get(keyword, "SCHEMA_VIOLATION")
-            pointer = _pointer(path)
-            if (pointer, err.message) in seen:
+            code = _CODES.get((last, keyword)) or KEYWORD_CODES.get(keyword, "SCHEMA_VIOLATION")
+            at = pointer(path)
+            if (at, err.message) in seen:
                 continue
-            seen.add((pointer, err.message))
-            out.append(violation(pointer, err.message, code))
+            seen.add((at, err.message))
+            out.append(violation(at, err.message, code))
         return out or [violation("", "not a valid OpenLineage RunEvent", "SCHEMA_VIOLATION")]
 
     def check(self, doc: Any) -> bytes:
@@ -229,7 +212,7 @@ class Lineage:
             problems = self.explain(doc)
         canonical = canonical_json(doc) if not problems else b""
         if _NUL_ESCAPE in canonical:
-            problems = [violation(_pointer(p), "NUL characters (\\u0000) cannot be stored",
+            problems = [violation(pointer(p), "NUL characters (\\u0000) cannot be stored",
                                   "NUL_CHARACTER") for p in _find_nul(doc, [])]
         if problems:
             codes = {p["code"] for p in problems}

@@ -15,10 +15,11 @@ be acknowledged before its original is durable.
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import msgspec
+
+from ._files import write_atomic
 
 Key = tuple[str, str]  # (agency, lower-case event id)
 Entry = tuple[int, int, "asyncio.Future[int] | None"]
@@ -80,12 +81,7 @@ class SeenIndex:
         return len(snap.entries)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as fh:
-            fh.write(self.dump())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, self.dump())
 
     def restore(self, path: Path) -> int:
         try:

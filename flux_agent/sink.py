@@ -114,6 +114,29 @@ def describe(exc: BaseException) -> str:
     return f"{sqlstate}: {text}" if sqlstate else f"{type(exc).__name__}: {text}"
 
 
+# --------------------------------------------------------------------------- pools
+
+
+async def open_pool(dsn: str, *, max_size: int, pgbouncer: bool, name: str,
+                    command_timeout: float) -> Any:
+    """A lazily connecting pool (PostgreSQL being down at start is not fatal)."""
+    return await asyncpg.create_pool(
+        dsn, min_size=0, max_size=max_size, timeout=5, command_timeout=command_timeout,
+        max_inactive_connection_lifetime=60,
+        # Behind PgBouncer in transaction pooling mode, a named prepared statement may be
+        # looked for on another server connection: do without the statement cache.
+        statement_cache_size=0 if pgbouncer else 256,
+        server_settings={"application_name": name},
+    )
+
+
+async def close_pool(pool: Any) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), 5)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        pool.terminate()
+
+
 # --------------------------------------------------------------------------- migrations
 
 
@@ -256,25 +279,15 @@ class Sink:
         if self._pool is None:
             async with self._pool_lock:
                 if self._pool is None:
-                    self._pool = await asyncpg.create_pool(
-                        self._dsn,
-                        min_size=0,
-                        max_size=self._max,
-                        timeout=5,
-                        command_timeout=self._command_timeout,
-                        max_inactive_connection_lifetime=60,
-                        statement_cache_size=0 if self._pgbouncer else 256,
-                        server_settings={"application_name": "flux-agent"},
-                    )
+                    self._pool = await open_pool(
+                        self._dsn, max_size=self._max, pgbouncer=self._pgbouncer,
+                        name="flux-agent", command_timeout=self._command_timeout)
         return self._pool
 
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            try:
-                await asyncio.wait_for(pool.close(), 5)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                pool.terminate()
+            await close_pool(pool)
 
     async def ensure_schema(self) -> list[str]:
         """Check (and if allowed, apply) migrations; learn who we are. Idempotent."""

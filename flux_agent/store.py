@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 import msgspec
 
 from .digest import canonical_json, sha256_hex
+from .sink import close_pool, open_pool
 
 _SET_AGENCY = "SELECT set_config('flux.current_agency_id', $1, true)"
 _EVENT_COLUMNS = (
@@ -111,21 +111,15 @@ class Store:
         if self._pool is None:
             async with self._lock:
                 if self._pool is None:
-                    self._pool = await asyncpg.create_pool(
-                        self._dsn, min_size=0, max_size=self._max, timeout=5,
-                        command_timeout=30, max_inactive_connection_lifetime=60,
-                        statement_cache_size=0 if self._pgbouncer else 128,
-                        server_settings={"application_name": "flux-agent-read"},
-                    )
+                    self._pool = await open_pool(
+                        self._dsn, max_size=self._max, pgbouncer=self._pgbouncer,
+                        name="flux-agent-read", command_timeout=30)
         return self._pool
 
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            try:
-                await asyncio.wait_for(pool.close(), 5)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                pool.terminate()
+            await close_pool(pool)
 
     async def _fetch(self, agency: str, query: str, *args: Any) -> list[Any]:
         pool = await self._get_pool()

@@ -37,7 +37,7 @@ _CODES: Mapping[tuple[str, str], str] = {
     ("occurred_at", "format"): "INVALID_TIMESTAMP",
     ("payload_sha256", "pattern"): "INVALID_PAYLOAD_SHA256",
 }
-_KEYWORD_CODES: Mapping[str, str] = {
+KEYWORD_CODES: Mapping[str, str] = {
     "required": "MISSING_FIELD",
     "additionalProperties": "UNKNOWN_FIELD",
     "type": "WRONG_TYPE",
@@ -52,11 +52,12 @@ _KEYWORD_CODES: Mapping[str, str] = {
 }
 
 
-def _pointer(parts: Sequence[str | int]) -> str:
+def pointer(parts: Sequence[str | int]) -> str:
+    """A JSON pointer (RFC 6901) from path parts."""
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
-def _load_json(path: Path) -> Any:
+def load_json(path: Path) -> Any:
     with path.open("rb") as fh:
         return json.load(fh)
 
@@ -97,28 +98,28 @@ class Schemas:
 
     def __init__(self, schema_dir: Path | None = None, manifest_path: Path | None = None) -> None:
         root = (schema_dir or data_dir("schemas")) / SCHEMA_VERSION
-        envelope = _load_json(root / "step-event.schema.json")
-        payload = _load_json(root / "payload.schema.json")
+        envelope = load_json(root / "step-event.schema.json")
+        payload = load_json(root / "payload.schema.json")
         registry = jsonschema_rs.Registry([(_BASE_URI + "payload.schema.json", payload)])
         self.event = jsonschema_rs.validator_for(
             envelope, registry=registry, validate_formats=True
         )
         self.payload = jsonschema_rs.validator_for(payload, validate_formats=True)
         self.checkpoint = jsonschema_rs.validator_for(
-            _load_json(root / "checkpoint.schema.json"), validate_formats=True
+            load_json(root / "checkpoint.schema.json"), validate_formats=True
         )
         self.manifest_schema = jsonschema_rs.validator_for(
-            _load_json(root / "agency-manifest.schema.json"), validate_formats=True
+            load_json(root / "agency-manifest.schema.json"), validate_formats=True
         )
         self.manifest = self.load_manifest(manifest_path or root / "agencies.json")
 
     def load_manifest(self, path: Path) -> Manifest:
         try:
-            data = _load_json(path)
+            data = load_json(path)
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read agency manifest {path}: {exc}") from None
         problems = [
-            f"{_pointer(list(e.instance_path)) or '/'}: {e.message}"
+            f"{pointer(list(e.instance_path)) or '/'}: {e.message}"
             for e in self.manifest_schema.iter_errors(data)
         ]
         if problems:
@@ -144,8 +145,8 @@ class Schemas:
             if keyword == "required":
                 path.append(err.kind.property)
             last = next((p for p in reversed(path) if isinstance(p, str)), "")
-            code = _CODES.get((last, keyword)) or _KEYWORD_CODES.get(keyword, "SCHEMA_VIOLATION")
-            out.append(violation(_pointer(path), err.message, code))
+            code = _CODES.get((last, keyword)) or KEYWORD_CODES.get(keyword, "SCHEMA_VIOLATION")
+            out.append(violation(pointer(path), err.message, code))
         return out
 
 
@@ -189,7 +190,7 @@ class EventChecker:
                 prefix: list[str | int] = [i] if batch else []
                 if not isinstance(ev, dict):
                     invalid.append(
-                        violation(_pointer(prefix), "an event must be a JSON object", "WRONG_TYPE")
+                        violation(pointer(prefix), "an event must be a JSON object", "WRONG_TYPE")
                     )
                 else:
                     invalid.extend(self.schemas.explain(ev, prefix))
