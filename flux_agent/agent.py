@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("flux_agent.agent")
 
 SEEN_SNAPSHOT_INTERVAL = 30.0
+PING_INTERVAL = 15.0
 EMBEDDED_LOGIN_ROLE = "flux_agent_local"
 EMBEDDED_DATABASE = "flux"
 
@@ -166,6 +167,9 @@ class Agent:
             )
             self.flusher.start()
             self.metrics.add_state(self._metric_state)
+            self.metrics.known_labels(schemas.manifest.retention_days)
+            if self.sink.role is not None:  # reached PostgreSQL at start
+                self.flusher.db_up = True
             self.auditor = Auditor(self.spool,
                                    on_drop=lambda reason: self.metrics.audit_dropped.labels(
                                        reason).inc())
@@ -179,6 +183,7 @@ class Agent:
             await self._listen(self.intake.app(), admin_app(self, self.metrics))
             self.intake.servers = [u for u in (self.endpoints.event_url,) if u]
             self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="flux-seen"))
+            self._tasks.append(asyncio.create_task(self._ping_loop(), name="flux-ping"))
             if config.retention_interval > 0:
                 self._tasks.append(asyncio.create_task(
                     self._retention_loop(schemas.manifest.retention_days), name="flux-retention"))
@@ -407,6 +412,22 @@ class Agent:
             except OSError as exc:
                 log.warning("could not save the agent's snapshots",
                             extra={"fields": {"error": exc.strerror}})
+
+    async def _ping_loop(self) -> None:
+        """An idle agent still learns when PostgreSQL goes away or comes back
+        (flux_postgres_up, readiness's "database"); a flushing one learns it from the flush."""
+        assert self.sink is not None
+        assert self.flusher is not None
+        while True:
+            await asyncio.sleep(PING_INTERVAL)
+            if self.flusher.backlog:
+                continue
+            try:
+                await asyncio.wait_for(self.sink.ping(), 5)
+            except Exception:  # noqa: BLE001 - any failure means down
+                self.flusher.db_up = False
+            else:
+                self.flusher.db_up = True
 
     async def _retention_loop(self, agencies: Mapping[str, int]) -> None:
         """Delete expired rows in small batches, in one agent at a time (a lease)."""

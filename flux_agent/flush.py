@@ -117,6 +117,9 @@ class Flusher:
         Kept in memory if it extends the ring and fits; otherwise the flusher will read it
         from the spool when it gets there.
         """
+        if self.spool.written_seq <= self.committed_seq:
+            # Nothing was waiting: the stall clock starts now, not at the last commit.
+            self.last_progress = self.clock()
         ring = self.ring
         expected = ring[-1][0] + 1 if ring else self.flush_pos
         # Decoded rows (tuples, strings, datetimes) take about 2.5 times their msgpack size.
@@ -169,6 +172,7 @@ class Flusher:
 
     async def drain(self, timeout: float) -> bool:
         """Flush what is spooled now, for at most ``timeout`` seconds. True if all landed."""
+        await self.spool.written()  # records appended a moment ago count too
         target = self.spool.written_seq
         if target <= self.committed_seq:
             return True
@@ -331,7 +335,7 @@ class Flusher:
         duplicates = max(0, batch.event_rows - inserted - self._window_dead)
         self.stats.events_duplicate += duplicates
         if self.observe is not None:
-            self.observe(batch.events, elapsed, duplicates)
+            self.observe(batch.event_rows, elapsed, duplicates)
         self.committed_seq = batch.last_seq
         self.last_progress = self.clock()
         self.last_flush_at = time.time()

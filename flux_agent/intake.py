@@ -309,9 +309,10 @@ class ByteBudget:
 @dataclass(slots=True)
 class Accepted:
     accepted: int
-    duplicates: int
+    duplicates: int  # all of them (with wait=committed, also those PostgreSQL found)
     event_ids: list[str]
     committed: bool
+    known_duplicates: int = 0  # those the duplicate index found (metrics: detected_by=intake)
 
 
 class Intake:
@@ -460,9 +461,6 @@ class Intake:
     ) -> web.Response:
         claims: Claims = request[CLAIMS]
         require(claims, "write")
-        if self.draining:
-            raise TransientError("DRAINING", "the agent is shutting down; retry against its "
-                                 "successor", retry_after=1)
         self.inflight += 1
         self._idle.clear()
         # A compressed or chunked body may decode to the largest request allowed.
@@ -471,6 +469,9 @@ class Intake:
             size = self.config.request_max_bytes
         reserved = 0
         try:
+            if self.draining:
+                raise TransientError("DRAINING", "the agent is shutting down; retry against "
+                                     "its successor", retry_after=1)
             # Refuse early when the spool is full, before reading a large body.
             self.spool.check_room(request.content_length or 0)
             reserved = await self.bodies.acquire(size)
@@ -479,6 +480,11 @@ class Intake:
             del events
             wait = _prefers_committed(request.headers.get("Prefer", ""))
             result = await self.accept(rows, claims.agency, wait=wait)
+        except FluxError as err:
+            # Every refusal of an ingest request, whatever its cause (bad JSON, schema,
+            # conflict, full spool, draining), counted by its code.
+            self.metrics.events_rejected.labels(err.code).inc()
+            raise
         finally:
             if reserved:
                 self.bodies.release(reserved)
@@ -487,8 +493,9 @@ class Intake:
                 self._idle.set()
         self.metrics.events_accepted.labels(claims.agency).inc(result.accepted)
         self.runs.observe(rows)
-        if result.duplicates:
-            self.metrics.events_duplicate.labels("intake").inc(result.duplicates)
+        if result.known_duplicates:
+            # PostgreSQL's own finds are counted by the flusher (detected_by=database).
+            self.metrics.events_duplicate.labels("intake").inc(result.known_duplicates)
         body_out = {"accepted": result.accepted, "duplicates": result.duplicates,
                     "event_ids": result.event_ids}
         if wait:
@@ -498,11 +505,7 @@ class Intake:
 
     def _seal(self, request: web.Request, claims: Claims, events: list[Any], batch: bool
               ) -> list[Row]:
-        try:
-            return self.checker.rows(events, self._sealer(request, claims), batch=batch)
-        except FluxError as err:
-            self.metrics.events_rejected.labels(err.code).inc()
-            raise
+        return self.checker.rows(events, self._sealer(request, claims), batch=batch)
 
     def _sealer(self, request: web.Request, claims: Claims) -> Seal:
         received = utcnow()
@@ -652,9 +655,9 @@ class Intake:
                 ) from None
             if new_ids is not None:
                 really_new = sum(1 for row in fresh if row[EVENT_ID] in new_ids)
-                duplicates += accepted - really_new
-                accepted = really_new
-        return Accepted(accepted, duplicates, ids, wait)
+                return Accepted(really_new, duplicates + accepted - really_new, ids, wait,
+                                duplicates)
+        return Accepted(accepted, duplicates, ids, wait, duplicates)
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -12,7 +12,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -137,6 +144,24 @@ class Metrics:
 
         self._answered: dict[tuple[str, int, str], Any] = {}
         self._durations: dict[str, Any] = {}
+        # Memory and CPU of the agent process (process_resident_memory_bytes, ...).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+
+    def known_labels(self, agencies: Iterable[str]) -> None:
+        """Create the series whose labels are known in advance, at zero: increase() and
+        rate() then see an agency's or a class's first event instead of missing it."""
+        for agency in agencies:
+            self.events_accepted.labels(agency)
+            for error_class in ("VALIDATION_ERROR", "TRANSIENT_ERROR", "TERMINAL_ERROR",
+                                "DATA_ISOLATION_ERROR", "CHECKPOINT_ERROR"):
+                self.errors.labels(error_class, agency)
+        for detected_by in ("intake", "database"):
+            self.events_duplicate.labels(detected_by)
+        for success in ("true", "false"):
+            self.checkpoints_saved.labels(success)
+        for reason in ("rate_limited", "spool_unavailable"):
+            self.audit_dropped.labels(reason)
 
     def answered(self, endpoint: str, status: int, agency: str, seconds: float) -> None:
         """One HTTP answer. Label children are cached: ``labels()`` costs microseconds."""

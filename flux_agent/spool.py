@@ -311,6 +311,9 @@ class Spool:
         self._disk_bytes = 0  # sum of segment sizes, kept current instead of summed per request
         self._queued_bytes = 0
         self._cursor_written_at = 0.0
+        # (first seq, wall time) of writes, at most one per 100 ms: what the age of the
+        # oldest unflushed record is computed from.
+        self._marks: deque[tuple[int, float]] = deque()
         self._read_hint: ReadHint | None = None
         # Called in sequence order, on the event loop, for each record once it is written
         # (and synced, with fsync): how the flusher gets records without reading them back.
@@ -414,6 +417,9 @@ class Spool:
         rec.next_seq = self.next_seq
         self._open_segment(self.next_seq)
         self._disk_bytes = sum(seg.size for seg in self.segments)
+        for seg in self.segments:
+            if seg.last_seq > self.cursor:  # recovered records: their segment's age
+                self._marks.append((max(seg.first_seq, self.cursor + 1), seg.created))
         _fsync_dir(d)
         return rec
 
@@ -525,6 +531,9 @@ class Spool:
                         self.on_durable(seq, record, nbytes)
                 self.written_seq = self.durable_seq = group.last_seq
                 self._disk_bytes += grown
+                now = time.time()
+                if not self._marks or now - self._marks[-1][1] >= 0.1:
+                    self._marks.append((group.first_seq, now))
                 if not group.future.done():
                     group.future.set_result(group.last_seq)
             finally:
@@ -638,11 +647,26 @@ class Spool:
         return max(0, self.written_seq - self.cursor)
 
     def oldest_unflushed_age(self, now: float | None = None) -> float:
+        """Seconds since the oldest record not yet in PostgreSQL was written (0 if none)."""
+        oldest = self.cursor + 1
+        if oldest > self.written_seq:
+            return 0.0
+        marks = self._marks
+        while len(marks) > 1 and marks[1][0] <= oldest:
+            marks.popleft()
+        if not marks:
+            return 0.0
         now = time.time() if now is None else now
-        for seg in self.segments:
-            if seg.last_seq > self.cursor:
-                return max(0.0, now - seg.created)
-        return 0.0
+        return max(0.0, now - marks[0][1])
+
+    async def written(self) -> None:
+        """Wait until every record appended so far has been written (or failed to be)."""
+        pending = [g.future for g in self._groups]
+        if self._pending is not None:
+            pending.append(self._pending.future)
+        for fut in pending:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(fut)
 
 
 _READ_CHUNK = 4 * 1024 * 1024
