@@ -7,6 +7,7 @@ import asyncio
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from openapi_spec_validator import validate as validate_spec
 
@@ -31,7 +32,8 @@ async def test_document_is_valid_openapi_31_and_lists_every_route(agent: Agent):
     assert {"/health/live", "/health/ready", "/health/deep", "/metrics"} <= set(doc["paths"])
 
 
-async def test_schemathesis_finds_nothing_undocumented(agent: Agent, database: Database):
+async def test_schemathesis_finds_nothing_undocumented(agent: Agent, database: Database,
+                                                       tmp_path: Path):
     url = agent.endpoints.event_url
     # Some data, so reads can find things as well as miss them.
     events = [make_event("run.started", run_id="st-run"), make_event(run_id="st-run")]
@@ -45,7 +47,7 @@ async def test_schemathesis_finds_nothing_undocumented(agent: Agent, database: D
            "--exclude-path-regex", "^/(health|metrics)",  # the admin listener's port
            "--request-timeout", "20", "--no-color"]
     result = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True,
-                                     timeout=600)
+                                     timeout=600, cwd=tmp_path)  # it leaves a cache behind
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     counts = re.search(r"(\d+) generated, (\d+) passed", result.stdout)
     assert counts, result.stdout[-3000:]
