@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import jwt
 import pytest
@@ -30,7 +31,7 @@ from flux_agent.tokens import JwtAuthenticator, KeySet, mint
 
 from .conftest import Database, agent_config
 from .faults import wait_until
-from .helpers import assert_problem, post, remember_secret
+from .helpers import CAPTURED, assert_problem, post, remember_secret
 
 ISSUER = "https://idp.flux.test"
 AUDIENCE = "flux-agent"
@@ -183,21 +184,43 @@ async def test_forged_and_broken_tokens_are_401_with_a_precise_code(
     assert body["class"] == "VALIDATION_ERROR"
 
 
-@pytest.mark.parametrize(("role", "allowed"), [("admin", True), ("operator", True),
-                                               ("viewer", False), ("analyzer", False),
-                                               ("superuser", False)])
-async def test_role_matrix_for_writes(jwt_agent: Agent, rsa_key, role: str, allowed: bool):
+ROUTES = [  # (method, path, body, what it needs)
+    ("POST", "/v1/events", "event", "write"),
+    ("POST", "/api/v1/lineage", {"eventType": "START"}, "write"),
+    ("PUT", "/v1/runs/matrix-run/checkpoint", {"step": "s", "state": {}}, "write"),
+    ("GET", "/v1/runs/matrix-run/checkpoint", None, "read"),
+    ("GET", "/v1/runs/matrix-run/checkpoints", None, "read"),
+    ("GET", "/v1/runs/matrix-run", None, "read"),
+    ("GET", "/v1/runs/matrix-run/events", None, "read"),
+    ("GET", "/v1/events/0190f0b2-2f6c-7c3e-9d4a-1234567890ab", None, "read"),
+    ("POST", "/v1/drain", {}, "write"),
+]
+PERMITS = {"admin": {"read", "write"}, "operator": {"read", "write"}, "viewer": {"read"},
+           "analyzer": {"read"}, "superuser": set()}
+
+
+@pytest.mark.parametrize("role", sorted(PERMITS))
+async def test_role_matrix_over_every_route(jwt_agent: Agent, rsa_key, role: str):
     headers = bearer(token(rsa_key, role=role))
-    status, body, resp_headers = await post(jwt_agent.endpoints.event_url + "/v1/events",
-                                            make_event(), headers=headers)
-    if allowed:
-        assert status == 202, body
-    else:
-        assert_problem(status, body, resp_headers, 403, "FORBIDDEN")
-    if not allowed:  # drain is a write too; allowed roles are exercised in test_faults
-        status, body, resp_headers = await post(jwt_agent.endpoints.event_url + "/v1/drain",
-                                                {}, headers=headers)
-        assert_problem(status, body, resp_headers, 403, "FORBIDDEN")
+    for method, path, body, needs in ROUTES:
+        if path == "/v1/drain" and needs in PERMITS[role]:
+            continue  # allowed: it would stop the agent under test (see test_faults)
+        payload = make_event() if body == "event" else body
+        async with aiohttp.ClientSession() as session, session.request(
+                method, jwt_agent.endpoints.event_url + path, headers=headers,
+                json=payload) as resp:
+            answer = await resp.json(content_type=None)
+            CAPTURED.append(json.dumps(answer))
+        if needs in PERMITS[role]:
+            assert resp.status not in (401, 403), (role, method, path, answer)
+        else:
+            assert resp.status == 403, (role, method, path, answer)
+            assert answer["code"] == "FORBIDDEN"
+    # The event API answers no route without a token at all.
+    for method, path, body, _ in ROUTES:
+        async with aiohttp.ClientSession() as session, session.request(
+                method, jwt_agent.endpoints.event_url + path, json=body or None) as resp:
+            assert resp.status == 401, (method, path)
 
 
 async def test_cross_agency_write_is_refused_and_audited(jwt_agent: Agent, database: Database,

@@ -341,3 +341,19 @@ async def test_body_budget_waits_in_order_and_survives_cancellation():
     assert budget.free == 40
     budget.release(60)
     assert await budget.acquire(10**9) == 100  # a request larger than the budget gets all of it
+
+
+async def test_duplicate_index_survives_a_restart(database: Database, state_dir: Path):
+    """Re-posts after a restart are still answered as duplicates (not only stored once)."""
+    events = make_events(20)
+    config = agent_config(database, state_dir)
+    async with Agent(config) as first:
+        status, body, _ = await post(first.endpoints.event_url + "/v1/events", events,
+                                     headers={"Prefer": "wait=committed"})
+        assert (status, body["accepted"]) == (200, 20)
+    async with Agent(config) as second:
+        assert len(second.seen) >= 20
+        status, body, _ = await post(second.endpoints.event_url + "/v1/events", events)
+        assert status == 202
+        assert (body["accepted"], body["duplicates"]) == (0, 20)
+    assert await database.fetchval("SELECT count(*) FROM flux.events") == 20
