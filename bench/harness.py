@@ -253,7 +253,7 @@ def wait_flushed(agent: AgentProc, target: float, timeout: float = 300) -> float
     while time.monotonic() < deadline:
         if agent.metrics().get("flux_events_flushed_total", 0.0) >= target:
             return time.time()
-        time.sleep(0.01)
+        time.sleep(0.05)
     raise RuntimeError(f"flushed counter never reached {target}")
 
 

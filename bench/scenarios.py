@@ -8,7 +8,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -258,12 +257,11 @@ async def outage(ctx: Ctx, rate_events: float) -> None:
     acked, lost, dup = await check_ids(ctx, ids)
     points = timeline.points
     ctx.timelines["outage"] = points
-    recovery = [p for p in points if t_back <= p["t"] <= t_drained]
-    drain_rate = 0.0
-    if len(recovery) >= 2:
-        drain_rate = max(
-            (b["flushed"] - a["flushed"]) / (b["t"] - a["t"])
-            for a, b in pairwise(recovery))
+    # Average flush rate from the restart until the backlog was gone (nothing was flushed
+    # during the outage, so the last sample before the restart is the starting count).
+    before = [p["flushed"] for p in points if p["t"] <= t_back]
+    flushed_at_restart = before[-1] if before else 0.0
+    drain_rate = (target - flushed_at_restart) / max(1e-9, t_drained - t_back)
     ingest = result["events_acked"] / result["elapsed_s"]
     ctx.add({
         "name": f"outage: PostgreSQL stopped {down:.0f} s under load at {ingest:.0f} events/s",

@@ -75,9 +75,7 @@ async def _serve(config: AgentConfig) -> int:
 def _tune_process() -> None:
     """Process-wide settings for the sidecar (an embedding application keeps its own).
 
-    - glibc: serve large buffers (request bodies, spool reads) from mmap, so memory freed
-      after a burst goes back to the system instead of staying in the heap's high-water
-      mark, and cap the per-thread arenas that fragment it further;
+    - glibc: cap the per-thread malloc arenas (the spool's I/O threads would each grow one);
     - a shorter GIL switch interval: the spool's I/O thread finishes an fdatasync and must
       get the GIL back to wake the requests waiting for it; with the default 5 ms it waits
       behind a busy event loop for most of that.
@@ -87,8 +85,7 @@ def _tune_process() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_mmap_threshold, m_arena_max = -3, -8
-    libc.mallopt(m_mmap_threshold, 128 * 1024)
+    m_arena_max = -8
     libc.mallopt(m_arena_max, 2)
 
 
