@@ -746,41 +746,68 @@ class FluxClient:
         self.close()
 
 
-class EventBatch:
-    """Collects events and posts them as one JSON array per flush."""
+class _Pending:
+    """What the sync and async batches share: the queue, its limits, and when to flush."""
 
-    def __init__(self, client: FluxClient, *, max_events: int, max_bytes: int,
-                 wait_committed: bool | None = None) -> None:
+    def __init__(self, *, max_events: int, max_bytes: int,
+                 wait_committed: bool | None) -> None:
         if max_events < 1 or max_bytes < 1:
             raise ValueError("max_events and max_bytes must be positive")
-        self.client = client
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.wait_committed = wait_committed
         self.results: list[PostResult] = []
         self._pending: list[dict[str, Any]] = []
         self._bytes = 0
-        self._lock = threading.Lock()
         self._closed = False
 
     def __len__(self) -> int:
         return len(self._pending)
+
+    def _prepare(self, event: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+        """The event with its id, and its size in the array body."""
+        if self._closed:
+            raise FluxClientError("the batch is closed", code="CLOSED")
+        item = _complete([event])[0]
+        return item, len(json.dumps(item, separators=(",", ":")).encode()) + 1
+
+    def _full_before(self, size: int) -> bool:
+        return bool(self._pending) and self._bytes + size > self.max_bytes
+
+    def _push(self, item: dict[str, Any], size: int) -> bool:
+        """Queue ``item``; True when the batch is now full."""
+        self._pending.append(item)
+        self._bytes += size
+        return len(self._pending) >= self.max_events
+
+    def _posted(self, result: PostResult) -> PostResult:
+        # Cleared only once accepted: a failed flush keeps the events (same ids) for the next.
+        self._pending = []
+        self._bytes = 0
+        self.results.append(result)
+        return result
+
+
+class EventBatch(_Pending):
+    """Collects events and posts them as one JSON array per flush."""
+
+    def __init__(self, client: FluxClient, *, max_events: int, max_bytes: int,
+                 wait_committed: bool | None = None) -> None:
+        super().__init__(max_events=max_events, max_bytes=max_bytes,
+                         wait_committed=wait_committed)
+        self.client = client
+        self._lock = threading.Lock()
 
     def add(self, kind: str, run_id: str, **fields: Any) -> str:
         """Queue one event (``make_event`` arguments); returns its id. May flush."""
         return self.add_event(make_event(kind, run_id, **fields))
 
     def add_event(self, event: Mapping[str, Any]) -> str:
-        if self._closed:
-            raise FluxClientError("the batch is closed", code="CLOSED")
-        item = _complete([event])[0]
-        size = len(json.dumps(item, separators=(",", ":")).encode()) + 1
+        item, size = self._prepare(event)
         with self._lock:
-            if self._pending and self._bytes + size > self.max_bytes:
+            if self._full_before(size):
                 self._flush_locked()
-            self._pending.append(item)
-            self._bytes += size
-            if len(self._pending) >= self.max_events:
+            if self._push(item, size):
                 self._flush_locked()
         return str(item["event_id"])
 
@@ -791,13 +818,8 @@ class EventBatch:
     def _flush_locked(self) -> PostResult | None:
         if not self._pending:
             return None
-        pending = self._pending
-        result = self.client.post_events(pending, wait_committed=self.wait_committed)
-        # Cleared only once accepted: a failed flush keeps the events (same ids) for the next.
-        self._pending = []
-        self._bytes = 0
-        self.results.append(result)
-        return result
+        return self._posted(self.client.post_events(self._pending,
+                                                    wait_committed=self.wait_committed))
 
     def close(self) -> None:
         if not self._closed:
@@ -1023,40 +1045,25 @@ class AsyncFluxClient:
         await self.close()
 
 
-class AsyncEventBatch:
+class AsyncEventBatch(_Pending):
     """:class:`EventBatch` for the async client (``await batch.add(...)``)."""
 
     def __init__(self, client: AsyncFluxClient, *, max_events: int, max_bytes: int,
                  wait_committed: bool | None = None) -> None:
-        if max_events < 1 or max_bytes < 1:
-            raise ValueError("max_events and max_bytes must be positive")
+        super().__init__(max_events=max_events, max_bytes=max_bytes,
+                         wait_committed=wait_committed)
         self.client = client
-        self.max_events = max_events
-        self.max_bytes = max_bytes
-        self.wait_committed = wait_committed
-        self.results: list[PostResult] = []
-        self._pending: list[dict[str, Any]] = []
-        self._bytes = 0
         self._lock = asyncio.Lock()
-        self._closed = False
-
-    def __len__(self) -> int:
-        return len(self._pending)
 
     async def add(self, kind: str, run_id: str, **fields: Any) -> str:
         return await self.add_event(make_event(kind, run_id, **fields))
 
     async def add_event(self, event: Mapping[str, Any]) -> str:
-        if self._closed:
-            raise FluxClientError("the batch is closed", code="CLOSED")
-        item = _complete([event])[0]
-        size = len(json.dumps(item, separators=(",", ":")).encode()) + 1
+        item, size = self._prepare(event)
         async with self._lock:
-            if self._pending and self._bytes + size > self.max_bytes:
+            if self._full_before(size):
                 await self._flush_locked()
-            self._pending.append(item)
-            self._bytes += size
-            if len(self._pending) >= self.max_events:
+            if self._push(item, size):
                 await self._flush_locked()
         return str(item["event_id"])
 
@@ -1067,12 +1074,8 @@ class AsyncEventBatch:
     async def _flush_locked(self) -> PostResult | None:
         if not self._pending:
             return None
-        result = await self.client.post_events(self._pending,
-                                               wait_committed=self.wait_committed)
-        self._pending = []
-        self._bytes = 0
-        self.results.append(result)
-        return result
+        return self._posted(await self.client.post_events(self._pending,
+                                                          wait_committed=self.wait_committed))
 
     async def close(self) -> None:
         if not self._closed:
