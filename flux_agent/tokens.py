@@ -80,9 +80,9 @@ def _load_public_pem(pem: bytes) -> Any:
 class JwtAuthenticator:
     """Bearer tokens, verified with an explicit algorithm list and cached until expiry.
 
-    Verifying a signature costs tens of microseconds (RSA) to a few hundred (ECDSA); a
-    workload sends the same token with every request, so a verified token's claims are
-    cached (bounded) until it expires. A key rotation clears the cache.
+    Verifying a signature costs about 0.2 ms (RS256 2048-bit or ES256 here) against about
+    1 µs for a cache hit; a workload sends the same token with every request, so a verified
+    token's claims are cached (bounded) until it expires. A key rotation clears the cache.
     """
 
     def __init__(
