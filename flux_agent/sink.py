@@ -49,6 +49,12 @@ _CREATE_STAGE = (
     "(LIKE flux.events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
 _SET_AGENCY = "SELECT set_config('flux.current_agency_id', $1, true)"
+# The spool forgets what PostgreSQL said it committed, so a commit must survive a crash of
+# PostgreSQL: a server (or role) running synchronous_commit=off answers COMMIT before the
+# commit record is on disk. Raise it to `on` for our own transactions only; any stricter
+# setting (remote_write, remote_apply) is kept.
+_DURABLE_COMMIT = ("SELECT set_config('synchronous_commit', 'on', true) "
+                   "WHERE current_setting('synchronous_commit') = 'off'")
 _INSERT = (
     f"INSERT INTO flux.events ({_COLS}) SELECT {_COLS} FROM {STAGE_TABLE} "
     "WHERE agency_id = $1 ON CONFLICT DO NOTHING"
@@ -351,10 +357,12 @@ class Sink:
         inserted = 0
         ids: set[str] = set()
         async with pool.acquire() as conn, conn.transaction():
-            if work.events:
-                await conn.execute(_CREATE_STAGE)
+            if work.events:  # one round trip for both (simple query protocol)
+                await conn.execute(f"{_DURABLE_COMMIT}; {_CREATE_STAGE}")
                 await conn.copy_records_to_table(STAGE_TABLE, records=work.events,
                                                  columns=COLUMNS)
+            else:
+                await conn.execute(_DURABLE_COMMIT)
             for agency in agencies:
                 await conn.execute(_SET_AGENCY, agency)
                 if returning:
@@ -397,6 +405,7 @@ class Sink:
         pool = await self._get_pool()
         reason = reason.replace("\x00", "")
         async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(_DURABLE_COMMIT)
             for row in work.events:
                 await conn.execute(_SET_AGENCY, row[AGENCY])
                 await conn.execute(

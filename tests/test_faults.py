@@ -6,12 +6,13 @@ none is missing and none was invented)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -60,12 +61,13 @@ async def assert_exactly_once(db: Database, ledger: Ledger, timeout: float = 30)
 # --------------------------------------------------------------------------- PostgreSQL stops
 
 
-@pytest.fixture
-async def own_pg() -> AsyncIterator[tuple[LocalPostgres, Database]]:
-    """A cluster of the test's own, so it can be stopped and started."""
+@contextlib.asynccontextmanager
+async def own_cluster(settings: dict[str, str]
+                      ) -> AsyncIterator[tuple[LocalPostgres, Database]]:
+    """A cluster of the test's own, so it can be stopped, crashed and started."""
     root = short_tempdir("fa-own-")
     cluster = LocalPostgres(root / "data", bin_dir=find_bin_dir(prefer="system"),
-                            port=free_port(), settings=FAST_SETTINGS)
+                            port=free_port(), settings=settings)
     await asyncio.to_thread(cluster.start)
     await bootstrap_database(cluster.dsn(), cluster.dsn(database="flux"), "flux", LOGIN_ROLE)
     conn = await asyncpg.connect(cluster.dsn(database="flux"))
@@ -73,9 +75,17 @@ async def own_pg() -> AsyncIterator[tuple[LocalPostgres, Database]]:
     await conn.close()
     db = Database("flux", cluster.dsn(database="flux"),
                   cluster.dsn(user=LOGIN_ROLE, database="flux", password=LOGIN_PASSWORD))
-    yield cluster, db
-    await asyncio.to_thread(cluster.destroy)
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        yield cluster, db
+    finally:
+        await asyncio.to_thread(cluster.destroy)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+async def own_pg() -> AsyncIterator[tuple[LocalPostgres, Database]]:
+    async with own_cluster(FAST_SETTINGS) as pg:
+        yield pg
 
 
 async def test_postgres_stopped_under_load_then_restarted(own_pg, state_dir: Path):
@@ -101,6 +111,45 @@ async def test_postgres_stopped_under_load_then_restarted(own_pg, state_dir: Pat
         await assert_exactly_once(db, ledger)
         assert agent.flusher.stats.retries > 0
     assert ledger.failed == 0
+
+
+async def test_postgres_crash_after_commit_loses_nothing_even_with_async_commit(
+        state_dir: Path):
+    # A server configured with synchronous_commit=off answers COMMIT before the commit
+    # record is on disk, and a crash (immediate stop) forgets it. The agent moves its spool
+    # cursor on that answer, so it must make its own commits synchronous. A long WAL writer
+    # delay keeps the last commit record in memory for the whole test.
+    lax = {**FAST_SETTINGS, "wal_writer_delay": "10s", "wal_writer_flush_after": "1GB"}
+    async with own_cluster(lax) as (cluster, db), \
+            Agent(agent_config(db, state_dir, flush_retry_max=0.5)) as agent:
+        status, body, _ = await post(agent.endpoints.event_url + "/v1/events",
+                                     make_events(200, run_id="crash-after-commit"))
+        assert status == 202
+        acked = set(body["event_ids"])
+        assert await wait_until(
+            lambda: _all_stored(db, acked), timeout=10), "the events never landed"
+        assert agent.flusher is not None
+        assert await wait_until(_async_true(lambda: agent.flusher.backlog == 0), 10)
+        await asyncio.to_thread(cluster.stop, "immediate")  # a crash: no shutdown checkpoint
+        await asyncio.to_thread(cluster.start)
+        assert await wait_until(lambda: _all_stored(db, acked), timeout=15), \
+            "events committed before the crash are gone after it"
+        stored = await stored_ids(db)
+        assert len(stored) == len(set(stored)) == len(acked)
+
+
+async def _all_stored(db: Database, ids: set[str]) -> bool:
+    try:
+        return ids <= set(await stored_ids(db))
+    except (OSError, asyncpg.PostgresError):
+        return False
+
+
+def _async_true(predicate: Callable[[], object]) -> Callable[[], Awaitable[bool]]:
+    # wait_until takes a coroutine function
+    async def check() -> bool:
+        return bool(predicate())
+    return check
 
 
 # --------------------------------------------------------------------------- the line is cut
