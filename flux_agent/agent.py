@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from . import logs
+from ._files import lock_exclusive
 from .audit import Auditor
 from .auth import ApiKeyAuthenticator, Authenticator, FixedAgency, load_api_keys
 from .batch import Limits
@@ -83,6 +84,7 @@ class Agent:
         self._span_exporter = span_exporter
         self.tracing: Tracing = Tracing()
         self._embedded: LocalPostgres | None = None
+        self._state_lock = -1  # fd holding <state dir>/agent.lock while the agent runs
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._state = "new"  # new -> starting -> running -> draining -> stopped
@@ -125,6 +127,13 @@ class Agent:
         authenticator = self._authenticator or self._make_authenticator(schemas)
         self.tracing = make_tracing(config.tracing, self._span_exporter)
         try:
+            # The state dir is this agent's alone, the embedded PostgreSQL under it included:
+            # lock it before touching anything in it, so that a second agent started on the
+            # same dir fails here instead of stopping the first one's database on its way out.
+            state_dir = config.state_path
+            state_dir.mkdir(parents=True, exist_ok=True)
+            self._state_lock = lock_exclusive(state_dir / "agent.lock",
+                                              f"the state dir {state_dir}")
             dsn = await self._database()
             self.sink = Sink(dsn, max_connections=config.flush_lanes + 2,
                              pgbouncer=config.database_pgbouncer,
@@ -133,8 +142,6 @@ class Agent:
             await self._check_database()
             self.store = Store(dsn, pgbouncer=config.database_pgbouncer)
 
-            state_dir = config.state_path
-            state_dir.mkdir(parents=True, exist_ok=True)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self.seen.restore, state_dir / "seen.idx")
             self.spool = Spool(config.spool_dir, max_bytes=config.spool_max_bytes,
@@ -256,6 +263,9 @@ class Agent:
         if self._embedded is not None:
             embedded, self._embedded = self._embedded, None
             await asyncio.get_running_loop().run_in_executor(None, embedded.stop)
+        if self._state_lock >= 0:
+            os.close(self._state_lock)
+            self._state_lock = -1
         self._state = "stopped"
         log.info("agent stopped", extra={"fields": {"flushed_everything": flushed}})
         return flushed

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import crc32c
 
+from ._files import lock_exclusive
 from .errors import TransientError
 
 log = logging.getLogger("flux_agent.spool")
@@ -360,13 +360,7 @@ class Spool:
         d = self.directory
         d.mkdir(parents=True, exist_ok=True)
         (d / "quarantine").mkdir(exist_ok=True)
-        self._lock_fd = os.open(d / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-            raise RuntimeError(f"another agent is using the spool at {d}") from None
+        self._lock_fd = lock_exclusive(d / "LOCK", f"the spool at {d}")
 
         rec = Recovery(cursor=read_cursor(d))
         self.cursor = rec.cursor

@@ -65,6 +65,26 @@ async def test_embedded_default_accepts_a_curled_event():
             assert login is False
         finally:
             await conn.close()
+
+        # A second agent on the same state dir is refused before it touches anything there,
+        # and the first one's embedded PostgreSQL keeps running.
+        env2 = dict(env, FLUX_AGENT_LISTEN=f"127.0.0.1:{free_port()}",
+                    FLUX_AGENT_ADMIN_LISTEN=f"127.0.0.1:{free_port()}")
+        second = subprocess.run([sys.executable, "-m", "flux_agent", "run"], env=env2,
+                                capture_output=True, timeout=60)
+        assert second.returncode != 0
+        later = make_event("step.completed")
+        status, body, _ = await post(f"http://127.0.0.1:{port}/v1/events", later,
+                                     headers={"Prefer": "wait=committed"})
+        assert status == 200, body
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM flux.events WHERE event_id = $1",
+                                       later["event_id"]) == 1
+        finally:
+            await conn.close()
+        assert b"another agent is using the state dir" in second.stderr, second.stderr
+
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-2000:]
         assert not (state / "postgres" / "postmaster.pid").exists()
