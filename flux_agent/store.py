@@ -161,6 +161,14 @@ class Store:
                 "SELECT kind, step, occurred_at FROM flux.events "
                 "WHERE agency_id = $1 AND run_id = $2 "
                 "ORDER BY occurred_at DESC, event_id DESC LIMIT 1", agency, run_id)
+            # A checkpoint is bookkeeping, not progress: one saved after the end of a run
+            # leaves it completed (or failed, or aborted).
+            status_kind = last["kind"]
+            if status_kind == "checkpoint.saved":
+                status_kind = await conn.fetchval(
+                    "SELECT kind FROM flux.events WHERE agency_id = $1 AND run_id = $2 "
+                    "AND kind <> 'checkpoint.saved' "
+                    "ORDER BY occurred_at DESC, event_id DESC LIMIT 1", agency, run_id)
             last_step = await conn.fetchval(
                 "SELECT step FROM flux.events WHERE agency_id = $1 AND run_id = $2 "
                 "AND step IS NOT NULL ORDER BY occurred_at DESC, event_id DESC LIMIT 1",
@@ -170,7 +178,7 @@ class Store:
                 agency, run_id)
         return {
             "run_id": run_id,
-            "status": TERMINAL.get(last["kind"], "running"),
+            "status": TERMINAL.get(status_kind, "running"),
             "last_event": {"kind": last["kind"], "step": last["step"],
                            "occurred_at": _iso(last["occurred_at"])},
             "last_step": last_step,

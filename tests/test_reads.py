@@ -36,6 +36,14 @@ async def test_run_summary_events_and_one_event(agent: Agent):
     assert body["last_event_at"] == at(10)
     assert body["counts_by_kind"] == {"run.started": 1, "step.completed": 3,
                                       "run.completed": 1}
+    # A checkpoint saved after the end is bookkeeping: the run stays completed.
+    status, body, _ = await put(url + "/v1/runs/r-sum/checkpoint",
+                                {"step": "done", "state": {"offset": 3}},
+                                headers={"Prefer": "wait=committed"})
+    assert status in (200, 201), body
+    status, body, _ = await get(url + "/v1/runs/r-sum")
+    assert body["last_event"]["kind"] == "checkpoint.saved", body
+    assert body["status"] == "completed"
     status, body, _ = await get(url + "/v1/runs/r-sum/events?kind=step.completed&step=s2")
     assert [e["step"] for e in body["events"]] == ["s2"]
     status, body, _ = await get(url + f"/v1/events/{events[2]['event_id']}")
