@@ -567,6 +567,8 @@ class Intake:
             context: dict[str, Any] = {}
             if m:
                 context["position"] = int(m.group(1))
+            elif "truncated" in text:  # msgspec names no byte: the JSON stops at the end
+                context["position"] = len(data)
             if not data.strip():
                 text = "the body is empty"
             raise ValidationError(

@@ -214,6 +214,9 @@ async def test_malformed_json_names_the_position(agent: Agent):
     status, body, headers = await post(url, None, raw=b'{"event_id": "x",, }')
     assert_problem(status, body, headers, 400, "MALFORMED_JSON")
     assert body["context"]["position"] == 17
+    status, body, headers = await post(url, None, raw=b'{"event_id": ')  # cut short
+    assert_problem(status, body, headers, 400, "MALFORMED_JSON")
+    assert body["context"]["position"] == 13  # where the body ended
     status, body, headers = await post(url, None, raw=b'{"a": 1e400}')
     assert_problem(status, body, headers, 400, "MALFORMED_JSON")
     status, body, headers = await post(url, None, raw=b"")
