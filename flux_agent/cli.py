@@ -125,10 +125,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     config = load_config(args, serving=False)
     if not config.database_url:
-        raise ConfigError("FLUX_AGENT_DATABASE_URL", "required by verify")
-    agencies = [config.agency] if config.agency else list(
-        Schemas(manifest_path=Path(config.agency_manifest) if config.agency_manifest
-                else None).manifest.retention_days)
+        raise ConfigError("FLUX_AGENT_DATABASE_URL",
+                          "required by verify (for the embedded default, the url that "
+                          "'flux-agent run' logs at start)")
+    manifest = Schemas(manifest_path=Path(config.agency_manifest) if config.agency_manifest
+                       else None).manifest
+    if config.agency and not manifest.knows(config.agency):
+        raise ConfigError("FLUX_AGENT_AGENCY",
+                          f"{config.agency!r} is not in the agency manifest")
+    agencies = [config.agency] if config.agency else list(manifest.retention_days)
 
     async def run() -> int:
         store = Store(config.database_url.reveal())  # type: ignore[union-attr]

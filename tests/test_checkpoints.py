@@ -161,6 +161,12 @@ async def test_verify_accepts_what_jsonb_normalises(agent: Agent, database: Data
         env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert event["event_id"] in result.stdout
+    # An agency the manifest does not know is a mistake to name, not a clean bill of health.
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "flux_agent", "verify", "--agency", "nope"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78, result.stdout
+    assert "FLUX_AGENT_AGENCY" in result.stderr and "nope" in result.stderr
 
 
 async def test_read_your_writes_while_postgres_is_down_across_a_restart(
