@@ -1,4 +1,5 @@
-"""``python -m bench``: the benchmark suite (see bench/README.md for what each figure means).
+"""``python -m bench``: the benchmark suite (the README's "Benchmarks" section says what it
+runs; bench/RESULTS.md explains each figure).
 
 Starts a throwaway PostgreSQL (or uses ``--database-url``), runs the agent as a separate
 process, drives load from separate processes, and reports every scenario next to a baseline
