@@ -33,7 +33,9 @@ from .spool import Spool
 from .store import Store, StoredCheckpoint
 from .validate import Schemas, Seal, violation
 
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+# \Z, not $: "$" also matches before a final newline, and "run\n" is not a run id.
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
+_VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit a bigint
 # checkpoint.saved event ids derive from the checkpoint, so a replay is the same event.
 _EVENT_NAMESPACE = uuid.UUID("6a4f6c1e-4a51-4c6e-9b0a-2f1d5f9f7c10")
 _NUL_ESCAPE = b"\\u0000"
@@ -69,7 +71,7 @@ def parse_if_match(value: str | None) -> int | None:
     if text == "*":
         return -1
     text = text.removeprefix("W/").strip('"')
-    if not text.isdigit():
+    if not _VERSION.fullmatch(text):
         raise ValidationError("INVALID_IF_MATCH", 'If-Match must be a version, e.g. "3"',
                               status=400)
     return int(text)

@@ -149,7 +149,7 @@ KINDS = frozenset({"run.started", "step.started", "step.completed", "step.failed
 STEP_KINDS = frozenset({"step.started", "step.completed", "step.failed", "checkpoint.saved"})
 CONTENT_TYPES = ("images", "documents", "text", "mixed")
 USE_CASES = ("vr", "ai-training", "research", "archival", "search", "analytics")
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")  # \Z: "$" allows a final "\n"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 

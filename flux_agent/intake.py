@@ -30,6 +30,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from . import logs
 from .audit import Auditor
 from .auth import Authenticator, Claims, check_agency, require
+from .checkpoints import RUN_ID as RUN_ID_PATTERN
 from .checkpoints import Checkpoints, Known, parse_if_match
 from .config import AgentConfig
 from .errors import (
@@ -66,6 +67,7 @@ log = logging.getLogger("flux_agent.intake")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 _BYTE_POS = re.compile(r"\(byte (\d+)\)")
+_SMALL_INT = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²".isdigit() is True
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 # Request and trace ids must be unique, not secret: the Mersenne Twister is far cheaper than
 # uuid4's system call per id. Generated request ids are this process's random prefix and a
@@ -549,7 +551,8 @@ class Intake:
             return [doc], False
         try:
             events: list[Any] = self._decode_lines(body)  # all lines at once, in C
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError,
+                RecursionError):
             events = []  # find the bad line, to name it
             for n, line in enumerate(body.split(b"\n"), start=1):
                 if line.strip():
@@ -561,10 +564,23 @@ class Intake:
     def _decode_one(self, data: bytes, where: str) -> Any:
         try:
             return self._decode_json(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            text = str(exc)
-            m = _BYTE_POS.search(text)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError,
+                RecursionError) as exc:
             context: dict[str, Any] = {}
+            if isinstance(exc, UnicodeDecodeError):
+                # msgspec's offset is within the string; find the offset in the body.
+                try:
+                    data.decode()
+                    at = exc.start
+                except UnicodeDecodeError as whole:
+                    at = whole.start
+                text = f"invalid UTF-8 at byte {at}"
+                context["position"] = at
+            elif isinstance(exc, RecursionError):
+                text = "nested deeper than the decoder allows (about 1,000 levels)"
+            else:
+                text = str(exc)
+            m = _BYTE_POS.search(text)
             if m:
                 context["position"] = int(m.group(1))
             elif "truncated" in text:  # msgspec names no byte: the JSON stops at the end
@@ -714,7 +730,7 @@ class Intake:
     async def get_checkpoint(self, request: web.Request) -> web.Response:
         claims: Claims = request[CLAIMS]
         require(claims, "read")
-        run_id = request.match_info["run_id"]
+        run_id = _known_run_id(request, "CHECKPOINT_NOT_FOUND")
         try:
             known = await self.checkpoints.load(claims.agency, run_id)
         except CheckpointError as err:
@@ -731,7 +747,7 @@ class Intake:
     async def get_checkpoint_history(self, request: web.Request) -> web.Response:
         claims: Claims = request[CLAIMS]
         require(claims, "read")
-        run_id = request.match_info["run_id"]
+        run_id = _known_run_id(request, "CHECKPOINT_NOT_FOUND")
         limit = _limit(request, default=100)
         versions = await self._read(self.store.checkpoint_history(claims.agency, run_id,
                                                                   limit))
@@ -751,7 +767,7 @@ class Intake:
     async def get_run(self, request: web.Request) -> web.Response:
         claims: Claims = request[CLAIMS]
         require(claims, "read")
-        run_id = request.match_info["run_id"]
+        run_id = _known_run_id(request, "RUN_NOT_FOUND")
         summary = await self._read(self.store.run_summary(claims.agency, run_id))
         if summary is None:
             raise _not_found("RUN_NOT_FOUND", f"no events of run {run_id}")
@@ -760,7 +776,7 @@ class Intake:
     async def get_run_events(self, request: web.Request) -> web.Response:
         claims: Claims = request[CLAIMS]
         require(claims, "read")
-        run_id = request.match_info["run_id"]
+        run_id = _known_run_id(request, "RUN_NOT_FOUND")
         query = request.query
         cursor = query.get("cursor")
         after = None
@@ -772,10 +788,14 @@ class Intake:
         kind = query.get("kind")
         if kind is not None and kind not in KINDS:
             raise ValidationError("INVALID_KIND", f"unknown kind {kind!r}", status=400)
+        step = query.get("step")
+        if step is not None and (not 1 <= len(step) <= 128 or "\x00" in step):
+            raise ValidationError("INVALID_STEP", "step must be 1 to 128 characters, no NUL",
+                                  status=400)
         events, next_cursor = await self._read(self.store.run_events(
-            claims.agency, run_id, kind=kind, step=query.get("step"), after=after,
+            claims.agency, run_id, kind=kind, step=step, after=after,
             limit=_limit(request, default=100)))
-        if not events and after is None and kind is None and query.get("step") is None:
+        if not events and after is None and kind is None and step is None:
             raise _not_found("RUN_NOT_FOUND", f"no events of run {run_id}")
         return json_response({"run_id": run_id, "events": events, "next_cursor": next_cursor})
 
@@ -796,7 +816,13 @@ class Intake:
             return await query
         except FluxError:
             raise
-        except Exception as exc:  # noqa: BLE001 - every database failure is "not now"
+        except Exception as exc:  # noqa: BLE001 - every database failure is "not now"...
+            if str(getattr(exc, "sqlstate", "")).startswith("22"):
+                # ...but a data exception is a parameter PostgreSQL refused: retrying the
+                # same request cannot help. Input checks should have caught it first.
+                raise ValidationError("INVALID_PARAMETER", "PostgreSQL refused a value of "
+                                      "this request", status=400,
+                                      context={"reason": type(exc).__name__}) from None
             raise TransientError("DATABASE_UNAVAILABLE", "PostgreSQL is unreachable; reads "
                                  "need it (events are still accepted)", retry_after=2,
                                  context={"reason": type(exc).__name__}) from None
@@ -845,11 +871,19 @@ def _not_found(code: str, detail: str) -> ValidationError:
     return ValidationError(code, detail, status=404)
 
 
+def _known_run_id(request: web.Request, code: str) -> str:
+    """The path's run id; one that breaks the run id rule was never stored: 404."""
+    run_id = request.match_info["run_id"]
+    if not RUN_ID_PATTERN.match(run_id):
+        raise _not_found(code, "no such run (not a valid run id)")
+    return run_id
+
+
 def _limit(request: web.Request, default: int) -> int:
     raw = request.query.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+    if not _SMALL_INT.fullmatch(raw) or not 1 <= int(raw) <= 1000:
         raise ValidationError("INVALID_LIMIT", "limit must be an integer from 1 to 1000",
                               status=400)
     return int(raw)

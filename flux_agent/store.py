@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -37,6 +38,9 @@ class BadCursor(ValueError):
     pass
 
 
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def encode_cursor(occurred_at: datetime, event_id: str) -> str:
     raw = msgspec.json.encode([occurred_at.isoformat(), event_id])
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -46,8 +50,13 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         when, event_id = msgspec.json.decode(raw, type=tuple[str, str])
-        return datetime.fromisoformat(when), event_id
-    except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
+        at = datetime.fromisoformat(when)
+        # What this agent issued, and nothing PostgreSQL would refuse as a parameter.
+        if at.tzinfo is None or not _UUID.fullmatch(event_id):
+            raise ValueError(cursor)
+        at.astimezone(UTC)  # OverflowError near year 1 or 9999
+        return at, event_id
+    except (ValueError, OverflowError, msgspec.DecodeError, msgspec.ValidationError):
         raise BadCursor("the cursor is not one this agent issued") from None
 
 

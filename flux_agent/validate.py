@@ -163,7 +163,35 @@ def parse_timestamp(text: str) -> datetime:
         value = datetime.fromisoformat(_FRACTION.sub(r"\1", text))
     if value.tzinfo is None:  # the schema requires an offset; be defensive anyway
         raise ValueError("timestamp has no offset")
+    try:  # 0001-01-01T00:00:00+14:00 is valid RFC 3339 but before year 1 in UTC
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("timestamp out of range in UTC") from None
     return value
+
+
+# A request of 400,000 invalid events must not buy 400,000 explanations: list this many
+# violations of each kind, count the rest.
+MAX_LISTED = 100
+
+
+class _Listed(list[dict[str, str]]):
+    """Violations up to MAX_LISTED, and whether more were left out."""
+
+    omitted = False
+
+    def add(self, item: dict[str, str]) -> None:
+        if len(self) < MAX_LISTED:
+            self.append(item)
+        else:
+            self.omitted = True
+
+    @property
+    def how_many(self) -> str:
+        return f"more than {len(self)}" if self.omitted else str(len(self))
+
+    def context(self) -> dict[str, Any]:
+        return {"listed": len(self), "more_omitted": True} if self.omitted else {}
 
 
 class EventChecker:
@@ -180,35 +208,36 @@ class EventChecker:
 
     def rows(self, events: Sequence[Any], seal: Seal, *, batch: bool) -> list[Row]:
         rows: list[Row] = []
-        invalid: list[dict[str, str]] = []
-        foreign: list[dict[str, str]] = []
-        too_large: list[dict[str, str]] = []
+        invalid, foreign, too_large = _Listed(), _Listed(), _Listed()
         agency = seal.agency
         is_valid = self._is_valid
         for i, ev in enumerate(events):
             if not is_valid(ev):
                 prefix: list[str | int] = [i] if batch else []
                 if not isinstance(ev, dict):
-                    invalid.append(
+                    invalid.add(
                         violation(pointer(prefix), "an event must be a JSON object", "WRONG_TYPE")
                     )
+                elif len(invalid) >= MAX_LISTED:
+                    invalid.omitted = True  # not worth explaining
                 else:
-                    invalid.extend(self.schemas.explain(ev, prefix))
+                    for v in self.schemas.explain(ev, prefix):
+                        invalid.add(v)
                 continue
             payload = ev["payload"]
             at = f"/{i}" if batch else ""  # JSON pointer of this event, for errors
             claimed = ev.get("agency")
             if claimed is not None and claimed != agency:
-                foreign.append(violation(at + "/agency", "agency differs from the caller's",
+                foreign.add(violation(at + "/agency", "agency differs from the caller's",
                                          "AGENCY_MISMATCH"))
             p_agency = payload.get("agency")
             if p_agency is not None and p_agency != agency:
-                foreign.append(violation(at + "/payload/agency",
+                foreign.add(violation(at + "/payload/agency",
                                          "payload agency differs from the caller's",
                                          "AGENCY_MISMATCH"))
             canonical = canonical_json(payload)
             if len(canonical) > self.event_max_bytes:
-                too_large.append(violation(
+                too_large.add(violation(
                     at + "/payload",
                     f"payload is {len(canonical)} bytes; the limit is {self.event_max_bytes}",
                     "EVENT_TOO_LARGE",
@@ -219,13 +248,13 @@ class EventChecker:
                     (step is not None and "\x00" in step)
                     or (provider is not None and "\x00" in provider)
                     or (model is not None and "\x00" in model)):
-                invalid.append(violation(at, "NUL characters (\\u0000) cannot be stored",
+                invalid.add(violation(at, "NUL characters (\\u0000) cannot be stored",
                                          "NUL_CHARACTER"))
                 continue
             digest = sha256_hex(canonical)
             sent_digest = ev.get("payload_sha256")
             if sent_digest is not None and sent_digest != digest:
-                invalid.append(violation(
+                invalid.add(violation(
                     at + "/payload_sha256",
                     f"payload_sha256 does not match the canonical JSON hash {digest}",
                     "PAYLOAD_HASH_MISMATCH",
@@ -234,7 +263,7 @@ class EventChecker:
             try:
                 occurred_at = parse_timestamp(ev["occurred_at"])
             except ValueError:
-                invalid.append(violation(at + "/occurred_at", "not a valid RFC 3339 date-time",
+                invalid.add(violation(at + "/occurred_at", "not a valid RFC 3339 date-time",
                                          "INVALID_TIMESTAMP"))
                 continue
             rows.append((
@@ -246,20 +275,21 @@ class EventChecker:
         if foreign:
             raise DataIsolationError(
                 "DATA_ISOLATION_ERROR",
-                f"{len(foreign)} event(s) name an agency other than the caller's",
-                errors=foreign, context={"agency": agency},
+                f"{foreign.how_many} field(s) name an agency other than the caller's",
+                errors=foreign, context={"agency": agency, **foreign.context()},
             )
         if too_large:
             raise ValidationError(
-                "EVENT_TOO_LARGE", f"{len(too_large)} event payload(s) exceed the size limit",
-                status=413, errors=too_large, context={"limit_bytes": self.event_max_bytes},
+                "EVENT_TOO_LARGE", f"{too_large.how_many} event payload(s) exceed the size limit",
+                status=413, errors=too_large,
+                context={"limit_bytes": self.event_max_bytes, **too_large.context()},
             )
         if invalid:
             codes = {v["code"] for v in invalid}
             code = codes.pop() if len(codes) == 1 else "SCHEMA_VIOLATION"
             raise ValidationError(
-                code, f"{len(invalid)} violation(s); nothing from this request was accepted",
-                errors=invalid,
+                code, f"{invalid.how_many} violation(s); nothing from this request was accepted",
+                errors=invalid, context=invalid.context(),
             )
         return rows
 

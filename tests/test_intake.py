@@ -360,3 +360,76 @@ async def test_duplicate_index_survives_a_restart(database: Database, state_dir:
         assert status == 202
         assert (body["accepted"], body["duplicates"]) == (0, 20)
     assert await database.fetchval("SELECT count(*) FROM flux.events") == 20
+
+
+async def test_hostile_input_gets_a_precise_answer_never_a_500(agent: Agent, database: Database):
+    """Inputs found by fuzzing a running agent: each once answered 500, or 503 as if
+    PostgreSQL were down, or stored a run id the rules forbid."""
+    from .test_checkpoints import put
+    from .test_lineage import run_event
+
+    url = agent.endpoints.event_url
+    events = url + "/v1/events"
+    bad_utf8 = b'{"event_id": "\xff"}'
+    status, body, headers = await post(events, None, raw=bad_utf8)
+    assert_problem(status, body, headers, 400, "MALFORMED_JSON")
+    assert body["context"]["position"] == 14
+    status, body, headers = await post(events, None, raw=b'{}\n' + bad_utf8,
+                                       headers={"Content-Type": "application/x-ndjson"})
+    assert_problem(status, body, headers, 400, "MALFORMED_JSON")
+    assert "line 2" in body["detail"]
+    status, body, headers = await post(url + "/api/v1/lineage", None, raw=bad_utf8)
+    assert_problem(status, body, headers, 400, "MALFORMED_JSON")
+    deep = b"[" * 5000 + b"]" * 5000
+    status, body, headers = await post(events, None, raw=deep)
+    assert_problem(status, body, headers, 400, "MALFORMED_JSON")
+    assert "nested" in body["detail"]
+
+    # Valid RFC 3339, but before year 1 once converted to UTC.
+    early = make_event(occurred_at="0001-01-01T00:00:00+14:00")
+    status, body, headers = await post(events, early)
+    assert_problem(status, body, headers, 422, "INVALID_TIMESTAMP")
+    status, body, headers = await post(
+        url + "/api/v1/lineage", run_event(eventTime="9999-12-31T23:59:59-23:59"))
+    assert_problem(status, body, headers, 422, "INVALID_TIMESTAMP")
+
+    # Numbers: more digits than int() takes, and digits that are not ASCII.
+    for if_match in ('"' + "9" * 4301 + '"', '"\uff13"', '"\u00b2"'):
+        status, body, headers = await put(url + "/v1/runs/r-hostile/checkpoint",
+                                          {"step": "s", "state": {}},
+                                          headers={"If-Match": if_match})
+        assert_problem(status, body, headers, 400, "INVALID_IF_MATCH")
+    for limit in ("9" * 5000, "%C2%B2"):
+        status, body, headers = await get(url + f"/v1/runs/r-hostile/events?limit={limit}")
+        assert_problem(status, body, headers, 400, "INVALID_LIMIT")
+
+    # Read parameters PostgreSQL would refuse are the caller's mistake, not an outage.
+    import base64
+    forged = base64.urlsafe_b64encode(b'["2026-01-01T00:00:00+00:00","not-a-uuid"]').decode()
+    status, body, headers = await get(url + f"/v1/runs/r-hostile/events?cursor={forged}")
+    assert_problem(status, body, headers, 400, "INVALID_CURSOR")
+    status, body, headers = await get(url + "/v1/runs/r-hostile/events?step=%00")
+    assert_problem(status, body, headers, 400, "INVALID_STEP")
+    for path, code in (("/v1/runs/%00", "RUN_NOT_FOUND"),
+                       ("/v1/runs/%00/events", "RUN_NOT_FOUND"),
+                       ("/v1/runs/%00/checkpoint", "CHECKPOINT_NOT_FOUND"),
+                       ("/v1/runs/%00/checkpoints", "CHECKPOINT_NOT_FOUND")):
+        status, body, headers = await get(url + path)
+        assert_problem(status, body, headers, 404, code)
+
+    # "$" matches before a final newline: such a run id once got through and was stored.
+    status, body, headers = await put(url + "/v1/runs/xyz%0A/checkpoint",
+                                      {"step": "s", "state": {}})
+    assert_problem(status, body, headers, 422, "INVALID_RUN_ID")
+
+    # Thousands of invalid events buy a bounded answer, not one explanation each.
+    status, body, headers = await post(events, None, raw=b"[" + b",".join([b"{}"] * 20000)
+                                       + b"]")
+    assert_problem(status, body, headers, 422)
+    assert len(body["errors"]) == 100
+    assert body["context"]["more_omitted"] is True
+    assert len(json.dumps(body)) < 100_000
+
+    assert await database.fetchval("SELECT count(*) FROM flux.events") == 0
+    status, _, _ = await get(agent.endpoints.admin_url + "/health/ready")
+    assert status == 200
