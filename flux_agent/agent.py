@@ -42,7 +42,7 @@ from .event import (
 )
 from .flush import Flusher
 from .health import admin_app
-from .intake import AccessLogger, Intake
+from .intake import AccessLogger, Intake, ProblemAppRunner
 from .metrics import Metrics
 from .seen import SeenIndex
 from .sink import Sink, UnsafeRole, bootstrap_database, classify, describe
@@ -367,7 +367,7 @@ class Agent:
 
     async def _listen(self, events: web.Application, admin: web.Application) -> None:
         config = self.config
-        runner = web.AppRunner(events, access_log=logging.getLogger("aiohttp.access"),
+        runner = ProblemAppRunner(events, access_log=logging.getLogger("aiohttp.access"),
                                access_log_class=AccessLogger, handle_signals=False)
         await runner.setup()
         self._runners.append(runner)
@@ -387,7 +387,7 @@ class Agent:
             os.chmod(path, 0o660)
             self.endpoints.socket_path = path
         if config.admin_listen:
-            admin_runner = web.AppRunner(admin, access_log=None, handle_signals=False)
+            admin_runner = ProblemAppRunner(admin, access_log=None, handle_signals=False)
             await admin_runner.setup()
             self._runners.append(admin_runner)
             host, port = split_hostport(config.admin_listen)

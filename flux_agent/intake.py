@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
-from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from . import logs
 from .audit import Auditor
@@ -67,6 +67,7 @@ log = logging.getLogger("flux_agent.intake")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 _BYTE_POS = re.compile(r"\(byte (\d+)\)")
+_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
 _SMALL_INT = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²".isdigit() is True
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 # Request and trace ids must be unique, not secret: the Mersenne Twister is far cheaper than
@@ -131,6 +132,49 @@ def problem_response(request: web.Request, err: FluxError) -> web.Response:
     headers = dict(err.headers)
     return web.Response(body=msgspec.json.encode(body), status=err.status,
                         content_type=PROBLEM_CONTENT_TYPE, headers=headers)
+
+
+class _ProblemRequestHandler(RequestHandler):
+    """aiohttp answers what it cannot parse (control bytes in a header, an oversized line,
+    an unknown method or Content-Encoding) before any middleware runs, in text/plain that
+    quotes the offending bytes: a caller's bearer token included. Answer problem+json
+    that quotes nothing instead."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        what = type(exc).__name__ if exc is not None else "HTTP error"
+        err: FluxError
+        if status >= 500:
+            super().handle_error(request, status, exc, message)  # logs the traceback
+            err = TerminalError("INTERNAL_ERROR", "the agent failed to handle this request; "
+                                "nothing from it was accepted", status=status)
+        else:
+            # The caller's mistake: one line, without the bytes (they may hold a token).
+            log.warning("unparseable HTTP request refused",
+                        extra={"fields": {"status": status, "error": what}})
+            if request.writer.output_size > 0:
+                raise ConnectionError("response already started; cannot answer the error")
+            err = ValidationError("BAD_REQUEST", f"the request is not valid HTTP ({what})",
+                                  status=status)
+        body = err.problem(instance="", request_id="", trace_id="", span_id="")
+        response = web.Response(body=msgspec.json.encode(body), status=status,
+                                content_type=PROBLEM_CONTENT_TYPE)
+        response.force_close()
+        return response
+
+
+class _ProblemServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProblemAppRunner(web.AppRunner):
+    """An AppRunner whose connections answer unparseable requests in problem+json."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _ProblemServer  # same state; only the handler factory differs
+        return server
 
 
 def http_error(exc: web.HTTPException) -> FluxError:
@@ -219,6 +263,11 @@ def make_problem_middleware(metrics: Metrics, tracing: Tracing | None = None) ->
                 # Undecodable Content-Encoding, or a body cut short by the client.
                 raise ValidationError("INVALID_BODY", f"the request body could not be read: "
                                       f"{str(exc).splitlines()[-1].strip()}", status=400) from None
+            except ConnectionResetError:
+                # The caller hung up mid-body: its mistake (or its crash), not ours; nothing
+                # was accepted, and the answer most likely reaches no one.
+                raise ValidationError("INVALID_BODY", "the connection closed before the "
+                                      "request body was complete", status=400) from None
         except FluxError as err:
             response = problem_response(request, err)
             claims = request.get(CLAIMS)
@@ -526,6 +575,14 @@ class Intake:
 
     def _media_type(self, request: web.Request) -> bool:
         """True for NDJSON, False for JSON; 415 for anything else."""
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in _ENCODINGS:
+            # aiohttp passes an encoding it does not know through as is: say so, rather
+            # than parse compressed bytes as JSON.
+            raise ValidationError(
+                "UNSUPPORTED_MEDIA_TYPE",
+                f"Content-Encoding {encoding[:40]!r} is not accepted; send gzip or none",
+                status=415)
         raw = request.headers.get("Content-Type")
         if raw is None:
             return False

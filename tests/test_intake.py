@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -432,4 +433,57 @@ async def test_hostile_input_gets_a_precise_answer_never_a_500(agent: Agent, dat
 
     assert await database.fetchval("SELECT count(*) FROM flux.events") == 0
     status, _, _ = await get(agent.endpoints.admin_url + "/health/ready")
+    assert status == 200
+
+
+async def test_unparseable_http_is_problem_json_and_quotes_nothing(agent: Agent, caplog):
+    """aiohttp's own parser errors (before any middleware) once came back as text/plain
+    quoting the bad header: the caller's bearer token included."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(agent.endpoints.event_url)
+    secret = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LWNsYWltcw.c2lnbmF0dXJlLXNlY3JldA"
+
+    async def raw(request: bytes) -> tuple[int, str, bytes]:
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(65536), 10)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        ctype = next((ln.split(":", 1)[1].strip() for ln in lines
+                      if ln.lower().startswith("content-type:")), "")
+        return int(lines[0].split()[1]), ctype, body
+
+    requests = [
+        f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\x01\r\n"
+        "Content-Length: 2\r\n\r\n{}".encode("latin-1"),
+        b"POST /v1/events HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
+        b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    ]
+    for request in requests:
+        status, ctype, body = await raw(request)
+        assert status == 400, body
+        assert ctype.startswith("application/problem+json"), (ctype, body)
+        problem = json.loads(body)
+        assert problem["code"] == "BAD_REQUEST"
+        assert secret.encode() not in body and b"aaaa" not in body
+    # A caller that hangs up mid-body is not an agent failure worth a traceback.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        _reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n[{")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+        await asyncio.sleep(0.5)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    # An encoding aiohttp does not know reaches the handler undecoded: 415, not a parse.
+    status, ctype, body = await raw(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n"
+                                    b"Content-Encoding: snappy\r\nContent-Length: 2\r\n"
+                                    b"Connection: close\r\n\r\n{}")
+    assert status == 415 and json.loads(body)["code"] == "UNSUPPORTED_MEDIA_TYPE", body
+    status, _, _ = await get(agent.endpoints.admin_url + "/health/live")
     assert status == 200
