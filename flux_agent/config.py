@@ -236,6 +236,13 @@ class AgentConfig:
         parse_bytes,
         shown_default="16MiB",
     )
+    request_body_timeout: float = setting(
+        30.0,
+        "A request body must arrive within this (else 408), and a request waits at most this "
+        "long for request memory (else 503): a stalled upload cannot hold intake.",
+        parse_duration,
+        shown_default="30s",
+    )
     auth: str = setting(
         "jwt", "`jwt` (Bearer tokens) or `none` (fixed agency; loopback and socket only).",
         choice("jwt", "none"),

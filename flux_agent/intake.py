@@ -270,6 +270,8 @@ def make_problem_middleware(metrics: Metrics, tracing: Tracing | None = None) ->
                                       "request body was complete", status=400) from None
         except FluxError as err:
             response = problem_response(request, err)
+            if err.status == 408:
+                response.force_close()  # the rest of that body is not worth waiting for
             claims = request.get(CLAIMS)
             agency = claims.agency if claims else ""
             metrics.errors.labels(err.error_class, agency).inc()
@@ -527,8 +529,21 @@ class Intake:
                                      "its successor", retry_after=1)
             # Refuse early when the spool is full, before reading a large body.
             self.spool.check_room(request.content_length or 0)
-            reserved = await self.bodies.acquire(size)
-            events, batch = await read(request)
+            # The budget is taken by the declared size before the body arrives, so a body
+            # that stalls must give it back: every wait here is bounded.
+            limit = self.config.request_body_timeout
+            try:
+                async with asyncio.timeout(limit):
+                    reserved = await self.bodies.acquire(size)
+            except TimeoutError:
+                raise TransientError("INTAKE_BUSY", "request memory is held by requests still "
+                                     "being read; retry shortly", retry_after=1) from None
+            try:
+                async with asyncio.timeout(limit):
+                    events, batch = await read(request)
+            except TimeoutError:
+                raise ValidationError("BODY_TIMEOUT", f"the request body did not arrive within "
+                                      f"{limit:g} s; nothing was accepted", status=408) from None
             rows = self._seal(request, claims, events, batch)
             del events
             wait = _prefers_committed(request.headers.get("Prefer", ""))

@@ -487,3 +487,29 @@ async def test_unparseable_http_is_problem_json_and_quotes_nothing(agent: Agent,
     assert status == 415 and json.loads(body)["code"] == "UNSUPPORTED_MEDIA_TYPE", body
     status, _, _ = await get(agent.endpoints.admin_url + "/health/live")
     assert status == 200
+
+
+async def test_a_stalled_upload_cannot_hold_intake(database: Database, state_dir: Path):
+    """Request memory is reserved by Content-Length before the body arrives; an upload that
+    stalls gets 408 after FLUX_AGENT_REQUEST_BODY_TIMEOUT and gives the memory back."""
+    from urllib.parse import urlsplit
+
+    config = agent_config(database, state_dir, request_body_timeout=0.5,
+                          request_memory_bytes=4 * 1024**2, request_max_bytes=4 * 1024**2)
+    async with Agent(config) as agent:
+        parts = urlsplit(agent.endpoints.event_url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 4194304\r\n\r\n[")
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the stalled request holds all request memory now
+        event = make_event()
+        status, body, _ = await asyncio.wait_for(
+            post(agent.endpoints.event_url + "/v1/events", event), 10)
+        assert status == 202, body
+        answer = await asyncio.wait_for(reader.read(65536), 10)
+        writer.close()
+        head, _, raw = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert json.loads(raw)["code"] == "BODY_TIMEOUT"
+        assert agent.intake is not None and agent.intake.bodies.free == 4 * 1024**2
