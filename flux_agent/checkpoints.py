@@ -240,9 +240,10 @@ class Checkpoints:
         if if_match is not None and (
             (if_match == -1 and previous is None) or (if_match >= 0 and if_match != current)
         ):
+            expected = "any version" if if_match == -1 else f"version {if_match}"
             raise CheckpointError(
                 "CHECKPOINT_VERSION_MISMATCH",
-                f"the latest checkpoint of {run_id} is version {current}, not {if_match}",
+                f"the latest checkpoint of {run_id} is version {current}, not {expected}",
                 status=412, context={"current_version": current})
         record = self.build(agency, run_id, current + 1, state, body, seal)
         payload = record_encoder.encode(record)

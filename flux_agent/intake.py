@@ -501,11 +501,11 @@ class Intake:
 
     async def _read_events(self, request: web.Request) -> tuple[list[Any], bool]:
         ndjson = self._media_type(request)
-        return self._decode(await request.read(), ndjson)
+        return self._decode(await _read_body(request), ndjson)
 
     async def _read_lineage(self, request: web.Request) -> tuple[list[Any], bool]:
         self._media_type(request)
-        doc = self._decode_one(await request.read(), "")
+        doc = self._decode_one(await _read_body(request), "")
         return self.lineage.to_events(doc), False
 
     async def _ingest(
@@ -764,7 +764,7 @@ class Intake:
         if_match = parse_if_match(request.headers.get("If-Match"))
         self._media_type(request)
         self.spool.check_room(request.content_length or 0)
-        body = self._decode_one(await request.read(), "")
+        body = self._decode_one(await _read_body(request), "")
         self.inflight += 1
         self._idle.clear()
         try:
@@ -978,9 +978,19 @@ def _checkpoint_json(run_id: str, known: Known, *, with_state: bool) -> dict[str
     return out
 
 
+async def _read_body(request: web.Request) -> bytes:
+    body = await request.read()
+    if not body and request.headers.get("Content-Encoding", "identity") != "identity":
+        # A gzip stream cut short decodes to nothing: say that, not "the body is empty".
+        raise ValidationError("INVALID_BODY", "the compressed body decodes to nothing "
+                              "(an incomplete or empty stream)", status=400)
+    return body
+
+
 def _prefers_committed(prefer: str) -> bool:
     for item in prefer.split(","):
-        name, _, value = item.strip().partition("=")
+        # RFC 7240: a preference may carry parameters (wait=committed; x=y).
+        name, _, value = item.split(";", 1)[0].strip().partition("=")
         if name.strip().lower() == "wait" and value.strip().strip('"').lower() == "committed":
             return True
     return False

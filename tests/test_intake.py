@@ -431,9 +431,22 @@ async def test_hostile_input_gets_a_precise_answer_never_a_500(agent: Agent, dat
     assert body["context"]["more_omitted"] is True
     assert len(json.dumps(body)) < 100_000
 
+    # A gzip stream cut short decodes to nothing; that is not "the body is empty".
+    status, body, headers = await post(events, None, raw=b"\x1f\x8b\x08\x00garbage",
+                                       headers={"Content-Encoding": "gzip"})
+    assert_problem(status, body, headers, 400, "INVALID_BODY")
+    status, body, headers = await put(url + "/v1/runs/r-hostile/checkpoint",
+                                      {"step": "s", "state": {}}, headers={"If-Match": "*"})
+    assert_problem(status, body, headers, 412, "CHECKPOINT_VERSION_MISMATCH")
+    assert "not any version" in body["detail"]
+
     assert await database.fetchval("SELECT count(*) FROM flux.events") == 0
     status, _, _ = await get(agent.endpoints.admin_url + "/health/ready")
     assert status == 200
+    # A preference with parameters (RFC 7240) is still the preference.
+    status, body, _ = await post(events, make_event(),
+                                 headers={"Prefer": "wait=committed; timeout=5"})
+    assert status == 200 and body["committed"] is True, body
 
 
 async def test_unparseable_http_is_problem_json_and_quotes_nothing(agent: Agent, caplog):
