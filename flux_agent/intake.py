@@ -424,9 +424,10 @@ class Intake:
             middlewares=[make_problem_middleware(self.metrics, self.tracing),
                          self._auth_middleware],
         )
-        app.router.add_post("/v1/events", self.post_events)
-        app.router.add_post("/api/v1/lineage", self.post_lineage)
-        app.router.add_put("/v1/runs/{run_id}/checkpoint", self.put_checkpoint)
+        app.router.add_post("/v1/events", self.post_events, expect_handler=_expect)
+        app.router.add_post("/api/v1/lineage", self.post_lineage, expect_handler=_expect)
+        app.router.add_put("/v1/runs/{run_id}/checkpoint", self.put_checkpoint,
+                           expect_handler=_expect)
         app.router.add_get("/v1/runs/{run_id}/checkpoint", self.get_checkpoint)
         app.router.add_get("/v1/runs/{run_id}/checkpoints", self.get_checkpoint_history)
         app.router.add_get("/v1/runs/{run_id}", self.get_run)
@@ -976,6 +977,22 @@ def _checkpoint_json(run_id: str, known: Known, *, with_state: bool) -> dict[str
         assert known.state is not None
         out["state"] = msgspec.Raw(known.state.encode())
     return out
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` as aiohttp does it; any other expectation is a 417 in
+    problem+json (aiohttp's own answer, text/plain, comes before any middleware)."""
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        if request.version < (1, 1):
+            return None  # HTTP/1.0 has no 100 Continue; the body simply follows
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's: the real answer has not started
+        return None
+    err = ValidationError("EXPECTATION_FAILED", "only Expect: 100-continue is supported",
+                          status=417)
+    response = problem_response(request, err)
+    response.force_close()
+    return response
 
 
 async def _read_body(request: web.Request) -> bytes:

@@ -475,6 +475,22 @@ async def test_unparseable_http_is_problem_json_and_quotes_nothing(agent: Agent,
         b"POST /v1/events HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
         b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
     ]
+    status, ctype, body = await raw(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nExpect: magic\r\n"
+                                    b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+    assert status == 417 and ctype.startswith("application/problem+json"), (ctype, body)
+    # curl sends Expect: 100-continue for bodies over 1 KiB: the body follows the 100.
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    event = json.dumps(make_event()).encode()
+    writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                 b"Content-Type: application/json\r\nConnection: close\r\n"
+                 b"Content-Length: " + str(len(event)).encode() + b"\r\n\r\n")
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert interim.startswith(b"HTTP/1.1 100"), interim
+    writer.write(event)
+    final = await asyncio.wait_for(reader.read(65536), 10)
+    writer.close()
+    assert final.startswith(b"HTTP/1.1 202"), final
     for request in requests:
         status, ctype, body = await raw(request)
         assert status == 400, body
