@@ -134,6 +134,8 @@ class ApiKeyAuthenticator:
         if scheme.lower() != "bearer" or not token:
             raise AuthenticationError("TOKEN_MALFORMED", "the Authorization header must be "
                                       "'Bearer <key>'")
+        if not token.isascii():  # header bytes beyond ASCII arrive as surrogates
+            raise AuthenticationError("TOKEN_MALFORMED", "an API key is ASCII")
         claims = self.keys.get(api_key_digest(token))
         if claims is None:
             raise AuthenticationError("TOKEN_UNKNOWN_KEY", "unknown API key")

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
@@ -67,7 +67,7 @@ log = logging.getLogger("flux_agent.intake")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 _BYTE_POS = re.compile(r"\(byte (\d+)\)")
-_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+_ENCODINGS = frozenset({"", "identity", "gzip", "deflate"})  # what aiohttp decodes
 _SMALL_INT = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²".isdigit() is True
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 # Request and trace ids must be unique, not secret: the Mersenne Twister is far cheaper than
@@ -154,8 +154,13 @@ class _ProblemRequestHandler(RequestHandler):
                         extra={"fields": {"status": status, "error": what}})
             if request.writer.output_size > 0:
                 raise ConnectionError("response already started; cannot answer the error")
-            err = ValidationError("BAD_REQUEST", f"the request is not valid HTTP ({what})",
-                                  status=status)
+            if isinstance(exc, ContentEncodingError):  # br or zstd without their codec
+                status = 415
+                err = ValidationError("UNSUPPORTED_MEDIA_TYPE", "this Content-Encoding is not "
+                                      "accepted; send gzip, deflate or none", status=415)
+            else:
+                err = ValidationError("BAD_REQUEST", f"the request is not valid HTTP ({what})",
+                                      status=status)
         body = err.problem(instance="", request_id="", trace_id="", span_id="")
         response = web.Response(body=msgspec.json.encode(body), status=status,
                                 content_type=PROBLEM_CONTENT_TYPE)
@@ -597,7 +602,7 @@ class Intake:
             # than parse compressed bytes as JSON.
             raise ValidationError(
                 "UNSUPPORTED_MEDIA_TYPE",
-                f"Content-Encoding {encoding[:40]!r} is not accepted; send gzip or none",
+                f"Content-Encoding {encoding[:40]!r} is not accepted; send gzip, deflate or none",
                 status=415)
         raw = request.headers.get("Content-Type")
         if raw is None:

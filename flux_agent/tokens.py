@@ -178,7 +178,11 @@ class JwtAuthenticator:
             raise AuthenticationError("TOKEN_INVALID_CLAIM", "'agency' must be an agency slug")
         if not isinstance(role, str):
             raise AuthenticationError("TOKEN_INVALID_CLAIM", "'role' must be a string")
-        return Claims(sub=sub, agency=agency, role=role, expires_at=float(payload["exp"]))
+        try:
+            expires_at = float(payload["exp"])
+        except (OverflowError, TypeError, ValueError):  # e.g. exp = 10**400
+            raise AuthenticationError("TOKEN_INVALID_CLAIM", "'exp' is out of range") from None
+        return Claims(sub=sub, agency=agency, role=role, expires_at=expires_at)
 
 
 def mint(

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -463,6 +464,19 @@ async def test_api_keys_map_a_key_to_an_agency(database: Database, state_dir: Pa
         assert (await post(url, make_event(), headers=bearer(token(rsa_key))))[0] == 202
         status, body, headers = await post(url, make_event(), headers=bearer("flux_wrong"))
         assert_problem(status, body, headers, 401, "TOKEN_UNKNOWN_KEY")
+        # Header bytes beyond ASCII (no valid credential needed) once answered 500.
+        parts = urlsplit(running.endpoints.event_url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        writer.write(b"GET /v1/runs/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe"
+                     b"\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(65536), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:300]
+        assert b'"TOKEN_MALFORMED"' in answer
+        # A trusted signature over an exp no float can hold: a bad claim, not a 500.
+        status, body, headers = await post(url, make_event(),
+                                           headers=bearer(token(rsa_key, exp=10**400)))
+        assert_problem(status, body, headers, 401, "TOKEN_INVALID_CLAIM")
     agencies = await database.fetch("SELECT agency_id, count(*) FROM flux.events GROUP BY 1 "
                                     "ORDER BY 1")
     assert [tuple(r) for r in agencies] == [("nasa", 1), ("noaa", 1)]
