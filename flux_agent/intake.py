@@ -58,7 +58,7 @@ from .lineage import Lineage
 from .metrics import Metrics
 from .seen import Key, SeenIndex
 from .spool import Spool
-from .store import BadCursor, Store, decode_cursor
+from .store import UUID_TEXT, BadCursor, Store, decode_cursor
 from .tracing import Tracing
 from .validate import EventChecker, Manifest, Seal, utcnow
 
@@ -881,7 +881,7 @@ class Intake:
         claims: Claims = request[CLAIMS]
         require(claims, "read")
         event_id = request.match_info["event_id"].lower()
-        if not _UUID.match(event_id):
+        if not UUID_TEXT.fullmatch(event_id):
             raise _not_found("EVENT_NOT_FOUND", "no such event")
         event = await self._read(self.store.event(claims.agency, event_id))
         if event is None:
@@ -942,7 +942,6 @@ async def _all_durable(waits: list[asyncio.Future[int]]) -> None:
         # shield: the future is shared by every request of the commit group, and a client
         # that hangs up must not cancel it for the others.
         await asyncio.shield(fut)
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 def _not_found(code: str, detail: str) -> ValidationError:

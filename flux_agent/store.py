@@ -38,7 +38,7 @@ class BadCursor(ValueError):
     pass
 
 
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def encode_cursor(occurred_at: datetime, event_id: str) -> str:
@@ -52,7 +52,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         when, event_id = msgspec.json.decode(raw, type=tuple[str, str])
         at = datetime.fromisoformat(when)
         # What this agent issued, and nothing PostgreSQL would refuse as a parameter.
-        if at.tzinfo is None or not _UUID.fullmatch(event_id):
+        if at.tzinfo is None or not UUID_TEXT.fullmatch(event_id):
             raise ValueError(cursor)
         at.astimezone(UTC)  # OverflowError near year 1 or 9999
         return at, event_id
