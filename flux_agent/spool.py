@@ -13,8 +13,19 @@ CRC covers the sequence number and the payload. A request's events form one reco
 torn write can never leave half a request behind.
 
 Writes and fdatasyncs run on one I/O thread. While one group is being synced, new appends
-collect into the next group, so concurrent requests share one fdatasync (group commit).
-All bookkeeping is mutated on the event loop only; the thread touches file descriptors.
+collect into the next group, so concurrent requests share one fdatasync (group commit). The
+thread only touches descriptors and files; the bookkeeping (segment list, sizes, sequence
+numbers) changes on the event loop, from what the thread reports back.
+
+The disk is allowed to fail. A write refused for lack of space, quota or descriptors leaves
+no partial record and no partial file; the spool then answers 503 (``SPOOL_UNAVAILABLE``)
+and probes the disk every second until a write can succeed again. A start on a full disk
+recovers what it can read and opens the next segment only when it first needs one.
+
+After a failover to an asynchronously replicated standby, PostgreSQL may have forgotten
+what it committed: segments whose records are all committed are kept for
+``keep_committed`` seconds (unless the capacity or the disk needs them back), so that the
+flusher can replay that window idempotently.
 """
 
 from __future__ import annotations
@@ -24,7 +35,6 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
 import struct
 import time
 from collections import deque
@@ -35,8 +45,9 @@ from pathlib import Path
 
 import crc32c
 
-from ._files import lock_exclusive
+from ._files import is_resource_error, lock_exclusive, reason, write_atomic
 from .errors import TransientError
+from .supervise import Supervisor
 
 log = logging.getLogger("flux_agent.spool")
 
@@ -235,8 +246,12 @@ class SpoolUnavailable(TransientError):
         super().__init__(
             "SPOOL_UNAVAILABLE",
             f"the event could not be written durably ({reason}); nothing was accepted",
-            retry_after=5,
+            retry_after=PROBE_INTERVAL_S,
         )
+
+
+PROBE_INTERVAL_S = 1  # while the disk refuses writes, try again this often
+PROBE_BYTES = 1024 * 1024  # room a probe must find before intake reopens
 
 
 @dataclass(slots=True)
@@ -247,6 +262,7 @@ class Segment:
     size: int
     created: float
     fd: int = -1
+    spent_at: float | None = None  # wall time when every record in it was committed
 
 
 @dataclass(slots=True)
@@ -272,6 +288,15 @@ class _Group:
     items: list[tuple[int, object, int]]  # (seq, decoded record, bytes) for on_durable
 
 
+@dataclass(slots=True)
+class _Written:
+    """What the I/O thread did for one group, applied to the bookkeeping on the loop."""
+
+    opened: Segment | None  # a new active segment
+    size: int  # the active segment's size afterwards
+    grown: int  # bytes the spool grew by
+
+
 class Spool:
     """The durable write-ahead log between intake and the flusher."""
 
@@ -283,49 +308,79 @@ class Spool:
         segment_bytes: int,
         fsync: bool = True,
         on_recover_record: Callable[[int, bytes], None] | None = None,
+        keep_committed: float = 0.0,
+        supervisor: Supervisor | None = None,
+        sync_log: Path | None = None,
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.fsync = fsync
+        self.keep_committed = keep_committed
         self._on_recover_record = on_recover_record
+        self._sup = supervisor or Supervisor()
         self.segments: list[Segment] = []
         self.next_seq = 1
         self.written_seq = 0  # highest seq written to a segment file (maybe not yet synced)
         self.durable_seq = 0  # highest seq known synced (== written_seq without fsync)
         self.cursor = 0  # highest seq committed downstream
-        self._cursor_dirty = False
+        self.recovery: Recovery | None = None  # set once recovery has run
+        self.recovered = asyncio.Event()
         self._groups: deque[_Group] = deque()  # waiting for or under write, oldest first
         self._pending: _Group | None = None
         self._wake = asyncio.Event()
         self._io = ThreadPoolExecutor(1, thread_name_prefix="flux-spool-io")
         self._reader_pool = ThreadPoolExecutor(1, thread_name_prefix="flux-spool-read")
-        self._committer: asyncio.Task[None] | None = None
         self._lock_fd = -1
         self._closed = False
-        self.broken: str | None = None  # set when the disk refused a write; cleared on success
+        self._opened = False
+        self.broken: str | None = None  # why the disk refuses writes; cleared by a probe
         self.appended_bytes = 0
         self.write_errors = 0
+        self.cursor_errors = 0
         self.corrupt_records = 0
         self.syncs = 0  # fdatasync calls for appended data (group commit shares them)
+        self.evicted_retained = 0  # committed segments dropped before their window ended
         self._disk_bytes = 0  # sum of segment sizes, kept current instead of summed per request
+        self._retained_bytes = 0  # of those: committed, kept for the failover window
         self._queued_bytes = 0
         self._cursor_written_at = 0.0
+        self._cursor_behind = False  # the last cursor write failed: retry at the next commit
         # (first seq, wall time) of writes, at most one per 100 ms: what the age of the
         # oldest unflushed record is computed from.
         self._marks: deque[tuple[int, float]] = deque()
+        # (last committed seq, first and last wall time) of commits, one per second at
+        # most: where a replay after a failover starts.
+        self._commit_marks: deque[tuple[int, float, float]] = deque()
         self._read_hint: ReadHint | None = None
+        self._sync_log_fd = -1
+        self._sync_log = sync_log
         # Called in sequence order, on the event loop, for each record once it is written
         # (and synced, with fsync): how the flusher gets records without reading them back.
         self.on_durable: Callable[[int, object, int], None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
-    async def open(self) -> Recovery:
+    async def open(self) -> Recovery | None:
+        """Lock the directory and recover it. A full disk (or no descriptors) does not fail
+        the start: the spool then refuses appends and keeps retrying in the background."""
         loop = asyncio.get_running_loop()
-        recovery = await loop.run_in_executor(self._io, self._recover)
-        self._committer = asyncio.create_task(self._commit_loop(), name="flux-spool-commit")
-        return recovery
+        await loop.run_in_executor(self._io, self._lock)
+        if self._sync_log is not None:
+            self._sync_log_fd = os.open(self._sync_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                                        0o600)
+        try:
+            await self._run_recovery()
+        except OSError as exc:
+            if not is_resource_error(exc):
+                raise
+            self.broken = f"recovery deferred: {reason(exc)}"
+            log.error("spool recovery needs the disk; the agent answers 503 until it can",
+                      extra={"fields": {"directory": str(self.directory),
+                                        "error": reason(exc)}})
+        self._opened = True
+        self._sup.start("spool-commit", self._commit_loop)
+        return self.recovery
 
     async def close(self) -> None:
         """Write and sync what is queued, persist the cursor, release the directory."""
@@ -333,13 +388,17 @@ class Spool:
             return
         self._closed = True
         self._wake.set()
-        if self._committer is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._committer
+        if self._opened:
+            await self._sup.wait("spool-commit", timeout=30)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._io, self._close_files)
         self._io.shutdown(wait=True)
         self._reader_pool.shutdown(wait=True)
+
+    def _lock(self) -> None:
+        d = self.directory
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = lock_exclusive(d / "LOCK", f"the spool at {d}")
 
     def _close_files(self) -> None:
         for seg in self.segments:
@@ -349,21 +408,32 @@ class Spool:
                         os.fdatasync(seg.fd)
                 os.close(seg.fd)
                 seg.fd = -1
-        self._write_cursor(self.cursor, sync=True)
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        if self.recovery is not None:
+            try:
+                self._write_cursor(self.cursor, sync=True)
+            except OSError as exc:  # replays a little more on the next start; loses nothing
+                log.warning("spool cursor not saved at close",
+                            extra={"fields": {"error": reason(exc)}})
+        for fd in (self._lock_fd, self._sync_log_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._lock_fd = self._sync_log_fd = -1
 
     # ---------------------------------------------------------------- recovery (I/O thread)
 
-    def _recover(self) -> Recovery:
-        d = self.directory
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "quarantine").mkdir(exist_ok=True)
-        self._lock_fd = lock_exclusive(d / "LOCK", f"the spool at {d}")
+    async def _run_recovery(self) -> None:
+        loop = asyncio.get_running_loop()
+        recovery = await loop.run_in_executor(self._io, self._recover, loop)
+        self.recovery = recovery
+        self.recovered.set()
 
+    def _recover(self, loop: asyncio.AbstractEventLoop) -> Recovery:
+        """Scan every segment, cut torn tails, set damaged segments aside. Re-runnable: a
+        resource error anywhere leaves the directory as it was, to be tried again."""
+        d = self.directory
+        (d / "quarantine").mkdir(exist_ok=True, mode=0o700)
         rec = Recovery(cursor=read_cursor(d))
-        self.cursor = rec.cursor
+        segments: list[Segment] = []
         last_seq = 0
         paths = list_segments(d)
         for path in paths:
@@ -371,13 +441,23 @@ class Spool:
             try:
                 scan, data = scan_file(path, after_seq=last_seq)
             except OSError as exc:
+                if is_resource_error(exc) and exc.errno != errno.EIO:
+                    raise  # no descriptor to read it with: try again later
                 log.error("spool: unreadable segment quarantined",
                           extra={"fields": {"path": str(path), "error": exc.strerror}})
                 rec.quarantined.append(self._quarantine(path))
                 continue
+            newest = path == paths[-1]
+            if newest and not scan.records and (scan.size <= HEADER.size or scan.header_ok):
+                # A crash between creating the newest segment and its first record (or in
+                # the middle of its header): nothing was ever acknowledged from it.
+                path.unlink(missing_ok=True)
+                if scan.size:
+                    rec.torn_tails += 1
+                continue
             # Only the newest segment can end in an interrupted append; damage anywhere else
             # is corruption, and the file is kept aside for forensics.
-            if scan.torn_tail_only and path == paths[-1]:
+            if scan.torn_tail_only and newest:
                 with path.open("r+b") as fh:
                     fh.truncate(scan.valid_end)
                     os.fsync(fh.fileno())
@@ -391,31 +471,48 @@ class Spool:
             if not scan.records:
                 path.unlink(missing_ok=True)
                 continue
-            for seq, payload in iter_records(scan, data):
-                rec.records += 1
-                if seq > rec.cursor:
-                    rec.pending_records += 1
-                    if self._on_recover_record is not None:
-                        self._on_recover_record(seq, payload)
+            pending = [(seq, payload) for seq, payload in iter_records(scan, data)
+                       if seq > rec.cursor]
+            rec.records += len(scan.records)
+            rec.pending_records += len(pending)
+            if pending and self._on_recover_record is not None:
+                # The callbacks touch the agent's indexes, which belong to the loop.
+                asyncio.run_coroutine_threadsafe(self._deliver(pending), loop).result()
             last_seq = scan.last_seq
-            self.segments.append(Segment(path, scan.first_seq, scan.last_seq,
-                                         path.stat().st_size, scan.created_ms / 1000 or
-                                         path.stat().st_mtime))
-        # Fully committed segments are not needed any more.
-        for seg in [s for s in self.segments if s.last_seq <= self.cursor]:
-            seg.path.unlink(missing_ok=True)
-            self.segments.remove(seg)
+            st = path.stat()
+            segments.append(Segment(path, scan.first_seq, scan.last_seq, st.st_size,
+                                    scan.created_ms / 1000 or st.st_mtime))
+        now = time.time()
+        kept: list[Segment] = []
+        for seg in segments:
+            if seg.last_seq > rec.cursor:
+                kept.append(seg)
+            elif self.keep_committed and now - path_mtime(seg.path) < self.keep_committed:
+                seg.spent_at = path_mtime(seg.path)  # committed, kept for a failover replay
+                kept.append(seg)
+            else:
+                seg.path.unlink(missing_ok=True)
+        self.segments = kept
+        self.cursor = rec.cursor
         last_seq = max(last_seq, self.cursor)
         self.next_seq = last_seq + 1
         self.written_seq = self.durable_seq = last_seq
         rec.next_seq = self.next_seq
-        self._open_segment(self.next_seq)
-        self._disk_bytes = sum(seg.size for seg in self.segments)
-        for seg in self.segments:
+        self._disk_bytes = sum(seg.size for seg in kept)
+        self._retained_bytes = sum(seg.size for seg in kept if seg.spent_at is not None)
+        self._marks.clear()
+        for seg in kept:
             if seg.last_seq > self.cursor:  # recovered records: their segment's age
                 self._marks.append((max(seg.first_seq, self.cursor + 1), seg.created))
+        # The next append opens a fresh segment (appends never extend a recovered one), and
+        # only then: a full disk must not stop the agent from flushing what it holds.
         _fsync_dir(d)
         return rec
+
+    async def _deliver(self, records: list[tuple[int, bytes]]) -> None:
+        assert self._on_recover_record is not None
+        for seq, payload in records:
+            self._on_recover_record(seq, payload)
 
     def _quarantine(self, path: Path) -> str:
         target = self.directory / "quarantine" / f"{path.name}.{int(time.time())}"
@@ -423,16 +520,15 @@ class Spool:
         return str(target)
 
     def _salvage(self, path: Path, scan: Scan, data: bytes) -> str:
-        """Move a damaged segment aside, keeping its intact records in a clean copy."""
+        """Move a damaged segment aside, keeping its intact records in a clean copy. The copy
+        is written first: if the disk refuses it, nothing has moved yet."""
         kept = b"".join(frame(seq, payload) for seq, payload in iter_records(scan, data))
+        target = self.directory / segment_name(scan.first_seq)
+        tmp = target.with_suffix(".tmp")
+        if scan.records:
+            write_atomic(tmp, segment_header(scan.first_seq) + kept)
         moved = self._quarantine(path)
         if scan.records:
-            target = self.directory / segment_name(scan.first_seq)
-            tmp = target.with_suffix(".tmp")
-            with tmp.open("wb") as fh:
-                fh.write(segment_header(scan.first_seq) + kept)
-                fh.flush()
-                os.fsync(fh.fileno())
             os.replace(tmp, target)
         _fsync_dir(self.directory)
         log.error("spool: damaged segment quarantined",
@@ -441,22 +537,34 @@ class Spool:
         return moved
 
     def _open_segment(self, first_seq: int) -> Segment:
+        """A new segment with its header synced; no partial file is left if that fails."""
         path = self.directory / segment_name(first_seq)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         header = segment_header(first_seq)
-        os.write(fd, header)
-        if self.fsync:
-            os.fdatasync(fd)
-        seg = Segment(path, first_seq, first_seq - 1, len(header), time.time(), fd)
-        self.segments.append(seg)
-        return seg
+        try:
+            os.write(fd, header)
+            if self.fsync:
+                os.fdatasync(fd)
+            _fsync_dir(self.directory)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self._synced(path, len(header))
+        return Segment(path, first_seq, first_seq - 1, len(header), time.time(), fd)
+
+    def _synced(self, path: Path, size: int) -> None:
+        """Test-only record of what is really on disk (what a power loss would keep)."""
+        if self._sync_log_fd >= 0:
+            os.write(self._sync_log_fd, f"{path.name} {size}\n".encode())
 
     # ---------------------------------------------------------------- appending (event loop)
 
     @property
     def bytes_used(self) -> int:
-        """Segment bytes on disk plus what is queued for writing."""
-        return self._disk_bytes + self._queued_bytes
+        """Bytes that count against the capacity: records not yet committed (on disk or
+        queued). Committed segments kept for the failover window give way when needed."""
+        return self._disk_bytes - self._retained_bytes + self._queued_bytes
 
     def check_room(self, nbytes: int) -> None:
         """Raise SpoolFull / SpoolUnavailable unless ``nbytes`` more can be accepted."""
@@ -497,69 +605,92 @@ class Spool:
         return seq, group.future
 
     async def _commit_loop(self) -> None:
+        """Writes queued groups one at a time; while the disk refuses writes, probes it."""
         loop = asyncio.get_running_loop()
         while True:
             if self._pending is None:
                 if self._closed:
                     return
+                if self.broken is not None:
+                    await self._probe()
+                    if self.broken is not None:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), PROBE_INTERVAL_S)
+                        self._wake.clear()
+                    continue
                 await self._wake.wait()
                 self._wake.clear()
                 continue
             group, self._pending = self._pending, None
             self._groups.append(group)
             try:
-                grown = await loop.run_in_executor(self._io, self._write_group, group)
+                written = await loop.run_in_executor(self._io, self._write_group, group,
+                                                     self._active())
             except OSError as exc:
                 self.write_errors += 1
-                reason = os.strerror(exc.errno) if exc.errno else str(exc)
-                self.broken = reason
-                log.error("spool write failed; requests answered 503 until the disk recovers",
-                          extra={"fields": {"error": reason}})
+                why = reason(exc)
+                if self.broken is None:
+                    log.error("spool write failed; requests answered 503 until the disk "
+                              "recovers", extra={"fields": {"error": why}})
+                    self.broken = why
                 if not group.future.done():
-                    group.future.set_exception(SpoolUnavailable(reason))
+                    group.future.set_exception(SpoolUnavailable(why))
                     group.future.exception()  # a failure nobody awaits is still handled
             else:
-                self.broken = None
-                if self.on_durable is not None:
-                    for seq, record, nbytes in group.items:
-                        self.on_durable(seq, record, nbytes)
-                self.written_seq = self.durable_seq = group.last_seq
-                self._disk_bytes += grown
-                now = time.time()
-                if not self._marks or now - self._marks[-1][1] >= 0.1:
-                    self._marks.append((group.first_seq, now))
-                if not group.future.done():
-                    group.future.set_result(group.last_seq)
+                self._apply(written, group)
+                if self.broken is not None and self.recovery is not None:
+                    log.info("spool writable again; intake reopened")
+                    self.broken = None
             finally:
                 self._queued_bytes -= group.nbytes
                 self._groups.popleft()
 
-    def _write_group(self, group: _Group) -> int:
-        """I/O thread: append the group to the active segment and make it durable.
+    def _active(self) -> Segment | None:
+        seg = self.segments[-1] if self.segments else None
+        return seg if seg is not None and seg.fd >= 0 else None
 
-        Returns how many bytes the spool grew by (a new segment's header included).
-        """
+    def _apply(self, written: _Written, group: _Group) -> None:
+        if written.opened is not None:
+            self.segments.append(written.opened)
         seg = self.segments[-1]
+        seg.size = written.size
+        seg.last_seq = group.last_seq
+        self._disk_bytes += written.grown
+        if self.on_durable is not None:
+            for seq, record, nbytes in group.items:
+                try:
+                    self.on_durable(seq, record, nbytes)
+                except Exception:
+                    log.exception("spool: on_durable callback failed")
+                    break
+        self.written_seq = self.durable_seq = group.last_seq
+        now = time.time()
+        if not self._marks or now - self._marks[-1][1] >= 0.1:
+            self._marks.append((group.first_seq, now))
+        if not group.future.done():
+            group.future.set_result(group.last_seq)
+
+    def _write_group(self, group: _Group, seg: Segment | None) -> _Written:
+        """I/O thread: append the group to the active segment and make it durable. Touches
+        descriptors and files only; the loop applies the returned bookkeeping."""
+        opened = None
         grown = 0
-        if seg.fd < 0:  # an earlier failure closed it
-            seg = self._open_segment(group.first_seq)
-            grown += seg.size
-            _fsync_dir(self.directory)
-        elif seg.size + group.nbytes > self.segment_bytes and seg.last_seq >= seg.first_seq:
+        if seg is not None and seg.size + group.nbytes > self.segment_bytes \
+                and seg.last_seq >= seg.first_seq:
             if self.fsync:
                 os.fdatasync(seg.fd)
             os.close(seg.fd)
             seg.fd = -1
-            seg = self._open_segment(group.first_seq)
+            seg = None
+        if seg is None:
+            seg = opened = self._open_segment(group.first_seq)
             grown += seg.size
-            _fsync_dir(self.directory)
         data = b"".join(group.frames)
         before = seg.size
         try:
             view = memoryview(data)
             while view:
-                n = os.write(seg.fd, view)
-                view = view[n:]
+                view = view[os.write(seg.fd, view):]
             if self.fsync:
                 os.fdatasync(seg.fd)
                 self.syncs += 1
@@ -572,11 +703,52 @@ class Spool:
                     os.fdatasync(seg.fd)
             except OSError:
                 os.close(seg.fd)
-                seg.fd = -1  # the next group starts a fresh segment
+                seg.fd = -1
+            if opened is not None:
+                # A segment created for this group holds nothing acknowledged: remove it.
+                if opened.fd >= 0:
+                    os.close(opened.fd)
+                    opened.fd = -1
+                opened.path.unlink(missing_ok=True)
             raise
-        seg.size = before + len(data)
-        seg.last_seq = group.last_seq
-        return grown + len(data)
+        self._synced(seg.path, before + len(data))
+        return _Written(opened, before + len(data), grown + len(data))
+
+    async def _probe(self) -> None:
+        """While broken: retry a deferred recovery, or check that the disk has room and a
+        descriptor to spare; clear the broken state when it does."""
+        loop = asyncio.get_running_loop()
+        try:
+            if self.recovery is None:
+                await self._run_recovery()
+            else:
+                # A full disk takes back the committed segments kept for failover first.
+                spent = self._evict_retained(all_of_them=True)
+                if spent:
+                    await loop.run_in_executor(self._io, _remove_segments, spent)
+                await loop.run_in_executor(self._io, self._probe_room)
+        except OSError as exc:
+            self.broken = (f"recovery deferred: {reason(exc)}" if self.recovery is None
+                           else reason(exc))
+            return
+        log.info("spool writable again; intake reopened",
+                 extra={"fields": {"directory": str(self.directory)}})
+        self.broken = None
+
+    def _probe_room(self) -> None:
+        path = self.directory / ".probe"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, PROBE_BYTES)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.write(fd, bytes(PROBE_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            path.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- reading (flusher)
 
@@ -598,43 +770,112 @@ class Spool:
     # ---------------------------------------------------------------- cursor and cleanup
 
     async def commit(self, seq: int) -> None:
-        """Everything up to ``seq`` is in PostgreSQL: move the cursor, drop spent segments."""
+        """Everything up to ``seq`` is in PostgreSQL: move the cursor, drop spent segments.
+
+        Never raises for the disk: the cursor only saves replay work, so a cursor that
+        cannot be written (a full disk, no descriptors) is retried at the next commit."""
         if seq <= self.cursor:
             return
         self.cursor = seq
-        spent = [s for s in self.segments[:-1] if s.last_seq <= seq]
-        for seg in spent:
+        now = time.time()
+        marks = self._commit_marks
+        if marks and now - marks[-1][1] < 1.0:
+            marks[-1] = (seq, marks[-1][1], now)
+        else:
+            marks.append((seq, now, now))
+        while len(marks) > 1 and now - marks[1][2] > self.keep_committed + 60:
+            marks.popleft()
+        for seg in self.segments[:-1]:
+            if seg.spent_at is None and seg.last_seq <= seq:
+                seg.spent_at = now
+                self._retained_bytes += seg.size
+        spent = self._evict_retained()
+        # The cursor is written at most every 200 ms (and whenever segments go): commits
+        # of small windows stay cheap.
+        mono = time.monotonic()
+        if not spent and not self._cursor_behind and mono - self._cursor_written_at < 0.2:
+            return
+        self._cursor_written_at = mono
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._io, self._apply_commit, seq, spent)
+        except OSError as exc:
+            self.cursor_errors += 1
+            if not self._cursor_behind:
+                log.warning("spool cursor not saved (a restart replays a little more)",
+                            extra={"fields": {"error": reason(exc)}})
+            self._cursor_behind = True
+        else:
+            if self._cursor_behind:
+                log.info("spool cursor saved again")
+            self._cursor_behind = False
+
+    def _evict_retained(self, *, all_of_them: bool = False) -> list[Segment]:
+        """Drop committed segments whose failover window has passed, or that the capacity
+        (or a full disk, ``all_of_them``) needs back, oldest first."""
+        now = time.time()
+        spent: list[Segment] = []
+        for seg in list(self.segments[:-1]):
+            if seg.spent_at is None:
+                continue
+            expired = now - seg.spent_at >= self.keep_committed
+            crowded = all_of_them or self._disk_bytes + self._queued_bytes > self.max_bytes
+            if not (expired or crowded):
+                continue
+            if not expired:
+                self.evicted_retained += 1
             self.segments.remove(seg)
             self._disk_bytes -= seg.size
-        # The cursor only saves replay work, so it is written at most every 200 ms (and
-        # whenever segments go): commits of small windows stay cheap.
-        now = time.monotonic()
-        if not spent and now - self._cursor_written_at < 0.2:
-            return
-        self._cursor_written_at = now
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._io, self._apply_commit, seq, spent)
+            self._retained_bytes -= seg.size
+            spent.append(seg)
+        return spent
 
     def _apply_commit(self, seq: int, spent: list[Segment]) -> None:
-        # The cursor is written without fsync: a stale cursor after a power loss only means
-        # a replay that PostgreSQL absorbs idempotently. Segments are removed only after
-        # their records are committed, so a lost cursor never loses data.
+        # Segments are removed only after their records are committed, so a lost cursor
+        # never loses data: it only means a replay that PostgreSQL absorbs idempotently.
+        _remove_segments(spent)
         self._write_cursor(seq, sync=False)
-        for seg in spent:
-            if seg.fd >= 0:
-                os.close(seg.fd)
-            seg.path.unlink(missing_ok=True)
 
     def _write_cursor(self, seq: int, *, sync: bool) -> None:
+        data = CURSOR.pack(seq, crc32c.crc32c(SEQ.pack(seq)))
+        if sync:
+            write_atomic(self.directory / "cursor", data)
+            return
         tmp = self.directory / "cursor.tmp"
-        with tmp.open("wb") as fh:
-            fh.write(CURSOR.pack(seq, crc32c.crc32c(SEQ.pack(seq))))
-            if sync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, self.directory / "cursor")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.directory / "cursor")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def replay_start(self, window: float) -> int:
+        """The first seq committed within the last ``window`` seconds that is still on
+        disk: where a replay starts after the agent finds itself on a new primary."""
+        now = time.time()
+        start = self.cursor + 1
+        previous = 0
+        for seq, _, last_at in self._commit_marks:
+            if now - last_at <= window:
+                start = previous + 1
+                break
+            previous = seq
+        if not self._commit_marks:  # restarted since: every committed record kept
+            start = 1
+        oldest = next((s.first_seq for s in self.segments if s.last_seq >= s.first_seq),
+                      self.cursor + 1)
+        return min(max(start, oldest), self.cursor + 1)
 
     # ---------------------------------------------------------------- state for metrics
+
+    @property
+    def retained_bytes(self) -> int:
+        return self._retained_bytes
 
     @property
     def pending_records(self) -> int:
@@ -661,6 +902,21 @@ class Spool:
         for fut in pending:
             with contextlib.suppress(Exception):
                 await asyncio.shield(fut)
+
+
+def path_mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _remove_segments(segments: list[Segment]) -> None:
+    for seg in segments:
+        if seg.fd >= 0:
+            os.close(seg.fd)
+            seg.fd = -1
+        seg.path.unlink(missing_ok=True)
 
 
 _READ_CHUNK = 4 * 1024 * 1024
@@ -783,6 +1039,3 @@ def verify(directory: Path) -> list[str]:
             problems.append(f"{path}: {kind} at bytes {start}..{end}")
     return problems
 
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
