@@ -7,7 +7,9 @@ entries are counted, and the next entry that passes carries the count.
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -80,10 +82,10 @@ class Auditor:
         if bucket.suppressed:
             info["suppressed_before"] = bucket.suppressed
             bucket.suppressed = 0
-        row: AuditRow = (
+        row = AuditRow(
             agency, datetime.now(UTC), actor, action, target, success,
             _json(before), _json(after), correlation_id, source,
-            msgspec.json.encode(info).decode(),
+            msgspec.json.encode(info).decode(), _uuid4(),
         )
         record = AuditRecord([row])
         payload = record_encoder.encode(record)
@@ -99,6 +101,11 @@ class Auditor:
     def _dropped(self, reason: str) -> None:
         if self.on_drop is not None:
             self.on_drop(reason)
+
+
+def _uuid4() -> str:
+    """A random id fixed when the entry is spooled: its idempotency key downstream."""
+    return str(uuid.UUID(bytes=os.urandom(16), version=4))
 
 
 def _json(value: Any) -> str | None:

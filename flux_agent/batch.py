@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .event import (
-    AGENCY,
-    RUN_ID,
     AuditRecord,
     AuditRow,
     CheckpointRecord,
@@ -128,12 +126,12 @@ def split_lanes(batch: Batch, lanes: int) -> list[Work]:
                 out[0].events.extend(record.rows)
             else:
                 for row in record.rows:
-                    out[lane_of(row[AGENCY], row[RUN_ID], lanes)].events.append(row)
+                    out[lane_of(row.agency_id, row.run_id, lanes)].events.append(row)
         elif isinstance(record, CheckpointRecord):
             # The checkpoint and its event go to the run's lane, after the run's earlier
             # events: a run's history stays in order.
             cp = record.checkpoint
-            work = out[lane_of(cp[0], cp[1], lanes)]
+            work = out[lane_of(cp.agency_id, cp.run_id, lanes)]
             work.checkpoints.append(cp)
             work.events.extend(record.rows)
         elif isinstance(record, AuditRecord):

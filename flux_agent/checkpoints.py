@@ -20,15 +20,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from ._files import write_atomic
 from .digest import canonical_json, sha256_hex
 from .errors import CheckpointError, TransientError, ValidationError
-from .event import CheckpointRecord, CheckpointRow, Row, record_decoder, record_encoder
+from .event import CheckpointRecord, CheckpointRow, Row, decode_record, record_encoder
 from .spool import Spool
 from .store import Store, StoredCheckpoint
 from .validate import Schemas, Seal, violation
@@ -133,9 +131,9 @@ class Checkpoints:
     def recovered(self, seq: int, record: CheckpointRecord) -> None:
         """A save found on the spool at start."""
         cp = record.checkpoint
-        key = (cp[0], cp[1])
+        key = (cp.agency_id, cp.run_id)
         current = self.known.get(key)
-        if current is None or current.version <= cp[2]:
+        if current is None or current.version <= cp.version:
             self.remember(key, _known_from_row(cp, seq, with_state=True))
 
     def dump(self) -> bytes:
@@ -143,14 +141,12 @@ class Checkpoints:
                 for (a, r), k in self.known.items()]
         return msgspec.msgpack.encode(_Snapshot(1, runs))
 
-    def save_snapshot(self, path: Path) -> None:
-        write_atomic(path, self.dump())
-
-    def restore(self, path: Path) -> int:
-        """Versions known before a restart (saves still on the spool are recovered too)."""
+    def load_snapshot(self, data: bytes) -> int:
+        """Versions known before a restart (saves still on the spool are recovered too).
+        A damaged snapshot costs nothing but a question to PostgreSQL later."""
         try:
-            snap = msgspec.msgpack.decode(path.read_bytes(), type=_Snapshot)
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            snap = msgspec.msgpack.decode(data, type=_Snapshot)
+        except (msgspec.DecodeError, msgspec.ValidationError):
             return 0
         for agency, run, version, digest, step, at in snap.runs[-self.capacity:]:
             self.known[(agency, run)] = Known(version, digest, step, datetime.fromisoformat(at),
@@ -217,13 +213,13 @@ class Checkpoints:
         event_id = str(uuid.uuid5(_EVENT_NAMESPACE, f"{agency}/{run_id}/{version}/{digest}"))
         payload = canonical_json({"version": version, "checkpoint_hash": digest,
                                   "agency": agency}).decode("ascii")
-        event: Row = (
+        event = Row(
             agency, event_id, run_id, "checkpoint.saved", body["step"], seal.received_at,
             seal.received_at, body.get("provider"), body.get("model"), payload,
             sha256_hex(payload.encode("ascii")), seal.correlation_id, seal.agent_id,
             seal.trace_id, seal.span_id, seal.expires_at,
         )
-        row: CheckpointRow = (
+        row = CheckpointRow(
             agency, run_id, version, body["step"], state, digest, body.get("provider"),
             body.get("model"), body.get("status"), seal.received_at, seal.expires_at,
             event_id, seal.correlation_id,
@@ -292,9 +288,9 @@ class Checkpoints:
     async def _from_spool(self, seq: int) -> str | None:
         for got, payload in await self.spool.read(seq, 1):
             if got == seq:
-                record = record_decoder.decode(payload)
+                record = decode_record(payload)
                 if isinstance(record, CheckpointRecord):
-                    return record.checkpoint[4]
+                    return record.checkpoint.state
         return None
 
     def verify(self, agency: str, run_id: str, known: Known) -> None:
@@ -311,9 +307,10 @@ class Checkpoints:
 
 
 def _known_from_row(cp: CheckpointRow, seq: int, *, with_state: bool) -> Known:
-    return Known(version=cp[2], checkpoint_hash=cp[5], step=cp[3], saved_at=cp[9], seq=seq,
-                 state=cp[4] if with_state else None, provider=cp[6], model=cp[7],
-                 status=cp[8], expires_at=cp[10], event_id=cp[11])
+    return Known(version=cp.version, checkpoint_hash=cp.checkpoint_hash, step=cp.step,
+                 saved_at=cp.saved_at, seq=seq, state=cp.state if with_state else None,
+                 provider=cp.provider, model=cp.model, status=cp.status,
+                 expires_at=cp.expires_at, event_id=cp.event_id)
 
 
 def _known_from_stored(s: StoredCheckpoint) -> Known:

@@ -1,35 +1,17 @@
 """Event value types: the sealed row and the spool records that carry rows (no I/O).
 
-A sealed event is a plain tuple in ``COLUMNS`` order: the same object is kept in memory for
-the flusher, encoded into the spool, and handed to PostgreSQL's binary COPY, so the hot path
-never converts between representations.
+A sealed event is a named tuple in ``COLUMNS`` order: the same object is kept in memory for
+the flusher, encoded into the spool (as a msgpack array), and handed to PostgreSQL as one
+element of a composite array, so the hot path never converts between representations.
 """
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
-from typing import Final
+from typing import Final, NamedTuple
 
 import msgspec
-
-COLUMNS: Final = (
-    "agency_id",
-    "event_id",
-    "run_id",
-    "kind",
-    "step",
-    "occurred_at",
-    "received_at",
-    "provider",
-    "model",
-    "payload",
-    "payload_sha256",
-    "correlation_id",
-    "agent_id",
-    "trace_id",
-    "span_id",
-    "expires_at",
-)
 
 # Positions used outside this module.
 AGENCY: Final = 0
@@ -56,61 +38,69 @@ KINDS: Final = (
     "run.aborted",
 )
 
-Row = tuple[
-    str,  # agency_id
-    str,  # event_id (lower-case UUID text)
-    str,  # run_id
-    str,  # kind
-    str | None,  # step
-    datetime,  # occurred_at
-    datetime,  # received_at
-    str | None,  # provider
-    str | None,  # model
-    str,  # payload: canonical JSON text
-    str,  # payload_sha256
-    str,  # correlation_id
-    str,  # agent_id
-    str | None,  # trace_id (32 hex)
-    str | None,  # span_id (16 hex)
-    datetime,  # expires_at
-]
+
+class Row(NamedTuple):
+    """One sealed event, in ``COLUMNS`` order (what COPY and the write function take)."""
+
+    agency_id: str
+    event_id: str  # lower-case UUID text
+    run_id: str
+    kind: str
+    step: str | None
+    occurred_at: datetime
+    received_at: datetime
+    provider: str | None
+    model: str | None
+    payload: str  # canonical JSON text
+    payload_sha256: str
+    correlation_id: str
+    agent_id: str
+    trace_id: str | None  # 32 hex
+    span_id: str | None  # 16 hex
+    expires_at: datetime
 
 
-AuditRow = tuple[
-    str,  # agency_id ("-" when the caller could not be identified)
-    datetime,  # at
-    str,  # actor: the token's sub, "local" without auth, "-" when unknown
-    str,  # action
-    str | None,  # target
-    bool,  # success
-    str | None,  # before (JSON text)
-    str | None,  # after (JSON text)
-    str | None,  # correlation_id
-    str,  # source: tcp | socket | agent
-    str,  # detail (JSON text)
-]
-AUDIT_COLUMNS: Final = ("agency_id", "at", "actor", "action", "target", "success",
-                        "before_state", "after_state", "correlation_id", "source", "detail")
+class AuditRow(NamedTuple):
+    """One audit entry. ``entry_id`` is fixed when the entry is spooled: a replay of the
+    spool writes the same entry again, and PostgreSQL keeps it once."""
+
+    agency_id: str  # "-" when the caller could not be identified
+    at: datetime
+    actor: str  # the token's sub, "local" without auth, "-" when unknown
+    action: str
+    target: str | None
+    success: bool
+    before_state: str | None  # JSON text
+    after_state: str | None  # JSON text
+    correlation_id: str | None
+    source: str  # tcp | socket | agent
+    detail: str  # JSON text
+    entry_id: str  # UUID text
 
 
-CheckpointRow = tuple[
-    str,  # agency_id
-    str,  # run_id
-    int,  # version
-    str,  # step
-    str,  # state: canonical JSON text (hashed as is)
-    str,  # checkpoint_hash
-    str | None,  # provider
-    str | None,  # model
-    str | None,  # status
-    datetime,  # saved_at
-    datetime,  # expires_at
-    str,  # event_id of the checkpoint.saved event
-    str | None,  # correlation_id
-]
-CHECKPOINT_COLUMNS: Final = ("agency_id", "run_id", "version", "step", "state",
-                             "checkpoint_hash", "provider", "model", "status", "saved_at",
-                             "expires_at", "event_id", "correlation_id")
+COLUMNS: Final = Row._fields
+
+
+AUDIT_COLUMNS: Final = AuditRow._fields
+
+
+class CheckpointRow(NamedTuple):
+    agency_id: str
+    run_id: str
+    version: int
+    step: str
+    state: str  # canonical JSON text (hashed as is)
+    checkpoint_hash: str
+    provider: str | None
+    model: str | None
+    status: str | None
+    saved_at: datetime
+    expires_at: datetime
+    event_id: str  # of the checkpoint.saved event
+    correlation_id: str | None
+
+
+CHECKPOINT_COLUMNS: Final = CheckpointRow._fields
 
 
 class EventsRecord(msgspec.Struct, tag="events", array_like=True, frozen=True):
@@ -119,10 +109,30 @@ class EventsRecord(msgspec.Struct, tag="events", array_like=True, frozen=True):
     rows: list[Row]
 
 
-class AuditRecord(msgspec.Struct, tag="audit", array_like=True, frozen=True):
+class AuditRecord(msgspec.Struct, tag="audit.2", array_like=True, frozen=True):
     """Audit entries, delivered through the spool like events (durable, retried)."""
 
     rows: list[AuditRow]
+
+
+_LegacyAuditRow = tuple[str, datetime, str, str, str | None, bool, str | None, str | None,
+                        str | None, str, str]
+_LEGACY_AUDIT = uuid.UUID("0b8f8f3e-8d1c-4a47-9a55-6a1c2f0e7d21")
+
+
+class LegacyAuditRecord(msgspec.Struct, tag="audit", array_like=True, frozen=True):
+    """Audit entries spooled by agents before entries carried their own id (read only)."""
+
+    rows: list[_LegacyAuditRow]
+
+    def upgraded(self) -> AuditRecord:
+        """The same entries, each with an id derived from its content: replays of this
+        record, by this agent or a newer one, always carry the same ids."""
+        out = []
+        for row in self.rows:
+            digest = msgspec.msgpack.encode(row)
+            out.append(AuditRow(*row, str(uuid.uuid5(_LEGACY_AUDIT, digest.hex()))))
+        return AuditRecord(out)
 
 
 class CheckpointRecord(msgspec.Struct, tag="checkpoint", array_like=True, frozen=True):
@@ -135,12 +145,15 @@ class CheckpointRecord(msgspec.Struct, tag="checkpoint", array_like=True, frozen
 SpoolRecord = EventsRecord | AuditRecord | CheckpointRecord
 
 record_encoder: Final = msgspec.msgpack.Encoder()
-record_decoder: Final = msgspec.msgpack.Decoder(SpoolRecord)
+_decoder: Final = msgspec.msgpack.Decoder(SpoolRecord | LegacyAuditRecord)
 
 
-def row_size(row: Row) -> int:
-    """Approximate bytes a row costs downstream (batch byte limits, memory accounting)."""
-    return len(row[PAYLOAD]) + 256
+def decode_record(payload: bytes) -> SpoolRecord:
+    """A spool record, upgraded to the current form if an older agent wrote it."""
+    record: SpoolRecord | LegacyAuditRecord = _decoder.decode(payload)
+    if isinstance(record, LegacyAuditRecord):
+        return record.upgraded()
+    return record
 
 
 def row_as_json(row: Row) -> dict[str, object]:

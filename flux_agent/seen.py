@@ -15,11 +15,8 @@ be acknowledged before its original is durable.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import msgspec
-
-from ._files import write_atomic
 
 Key = tuple[str, str]  # (agency, lower-case event id)
 Entry = tuple[int, int, "asyncio.Future[int] | None"]
@@ -62,7 +59,8 @@ class SeenIndex:
     # ---------------------------------------------------------------- persistence
 
     def dump(self) -> bytes:
-        """Entries whose originals are durable (the others will be replayed from the spool)."""
+        """Entries whose originals are durable (the others will be replayed from the spool).
+        Call it on the event loop, which is where the index changes."""
         entries = []
         for gen in (self._old, self._young):
             for (agency, event_id), (sha32, _, fut) in gen.items():
@@ -73,22 +71,13 @@ class SeenIndex:
         return msgspec.msgpack.encode(_Snapshot(1, entries))
 
     def load(self, data: bytes) -> int:
-        snap = msgspec.msgpack.decode(data, type=_Snapshot)
+        """Entries of a snapshot; a damaged one only costs duplicate reporting, never data."""
+        try:
+            snap = msgspec.msgpack.decode(data, type=_Snapshot)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return 0
         if snap.version != 1:
             return 0
         for agency, event_id, sha32 in snap.entries[-self.capacity :]:
             self.add((agency, event_id), (sha32, 0, None))
         return len(snap.entries)
-
-    def save(self, path: Path) -> None:
-        write_atomic(path, self.dump())
-
-    def restore(self, path: Path) -> int:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return 0
-        try:
-            return self.load(data)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-            return 0  # a damaged snapshot only costs duplicate reporting, never data

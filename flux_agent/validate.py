@@ -271,7 +271,7 @@ class EventChecker:
                 invalid.add(violation(at + "/occurred_at", "not a valid RFC 3339 date-time",
                                          "INVALID_TIMESTAMP"))
                 continue
-            rows.append((
+            rows.append(Row(
                 agency, ev["event_id"].lower(), ev["run_id"], ev["kind"], step,
                 occurred_at, seal.received_at, provider, model, canonical.decode("ascii"),
                 digest, seal.correlation_id, seal.agent_id, seal.trace_id, seal.span_id,

@@ -5,14 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from flux_agent.batch import Batch, Batcher, Limits, Work, lane_of, split_lanes
-from flux_agent.event import AuditRecord, EventsRecord, Row
+from flux_agent.event import AuditRecord, AuditRow, EventsRecord, Row
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def row(run: str, agency: str = "nasa") -> Row:
-    return (agency, "0190f0b2-2f6c-7c3e-9d4a-1234567890ab", run, "step.completed", "s", NOW,
-            NOW, None, None, "{}", "0" * 64, "c", "a", None, None, NOW)
+    return Row(agency, "0190f0b2-2f6c-7c3e-9d4a-1234567890ab", run, "step.completed", "s",
+               NOW, NOW, None, None, "{}", "0" * 64, "c", "a", None, None, NOW)
 
 
 class Clock:
@@ -60,8 +60,9 @@ def batch_of(rows: list[Row], audits: int = 0) -> Batch:
     for i in range(0, len(rows), 7):
         b.add(i, EventsRecord(rows[i:i + 7]), 1)
     for j in range(audits):
-        b.add(10**5 + j, AuditRecord([("nasa", NOW, "x", "auth.failed", None, False, None,
-                                        None, None, "tcp", "{}")]), 1)
+        b.add(10**5 + j, AuditRecord([AuditRow(
+            "nasa", NOW, "x", "auth.failed", None, False, None, None, None, "tcp", "{}",
+            f"00000000-0000-4000-8000-{j:012d}")]), 1)
     return b.take()
 
 
