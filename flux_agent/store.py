@@ -7,7 +7,6 @@ The read path never writes.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
@@ -19,7 +18,7 @@ from typing import Any
 import msgspec
 
 from .digest import canonical_json, sha256_hex
-from .sink import close_pool, open_pool
+from .postgres import Postgres
 
 _SET_AGENCY = "SELECT set_config('flux.current_agency_id', $1, true)"
 _EVENT_COLUMNS = (
@@ -109,30 +108,19 @@ class StoredCheckpoint:
 
 
 class Store:
-    def __init__(self, dsn: str, *, pgbouncer: bool = False, max_connections: int = 3) -> None:
-        self._dsn = dsn
-        self._pgbouncer = pgbouncer
-        self._max = max_connections
-        self._pool: Any = None
-        self._lock = asyncio.Lock()
+    """Read-only queries, on the pool the agent shares with its writes."""
 
-    async def _get_pool(self) -> Any:
-        if self._pool is None:
-            async with self._lock:
-                if self._pool is None:
-                    self._pool = await open_pool(
-                        self._dsn, max_size=self._max, pgbouncer=self._pgbouncer,
-                        name="flux-agent-read", command_timeout=30)
-        return self._pool
+    # A verification reads a whole agency: far beyond a statement's deadline.
+    VERIFY_TIMEOUT = 6 * 3600.0
+
+    def __init__(self, pg: Postgres) -> None:
+        self.pg = pg
 
     async def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await close_pool(pool)
+        await self.pg.close()
 
     async def _fetch(self, agency: str, query: str, *args: Any) -> list[Any]:
-        pool = await self._get_pool()
-        async with pool.acquire() as conn, conn.transaction(readonly=True):
+        async with self.pg.connection() as conn, conn.transaction(readonly=True):
             await conn.execute(_SET_AGENCY, agency)
             return list(await conn.fetch(query, *args))
 
@@ -157,8 +145,7 @@ class Store:
     # ---------------------------------------------------------------- runs and events
 
     async def run_summary(self, agency: str, run_id: str) -> dict[str, Any] | None:
-        pool = await self._get_pool()
-        async with pool.acquire() as conn, conn.transaction(readonly=True):
+        async with self.pg.connection() as conn, conn.transaction(readonly=True):
             await conn.execute(_SET_AGENCY, agency)
             counts = await conn.fetch(
                 "SELECT kind, count(*) AS n, min(occurred_at) AS first, "
@@ -239,7 +226,6 @@ class Store:
                      ) -> AsyncIterator[dict[str, Any]]:
         """Re-hash stored events and checkpoints; yields one report per mismatch, then a
         summary (``{"agency", "events", "checkpoints", "mismatches"}``)."""
-        pool = await self._get_pool()
         counts = {"events": 0, "checkpoints": 0, "mismatches": 0}
         queries = (
             ("event", "SELECT event_id::text AS id, run_id, payload::text AS body, "
@@ -256,9 +242,10 @@ class Store:
             if run_id is not None:
                 query += " AND run_id = $2"
                 args.append(run_id)
-            async with pool.acquire() as conn, conn.transaction(readonly=True):
+            async with self.pg.connection(self.VERIFY_TIMEOUT) as conn, \
+                    conn.transaction(readonly=True):
                 await conn.execute(_SET_AGENCY, agency)
-                async for r in conn.cursor(query, *args, prefetch=500):
+                async for r in conn.cursor(query, *args, prefetch=500, timeout=60):
                     counts["events" if kind == "event" else "checkpoints"] += 1
                     if _hash_matches(kind, r["body"], r["digest"]):
                         continue
@@ -269,10 +256,3 @@ class Store:
                            if kind == "checkpoint" else
                            sha256_hex(canonical_json(msgspec.json.decode(r["body"])))}
         yield {"agency": agency, **counts}
-
-    async def explain_run_events(self, agency: str, run_id: str) -> str:
-        """The query plan of an events page (for the benchmark's index-use check)."""
-        rows = await self._fetch(
-            agency, "EXPLAIN SELECT event_id FROM flux.events WHERE agency_id = $1 AND "
-            "run_id = $2 ORDER BY occurred_at, event_id LIMIT 100", agency, run_id)
-        return "\n".join(r[0] for r in rows)

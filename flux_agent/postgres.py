@@ -1,0 +1,287 @@
+"""The agent's connections to PostgreSQL: one small pool, deadlines on everything, and the
+health and identity of the server it reaches.
+
+Writes (``sink``) and reads (``store``) share one pool, so an idle sidecar holds at most one
+connection, and none once it has been idle for ``idle_timeout``. Every wait has a deadline:
+connecting, each statement, and a whole flush. A connection that timed out or broke is
+terminated, never handed out again: on a black-holed network path a "connected" socket is
+worth nothing. TCP keepalives and ``TCP_USER_TIMEOUT`` find such paths within seconds even on
+idle connections.
+
+No reset round trip on release: every transaction declares what it needs locally
+(``set_config(..., true)``), so a connection carries nothing from one use to the next.
+
+Each new connection learns which server it reached (system identifier and timeline). When
+that changes, the server is a different primary than before (a failover, a restore), which may
+lack what the old one committed: ``on_new_primary`` lets the flusher replay its window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from ._files import write_atomic
+
+log = logging.getLogger("flux_agent.postgres")
+
+# SQLSTATE classes and codes that say "not now" (the server, the network or the load), as
+# opposed to a refused row (poison) or a bug (anything else).
+TRANSIENT_CLASSES = frozenset({"08", "53", "57", "40", "58"})
+TRANSIENT_CODES = frozenset({"25006",  # read-only transaction: connected to a standby
+                             "55P03",  # lock not available
+                             "55006"})  # object in use
+POISON_CLASSES = {
+    "22": "data exception",
+    "23": "integrity constraint violation",
+    "54": "program limit exceeded",
+}
+
+_IDENTITY = ("SELECT system_identifier::text, "
+             "substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) "
+             "FROM pg_control_system()")
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    state = getattr(exc, "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The database or the path to it is unavailable now; the same request may succeed
+    later. Connection errors, timeouts, shutdowns, overload, a standby instead of a primary."""
+    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError
+                  | asyncpg.PostgresConnectionError):
+        return True
+    state = sqlstate_of(exc)
+    if state is None:
+        return False
+    return state[:2] in TRANSIENT_CLASSES or state in TRANSIENT_CODES
+
+
+def classify(exc: BaseException) -> str:
+    """``poison`` when the rows themselves are refused, ``transient`` when the database is
+    unavailable, ``error`` for anything else (a missing privilege or table that an operator
+    must fix, or a bug): retried like transient failures, but logged as errors."""
+    state = sqlstate_of(exc)
+    if state is not None and state[:2] in POISON_CLASSES:
+        return "poison"
+    return "transient" if is_transient(exc) else "error"
+
+
+def describe(exc: BaseException) -> str:
+    """One line, no secrets: asyncpg's messages do not carry passwords, DSNs are not echoed."""
+    state = sqlstate_of(exc)
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{state}: {text}" if state else f"{type(exc).__name__}: {text}"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0
+    statement: float = 10.0
+    flush: float = 30.0
+    idle: float = 60.0  # an unused connection is closed after this
+
+
+@dataclass(slots=True)
+class RoleInfo:
+    name: str
+    superuser: bool
+    bypassrls: bool
+
+    @property
+    def privileged(self) -> bool:
+        return self.superuser or self.bypassrls
+
+
+class UnsafeRole(RuntimeError):
+    """The login role is a superuser or has BYPASSRLS: isolation would not be enforced."""
+
+
+class Postgres:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        max_connections: int,
+        pgbouncer: bool = False,
+        timeouts: Timeouts = Timeouts(),
+        identity_path: Path | None = None,
+        name: str = "flux-agent",
+        require_safe_role: bool = True,
+    ) -> None:
+        self._dsn = dsn
+        self._max = max_connections
+        self._pgbouncer = pgbouncer
+        self.timeouts = timeouts
+        self._identity_path = identity_path
+        self._name = name
+        self._require_safe_role = require_safe_role
+        self._pool: Any = None
+        self._lock = asyncio.Lock()
+        self.role: RoleInfo | None = None
+        self.identity: tuple[str, str] | None = None
+        self.on_new_primary: Callable[[tuple[str, str] | None, tuple[str, str]], None] | None \
+            = None
+        # Health: the last round trip that worked, and the last failure.
+        self.last_ok: float | None = None  # monotonic
+        self.last_failure: float | None = None
+        self.last_error: str | None = None
+        self.connections_opened = 0
+
+    # ---------------------------------------------------------------- pool
+
+    async def _get_pool(self) -> Any:
+        if self._pool is None:
+            async with self._lock:
+                if self._pool is None:
+                    self._pool = await asyncpg.create_pool(
+                        self._dsn, min_size=0, max_size=self._max,
+                        timeout=self.timeouts.connect,
+                        command_timeout=self.timeouts.statement,
+                        max_inactive_connection_lifetime=self.timeouts.idle,
+                        # Behind PgBouncer in transaction pooling mode, a named prepared
+                        # statement may be looked for on another server connection.
+                        statement_cache_size=0 if self._pgbouncer else 256,
+                        server_settings={"application_name": self._name},
+                        init=self._init_connection, reset=_no_reset,
+                    )
+        return self._pool
+
+    async def _init_connection(self, conn: Any) -> None:
+        """Every new connection: tune its socket, check the role once, learn the server."""
+        self.connections_opened += 1
+        _tune_socket(conn, self.timeouts.statement)
+        if self.role is None:
+            row = await conn.fetchrow(
+                "SELECT current_user AS name, rolsuper, rolbypassrls FROM pg_roles "
+                "WHERE rolname = current_user")
+            self.role = RoleInfo(row["name"], row["rolsuper"], row["rolbypassrls"])
+        if self.role.privileged and self._require_safe_role:
+            raise UnsafeRole(
+                f"refusing to use the database as {self.role.name!r}: it bypasses row-level "
+                "security; connect as a login role granted flux_agent")
+        if not self._pgbouncer:  # behind PgBouncer, each query may reach another server
+            row = await conn.fetchrow(_IDENTITY)
+            self._learn_identity((row[0], row[1]))
+
+    def _learn_identity(self, identity: tuple[str, str]) -> None:
+        previous = self.identity
+        if previous is None and self._identity_path is not None:
+            with contextlib.suppress(OSError, ValueError):
+                sysid, timeline = self._identity_path.read_text().split()
+                previous = (sysid, timeline)
+        self.identity = identity
+        if previous == identity:
+            return
+        if self._identity_path is not None:
+            try:
+                write_atomic(self._identity_path, f"{identity[0]} {identity[1]}\n".encode())
+            except OSError as exc:
+                log.warning("could not record the PostgreSQL identity",
+                            extra={"fields": {"error": exc.strerror}})
+        if previous is not None:
+            log.warning("connected to a different PostgreSQL primary than before",
+                        extra={"fields": {"system_identifier": identity[0],
+                                          "timeline": identity[1],
+                                          "previous_system_identifier": previous[0],
+                                          "previous_timeline": previous[1]}})
+        if self.on_new_primary is not None:
+            self.on_new_primary(previous, identity)
+
+    @contextlib.asynccontextmanager
+    async def connection(self, timeout: float | None = None) -> AsyncIterator[Any]:
+        """A connection for one unit of work, within ``timeout`` (default: a statement's).
+
+        A failure that may have left the connection unusable (a timeout, a lost line, a
+        cancelled task) terminates it, so the pool never hands it out again."""
+        budget = self.timeouts.statement if timeout is None else timeout
+        try:
+            pool = await self._get_pool()
+            conn = await pool.acquire(timeout=min(budget, self.timeouts.connect + 1))
+        except BaseException as exc:
+            self.failed(exc)
+            raise
+        try:
+            async with asyncio.timeout(budget):
+                yield conn
+        except BaseException as exc:
+            if not isinstance(exc, asyncpg.PostgresError) or is_transient(exc):
+                conn.terminate()  # whatever state it is in, it is not reused
+            self.failed(exc)
+            raise
+        else:
+            self.ok()
+        finally:
+            await pool.release(conn, timeout=1)
+
+    def ok(self) -> None:
+        self.last_ok = time.monotonic()
+
+    def failed(self, exc: BaseException) -> None:
+        if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
+            return  # the server answered: it is up, this statement was refused
+        self.last_failure = time.monotonic()
+        self.last_error = describe(exc)
+
+    def state(self, window: float) -> str:
+        """``up`` when a round trip worked within ``window`` seconds and nothing failed
+        since; ``down`` when the last attempt failed; ``unknown`` otherwise (idle)."""
+        now = time.monotonic()
+        if self.last_failure is not None and (self.last_ok is None
+                                              or self.last_failure > self.last_ok):
+            return "down"
+        if self.last_ok is not None and now - self.last_ok <= window:
+            return "up"
+        return "unknown"
+
+    async def ping(self) -> float:
+        """Round-trip latency in seconds."""
+        start = time.perf_counter()
+        async with self.connection() as conn:
+            await conn.fetchval("SELECT 1")
+        return time.perf_counter() - start
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pool.terminate()
+
+
+async def _no_reset(conn: Any) -> None:
+    """Nothing to reset: transactions keep their settings local (see the module doc)."""
+
+
+def _tune_socket(conn: Any, user_timeout: float) -> None:
+    """Keepalives find a dead path on an idle connection in ~11 s; TCP_USER_TIMEOUT fails a
+    write whose bytes go unacknowledged for longer than a statement may take."""
+    transport = getattr(conn, "_transport", None)  # asyncpg has no public way to the socket
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3),
+                        ("TCP_USER_TIMEOUT", int(user_timeout * 1000))):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, option, value in options:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(level, option, value)
+
+
+async def connect_once(dsn: str, timeout: float = 10.0) -> Any:
+    """A connection outside the pool (migrations, CLI tools)."""
+    return await asyncpg.connect(dsn, timeout=timeout)
