@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -24,7 +25,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from . import logs
-from ._files import lock_exclusive
+from ._files import is_resource_error, lock_exclusive, reason, write_atomic
 from .audit import Auditor
 from .auth import ApiKeyAuthenticator, Authenticator, FixedAgency, load_api_keys
 from .batch import Limits
@@ -32,22 +33,17 @@ from .checkpoints import Checkpoints
 from .config import AgentConfig, env_name, redact_dsn, split_hostport
 from .embedded import LocalPostgres
 from .errors import ConfigError
-from .event import (
-    AGENCY,
-    EVENT_ID,
-    PAYLOAD_SHA256,
-    CheckpointRecord,
-    EventsRecord,
-    record_decoder,
-)
+from .event import CheckpointRecord, EventsRecord, decode_record
 from .flush import Flusher
 from .health import admin_app
 from .intake import AccessLogger, Intake, ProblemAppRunner
 from .metrics import Metrics
+from .postgres import Postgres, Timeouts, UnsafeRole, classify, describe, is_transient
 from .seen import SeenIndex
-from .sink import Sink, UnsafeRole, bootstrap_database, classify, describe
+from .sink import SchemaNotReady, Sink, bootstrap_database
 from .spool import Recovery, Spool
 from .store import Store
+from .supervise import Supervisor
 from .tracing import Tracing, make_tracing
 from .validate import EventChecker, Schemas
 
@@ -57,7 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("flux_agent.agent")
 
 SEEN_SNAPSHOT_INTERVAL = 30.0
-PING_INTERVAL = 15.0
+EMBEDDED_CHECK_INTERVAL = 5.0
 EMBEDDED_LOGIN_ROLE = "flux_agent_local"
 EMBEDDED_DATABASE = "flux"
 
@@ -86,10 +82,13 @@ class Agent:
         self._embedded: LocalPostgres | None = None
         self._state_lock = -1  # fd holding <state dir>/agent.lock while the agent runs
         self._runners: list[web.AppRunner] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self.supervisor = Supervisor(
+            on_failure=lambda task: self.metrics.task_failures.labels(task).inc(),
+            dead_after=config.live_fail_after)
         self._state = "new"  # new -> starting -> running -> draining -> stopped
         self._stop_lock = asyncio.Lock()
         self.spool: Spool | None = None
+        self.pg: Postgres | None = None
         self.sink: Sink | None = None
         self.flusher: Flusher | None = None
         self.intake: Intake | None = None
@@ -98,7 +97,9 @@ class Agent:
         self.checkpoints: Checkpoints | None = None
         self.retention_rounds = 0
         self.purged: dict[str, int] = {}
+        self.embedded_restarts = 0
         self.seen = SeenIndex(config.dedupe_index_size)
+        self._snapshot_warned = False
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -116,15 +117,20 @@ class Agent:
         self._state = "starting"
         self.started_at = time.time()
         config = self.config
+        loop = asyncio.get_running_loop()
+        # Schema, manifest and key files are read in a worker thread: a slow disk must not
+        # stall the event loop (nothing else runs yet, but embedders' loops may).
         try:
-            schemas = Schemas(manifest_path=Path(config.agency_manifest)
-                              if config.agency_manifest else None)
+            schemas = await loop.run_in_executor(None, lambda: Schemas(
+                manifest_path=Path(config.agency_manifest) if config.agency_manifest else None))
         except ValueError as exc:
             raise ConfigError(env_name("agency_manifest"), str(exc)) from None
         if config.auth == "none" and not schemas.manifest.knows(config.agency):
             raise ConfigError(env_name("agency"),
                               f"{config.agency!r} is not in the agency manifest")
-        authenticator = self._authenticator or self._make_authenticator(schemas)
+        authenticator = self._authenticator
+        if authenticator is None:
+            authenticator = await loop.run_in_executor(None, self._make_authenticator, schemas)
         self.tracing = make_tracing(config.tracing, self._span_exporter)
         try:
             # The state dir is this agent's alone, the embedded PostgreSQL under it included:
@@ -132,37 +138,49 @@ class Agent:
             # same dir fails here instead of stopping the first one's database on its way out.
             state_dir = config.state_path
             state_dir.mkdir(parents=True, exist_ok=True)
-            self._state_lock = lock_exclusive(state_dir / "agent.lock",
-                                              f"the state dir {state_dir}")
+            try:
+                self._state_lock = lock_exclusive(state_dir / "agent.lock",
+                                                  f"the state dir {state_dir} "
+                                                  f"({env_name('state_dir')})")
+            except RuntimeError as exc:
+                raise ConfigError(env_name("state_dir"), str(exc)) from None
             dsn = await self._database()
-            self.sink = Sink(dsn, max_connections=config.flush_lanes + 2,
-                             pgbouncer=config.database_pgbouncer,
-                             migrate_on_connect=config.migrate,
-                             refuse_privileged=config.auth == "jwt")
+            self.pg = Postgres(
+                dsn, max_connections=config.flush_lanes + 2, pgbouncer=config.database_pgbouncer,
+                timeouts=Timeouts(connect=config.database_connect_timeout,
+                                  statement=config.database_statement_timeout,
+                                  flush=config.flush_timeout, idle=config.database_idle_timeout),
+                identity_path=state_dir / "primary")
+            self.sink = Sink(self.pg, migrate_on_connect=config.migrate)
             await self._check_database()
-            self.store = Store(dsn, pgbouncer=config.database_pgbouncer)
+            self.store = Store(self.pg)
 
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, self.seen.restore, state_dir / "seen.idx")
+            await loop.run_in_executor(None, self._restore, state_dir / "seen.idx",
+                                       self.seen.load)
             self.spool = Spool(config.spool_dir, max_bytes=config.spool_max_bytes,
                                segment_bytes=config.spool_segment_bytes,
                                fsync=config.spool_durability == "fsync",
-                               on_recover_record=self._recovered_record)
+                               on_recover_record=self._recovered_record,
+                               keep_committed=config.spool_keep_committed,
+                               supervisor=self.supervisor,
+                               sync_log=Path(config.spool_sync_log)
+                               if config.spool_sync_log else None)
             self.checkpoints = Checkpoints(
                 self.spool, self.store, schemas, max_bytes=config.event_max_bytes,
                 committed=lambda: self.flusher.committed_seq if self.flusher else 0)
             # Versions known before the restart first; saves still on the spool then
             # replace them as recovery finds them.
-            await loop.run_in_executor(None, self.checkpoints.restore,
-                                       state_dir / "checkpoints.idx")
+            await loop.run_in_executor(None, self._restore, state_dir / "checkpoints.idx",
+                                       self.checkpoints.load_snapshot)
             self.recovery = await self.spool.open()
-            log.info("spool recovered", extra={"fields": {
-                "directory": str(config.spool_dir),
-                "segments": self.recovery.segments,
-                "pending_records": self.recovery.pending_records,
-                "torn_tails": self.recovery.torn_tails,
-                "quarantined": self.recovery.quarantined,
-            }})
+            if self.recovery is not None:
+                log.info("spool recovered", extra={"fields": {
+                    "directory": str(config.spool_dir),
+                    "segments": self.recovery.segments,
+                    "pending_records": self.recovery.pending_records,
+                    "torn_tails": self.recovery.torn_tails,
+                    "quarantined": self.recovery.quarantined,
+                }})
             self.flusher = Flusher(
                 self.spool, self.sink,
                 limits=Limits(config.batch_max_events * config.flush_lanes,
@@ -172,11 +190,11 @@ class Agent:
                 describe=describe, observe=self.metrics.observe_flush,
                 tracing=self.tracing,
             )
-            self.flusher.start()
+            self.flusher.on_progress = lambda: self.supervisor.ok("flusher")
+            self.pg.on_new_primary = self._new_primary
+            self.supervisor.start("flusher", self.flusher.run)
             self.metrics.add_state(self._metric_state)
             self.metrics.known_labels(schemas.manifest.retention_days)
-            if self.sink.role is not None:  # reached PostgreSQL at start
-                self.flusher.db_up = True
             self.auditor = Auditor(self.spool,
                                    on_drop=lambda reason: self.metrics.audit_dropped.labels(
                                        reason).inc())
@@ -189,15 +207,19 @@ class Agent:
             )
             await self._listen(self.intake.app(), admin_app(self, self.metrics))
             self.intake.servers = [u for u in (self.endpoints.event_url,) if u]
-            self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="flux-seen"))
-            self._tasks.append(asyncio.create_task(self._ping_loop(), name="flux-ping"))
+            sup = self.supervisor
+            sup.start("snapshots", self._snapshot_loop, critical=False)
+            if config.database_ping_interval > 0:
+                sup.start("ping", self._ping_loop, critical=False)
             if config.retention_interval > 0:
-                self._tasks.append(asyncio.create_task(
-                    self._retention_loop(schemas.manifest.retention_days), name="flux-retention"))
+                sup.start("retention", lambda: self._retention_loop(
+                    schemas.manifest.retention_days), critical=False)
             if config.auth == "jwt" and config.jwt_jwks_file:
                 jwt_auth = getattr(authenticator, "tokens", None) or authenticator
-                self._tasks.append(asyncio.create_task(
-                    self._watch_jwks(jwt_auth, Path(config.jwt_jwks_file)), name="flux-jwks"))
+                sup.start("jwks", lambda: self._watch_jwks(
+                    jwt_auth, Path(config.jwt_jwks_file)), critical=False)
+            if self._embedded is not None:
+                sup.start("embedded-db", self._watch_embedded)
             self.auditor.record("agent.start", success=True, detail={
                 "auth": config.auth, "agent_id": config.effective_agent_id})
         except BaseException:
@@ -211,10 +233,23 @@ class Agent:
             "database": redact_dsn(config.database_url),
             "auth": config.auth,
             "durability": config.spool_durability,
+            "spool_writable": self.spool.broken is None,
         }})
         if config.auth == "none":
             log.warning("AUTHENTICATION IS OFF: every local caller writes as agency %r",
                         config.agency)
+
+    @staticmethod
+    def _restore(path: Path, load: Any) -> int:
+        """Read a snapshot file (worker thread); a missing or damaged one costs nothing."""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return 0
+        try:
+            return int(load(data))
+        except ValueError:
+            return 0
 
     async def stop(self) -> bool:
         """Drain and stop; safe twice and without start. True if everything was flushed."""
@@ -225,49 +260,64 @@ class Agent:
             return await self._shutdown(drain=True)
 
     async def _shutdown(self, *, drain: bool) -> bool:
+        """Every step runs, whatever an earlier one raised: a failing snapshot must not
+        leave the spool, the pool, the embedded database or the state-dir lock open."""
         config = self.config
         deadline = time.monotonic() + config.drain_timeout
         flushed = False
+        stopping_early = self._state == "starting"
         self._state = "draining"
+
+        async def step(what: str, action: Any) -> None:
+            try:
+                await action()
+            except Exception:
+                log.exception("shutdown step failed: %s", what)
+
         if self.intake is not None:
             self.intake.draining = True
-            await self.intake.wait_idle(max(0.0, min(5.0, deadline - time.monotonic())))
+            intake = self.intake
+            await step("finish requests", lambda: intake.wait_idle(
+                max(0.0, min(5.0, deadline - time.monotonic()))))
         if self.flusher is not None:
             if drain:
-                flushed = await self.flusher.drain(max(0.0, deadline - time.monotonic()))
-                if not flushed:
-                    log.warning("drain deadline reached; the rest stays on the spool",
-                                extra={"fields": {"backlog_records": self.flusher.backlog}})
-            await self.flusher.stop()
+                async def drain_flusher() -> None:
+                    nonlocal flushed
+                    assert self.flusher is not None
+                    flushed = await self.flusher.drain(max(0.0, deadline - time.monotonic()))
+                    if not flushed:
+                        log.warning("drain deadline reached; the rest stays on the spool",
+                                    extra={"fields": {"backlog_records": self.flusher.backlog}})
+                await step("drain", drain_flusher)
+            await step("stop the flusher", lambda: self.supervisor.stop("flusher"))
+            self.flusher.cancel_waiters()
         for runner in reversed(self._runners):
-            await runner.cleanup()
+            await step("close a listener", runner.cleanup)
         self._runners.clear()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
-        if self.sink is not None:
-            await self.sink.close()
-        if self.store is not None:
-            await self.store.close()
+        for name in ("snapshots", "ping", "retention", "jwks", "embedded-db"):
+            await step(f"stop {name}", functools.partial(self.supervisor.stop, name))
+        if self.pg is not None:
+            await step("close the database pool", self.pg.close)
         if self.spool is not None:
-            await self.spool.close()
-            loop = asyncio.get_running_loop()
-            with contextlib.suppress(OSError):
-                await loop.run_in_executor(None, self._save_snapshots)
+            await step("close the spool", self.spool.close)
+            await step("save the snapshots", self._save_snapshots)
+        await step("stop the remaining tasks", self.supervisor.stop)
         if self.endpoints.socket_path is not None:
             with contextlib.suppress(OSError):
                 self.endpoints.socket_path.unlink()
         self.tracing.shutdown()  # exports what is still buffered
         if self._embedded is not None:
             embedded, self._embedded = self._embedded, None
-            await asyncio.get_running_loop().run_in_executor(None, embedded.stop)
+            await step("stop the embedded PostgreSQL", lambda: asyncio.get_running_loop()
+                       .run_in_executor(None, embedded.stop))
         if self._state_lock >= 0:
             os.close(self._state_lock)
             self._state_lock = -1
         self._state = "stopped"
-        log.info("agent stopped", extra={"fields": {"flushed_everything": flushed}})
+        if stopping_early:
+            log.info("agent did not start; nothing was accepted")
+        else:
+            log.info("agent stopped", extra={"fields": {"flushed_everything": flushed}})
         return flushed
 
     async def _drain_request(self) -> dict[str, Any]:
@@ -348,22 +398,27 @@ class Agent:
         return dsn
 
     async def _check_database(self) -> None:
-        """Migrate and check the login role now if PostgreSQL is up; later if it is not."""
+        """Migrate and check the login role now if PostgreSQL is up; later if it is not.
+        A login role that bypasses row-level security is refused in every mode."""
         assert self.sink is not None
         try:
-            applied = await asyncio.wait_for(self.sink.ensure_schema(), 15)
+            applied = await bounded(self.sink.ensure_schema(), 30)
         except UnsafeRole as exc:
             raise ConfigError(env_name("database_url"), str(exc)) from None
-        except Exception as exc:  # noqa: BLE001 - PostgreSQL being down at start is not fatal
-            log.warning("PostgreSQL not ready at start; events will be spooled",
+        except (SchemaNotReady, TimeoutError) as exc:
+            log.warning("PostgreSQL schema not ready at start; events will be spooled",
                         extra={"fields": {"error": describe(exc)}})
+            return
+        except Exception as exc:
+            if not is_transient(exc):
+                log.error("PostgreSQL check failed at start; events will be spooled",
+                          exc_info=exc, extra={"fields": {"error": describe(exc)}})
+            else:
+                log.warning("PostgreSQL not reachable at start; events will be spooled",
+                            extra={"fields": {"error": describe(exc)}})
             return
         if applied:
             log.info("migrations applied", extra={"fields": {"versions": applied}})
-        role = self.sink.role
-        if role is not None and (role.superuser or role.bypassrls):
-            log.warning("the database login role %r bypasses row-level security; grant "
-                        "flux_agent to an unprivileged role instead", role.name)
 
     async def _listen(self, events: web.Application, admin: web.Application) -> None:
         config = self.config
@@ -381,7 +436,7 @@ class Agent:
         path = config.socket_path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _clear_stale_socket(path)
+            await asyncio.get_running_loop().run_in_executor(None, _clear_stale_socket, path)
             usite = web.UnixSite(runner, str(path))
             await usite.start()
             os.chmod(path, 0o660)
@@ -397,47 +452,102 @@ class Agent:
             self.endpoints.admin_url = f"http://{shown}:{_bound_port(asite)}"
 
     def _recovered_record(self, seq: int, payload: bytes) -> None:
-        record = record_decoder.decode(payload)
+        record = decode_record(payload)
         if isinstance(record, CheckpointRecord) and self.checkpoints is not None:
             self.checkpoints.recovered(seq, record)
         if isinstance(record, EventsRecord | CheckpointRecord):
             for row in record.rows:
-                self.seen.add((row[AGENCY], row[EVENT_ID]),
-                              (int(row[PAYLOAD_SHA256][:8], 16), seq, None))
+                self.seen.add((row.agency_id, row.event_id),
+                              (int(row.payload_sha256[:8], 16), seq, None))
 
-    def _save_snapshots(self) -> None:
+    def _new_primary(self, previous: tuple[str, str] | None, now: tuple[str, str]) -> None:
+        """Connected to another primary than before: replay what it may lack."""
+        if previous is None or self.spool is None or self.flusher is None:
+            return
+        window = self.config.spool_keep_committed
+        if window <= 0:
+            log.warning("new PostgreSQL primary, and no failover window is kept "
+                        f"({env_name('spool_keep_committed')}=0): nothing is replayed")
+            return
+        self.flusher.replay(self.spool.replay_start(window))
+
+    async def _save_snapshots(self) -> None:
         """What the agent remembers across restarts besides the spool: recently seen event
-        ids (duplicate reporting) and checkpoint versions (version assignment)."""
+        ids (duplicate reporting) and checkpoint versions (version assignment). The copies
+        are taken here, on the loop, where those indexes change; only the bytes go to a
+        worker thread."""
         state = self.config.state_path
-        self.seen.save(state / "seen.idx")
+        files = [(state / "seen.idx", self.seen.dump())]
         if self.checkpoints is not None:
-            self.checkpoints.save_snapshot(state / "checkpoints.idx")
+            files.append((state / "checkpoints.idx", self.checkpoints.dump()))
+        loop = asyncio.get_running_loop()
+        for path, data in files:
+            await loop.run_in_executor(None, write_atomic, path, data)
 
     async def _snapshot_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(SEEN_SNAPSHOT_INTERVAL)
             try:
-                await loop.run_in_executor(None, self._save_snapshots)
+                await self._save_snapshots()
             except OSError as exc:
-                log.warning("could not save the agent's snapshots",
-                            extra={"fields": {"error": exc.strerror}})
+                if not is_resource_error(exc):
+                    raise
+                # A full disk: the snapshot only saves work at the next start. Say it once.
+                if not self._snapshot_warned:
+                    log.warning("could not save the agent's snapshots; retrying",
+                                extra={"fields": {"error": reason(exc)}})
+                self._snapshot_warned = True
+            else:
+                if self._snapshot_warned:
+                    log.info("the agent's snapshots are saved again")
+                self._snapshot_warned = False
+                self.supervisor.ok("snapshots")
 
     async def _ping_loop(self) -> None:
-        """An idle agent still learns when PostgreSQL goes away or comes back
-        (flux_postgres_up, readiness's "database"); a flushing one learns it from the flush."""
-        assert self.sink is not None
-        assert self.flusher is not None
+        """An idle agent still learns when PostgreSQL goes away or comes back (readiness's
+        ``database``, flux_postgres_up) with one query per interval, and none while flushes
+        or reads prove it anyway."""
+        assert self.pg is not None
+        pg = self.pg
+        interval = self.config.database_ping_interval
+        was = pg.state(interval * 2)
         while True:
-            await asyncio.sleep(PING_INTERVAL)
-            if self.flusher.backlog:
-                continue
+            await asyncio.sleep(interval)
+            if pg.last_ok is not None and time.monotonic() - pg.last_ok < interval \
+                    and pg.state(interval) == "up":
+                continue  # something else talked to PostgreSQL recently
             try:
-                await asyncio.wait_for(self.sink.ping(), 5)
-            except Exception:  # noqa: BLE001 - any failure means down
-                self.flusher.db_up = False
-            else:
-                self.flusher.db_up = True
+                await pg.ping()
+            except Exception as exc:
+                if not is_transient(exc) and not isinstance(exc, UnsafeRole):
+                    raise
+            now = pg.state(interval * 2)
+            if now != was:
+                if now == "down":
+                    log.warning("PostgreSQL unreachable", extra={"fields": {
+                        "error": pg.last_error}})
+                elif was == "down":
+                    log.info("PostgreSQL reachable again")
+                was = now
+            self.supervisor.ok("ping")
+
+    async def _watch_embedded(self) -> None:
+        """The embedded PostgreSQL is the agent's child: restart it when it stops."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(EMBEDDED_CHECK_INTERVAL)
+            embedded = self._embedded
+            if embedded is None:
+                return
+            if await loop.run_in_executor(None, embedded.running_pid) is not None:
+                continue
+            log.error("the embedded PostgreSQL stopped; restarting it",
+                      extra={"fields": {"data_dir": str(embedded.data_dir)}})
+            await loop.run_in_executor(None, embedded.start)  # raises: supervisor retries
+            self.embedded_restarts += 1
+            log.info("the embedded PostgreSQL is running again",
+                     extra={"fields": {"restarts": self.embedded_restarts}})
+            self.supervisor.ok("embedded-db")
 
     async def _retention_loop(self, agencies: Mapping[str, int]) -> None:
         """Delete expired rows in small batches, in one agent at a time (a lease)."""
@@ -462,11 +572,18 @@ class Agent:
                         if max(counts) < batch:
                             break
                         await asyncio.sleep(0.05)  # let ingestion have the database
-            except Exception as exc:  # noqa: BLE001 - retention retries next round
-                log.warning("retention round failed", extra={"fields": {
-                    "error": describe(exc)}})
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise  # the supervisor logs it with its traceback and restarts the loop
+                log.warning("retention round failed; retrying next round",
+                            extra={"fields": {"error": describe(exc)}})
+            else:
+                self.supervisor.ok("retention")
 
     # ---------------------------------------------------------------- health and metrics
+
+    def _db_window(self) -> float:
+        return max(30.0, 2 * self.config.database_ping_interval)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         reasons = []
@@ -474,11 +591,17 @@ class Agent:
         if self._state != "running":
             reasons.append(self._state)
         body: dict[str, Any] = {"database": "unknown", "spool": {}}
+        if self.pg is not None:
+            body["database"] = self.pg.state(self._db_window())
+            role = self.pg.role
+            if role is not None and role.privileged:
+                reasons.append("database_role_unsafe")
         if flusher is not None:
-            body["database"] = {None: "unknown", True: "up", False: "down"}[flusher.db_up]
             stalled = flusher.stalled_for()
             if stalled > self.config.ready_stall_after:
                 reasons.append("flush_stalled")
+        for task in self.supervisor.failing():
+            reasons.append(f"task_failing:{task}")
         if spool is not None:
             used = spool.bytes_used
             body["spool"] = {
@@ -488,11 +611,18 @@ class Agent:
             }
             if spool.broken is not None:
                 reasons.append("spool_unwritable")
+                body["spool"]["error"] = spool.broken
             if used + self.config.request_max_bytes > spool.max_bytes:
                 reasons.append("spool_full")
         if reasons:
             body["reasons"] = reasons
         return not reasons, body
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        """Fails only for what a restart can fix: a background task failing for longer
+        than ``live_fail_after``."""
+        dead = self.supervisor.dead()
+        return not dead, ({"failing_tasks": dead} if dead else {})
 
     async def diagnostics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"uptime_s": round(time.time() - self.started_at, 3)}
@@ -512,20 +642,25 @@ class Agent:
                 "segments": len(self.spool.segments),
                 "backlog_records": self.flusher.backlog,
                 "oldest_unflushed_age_s": round(self.spool.oldest_unflushed_age(), 3),
+                "retained_bytes": self.spool.retained_bytes,
             }
             out["flush"] = {
                 "last_flush_at": self.flusher.last_flush_at,
                 "last_error": logs.scrub(self.flusher.last_error or "") or None,
                 "stalled_s": round(self.flusher.stalled_for(), 3),
             }
+        out["tasks"] = {name: {**info, "last_error": logs.scrub(str(info["last_error"]))
+                               if info["last_error"] else None}
+                        for name, info in self.supervisor.describe().items()}
         return out
 
     def _metric_state(self) -> dict[str, Any]:
         spool, flusher = self.spool, self.flusher
         if spool is None or flusher is None:
             return {}
-        rec = self.recovery or Recovery()
+        rec = spool.recovery or Recovery()
         stats = flusher.stats
+        pg_up = self.pg is not None and self.pg.state(float("inf")) == "up"
         return {
             "flux_events_flushed": stats.events_inserted,
             "flux_events_dead_lettered": stats.events_dead,
@@ -541,7 +676,14 @@ class Agent:
             "flux_spool_torn_tails": rec.torn_tails,
             "flux_spool_corrupt_records": spool.corrupt_records,
             "flux_spool_write_errors": spool.write_errors,
-            "flux_postgres_up": 1.0 if flusher.db_up else 0.0,
+            "flux_spool_cursor_errors": spool.cursor_errors,
+            "flux_spool_read_errors": stats.read_errors,
+            "flux_spool_writable": 0.0 if spool.broken else 1.0,
+            "flux_spool_retained_bytes": spool.retained_bytes,
+            "flux_spool_retained_evicted": spool.evicted_retained,
+            "flux_failover_replays": stats.replays,
+            "flux_failover_restored_events": stats.events_restored,
+            "flux_postgres_up": 1.0 if pg_up else 0.0,
             "flux_flush_stalled_seconds": flusher.stalled_for(),
             "flux_ready": 1.0 if self.readiness()[0] else 0.0,
             "flux_checkpoint_queue_depth": self.checkpoints.pending() if self.checkpoints
@@ -549,6 +691,24 @@ class Agent:
             "flux_active_runs": self.intake.runs.counts() if self.intake else {},
             "flux_retention_purged_rows": dict(self.purged),
         }
+
+
+async def bounded(coro: Any, timeout: float) -> Any:
+    """Await ``coro`` for at most ``timeout`` seconds, *not* counting the time its
+    cancellation takes: a call stuck on a black-holed socket may take long to unwind, and
+    whoever waits (a probe, the start) must not wait for that too."""
+    task = asyncio.ensure_future(coro)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    return task.result()
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _stamp(path: Path) -> tuple[float, int]:
@@ -582,7 +742,8 @@ def _bound_port(site: web.TCPSite) -> int:
 
 
 def _clear_stale_socket(path: Path) -> None:
-    """Remove a socket file left by a dead agent; refuse if a live one answers on it."""
+    """Remove a socket file left by a dead agent; refuse if a live one answers on it (or
+    might: a peer too slow to answer within a second is alive, and its socket is kept)."""
     if not path.exists() and not path.is_symlink():
         return
     if not path.is_socket():
@@ -591,12 +752,15 @@ def _clear_stale_socket(path: Path) -> None:
     try:
         probe.settimeout(1)
         probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
+    except ConnectionRefusedError:  # nobody listens: a dead agent's leftover
         path.unlink(missing_ok=True)
         return
-    except OSError:
-        path.unlink(missing_ok=True)
+    except FileNotFoundError:
         return
+    except OSError as exc:
+        raise ConfigError(env_name("socket"), f"cannot tell whether {path} is in use "
+                          f"({exc.strerror or type(exc).__name__}); remove it if no agent "
+                          "runs") from None
     finally:
         probe.close()
     raise ConfigError(env_name("socket"), f"another process is listening on {path}")

@@ -89,6 +89,13 @@ def parse_duration(raw: Any) -> float:
     return value
 
 
+def parse_timeout(raw: Any) -> float:
+    value = parse_duration(raw)
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
 def parse_bool(raw: Any) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -328,6 +335,39 @@ class AgentConfig:
     commit_wait_timeout: float = setting(
         10.0, "How long `Prefer: wait=committed` waits for PostgreSQL.", parse_duration,
         shown_default="10s",
+    )
+    database_connect_timeout: float = setting(
+        5.0, "Connecting to PostgreSQL must succeed within this.", parse_timeout,
+        shown_default="5s",
+    )
+    database_statement_timeout: float = setting(
+        10.0, "Each statement (reads, pings, checks) must finish within this; a connection "
+        "that times out is discarded, never reused.", parse_timeout, shown_default="10s",
+    )
+    flush_timeout: float = setting(
+        30.0, "A flush must commit within this, else it is retried on a new connection.",
+        parse_timeout, shown_default="30s",
+    )
+    database_idle_timeout: float = setting(
+        60.0, "A PostgreSQL connection unused this long is closed: an idle sidecar holds "
+        "none.", parse_timeout, shown_default="60s",
+    )
+    database_ping_interval: float = setting(
+        60.0, "An idle agent checks PostgreSQL this often (readiness's `database`, "
+        "`flux_postgres_up`); `0` disables.", parse_duration, shown_default="60s",
+    )
+    spool_keep_committed: float = setting(
+        300.0, "Committed spool segments are kept this long and replayed when the agent finds "
+        "itself on a different PostgreSQL primary (failover to an asynchronous standby); "
+        "`0` disables.", parse_duration, shown_default="5m",
+    )
+    live_fail_after: float = setting(
+        120.0, "Liveness fails when a background task has kept failing this long, so that "
+        "the container is restarted.", parse_timeout, shown_default="2m",
+    )
+    spool_sync_log: str = setting(
+        "", "Testing only: append each synced segment size to this file (what a power loss "
+        "would keep).", shown_default="unset",
     )
     migrate: bool = setting(True, "Apply pending schema migrations at start.", parse_bool)
     retention_interval: float = setting(

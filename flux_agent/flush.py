@@ -8,9 +8,19 @@ lanes (connections) by run, committed in parallel, and only then is the spool cu
 past the window. A crash anywhere replays at most the last window, and PostgreSQL absorbs
 the replay (``ON CONFLICT DO NOTHING``), so nothing is lost and nothing is doubled.
 
+Visibility is a policy: a window closes when it is full, or ``max_age`` after its first
+record, so a trickle of single events costs PostgreSQL one transaction per window, not one
+per event. Whoever needs a record in PostgreSQL now (``Prefer: wait=committed``, a drain, a
+read of one's own writes) asks for it with :meth:`Flusher.flush_now`, and the open window
+closes at once. Small windows use one lane (one connection); only large ones are split.
+
 Transient failures retry forever with exponential backoff and jitter while the spool keeps
 the events. Rows PostgreSQL refuses for what they contain are isolated by bisection and
-stored as dead letters; the rest of their batch lands.
+stored as dead letters; the rest of their batch lands. A spool that cannot be read for a
+moment (no descriptors) is retried the same way: the flusher never stops by itself.
+
+After a failover (the agent finds a different primary), :meth:`Flusher.replay` goes back over
+the recently committed records the spool keeps; PostgreSQL absorbs what it already has.
 """
 
 from __future__ import annotations
@@ -26,22 +36,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ._files import reason
 from .batch import Batch, Batcher, Limits, Work, split_lanes
-from .event import (
-    SPAN_ID,
-    TRACE_ID,
-    CheckpointRecord,
-    EventsRecord,
-    SpoolRecord,
-    record_decoder,
-)
+from .event import CheckpointRecord, EventsRecord, SpoolRecord, decode_record
 from .spool import Spool
 from .tracing import Tracing
 
 log = logging.getLogger("flux_agent.flush")
 
+# Windows smaller than this go to one lane: one connection, one transaction per flush.
+LANE_SPLIT_MIN = 512
 
-class Sink(Protocol):
+
+class Writer(Protocol):
     async def ensure_schema(self) -> list[str]: ...
     async def write(self, work: Work, *, returning: bool) -> tuple[int, set[str]]: ...
     async def write_dead_letter(self, work: Work, reason: str, sqlstate: str | None) -> None: ...
@@ -60,6 +67,9 @@ class FlushStats:
     events_duplicate: int = 0
     events_dead: int = 0
     retries: int = 0
+    read_errors: int = 0
+    replays: int = 0  # failover replays started
+    events_restored: int = 0  # replayed events the new primary did not have
     batch_sizes: list[int] = field(default_factory=list)
     durations: list[float] = field(default_factory=list)
 
@@ -68,7 +78,7 @@ class Flusher:
     def __init__(
         self,
         spool: Spool,
-        sink: Sink,
+        sink: Writer,
         *,
         limits: Limits,
         lanes: int,
@@ -96,12 +106,15 @@ class Flusher:
         self.flush_pos = spool.cursor + 1  # next sequence number to gather
         self.committed_seq = spool.cursor
         self._data = asyncio.Event()
+        self._urgent_until = 0  # a window holding records up to this closes at once
+        self._replay_from: int | None = None
+        self._replay_until = 0  # windows ending at or below this are a failover replay
         self._waiters: list[tuple[int, int, asyncio.Future[set[str] | None]]] = []
         self._waiter_serial = 0
         self._task: asyncio.Task[None] | None = None
         self.stats = FlushStats()
-        self.db_up: bool | None = None
         self.last_error: str | None = None
+        self.on_progress: Callable[[], None] | None = None  # the supervisor's ok()
         self.last_progress = clock()
         self.last_flush_at: float | None = None
         self._window_ids: set[str] = set()
@@ -129,18 +142,37 @@ class Flusher:
             self.ring_bytes += cost
         self._data.set()
 
-    def notify(self) -> None:
+    def flush_now(self, seq: int | None = None) -> None:
+        """Close the window holding ``seq`` (default: everything appended so far) at once
+        instead of at its age limit."""
+        target = self.spool.next_seq - 1 if seq is None else seq
+        if target > self._urgent_until:
+            self._urgent_until = target
         self._data.set()
 
     async def wait_committed(self, seq: int) -> set[str] | None:
-        """Wait until ``seq`` is in PostgreSQL. Returns the ids that were new in its window,
-        when the flusher tracked them for this waiter; None if it was committed earlier."""
+        """Wait until ``seq`` is in PostgreSQL, flushing now rather than at the window's age.
+        Returns the ids that were new in its window, when the flusher tracked them for this
+        waiter; None if it was committed earlier."""
         if seq <= self.committed_seq:
             return None
         fut: asyncio.Future[set[str] | None] = asyncio.get_running_loop().create_future()
         self._waiter_serial += 1
         heapq.heappush(self._waiters, (seq, self._waiter_serial, fut))
+        self.flush_now(seq)
         return await fut
+
+    def replay(self, from_seq: int) -> None:
+        """Deliver again, from ``from_seq``, records already committed (after a failover)."""
+        if from_seq > self.committed_seq:
+            return
+        self._replay_from = from_seq if self._replay_from is None else min(
+            self._replay_from, from_seq)
+        self.stats.replays += 1
+        log.warning("replaying committed events to the new primary", extra={"fields": {
+            "from_seq": from_seq, "to_seq": self.committed_seq,
+            "records": self.committed_seq - from_seq + 1}})
+        self._data.set()
 
     @property
     def backlog(self) -> int:
@@ -156,8 +188,8 @@ class Flusher:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        self.last_progress = self.clock()
-        self._task = asyncio.create_task(self._run(), name="flux-flusher")
+        """Run in a task of its own (embedders and tests; the agent supervises ``run``)."""
+        self._task = asyncio.create_task(self.run(), name="flux-flusher")
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -165,6 +197,9 @@ class Flusher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.cancel_waiters()
+
+    def cancel_waiters(self) -> None:
         for _, _, fut in self._waiters:
             if not fut.done():
                 fut.cancel()
@@ -176,6 +211,7 @@ class Flusher:
         target = self.spool.written_seq
         if target <= self.committed_seq:
             return True
+        self.flush_now()
         try:
             await asyncio.wait_for(self.wait_committed(target), timeout)
         except TimeoutError:
@@ -184,7 +220,12 @@ class Flusher:
 
     # ---------------------------------------------------------------- the loop
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """The flush loop; restartable: a new run starts from the committed position."""
+        await self.spool.recovered.wait()  # a spool on a full disk may recover late
+        self.committed_seq = max(self.committed_seq, self.spool.cursor)
+        self.flush_pos = self.committed_seq + 1
+        self.last_progress = self.clock()
         gather = asyncio.create_task(self._gather())
         try:
             while True:
@@ -199,6 +240,16 @@ class Flusher:
                 else:
                     inserted = await self._deliver(batch)
                 await self._committed(batch, inserted, self.clock() - started)
+                if self._replay_from is not None:
+                    # Start over from the replay point: the window gathered meanwhile is
+                    # dropped (its records are on the spool and come round again).
+                    gather.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await gather
+                    self.flush_pos = self._replay_from
+                    self._replay_until = max(self._replay_until, self.committed_seq)
+                    self._replay_from = None
+                    gather = asyncio.create_task(self._gather())
         finally:
             gather.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -208,13 +259,18 @@ class Flusher:
         batcher = Batcher(self.limits, self.clock)
         while True:
             self._data.clear()
+            if self._replay_from is not None and batcher.empty:
+                self.flush_pos = self._replay_from
+                self._replay_until = max(self._replay_until, self.committed_seq)
+                self._replay_from = None
             await self._pull(batcher)
             if batcher.full:
                 break
             if batcher.empty:
                 await self._data.wait()
                 continue
-            wait = batcher.due_in()
+            urgent = self._urgent_until >= batcher.batch.first_seq
+            wait = 0.0 if urgent else batcher.due_in()
             if wait <= 0:
                 break
             with contextlib.suppress(TimeoutError):
@@ -234,7 +290,18 @@ class Flusher:
                 self.flush_pos = seq + 1
             elif self.flush_pos <= self.spool.written_seq:
                 room = max(64 * 1024, self.limits.max_bytes - batcher.batch.nbytes)
-                records = await self.spool.read(self.flush_pos, room)
+                try:
+                    records = await self.spool.read(self.flush_pos, room)
+                except OSError as exc:
+                    # No descriptor to open a segment with (EMFILE), a failing device: the
+                    # records are still there; try again shortly, and say so.
+                    self.stats.read_errors += 1
+                    self.last_error = f"spool read: {reason(exc)}"
+                    if self.stats.read_errors & (self.stats.read_errors - 1) == 0:
+                        log.warning("spool read failed; retrying", extra={"fields": {
+                            "error": reason(exc), "failures": self.stats.read_errors}})
+                    await asyncio.sleep(0.5)
+                    return
                 if not records:
                     # Cannot happen while segments are only removed behind the cursor; if it
                     # does, stall loudly (readiness fails) rather than skip acknowledged data.
@@ -243,13 +310,14 @@ class Flusher:
                     await asyncio.sleep(1.0)
                     return
                 for seq, payload in records:
-                    batcher.add(seq, record_decoder.decode(payload), len(payload))
+                    batcher.add(seq, decode_record(payload), len(payload))
                     self.flush_pos = seq + 1
             else:
                 return
 
     async def _deliver(self, batch: Batch) -> int:
-        lanes = [work for work in split_lanes(batch, self.lanes) if len(work)]
+        n_lanes = self.lanes if batch.events >= LANE_SPLIT_MIN else 1
+        lanes = [work for work in split_lanes(batch, n_lanes) if len(work)]
         returning = bool(self._waiters) and self._waiters[0][0] <= batch.last_seq
         inserted = 0
         self._window_ids = set()
@@ -274,17 +342,23 @@ class Flusher:
             if error is not None:
                 attempt += 1
                 self.stats.retries += 1
-                self.db_up = False
                 self.last_error = self.describe(error)
-                # Log the first failure, then sparsely: an outage must not flood the log.
+                # Log the first failure, then sparsely: an outage must not flood the log. A
+                # failure that is not the database being away (a missing privilege, a bug)
+                # is an error, with its traceback the first time.
                 if attempt == 1 or attempt & (attempt - 1) == 0:
-                    log.warning("flush failed; retrying with backoff",
-                                extra={"fields": {"attempt": attempt, "error": self.last_error,
-                                                  "backlog_records": self.backlog}})
+                    fields = {"attempt": attempt, "error": self.last_error,
+                              "backlog_records": self.backlog}
+                    if self.classify(error) == "transient":
+                        log.warning("flush failed; retrying with backoff",
+                                    extra={"fields": fields})
+                    else:
+                        log.error("flush failed (not a database outage); retrying",
+                                  exc_info=error if attempt == 1 else None,
+                                  extra={"fields": fields})
                 await asyncio.sleep(self._backoff(attempt))
         if attempt:
             log.info("flush recovered", extra={"fields": {"attempts": attempt}})
-        self.db_up = True
         return inserted
 
     def _backoff(self, attempt: int) -> float:
@@ -292,7 +366,7 @@ class Flusher:
         return float(delay / 2 + random.uniform(0, delay / 2))
 
     async def _write_lane(self, work: Work, returning: bool) -> int:
-        await self.sink.ensure_schema()
+        await self.sink.ensure_schema()  # a no-op once the schema was found ready
         try:
             inserted, ids = await self.sink.write(work, returning=returning)
         except Exception as exc:
@@ -310,7 +384,8 @@ class Flusher:
             if work.events:
                 self.stats.events_dead += 1
                 self._window_dead += 1
-            what = work.events[0][1] if work.events else "audit entry"
+            what = work.events[0].event_id if work.events else (
+                "checkpoint" if work.checkpoints else "audit entry")
             log.error("PostgreSQL refused an item; stored as a dead letter",
                       extra={"fields": {"event_id": what, "reason": reason}})
             return 0
@@ -331,15 +406,24 @@ class Flusher:
 
     async def _committed(self, batch: Batch, inserted: int, elapsed: float) -> None:
         self.stats.batches += 1
-        self.stats.events_inserted += inserted
-        duplicates = max(0, batch.event_rows - inserted - self._window_dead)
-        self.stats.events_duplicate += duplicates
-        if self.observe is not None:
-            self.observe(batch.event_rows, elapsed, duplicates)
-        self.committed_seq = batch.last_seq
+        if batch.last_seq <= self._replay_until:
+            # A failover replay: what was inserted had been lost by the new primary.
+            self.stats.events_restored += inserted
+            if inserted:
+                log.warning("the new primary lacked committed events; restored them",
+                            extra={"fields": {"events": inserted}})
+        else:
+            self.stats.events_inserted += inserted
+            duplicates = max(0, batch.event_rows - inserted - self._window_dead)
+            self.stats.events_duplicate += duplicates
+            if self.observe is not None:
+                self.observe(batch.event_rows, elapsed, duplicates)
+        self.committed_seq = max(self.committed_seq, batch.last_seq)
         self.last_progress = self.clock()
         self.last_flush_at = time.time()
-        await self.spool.commit(batch.last_seq)
+        if self.on_progress is not None:
+            self.on_progress()
+        await self.spool.commit(self.committed_seq)
         # Waiters of this window learn which ids were new, if the insert reported them.
         ids = self._window_ids if self._window_returning else None
         first = batch.first_seq
@@ -354,4 +438,4 @@ def _span_ids(batch: Batch) -> Iterator[tuple[str | None, str | None]]:
     for _, record in batch.records:
         if isinstance(record, EventsRecord | CheckpointRecord):
             for row in record.rows:
-                yield row[TRACE_ID], row[SPAN_ID]
+                yield row.trace_id, row.span_id

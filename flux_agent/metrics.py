@@ -26,6 +26,8 @@ from prometheus_client.registry import Collector
 from ._version import __version__
 
 REQUEST_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 2, 5)
+# The supervised background tasks (flux_task_failures_total{task}).
+TASKS = ("flusher", "spool-commit", "snapshots", "ping", "retention", "jwks", "embedded-db")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -56,6 +58,18 @@ STATE: tuple[Gauge, ...] = (
     Gauge("flux_spool_corrupt_records", "Records skipped for a bad checksum while reading.",
           "counter"),
     Gauge("flux_spool_write_errors", "Spool writes the disk refused.", "counter"),
+    Gauge("flux_spool_cursor_errors", "Spool cursor writes the disk refused (replay grows).",
+          "counter"),
+    Gauge("flux_spool_read_errors", "Spool reads that failed and were retried.", "counter"),
+    Gauge("flux_spool_writable", "1 while the spool accepts writes (0: full disk, no "
+          "descriptors, failing device)."),
+    Gauge("flux_spool_retained_bytes", "Committed segments kept for a failover replay."),
+    Gauge("flux_spool_retained_evicted", "Committed segments dropped before their failover "
+          "window ended, for room.", "counter"),
+    Gauge("flux_failover_replays", "Replays started after connecting to a new primary.",
+          "counter"),
+    Gauge("flux_failover_restored_events", "Replayed events the new primary did not have.",
+          "counter"),
     Gauge("flux_postgres_up", "1 when the last PostgreSQL operation succeeded, else 0."),
     Gauge("flux_flush_stalled_seconds", "Seconds without flush progress while events wait."),
     Gauge("flux_ready", "1 while the agent accepts events."),
@@ -136,6 +150,10 @@ class Metrics:
             "flux_flush_batch_size_events", "Events per committed flush window.",
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 4000, 8000), registry=r,
         )
+        self.task_failures = Counter(
+            "flux_task_failures", "Background task failures (each logged, then restarted).",
+            ["task"], registry=r,
+        )
         self.flush_duration = Histogram(
             "flux_flush_duration_seconds", "Time to commit one flush window.",
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
@@ -162,6 +180,8 @@ class Metrics:
             self.checkpoints_saved.labels(success)
         for reason in ("rate_limited", "spool_unavailable"):
             self.audit_dropped.labels(reason)
+        for task in TASKS:
+            self.task_failures.labels(task)
 
     def answered(self, endpoint: str, status: int, agency: str, seconds: float) -> None:
         """One HTTP answer. Label children are cached: ``labels()`` costs microseconds."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -83,7 +84,8 @@ async def test_embedded_default_accepts_a_curled_event():
                                        later["event_id"]) == 1
         finally:
             await conn.close()
-        assert b"another agent is using the state dir" in second.stderr, second.stderr
+        assert re.search(rb"another agent \(pid \d+\) is using the state dir", second.stderr), \
+        second.stderr
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-2000:]
