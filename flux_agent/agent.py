@@ -41,8 +41,9 @@ from .event import (
     record_decoder,
 )
 from .flush import Flusher
-from .health import admin_app
-from .intake import AccessLogger, Intake, ProblemAppRunner
+from .http.admin import admin_app
+from .http.intake import Intake
+from .http.server import AccessLogger, ProblemAppRunner
 from .metrics import Metrics
 from .seen import SeenIndex
 from .sink import Sink, UnsafeRole, bootstrap_database, classify, describe

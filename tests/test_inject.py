@@ -611,7 +611,7 @@ def test_quantities_and_config_checks():
 
 
 def test_probe_paths_exist_on_the_admin_listener():
-    from flux_agent.health import admin_app
+    from flux_agent.http.admin import admin_app
     from flux_agent.metrics import Metrics
 
     app = admin_app(object(), Metrics())  # type: ignore[arg-type]
