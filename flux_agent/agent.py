@@ -35,8 +35,9 @@ from .embedded import LocalPostgres
 from .errors import ConfigError
 from .event import CheckpointRecord, EventsRecord, decode_record
 from .flush import Flusher
-from .health import admin_app
-from .intake import AccessLogger, Intake, ProblemAppRunner
+from .http.admin import admin_app
+from .http.intake import Intake
+from .http.server import AccessLogger, ProblemAppRunner
 from .metrics import Metrics
 from .postgres import Postgres, Timeouts, UnsafeRole, classify, describe, is_transient
 from .seen import SeenIndex

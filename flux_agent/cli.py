@@ -312,13 +312,13 @@ def _read_payload(spec: str | None) -> dict[str, object]:
 
 
 def cmd_inject(argv: Sequence[str]) -> int:
-    from .inject import cli_inject
+    from .kube import cli_inject
 
     return cli_inject(argv)
 
 
 def cmd_inject_webhook(argv: Sequence[str]) -> int:
-    from .inject import prepare_webhook, serve_webhook
+    from .kube import prepare_webhook, serve_webhook
 
     plan = prepare_webhook(argv)
     if isinstance(plan, int):

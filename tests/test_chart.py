@@ -19,8 +19,16 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from flux_agent import inject
 from flux_agent.config import SETTINGS, env_name, load_config
+from flux_agent.kube.admission import mutate_pod
+from flux_agent.kube.cli import prepare_webhook
+from flux_agent.kube.config import (
+    ADMIN_PORT_NAME,
+    INJECT_LABEL,
+    STATE_DIR,
+    InjectorConfig,
+    config_from,
+)
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "flux-agent"
 RELEASE, NAMESPACE = "flux", "flux-system"
@@ -118,11 +126,11 @@ def injector_env(docs: list[dict[str, Any]]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container["env"]}
 
 
-def injector_config(docs: list[dict[str, Any]]) -> inject.InjectorConfig:
+def injector_config(docs: list[dict[str, Any]]) -> InjectorConfig:
     """The configuration the injector builds from the Deployment's environment."""
     env = injector_env(docs)
     assert all(k.startswith("FLUX_INJECTOR_") for k in env)
-    return inject.config_from(argparse.Namespace(), env)
+    return config_from(argparse.Namespace(), env)
 
 
 # --------------------------------------------------------------------------- every value set
@@ -163,7 +171,7 @@ def test_renders_lints_and_validates_strictly(chart: helm.Chart, name: str):
            "metadata": {"generateName": "etl-", "labels": {"flux.io/inject": "true"},
                         "annotations": {"flux.io/agency": "nasa"}},
            "spec": {"containers": [{"name": "app", "image": "etl:1"}]}}
-    mutated = inject.mutate_pod(pod, config, "etl")
+    mutated = mutate_pod(pod, config, "etl")
     for version in KUBE_VERSIONS:
         kubernetes_validate.validate({**mutated, "metadata": {**mutated["metadata"],
                                                               "namespace": "etl"}},
@@ -185,7 +193,7 @@ def test_webhook_configuration(chart: helm.Chart):
     assert hook["timeoutSeconds"] == 5
     assert hook["reinvocationPolicy"] == "IfNeeded"
     assert hook["admissionReviewVersions"] == ["v1"]
-    assert hook["objectSelector"] == {"matchLabels": {inject.INJECT_LABEL: "true"}}
+    assert hook["objectSelector"] == {"matchLabels": {INJECT_LABEL: "true"}}
     (expr,) = hook["namespaceSelector"]["matchExpressions"]
     assert expr["key"] == "kubernetes.io/metadata.name" and expr["operator"] == "NotIn"
     assert set(expr["values"]) == {NAMESPACE, "kube-system", "kube-public"}
@@ -270,7 +278,7 @@ def test_legacy_and_pvc_value_sets_reach_the_injector(chart: helm.Chart):
     assert (config.spool_volume, config.spool_storage_class, config.spool_size) == (
         "ephemeral", "fast-ssd", "4Gi")
     defaults = injector_config(render(chart, {}))
-    assert defaults == inject.InjectorConfig(
+    assert defaults == InjectorConfig(
         image="flux-agent:0.1.0", excluded_namespaces=(NAMESPACE, "kube-system", "kube-public"),
         require_agency=True)
 
@@ -285,7 +293,7 @@ def test_the_agent_accepts_the_configmap(chart: helm.Chart):
         pod = {"metadata": {"labels": {"flux.io/inject": "true"},
                             "annotations": {"flux.io/agency": "nasa"}},
                "spec": {"containers": [{"name": "app", "image": "etl:1"}]}}
-        mutated = inject.mutate_pod(pod, config, "etl")
+        mutated = mutate_pod(pod, config, "etl")
         agent = next(c for c in mutated["spec"].get("initContainers", []) if
                      c["name"] == "flux-agent")
         configmaps = find(docs, "ConfigMap")
@@ -296,7 +304,7 @@ def test_the_agent_accepts_the_configmap(chart: helm.Chart):
             for e in agent["env"]:  # env wins over envFrom, as in Kubernetes
                 environ[e["name"]] = e.get("value", "postgresql://u:p@db.example/flux")
             loaded = load_config([], environ=environ)
-            assert str(loaded.state_path) == inject.STATE_DIR
+            assert str(loaded.state_path) == STATE_DIR
     docs = render(chart, VALUE_SETS["namespaces-jwt"])
     assert {cm["metadata"]["namespace"] for cm in find(docs, "ConfigMap")} == {
         NAMESPACE, "etl", "batch"}
@@ -319,7 +327,7 @@ def test_injector_arguments_parse(chart: helm.Chart, capsys: pytest.CaptureFixtu
     docs = render(chart, VALUE_SETS["namespaces-jwt"])
     container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][0] == "inject-webhook"
-    code = inject.prepare_webhook(container["args"][1:], environ=injector_env(docs))
+    code = prepare_webhook(container["args"][1:], environ=injector_env(docs))
     assert code == 78
     assert "--cert: no such file: /etc/flux-agent-injector/tls/tls.crt" in \
         capsys.readouterr().err
@@ -374,7 +382,7 @@ def test_monitoring_objects(chart: helm.Chart):
     assert "metrics" in service_ports
     pods = one(docs, "PodMonitor")
     assert pods["spec"]["selector"] == {"matchLabels": {"flux.io/inject": "true"}}
-    assert pods["spec"]["podMetricsEndpoints"][0]["port"] == inject.ADMIN_PORT_NAME
+    assert pods["spec"]["podMetricsEndpoints"][0]["port"] == ADMIN_PORT_NAME
     rules = one(docs, "PrometheusRule")
     exprs = " ".join(r["expr"] for g in rules["spec"]["groups"] for r in g["rules"])
     for metric in ("flux_spool_bytes", "flux_spool_max_bytes", "flux_postgres_up",

@@ -33,12 +33,12 @@ from flux_agent.client import (
     FluxUnavailableError,
     RetryPolicy,
     TokenSource,
-    _retry_after,
     error_from,
     make_event,
     resolve_endpoint,
     uuid7,
 )
+from flux_agent.client.core import _retry_after
 from flux_agent.config import Secret
 from flux_agent.testing import make_events
 from flux_agent.tokens import mint
@@ -47,7 +47,10 @@ from .conftest import Database, agent_config
 from .faults import TcpProxy
 from .helpers import post
 
-CLIENT_FILE = Path(__file__).resolve().parent.parent / "flux_agent" / "client.py"
+CLIENT_DIR = Path(__file__).resolve().parent.parent / "flux_agent" / "client"
+# What the agent needs and a workload must not: importing the client loads none of them.
+AGENT_DEPENDENCIES = ("aiohttp", "asyncpg", "msgspec", "jsonschema_rs", "prometheus_client",
+                      "opentelemetry", "uvloop", "jwt", "yaml", "crc32c")
 FAST = RetryPolicy(attempts=8, backoff=0.01, backoff_max=0.05, retry_after_max=0.2)
 
 
@@ -193,7 +196,8 @@ async def test_async_client_over_the_socket_and_tcp(agent: Agent, database: Data
 
 async def test_the_sync_client_needs_only_the_standard_library(agent: Agent,
                                                                database: Database):
-    """client.py loaded as a lone file, in a process where importing aiohttp fails."""
+    """The client package loaded on its own (outside flux_agent), in a process where importing
+    aiohttp fails."""
     script = f"""
 import importlib.util, json, sys
 class Block:
@@ -201,7 +205,9 @@ class Block:
         if name.split(".")[0] in ("aiohttp", "asyncpg", "msgspec", "yarl", "multidict"):
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
-spec = importlib.util.spec_from_file_location("flux_client_alone", {str(CLIENT_FILE)!r})
+spec = importlib.util.spec_from_file_location(
+    "flux_client_alone", {str(CLIENT_DIR / "__init__.py")!r},
+    submodule_search_locations=[{str(CLIENT_DIR)!r}])
 module = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = module
 spec.loader.exec_module(module)
@@ -218,6 +224,26 @@ print(json.dumps({{"accepted": result.accepted, "ids": result.event_ids,
     out = json.loads(proc.stdout)
     assert out["accepted"] == 1 and out["aiohttp"] is False
     assert [str(r["event_id"]) for r in await rows(database, "stdlib-only")] == out["ids"]
+
+
+
+def test_importing_the_client_loads_none_of_the_agent_dependencies(tmp_path: Path):
+    """``import flux_agent.client`` (which runs ``flux_agent/__init__.py`` first) and the lazy
+    ``from flux_agent import FluxClient`` stay light: an ETL image installs the client
+    without the agent's dependencies (README, "The workload client")."""
+    script = f"""
+import json, sys
+import flux_agent.client
+from flux_agent import AsyncFluxClient, FluxClient
+from flux_agent.client import FluxClient as Direct
+assert FluxClient is Direct and AsyncFluxClient is flux_agent.client.AsyncFluxClient
+print(json.dumps(sorted(name for name in sys.modules
+                        if name.split(".")[0] in {AGENT_DEPENDENCIES!r})))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
 
 
 # --------------------------------------------------------------------------- retries

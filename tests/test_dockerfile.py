@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flux_agent import inject
+from flux_agent.kube.config import ADMIN_PORT, AGENT_UID, STATE_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -115,14 +115,14 @@ def test_runs_as_a_numeric_non_root_user():
     assert re.fullmatch(r"\d+(:\d+)?", user), f"USER {user} is not numeric"
     uid = int(user.split(":")[0])
     assert uid != 0
-    assert uid == inject.AGENT_UID  # the injected securityContext runs the same uid
+    assert uid == AGENT_UID  # the injected securityContext runs the same uid
     # Nothing runs after switching user (it would run as that user anyway, but state dirs
     # must already be owned by it).
     position = INSTRUCTIONS.index(users[-1])
     assert not [i for i in INSTRUCTIONS[position:] if i.keyword == "RUN"]
     runs = " ".join(i.args for i in final("RUN"))
     assert f"--uid {uid}" in runs
-    assert f"chown {uid}:{uid} {inject.STATE_DIR}" in runs
+    assert f"chown {uid}:{uid} {STATE_DIR}" in runs
 
 
 def test_exec_form_entrypoint_cmd_healthcheck_and_sigterm():
@@ -150,11 +150,11 @@ def env_values() -> dict[str, str]:
 def test_read_only_root_filesystem_ready():
     env = env_values()
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
-    assert env["FLUX_AGENT_STATE_DIR"] == inject.STATE_DIR
-    assert env["FLUX_AGENT_ADMIN_LISTEN"] == f"0.0.0.0:{inject.ADMIN_PORT}"
+    assert env["FLUX_AGENT_STATE_DIR"] == STATE_DIR
+    assert env["FLUX_AGENT_ADMIN_LISTEN"] == f"0.0.0.0:{ADMIN_PORT}"
     (volume,) = final("VOLUME")
-    assert json.loads(volume.args) == [inject.STATE_DIR]
-    assert any(i.args == str(inject.ADMIN_PORT) for i in final("EXPOSE"))
+    assert json.loads(volume.args) == [STATE_DIR]
+    assert any(i.args == str(ADMIN_PORT) for i in final("EXPOSE"))
     runs = " ".join(i.args for i in final("RUN"))
     assert "compileall" in runs  # bytecode written at build time, never at run time
 

@@ -18,6 +18,7 @@ import ssl
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +32,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from flux_agent import inject
 from flux_agent.config import load_config
-from flux_agent.inject import (
+from flux_agent.kube import patch as kube_patch
+from flux_agent.kube.admission import MalformedReview, admission_response, advice, mutate_pod
+from flux_agent.kube.cli import cli_inject, prepare_webhook
+from flux_agent.kube.config import (
     AGENT_CONTAINER,
+    InjectionError,
     InjectorConfig,
-    MalformedReview,
-    WebhookServer,
-    admission_response,
-    build_patch,
-    cli_inject,
-    mutate_pod,
-    prepare_webhook,
+    parse_quantity,
+    spool_bytes,
 )
+from flux_agent.kube.patch import _apply_patch, build_patch
+from flux_agent.kube.webhook import WebhookServer
 
 KUBE_VERSIONS = ("1.29.0", "1.33.0")
 CONFIG = InjectorConfig(image="registry.example/flux-agent:0.1.0")
@@ -181,7 +182,7 @@ def admit(pod: dict[str, Any], config: InjectorConfig = CONFIG, namespace: str =
     assert response.get("warnings", []) == (warnings or []), response.get("warnings")
     mutated = jsonpatch.apply_patch(pod, patch)
     # The module's own applier (used without jsonpatch) must agree with the library.
-    assert inject._apply_patch(pod, patch) == mutated
+    assert _apply_patch(pod, patch) == mutated
     validate(mutated, namespace)
     return mutated, patch
 
@@ -445,8 +446,8 @@ def test_spool_on_a_named_claim_or_a_statefulset_volume():
     pod = deployment_pod()
     pod["metadata"]["annotations"]["flux.io/spool-pvc"] = "extract-spool"
     # Without fsGroup the agent may not be able to write the claim: a warning says so.
-    mutated, _ = admit(copy.deepcopy(pod), warnings=[inject.advice(pod)[0]])
-    assert "set fsGroup: 10001" in inject.advice(pod)[0]
+    mutated, _ = admit(copy.deepcopy(pod), warnings=[advice(pod)[0]])
+    assert "set fsGroup: 10001" in advice(pod)[0]
     assert volume(mutated, "flux-agent-state") == {
         "name": "flux-agent-state", "persistentVolumeClaim": {"claimName": "extract-spool"}}
     pod["spec"]["securityContext"] = {"fsGroup": 10001}
@@ -590,16 +591,16 @@ def test_malformed_review_is_refused(body: Any):
 
 
 def test_quantities_and_config_checks():
-    q = inject.parse_quantity
-    assert q("100m", "x") == inject.Decimal("0.1")
+    q = parse_quantity
+    assert q("100m", "x") == Decimal("0.1")
     assert q("1.5Gi", "x") == 1.5 * 1024**3
     assert q("2e3", "x") == 2000
     assert q("1E3", "x") == 1000
     assert q("128M", "x") == 128 * 10**6
     for bad in ("", "1.2.3", "-1", "10 Mi", "Mi", "1ki"):
-        with pytest.raises(inject.InjectionError):
+        with pytest.raises(InjectionError):
             q(bad, "x")
-    assert inject.spool_bytes("64Mi") == (64 * 1024**2, 32 * 1024**2)
+    assert spool_bytes("64Mi") == (64 * 1024**2, 32 * 1024**2)
     InjectorConfig().check()
     for bad_config in (InjectorConfig(sidecar_mode="x"), InjectorConfig(spool_size="1Mi"),
                        InjectorConfig(configmap="Bad Name"), InjectorConfig(image=""),
@@ -610,7 +611,7 @@ def test_quantities_and_config_checks():
 
 
 def test_probe_paths_exist_on_the_admin_listener():
-    from flux_agent.health import admin_app
+    from flux_agent.http.admin import admin_app
     from flux_agent.metrics import Metrics
 
     app = admin_app(object(), Metrics())  # type: ignore[arg-type]
@@ -887,7 +888,7 @@ def test_an_unexpected_pod_shape_is_still_answered(monkeypatch: pytest.MonkeyPat
     def broken(*args: Any) -> Any:
         raise TypeError("'int' object is not subscriptable")
 
-    monkeypatch.setattr(inject, "_plan", broken)
+    monkeypatch.setattr(kube_patch, "_plan", broken)
     response, _ = answer(deployment_pod())
     assert response["allowed"] is True
     assert "malformed pod (TypeError" in response["warnings"][0]

@@ -322,7 +322,7 @@ async def test_gzip_of_json_array(agent: Agent, database: Database):
 
 
 async def test_body_budget_waits_in_order_and_survives_cancellation():
-    from flux_agent.intake import ByteBudget
+    from flux_agent.http.common import ByteBudget
 
     budget = ByteBudget(100)
     assert await budget.acquire(60) == 60

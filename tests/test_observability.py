@@ -27,8 +27,10 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from flux_agent import Agent, inject
+from flux_agent import Agent
 from flux_agent.embedded import free_port
+from flux_agent.kube.config import InjectorConfig
+from flux_agent.kube.webhook import WebhookServer
 from flux_agent.testing import make_event, make_events
 
 from .conftest import Database, agent_config, proxied, short_tempdir
@@ -450,7 +452,7 @@ def _family(name: str) -> str:
 
 
 def _injector_metrics() -> dict[str, set[str]]:
-    server = inject.WebhookServer(inject.InjectorConfig(), cert_file="-", key_file="-")
+    server = WebhookServer(InjectorConfig(), cert_file="-", key_file="-")
     server.admissions.labels("injected").inc()
     server.duration.observe(0.01)
     return sample_names(generate_latest(server.registry).decode())

@@ -1,4 +1,5 @@
-"""The OpenAPI 3.1 description served at ``GET /openapi.json`` (pure).
+"""The OpenAPI 3.1 description served at ``GET /openapi.json``: :func:`document` builds it
+(pure), :class:`OpenAPIRoutes` serves it.
 
 Built from the same JSON Schemas the agent validates with, so the description cannot drift
 from the behaviour; ``tests/test_openapi.py`` runs schemathesis against a live agent to
@@ -11,8 +12,12 @@ import copy
 import json
 from typing import Any
 
-from ._resources import data_dir
-from ._version import __version__
+import msgspec
+from aiohttp import web
+
+from .._resources import data_dir
+from .._version import __version__
+from .common import Routes
 
 PROBLEM = "application/problem+json"
 _REF = "#/components/schemas/"
@@ -288,3 +293,13 @@ def _problem_schema() -> dict[str, Any]:
                                "code": {"type": "string"}}}},
         },
     }
+
+
+class OpenAPIRoutes(Routes):
+    """``GET /openapi.json``, built on first request and kept."""
+
+    async def get_openapi(self, request: web.Request) -> web.Response:
+        if self._openapi is None:
+            self._openapi = msgspec.json.encode(document(self.servers))
+        return web.Response(body=self._openapi, content_type="application/json")
+

@@ -1,4 +1,5 @@
-"""The admin listener: ``/health/live``, ``/health/ready``, ``/health/deep`` and ``/metrics``.
+"""Admin and health: the admin listener (``/health/live``, ``/health/ready``,
+``/health/deep`` and ``/metrics``), and ``POST /v1/drain`` on the event API.
 
 Readiness tells the truth: it fails while the agent drains, while the spool is full or
 unwritable, and while events wait with no flush progress for longer than the threshold. A pod
@@ -14,8 +15,11 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from .intake import json_response, make_problem_middleware
-from .metrics import CONTENT_TYPE, Metrics
+from ..auth import require
+from ..errors import ValidationError
+from ..metrics import CONTENT_TYPE, Metrics
+from .common import Routes
+from .server import CLAIMS, json_response, make_problem_middleware
 
 
 class Probe(Protocol):
@@ -73,3 +77,18 @@ def admin_app(probe: Probe, metrics: Metrics) -> web.Application:
     for path, handler in handlers.items():
         app.router.add_get(path, handler)
     return app
+
+
+class DrainRoutes(Routes):
+    """``POST /v1/drain``: for Jobs on clusters without native sidecars."""
+
+    async def post_drain(self, request: web.Request) -> web.Response:
+        require(request[CLAIMS], "write")
+        if self.drain_hook is None:
+            raise ValidationError("NOT_SUPPORTED", "this agent cannot be drained over HTTP",
+                                  status=404)
+        self.audit(request, "agent.drain", success=True, claims=request[CLAIMS])
+        result = await self.drain_hook()
+        return json_response(result, 200)
+
+

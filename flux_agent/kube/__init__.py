@@ -1,0 +1,92 @@
+"""Kubernetes sidecar injection: a mutating admission webhook, and the same logic as a CLI.
+
+A pod opts in with the label ``flux.io/inject: "true"`` and may tune the agent with
+annotations:
+
+=============================  ===============================================================
+``flux.io/agency``             the agent's fixed agency (``FLUX_AGENT_AGENCY``; auth ``none``)
+``flux.io/spool-size``         spool volume size (``2Gi``): the emptyDir ``sizeLimit``; the
+                               agent's ``FLUX_AGENT_SPOOL_MAX_BYTES`` is that minus headroom
+``flux.io/cpu``                ``REQUEST`` or ``REQUEST/LIMIT`` (``100m`` or ``100m/1``)
+``flux.io/memory``             ``REQUEST`` or ``REQUEST/LIMIT`` (``128Mi/256Mi``)
+``flux.io/image``              the agent image
+``flux.io/spool-pvc``          keep the spool on this PersistentVolumeClaim (or on the pod's
+                               volume of that name, e.g. a StatefulSet volumeClaimTemplate)
+``flux.io/sidecar-mode``       ``native`` (default: an init container with ``restartPolicy:
+                               Always``, Kubernetes >= 1.29) or ``legacy`` (a regular container)
+=============================  ===============================================================
+
+What is injected (see :func:`build_patch`):
+
+* the agent container ``flux-agent``: in ``native`` mode appended to ``initContainers`` with
+  ``restartPolicy: Always`` and a startup probe on ``/health/ready``, so the app containers
+  start only once the agent accepts events and the agent outlives them (it drains on
+  SIGTERM after they exit); in ``legacy`` mode inserted first in ``containers`` with a
+  ``postStart`` hook that waits for readiness (the app should end with ``POST /v1/drain``,
+  or a Job never completes);
+* an emptyDir for the Unix socket at ``/var/run/flux-agent``, mounted in every app container,
+  and the spool volume (emptyDir with ``sizeLimit``, or a PVC) at ``/var/lib/flux-agent``;
+* ``FLUX_AGENT_SOCKET`` and ``FLUX_AGENT_URL`` in every app container (existing values win);
+* the pod's ``supplementalGroups`` gain the agent's group (10001) so app containers, whatever
+  their uid, may connect to the socket (mode 0660);
+* the agent's settings: fixed ones as ``env``, ``FLUX_AGENT_DATABASE_URL`` from a Secret, the
+  rest from a ConfigMap (``envFrom``); both must exist in the pod's namespace.
+
+Pods in excluded namespaces (kube-system, kube-public), pods without the label, and pods that
+already have a ``flux-agent`` container are left alone, so re-invocation
+(``reinvocationPolicy: IfNeeded``) never injects twice. A bad annotation or a malformed pod is
+answered ``allowed: true`` with a warning and a ``flux.io/injection-error`` annotation (fail
+open), or ``allowed: false`` when the injector is configured to fail closed.
+
+The patch is computed by a pure function (:func:`build_patch`); :func:`admission_response`
+wraps it in an AdmissionReview answer; :func:`mutate_pod` applies it, which is what
+``flux-agent inject POD_FILE`` prints. ``flux-agent inject-webhook`` serves ``POST /mutate``
+over HTTPS (plus ``GET /healthz``, and ``/metrics`` on an optional plain-HTTP port).
+
+Modules, low to high: ``config`` (names, :class:`InjectorConfig`, quantities), ``patch`` (the
+pure pod patch), ``admission`` (AdmissionReview answers), ``webhook`` (the HTTPS server),
+``cli`` (``flux-agent inject`` and ``inject-webhook``'s arguments).
+"""
+
+from __future__ import annotations
+
+from .admission import MalformedReview, admission_response, mutate_pod
+from .cli import WebhookPlan, cli_inject, prepare_webhook
+from .config import (
+    ANNOTATION_AGENCY,
+    ANNOTATION_CPU,
+    ANNOTATION_IMAGE,
+    ANNOTATION_MEMORY,
+    ANNOTATION_SIDECAR_MODE,
+    ANNOTATION_SPOOL_PVC,
+    ANNOTATION_SPOOL_SIZE,
+    INJECT_LABEL,
+    InjectionError,
+    InjectorConfig,
+)
+from .patch import apply_patch, build_patch
+from .webhook import WebhookServer, serve_webhook
+
+__all__ = [
+    "ANNOTATION_AGENCY",
+    "ANNOTATION_CPU",
+    "ANNOTATION_IMAGE",
+    "ANNOTATION_MEMORY",
+    "ANNOTATION_SIDECAR_MODE",
+    "ANNOTATION_SPOOL_PVC",
+    "ANNOTATION_SPOOL_SIZE",
+    "INJECT_LABEL",
+    "InjectionError",
+    "InjectorConfig",
+    "MalformedReview",
+    "WebhookPlan",
+    "WebhookServer",
+    "admission_response",
+    "apply_patch",
+    "build_patch",
+    "cli_inject",
+    "mutate_pod",
+    "prepare_webhook",
+    "serve_webhook",
+]
+

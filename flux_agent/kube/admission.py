@@ -1,0 +1,180 @@
+"""AdmissionReview in, AdmissionReview out: the webhook's answer for a pod, with the
+fail-open / fail-closed policy applied to pods that cannot be injected (pure)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .config import (
+    AGENT_UID,
+    ANNOTATION_ERROR,
+    ANNOTATION_SPOOL_PVC,
+    InjectionError,
+    InjectorConfig,
+)
+from .patch import _pointer, apply_patch, build_patch
+
+log = logging.getLogger("flux_agent.inject")  # the name operators filter on, as before
+
+ADMISSION_API = "admission.k8s.io/v1"
+
+
+class MalformedReview(ValueError):
+    """The request body is not an AdmissionReview admission.k8s.io/v1 request."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the injector decided for one pod."""
+
+    result: str  # injected | skipped | failed_open | denied
+    patch: list[dict[str, Any]]
+    warnings: list[str]
+    message: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return self.result != "denied"
+
+
+def decide(pod: Any, config: InjectorConfig, namespace: str = "") -> Outcome:
+    """Build the patch, applying the fail-open / fail-closed policy to errors."""
+    try:
+        try:
+            patch = build_patch(pod, config, namespace)
+        except InjectionError:
+            raise
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
+            # A shape this module did not anticipate: still the pod's fault, not ours.
+            log.warning("unexpected pod shape", exc_info=True)
+            raise InjectionError(f"malformed pod ({type(exc).__name__}: {exc})") from None
+    except InjectionError as exc:
+        message = f"flux-agent not injected: {exc}"
+        if config.fail_closed:
+            return Outcome("denied", [], [], message)
+        patch = []
+        if isinstance(pod, Mapping) and isinstance(pod.get("metadata"), dict):
+            annotations = pod["metadata"].get("annotations")
+            if annotations is None:
+                patch = [{"op": "add", "path": "/metadata/annotations",
+                          "value": {ANNOTATION_ERROR: str(exc)[:1000]}}]
+            elif isinstance(annotations, dict):
+                patch = [{"op": "add",
+                          "path": _pointer("metadata", "annotations", ANNOTATION_ERROR),
+                          "value": str(exc)[:1000]}]
+        return Outcome("failed_open", patch, [message[:250]], message)
+    if not patch:
+        return Outcome("skipped", [], [])
+    return Outcome("injected", patch, advice(pod))
+
+
+def advice(pod: Mapping[str, Any]) -> list[str]:
+    """Warnings for an injected pod that will probably work, but not well."""
+    out = []
+    metadata = pod.get("metadata") or {}
+    annotations = metadata.get("annotations") or {}
+    spec = pod.get("spec") or {}
+    security = spec.get("securityContext") or {}
+    if annotations.get(ANNOTATION_SPOOL_PVC) and security.get("fsGroup") is None:
+        out.append(f"flux-agent: {ANNOTATION_SPOOL_PVC} without spec.securityContext.fsGroup: "
+                   f"the agent (uid {AGENT_UID}) may not be allowed to write the claim; "
+                   f"set fsGroup: {AGENT_UID}")
+    return out
+
+
+def parse_review(review: Any) -> dict[str, Any]:
+    """The ``request`` of an AdmissionReview, checked; raises :class:`MalformedReview`."""
+    if not isinstance(review, dict):
+        raise MalformedReview("the body must be a JSON object (an AdmissionReview)")
+    if review.get("apiVersion") != ADMISSION_API or review.get("kind") != "AdmissionReview":
+        raise MalformedReview(f"expected apiVersion {ADMISSION_API} and kind AdmissionReview, "
+                              f"got {review.get('apiVersion')!r} {review.get('kind')!r}")
+    request = review.get("request")
+    if not isinstance(request, dict):
+        raise MalformedReview("the AdmissionReview has no request")
+    uid = request.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise MalformedReview("request.uid is missing")
+    return request
+
+
+def admission_response(review: Any, config: InjectorConfig) -> tuple[dict[str, Any], Outcome]:
+    """Answer an AdmissionReview request (raises :class:`MalformedReview`)."""
+    request = parse_review(review)
+    kind = request.get("kind")
+    is_pod = isinstance(kind, dict) and kind.get("group", "") == "" and kind.get("kind") == "Pod"
+    operation = request.get("operation", "CREATE")
+    if not is_pod or operation != "CREATE":
+        outcome = Outcome("skipped", [], [])
+    else:
+        namespace = request.get("namespace")
+        outcome = decide(request.get("object"), config,
+                         namespace if isinstance(namespace, str) else "")
+    response: dict[str, Any] = {"uid": request["uid"], "allowed": outcome.allowed}
+    if outcome.patch:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(
+            json.dumps(outcome.patch, separators=(",", ":")).encode()).decode()
+    if outcome.warnings:
+        response["warnings"] = outcome.warnings
+    if not outcome.allowed:
+        response["status"] = {"code": 403, "reason": "Forbidden",
+                              "message": outcome.message}
+    return {"apiVersion": ADMISSION_API, "kind": "AdmissionReview",
+            "response": response}, outcome
+
+
+def review_for(pod: Mapping[str, Any], namespace: str = "", uid: str = "flux-agent-cli"
+               ) -> dict[str, Any]:
+    """A CREATE AdmissionReview for ``pod``, as the API server would send it."""
+    metadata = pod.get("metadata")
+    ns = namespace or (metadata.get("namespace") if isinstance(metadata, dict) else "") \
+        or "default"
+    return {
+        "apiVersion": ADMISSION_API,
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "operation": "CREATE",
+            "namespace": ns,
+            "object": pod,
+            "dryRun": False,
+        },
+    }
+
+
+@dataclass(slots=True)
+class Injected:
+    pod: dict[str, Any]
+    patch: list[dict[str, Any]]
+    outcome: Outcome
+
+
+def inject_pod(pod: Mapping[str, Any], config: InjectorConfig, namespace: str = "") -> Injected:
+    """The webhook's answer for ``pod``, applied: the same code path as ``POST /mutate``."""
+    answer, outcome = admission_response(review_for(pod, namespace), config)
+    response = answer["response"]
+    patch: list[dict[str, Any]] = []
+    if "patch" in response:
+        patch = json.loads(base64.b64decode(response["patch"]))
+    mutated = apply_patch(dict(pod), patch) if patch else copy.deepcopy(dict(pod))
+    return Injected(mutated, patch, outcome)
+
+
+def mutate_pod(pod: dict[str, Any], config: InjectorConfig, namespace: str = ""
+               ) -> dict[str, Any]:
+    """The pod as the webhook would admit it. Raises :class:`InjectionError` if the webhook
+    would refuse it (fail closed)."""
+    result = inject_pod(pod, config, namespace)
+    if not result.outcome.allowed:
+        raise InjectionError(result.outcome.message)
+    return result.pod
