@@ -17,7 +17,9 @@ import asyncpg
 
 from flux_agent.digest import payload_digest
 from flux_agent.event import COLUMNS, Row
-from flux_agent.sink import STAGE_TABLE
+
+# The staging table of the write path the agent used before sql/005 (baseline b keeps it).
+STAGE_TABLE = "flux_stage_events_v1"
 
 BATCH = 500
 
@@ -31,9 +33,9 @@ def rows(n: int, agency: str = "nasa") -> list[Row]:
                    "use_case": "research", "note": "benchmark payload of about two hundred "
                    "bytes, typical of a step event with a few counters and labels"}
         canonical, digest = payload_digest(payload)
-        out.append((agency, str(uuid.uuid4()), f"bench-{i % 64}", "step.completed", "load",
-                    now, now, None, None, canonical.decode(), digest, "bench", "bench",
-                    uuid.uuid4().hex, uuid.uuid4().hex[:16], now + timedelta(days=30)))
+        out.append(Row(agency, str(uuid.uuid4()), f"bench-{i % 64}", "step.completed", "load",
+                       now, now, None, None, canonical.decode(), digest, "bench", "bench",
+                       uuid.uuid4().hex, uuid.uuid4().hex[:16], now + timedelta(days=30)))
     return out
 
 

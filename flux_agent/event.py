@@ -13,20 +13,6 @@ from typing import Final, NamedTuple
 
 import msgspec
 
-# Positions used outside this module.
-AGENCY: Final = 0
-EVENT_ID: Final = 1
-RUN_ID: Final = 2
-KIND: Final = 3
-STEP: Final = 4
-OCCURRED_AT: Final = 5
-RECEIVED_AT: Final = 6
-PAYLOAD: Final = 9
-PAYLOAD_SHA256: Final = 10
-CORRELATION_ID: Final = 11
-TRACE_ID: Final = 13
-SPAN_ID: Final = 14
-
 KINDS: Final = (
     "run.started",
     "step.started",

@@ -20,7 +20,7 @@ from ..checkpoints import RUN_ID as RUN_ID_PATTERN
 from ..checkpoints import Checkpoints
 from ..config import AgentConfig
 from ..errors import FluxError, TransientError, ValidationError
-from ..event import KIND, RUN_ID, Row
+from ..event import Row
 from ..flush import Flusher
 from ..lineage import Lineage
 from ..metrics import Metrics
@@ -294,14 +294,14 @@ class RunTracker:
 
     def observe(self, rows: list[Row]) -> None:
         for row in rows:
-            kind = row[KIND]
+            kind = row.kind
             if kind == "run.started":
-                runs = self.active.setdefault(row[0], OrderedDict())
-                runs[row[RUN_ID]] = None
+                runs = self.active.setdefault(row.agency_id, OrderedDict())
+                runs[row.run_id] = None
                 if len(runs) > self.capacity:
                     runs.popitem(last=False)
-            elif kind in self.TERMINAL and row[0] in self.active:
-                self.active[row[0]].pop(row[RUN_ID], None)
+            elif kind in self.TERMINAL and row.agency_id in self.active:
+                self.active[row.agency_id].pop(row.run_id, None)
 
     def counts(self) -> dict[str, int]:
         return {agency: len(runs) for agency, runs in self.active.items()}

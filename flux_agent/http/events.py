@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ..auth import Claims, require
 from ..errors import FluxError, TransientError, ValidationError
-from ..event import EVENT_ID, PAYLOAD_SHA256, EventsRecord, Row, record_encoder
+from ..event import EventsRecord, Row, record_encoder
 from ..seen import Key
 from .common import Routes, _prefers_committed, _read_body
 from .server import CLAIMS, json_response
@@ -121,10 +121,10 @@ class EventRoutes(Routes):
         in_request: dict[Key, int] = {}
         duplicates = 0
         for i, row in enumerate(rows):
-            event_id = row[EVENT_ID]
+            event_id = row.event_id
             ids.append(event_id)
             key = (agency, event_id)
-            sha32 = int(row[PAYLOAD_SHA256][:8], 16)
+            sha32 = int(row.payload_sha256[:8], 16)
             earlier = in_request.get(key)
             entry = None
             if earlier is None:
@@ -188,7 +188,7 @@ class EventRoutes(Routes):
                     context={"accepted": accepted, "duplicates": duplicates},
                 ) from None
             if new_ids is not None:
-                really_new = sum(1 for row in fresh if row[EVENT_ID] in new_ids)
+                really_new = sum(1 for row in fresh if row.event_id in new_ids)
                 return Accepted(really_new, duplicates + accepted - really_new, ids, wait,
                                 duplicates)
         return Accepted(accepted, duplicates, ids, wait, duplicates)
