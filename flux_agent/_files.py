@@ -18,9 +18,10 @@ def is_resource_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS
 
 
-def reason(exc: OSError) -> str:
+def reason(exc: BaseException) -> str:
     """``No space left on device`` rather than ``[Errno 28] ... '/path'`` (no paths)."""
-    return os.strerror(exc.errno) if exc.errno else str(exc)
+    code = getattr(exc, "errno", None)
+    return os.strerror(code) if isinstance(code, int) and code else str(exc)
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:

@@ -272,8 +272,12 @@ class Agent:
         async def step(what: str, action: Any) -> None:
             try:
                 await action()
-            except Exception:
-                log.exception("shutdown step failed: %s", what)
+            except Exception as exc:
+                if is_resource_error(exc):  # a full disk at shutdown: expected, no traceback
+                    log.warning("shutdown step failed: %s", what,
+                                extra={"fields": {"error": reason(exc)}})
+                else:
+                    log.exception("shutdown step failed: %s", what)
 
         if self.intake is not None:
             self.intake.draining = True

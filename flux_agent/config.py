@@ -345,8 +345,8 @@ class AgentConfig:
         "that times out is discarded, never reused.", parse_timeout, shown_default="10s",
     )
     flush_timeout: float = setting(
-        30.0, "A flush must commit within this, else it is retried on a new connection.",
-        parse_timeout, shown_default="30s",
+        15.0, "A flush must commit within this, else it is retried on a new connection.",
+        parse_timeout, shown_default="15s",
     )
     database_idle_timeout: float = setting(
         60.0, "A PostgreSQL connection unused this long is closed: an idle sidecar holds "

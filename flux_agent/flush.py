@@ -109,6 +109,7 @@ class Flusher:
         self._urgent_until = 0  # a window holding records up to this closes at once
         self._replay_from: int | None = None
         self._replay_until = 0  # windows ending at or below this are a failover replay
+        self._delivering = False
         self._waiters: list[tuple[int, int, asyncio.Future[set[str] | None]]] = []
         self._waiter_serial = 0
         self._task: asyncio.Task[None] | None = None
@@ -226,6 +227,7 @@ class Flusher:
         self.committed_seq = max(self.committed_seq, self.spool.cursor)
         self.flush_pos = self.committed_seq + 1
         self.last_progress = self.clock()
+        self._delivering = False
         gather = asyncio.create_task(self._gather())
         try:
             while True:
@@ -234,11 +236,15 @@ class Flusher:
                 # decoding with PostgreSQL's work. Order is kept: windows commit one by one.
                 gather = asyncio.create_task(self._gather())
                 started = self.clock()
-                if self.tracing.enabled:
-                    with self.tracing.flush(batch.event_rows, _span_ids(batch)):
+                self._delivering = True
+                try:
+                    if self.tracing.enabled:
+                        with self.tracing.flush(batch.event_rows, _span_ids(batch)):
+                            inserted = await self._deliver(batch)
+                    else:
                         inserted = await self._deliver(batch)
-                else:
-                    inserted = await self._deliver(batch)
+                finally:
+                    self._delivering = False
                 await self._committed(batch, inserted, self.clock() - started)
                 if self._replay_from is not None:
                     # Start over from the replay point: the window gathered meanwhile is
@@ -246,23 +252,26 @@ class Flusher:
                     gather.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await gather
-                    self.flush_pos = self._replay_from
-                    self._replay_until = max(self._replay_until, self.committed_seq)
-                    self._replay_from = None
+                    self._start_replay()
                     gather = asyncio.create_task(self._gather())
         finally:
             gather.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await gather
 
+    def _start_replay(self) -> None:
+        assert self._replay_from is not None
+        self.flush_pos = self._replay_from
+        self._replay_until = max(self._replay_until, self.committed_seq)
+        self._urgent_until = max(self._urgent_until, self._replay_until)  # no age wait
+        self._replay_from = None
+
     async def _gather(self) -> Batch:
         batcher = Batcher(self.limits, self.clock)
         while True:
             self._data.clear()
-            if self._replay_from is not None and batcher.empty:
-                self.flush_pos = self._replay_from
-                self._replay_until = max(self._replay_until, self.committed_seq)
-                self._replay_from = None
+            if self._replay_from is not None and batcher.empty and not self._delivering:
+                self._start_replay()  # idle: start now (else run() does, after the window)
             await self._pull(batcher)
             if batcher.full:
                 break
@@ -278,12 +287,18 @@ class Flusher:
         return batcher.take()
 
     async def _pull(self, batcher: Batcher) -> None:
-        """Move available records into the batch, from memory when possible."""
+        """Move available records into the batch, from memory when possible. A replay's
+        windows end at the replayed range, so what they restore is counted as such."""
         ring = self.ring
+        replaying = self.flush_pos <= self._replay_until
         while not batcher.full:
+            if replaying and self.flush_pos > self._replay_until:
+                return
             while ring and ring[0][0] < self.flush_pos:  # already read from the spool
                 self.ring_bytes -= ring.popleft()[2]
             if ring and (ring[0][0] == self.flush_pos or self.flush_pos > self.spool.written_seq):
+                if replaying and ring[0][0] > self._replay_until:
+                    return
                 seq, record, nbytes = ring.popleft()
                 self.ring_bytes -= nbytes
                 batcher.add(seq, record, nbytes)
@@ -310,6 +325,8 @@ class Flusher:
                     await asyncio.sleep(1.0)
                     return
                 for seq, payload in records:
+                    if replaying and seq > self._replay_until:
+                        return
                     batcher.add(seq, decode_record(payload), len(payload))
                     self.flush_pos = seq + 1
             else:

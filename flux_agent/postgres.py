@@ -89,7 +89,7 @@ def describe(exc: BaseException) -> str:
 class Timeouts:
     connect: float = 5.0
     statement: float = 10.0
-    flush: float = 30.0
+    flush: float = 15.0
     idle: float = 60.0  # an unused connection is closed after this
 
 

@@ -371,11 +371,15 @@ class Spool:
                                         0o600)
         try:
             await self._run_recovery()
+            # Room for the first appends? A start on a full disk is unready at once, not at
+            # its first refused request.
+            await loop.run_in_executor(self._io, self._probe_room)
         except OSError as exc:
             if not is_resource_error(exc):
                 raise
-            self.broken = f"recovery deferred: {reason(exc)}"
-            log.error("spool recovery needs the disk; the agent answers 503 until it can",
+            self.broken = (reason(exc) if self.recovery is not None
+                           else f"recovery deferred: {reason(exc)}")
+            log.error("the spool cannot be written; the agent answers 503 until it can",
                       extra={"fields": {"directory": str(self.directory),
                                         "error": reason(exc)}})
         self._opened = True
@@ -544,17 +548,18 @@ class Spool:
         try:
             os.write(fd, header)
             if self.fsync:
-                os.fdatasync(fd)
+                self._datasync(fd, path, len(header))
             _fsync_dir(self.directory)
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
-        self._synced(path, len(header))
         return Segment(path, first_seq, first_seq - 1, len(header), time.time(), fd)
 
-    def _synced(self, path: Path, size: int) -> None:
-        """Test-only record of what is really on disk (what a power loss would keep)."""
+    def _datasync(self, fd: int, path: Path, size: int) -> None:
+        """fdatasync, and (testing only) record what is now really on disk: what a power
+        loss would keep. One call does both, so the record cannot outlive the sync."""
+        os.fdatasync(fd)
         if self._sync_log_fd >= 0:
             os.write(self._sync_log_fd, f"{path.name} {size}\n".encode())
 
@@ -692,7 +697,7 @@ class Spool:
             while view:
                 view = view[os.write(seg.fd, view):]
             if self.fsync:
-                os.fdatasync(seg.fd)
+                self._datasync(seg.fd, seg.path, before + len(data))
                 self.syncs += 1
         except OSError:
             # Never leave a partial group behind: it was not acknowledged and must not be
@@ -711,7 +716,6 @@ class Spool:
                     opened.fd = -1
                 opened.path.unlink(missing_ok=True)
             raise
-        self._synced(seg.path, before + len(data))
         return _Written(opened, before + len(data), grown + len(data))
 
     async def _probe(self) -> None:

@@ -18,8 +18,10 @@ from flux_agent.testing import make_event
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a target; ``cut()`` resets every connection and refuses
-    new ones until ``restore()``."""
+    """Forwards 127.0.0.1:<port> to a target. ``cut()`` resets every connection and refuses
+    new ones until ``restore()``; ``black_hole()`` stops carrying bytes without closing
+    anything (new connections are accepted and then hear nothing), as a dead network path
+    does, until ``restore()``. What was sent into the hole is dropped."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -27,6 +29,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
         self.cut_now = False
+        self.hole = False
         self.cuts = 0
 
     async def start(self) -> None:
@@ -48,12 +51,26 @@ class TcpProxy:
                 transport.abort()  # RST: the line is gone mid-whatever
         self._conns.clear()
 
+    def black_hole(self) -> None:
+        self.hole = True
+
     def restore(self) -> None:
         self.cut_now = False
+        self.hole = False
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.cut_now:
             writer.transport.abort()
+            return
+        if self.hole:  # the handshake completes (the kernel did it), then silence
+            self._conns.add(writer)
+            try:
+                with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                    while await reader.read(65536):
+                        pass
+            finally:
+                self._conns.discard(writer)
+                writer.transport.abort()
             return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
@@ -67,6 +84,8 @@ class TcpProxy:
                 while data := await src.read(65536):
                     if self.cut_now:
                         break
+                    if self.hole:
+                        continue  # swallowed: nothing is forwarded, nothing is closed
                     dst.write(data)
                     await dst.drain()
             except (OSError, asyncio.IncompleteReadError):
@@ -115,8 +134,13 @@ class LoadGen:
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.concurrency)]
 
     async def stop(self) -> None:
+        """Stop the workers; a worker that died of anything but the expected connection
+        errors fails the test here, instead of silently posting nothing."""
         self._stop.set()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _worker(self) -> None:
         connector = aiohttp.UnixConnector(path=str(self.socket)) if self.socket else None

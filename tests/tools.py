@@ -15,13 +15,23 @@ import pytest
 SEARCH = ("/usr/sbin", "/usr/bin", "/usr/local/bin")
 
 
+def _missing(name: str, message: str) -> None:
+    required = {t.strip() for t in os.environ.get("FLUX_TEST_REQUIRE", "").split(",")}
+    if name in required or "all" in required:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
 def require_tool(name: str) -> Path:
     found = shutil.which(name) or next(
         (str(Path(d) / name) for d in SEARCH if (Path(d) / name).exists()), None)
     if found:
         return Path(found)
-    required = {t.strip() for t in os.environ.get("FLUX_TEST_REQUIRE", "").split(",")}
-    message = f"{name} is not installed (Debian: apt-get install {name})"
-    if name in required or "all" in required:
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+    _missing(name, f"{name} is not installed (Debian: apt-get install {name})")
+    raise AssertionError("unreachable")
+
+
+def require_root(why: str) -> None:
+    """Fault tests that mount filesystems need root (CI runs as root: there they fail)."""
+    if os.geteuid() != 0:
+        _missing("root", f"needs root: {why}")
