@@ -4,10 +4,12 @@
 #   docker build -t flux-agent:0.1.0 --build-arg VERSION=0.1.0 \
 #     --build-arg REVISION="$(git rev-parse HEAD)" .
 #
-# Stage 1 builds wheels for the package and its dependencies; stage 2 installs only those
-# wheels (no compiler, no build tools, no pip cache). The `embedded` extra (a bundled
-# PostgreSQL) is deliberately not installed: in Kubernetes the agent writes to a real
-# database named by FLUX_AGENT_DATABASE_URL.
+# Stage 1 builds wheels for the package and its dependencies at the versions pinned in
+# constraints.txt (refresh: .ci/constraints.py); stage 2 installs only those wheels (no
+# compiler, no build tools, no pip cache). The `embedded` extra (a bundled PostgreSQL) is
+# deliberately not installed: in Kubernetes the agent writes to a real database named by
+# FLUX_AGENT_DATABASE_URL. A pip configuration for the build (a mirror, an index, a CA) can be
+# passed as a secret, never baked into a layer: `--secret id=pip.conf,src=PATH`.
 #
 # At run time the image needs no shell (exec-form ENTRYPOINT/CMD/HEALTHCHECK), runs as the
 # numeric non-root uid 10001, and works with a read-only root filesystem: everything it
@@ -22,11 +24,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 # Only what the wheel is built from (see .dockerignore): no tests, no bench, no caches.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY flux_agent ./flux_agent
 COPY schemas ./schemas
 COPY sql ./sql
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# PIP_CONSTRAINT (not -c) so the pins also hold in the isolated build of the wheel (hatchling).
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    PIP_CONSTRAINT=/src/constraints.txt pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE}
 ARG VERSION=0.1.0
