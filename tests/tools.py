@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -20,8 +21,12 @@ def require_tool(name: str) -> Path:
         (str(Path(d) / name) for d in SEARCH if (Path(d) / name).exists()), None)
     if found:
         return Path(found)
+    unavailable(name, f"{name} is not installed (Debian: apt-get install {name})")
+
+
+def unavailable(name: str, message: str) -> NoReturn:
+    """Fail when ``name`` is required (``FLUX_TEST_REQUIRE``), else skip, with ``message``."""
     required = {t.strip() for t in os.environ.get("FLUX_TEST_REQUIRE", "").split(",")}
-    message = f"{name} is not installed (Debian: apt-get install {name})"
     if name in required or "all" in required:
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
