@@ -152,6 +152,9 @@ def ensure_base(workdir: Path) -> tuple[str, float]:
     podman("import", "--change", "ENV LANG=C.UTF-8", "--change", 'CMD ["python3"]',
            str(tarball), tag, timeout=300)
     tarball.unlink()
+    listed = podman("images", "--format", "{{.Repository}}:{{.Tag}}", BASE_REPO, check=False)
+    for old in set(listed.stdout.split()) - {tag}:
+        podman("rmi", old, check=False)  # a base made from other sources: not needed again
     return tag, time.monotonic() - start
 
 
@@ -197,8 +200,8 @@ def build_image(base: str, workdir: Path) -> float:
     # No layer cache: buildah 1.28 (Debian 12) cannot mount a cached stage (RUN
     # --mount=from=build fails with "couldn't find ... to bind mount" when the build stage is
     # cached and the final stage is not), and a full build is about 20 s.
-    args = ["build", "--format", "docker", "--no-cache", "--layers=false", "--pull=never",
-            "--network", "host",
+    args = ["build", "--format", "docker", "--no-cache", "--layers=false", "--force-rm",
+            "--pull=never", "--network", "host",
             *ulimit_flags(), "--build-arg", f"PYTHON_IMAGE={base}",
             "--build-arg", f"REVISION={revision or 'unknown'}",
             "--secret", f"id=pip.conf,src={pip_conf}"]
@@ -298,7 +301,7 @@ class Agent:
         return podman("exec", self.name, "python", "-c", code, check=False)
 
     def remove(self) -> None:
-        podman("rm", "--force", "--time=0", self.name, check=False)
+        podman("rm", "--force", "--volumes", "--time=0", self.name, check=False)
 
 
 def in_netns(pid: int, *probe_args: str) -> dict[str, Any]:
