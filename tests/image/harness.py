@@ -42,6 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The pod's side of the contract, as the injector writes it: paths, uid, ports.
+from flux_agent.kube.config import (  # noqa: F401  (re-exported for the tests)
+    ADMIN_PORT,
+    AGENT_UID,
+    EVENT_URL,
+    SOCKET_DIR,
+    SOCKET_PATH,
+    STATE_DIR,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = Path(__file__).resolve().parent / "probe.py"
 IMAGE = "localhost/flux-agent:image-test"
@@ -61,15 +71,9 @@ BASE_HOOKS = (
 DPKG_OPTIONS = ("path-exclude=/usr/share/doc/*", "path-exclude=/usr/share/man/*",
                 "path-exclude=/usr/share/info/*", "path-exclude=/usr/share/locale/*",
                 "path-include=/usr/share/locale/locale.alias")
-# The pod's side of the contract (flux_agent's injector): paths, uid, ports, memory limit.
-AGENT_UID = 10001
-STATE_DIR = "/var/lib/flux-agent"
-SOCKET_DIR = "/var/run/flux-agent"
-SOCKET_PATH = SOCKET_DIR + "/agent.sock"
 PG_SOCKET_DIR = "/var/run/postgresql"
-EVENT_URL = "http://127.0.0.1:8787"
-ADMIN_URL = "http://127.0.0.1:9464"
-MEMORY_LIMIT = "256m"
+ADMIN_URL = f"http://127.0.0.1:{ADMIN_PORT}"
+MEMORY_LIMIT = "256m"  # the injector's default limit (InjectorConfig.memory_limit, 256Mi)
 # Keys of the host's pip configuration that say how to reach an index.
 PIP_KEYS = ("index-url", "extra-index-url", "find-links", "trusted-host", "cert",
             "client-cert", "proxy", "timeout", "default-timeout", "retries", "no-index")
