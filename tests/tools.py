@@ -9,17 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 SEARCH = ("/usr/sbin", "/usr/bin", "/usr/local/bin")
-
-
-def _missing(name: str, message: str) -> None:
-    required = {t.strip() for t in os.environ.get("FLUX_TEST_REQUIRE", "").split(",")}
-    if name in required or "all" in required:
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
 
 
 def require_tool(name: str) -> Path:
@@ -27,11 +21,18 @@ def require_tool(name: str) -> Path:
         (str(Path(d) / name) for d in SEARCH if (Path(d) / name).exists()), None)
     if found:
         return Path(found)
-    _missing(name, f"{name} is not installed (Debian: apt-get install {name})")
-    raise AssertionError("unreachable")
+    unavailable(name, f"{name} is not installed (Debian: apt-get install {name})")
+
+
+def unavailable(name: str, message: str) -> NoReturn:
+    """Fail when ``name`` is required (``FLUX_TEST_REQUIRE``), else skip, with ``message``."""
+    required = {t.strip() for t in os.environ.get("FLUX_TEST_REQUIRE", "").split(",")}
+    if name in required or "all" in required:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
 
 
 def require_root(why: str) -> None:
     """Fault tests that mount filesystems need root (CI runs as root: there they fail)."""
     if os.geteuid() != 0:
-        _missing("root", f"needs root: {why}")
+        unavailable("root", f"needs root: {why}")
