@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 import socket as _socket
@@ -651,9 +652,20 @@ def _check_jwt(config: AgentConfig) -> None:
 
 
 def _is_loopback(host: str) -> bool:
-    if host in {"localhost", "127.0.0.1", "::1"}:
-        return True
-    return host.startswith("127.")
+    """Decided by address, never by name: a literal address must be loopback; a name must
+    resolve, and every address it resolves to must be (``127.example.com`` is no loopback)."""
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            infos = _socket.getaddrinfo(host, None, proto=_socket.IPPROTO_TCP)
+        except (OSError, UnicodeError):
+            return False
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    return bool(addresses) and all(
+        a.is_loopback or (isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None
+                          and a.ipv4_mapped.is_loopback)
+        for a in addresses)
 
 
 def settings_table() -> str:

@@ -6,6 +6,7 @@ Loaded only in ``FLUX_AGENT_AUTH=jwt`` mode and by ``flux-agent token``.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -13,16 +14,38 @@ from typing import Any
 
 import jwt
 
-from .auth import Claims
+from .auth import Claims, authorization
 from .errors import AuthenticationError
 
 _SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+_NUMERIC_DATES = ("exp", "nbf", "iat")
+
+
+class _NotNumericDate(jwt.InvalidTokenError):
+    def __init__(self, claim: str) -> None:
+        super().__init__(claim)
+        self.claim = claim
+
+
+class _StrictJWT(jwt.PyJWT):
+    """RFC 7519 makes ``exp``, ``nbf`` and ``iat`` NumericDates (JSON numbers); pyjwt also
+    takes ``"1700000000"``. Checked after the signature, before pyjwt reads the times."""
+
+    def _validate_claims(self, payload: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        for claim in _NUMERIC_DATES:
+            value = payload.get(claim)
+            if claim in payload and (isinstance(value, bool) or not isinstance(value, int | float)
+                                     or (isinstance(value, float) and not math.isfinite(value))):
+                raise _NotNumericDate(claim)
+        super()._validate_claims(payload, *args, **kwargs)
+
 
 # pyjwt's exceptions -> precise problem codes (most specific first: they subclass each other).
 _JWT_CODES: tuple[tuple[type[Exception], str, str], ...] = (
+    (_NotNumericDate, "TOKEN_INVALID_CLAIM", "a time claim is not a NumericDate"),
     (jwt.ExpiredSignatureError, "TOKEN_EXPIRED", "the token has expired"),
     (jwt.ImmatureSignatureError, "TOKEN_NOT_YET_VALID", "the token is not valid yet"),
-    (jwt.InvalidIssuedAtError, "TOKEN_NOT_YET_VALID", "the token's iat is invalid"),
+    (jwt.InvalidIssuedAtError, "TOKEN_INVALID_CLAIM", "the token's iat is not a number"),
     (jwt.InvalidIssuerError, "TOKEN_WRONG_ISSUER", "the token's issuer is not trusted"),
     (jwt.InvalidAudienceError, "TOKEN_WRONG_AUDIENCE", "the token is for another audience"),
     (jwt.MissingRequiredClaimError, "TOKEN_MISSING_CLAIM", "the token lacks a claim"),
@@ -102,6 +125,7 @@ class JwtAuthenticator:
         self.audience = audience or None
         self.leeway = leeway
         self.clock = clock
+        self._jwt = _StrictJWT()
         self._cache: dict[str, Claims] = {}
         self._cache_size = cache_size
         self.verifications = 0
@@ -111,7 +135,7 @@ class JwtAuthenticator:
         self._cache.clear()
 
     def authenticate(self, headers: Mapping[str, str], local: bool) -> Claims:
-        raw = headers.get("Authorization", "")
+        raw = authorization(headers)
         scheme, _, token = raw.partition(" ")
         if not raw:
             raise AuthenticationError("TOKEN_MISSING", "send Authorization: Bearer <token>",
@@ -150,7 +174,7 @@ class JwtAuthenticator:
                     "TOKEN_ALGORITHM_NOT_ALLOWED",
                     f"algorithm {alg!r} is not allowed (allowed: {', '.join(self.algorithms)})")
             key = self.keys.key_for(header.get("kid"))
-            payload = jwt.decode(
+            payload = self._jwt.decode(
                 token, key, algorithms=self.algorithms, issuer=self.issuers,
                 audience=self.audience, leeway=self.leeway,
                 options={"require": ["exp", "iat", "iss", "sub"],
@@ -163,6 +187,8 @@ class JwtAuthenticator:
                 if isinstance(exc, kind):
                     if isinstance(exc, jwt.MissingRequiredClaimError):
                         detail = f"the token lacks the {exc.claim!r} claim"
+                    elif isinstance(exc, _NotNumericDate):
+                        detail = f"{exc.claim!r} must be a NumericDate (a JSON number)"
                     raise AuthenticationError(code, detail) from None
             raise AuthenticationError("TOKEN_INVALID", "the token is invalid") from None
         except (ValueError, TypeError):

@@ -32,7 +32,7 @@ from flux_agent.tokens import JwtAuthenticator, KeySet, mint
 
 from .conftest import Database, agent_config
 from .faults import wait_until
-from .helpers import CAPTURED, assert_problem, post, remember_secret
+from .helpers import CAPTURED, assert_problem, post, raw_http, remember_secret, split_answer
 
 ISSUER = "https://idp.flux.test"
 AUDIENCE = "flux-agent"
@@ -138,6 +138,12 @@ async def test_valid_token_writes_for_its_agency(jwt_agent: Agent, database: Dat
         ("missing exp", "TOKEN_MISSING_CLAIM"),
         ("bad agency", "TOKEN_INVALID_CLAIM"),
         ("tampered payload", "TOKEN_BAD_SIGNATURE"),
+        # RFC 7519: exp, nbf and iat are NumericDates (JSON numbers), never strings.
+        ("exp as a numeric string", "TOKEN_INVALID_CLAIM"),
+        ("nbf as a numeric string", "TOKEN_INVALID_CLAIM"),
+        ("iat as a numeric string", "TOKEN_INVALID_CLAIM"),
+        ("iat not a number", "TOKEN_INVALID_CLAIM"),
+        ("exp as a boolean", "TOKEN_INVALID_CLAIM"),
     ],
 )
 async def test_forged_and_broken_tokens_are_401_with_a_precise_code(
@@ -174,6 +180,13 @@ async def test_forged_and_broken_tokens_are_401_with_a_precise_code(
         headers = bearer(token(rsa_key, exp=None))
     elif name == "bad agency":
         headers = bearer(token(rsa_key, agency="NASA HQ"))
+    elif name.endswith("as a numeric string"):
+        claim = name.split()[0]
+        headers = bearer(token(rsa_key, **{claim: str(good.get(claim, now))}))
+    elif name == "iat not a number":
+        headers = bearer(token(rsa_key, iat="yesterday"))
+    elif name == "exp as a boolean":
+        headers = bearer(token(rsa_key, exp=True))
     else:
         head, _, sig = token(rsa_key).split(".")
         forged = b64(json.dumps({**good, "agency": "noaa"}).encode())
@@ -183,6 +196,29 @@ async def test_forged_and_broken_tokens_are_401_with_a_precise_code(
     assert_problem(status, body, resp_headers, 401, code)
     assert resp_headers["WWW-Authenticate"].startswith("Bearer")
     assert body["class"] == "VALIDATION_ERROR"
+    if "numeric string" in name:
+        assert repr(name.split()[0]) in body["detail"] and "NumericDate" in body["detail"]
+
+
+async def test_two_authorization_headers_are_refused_on_every_route(jwt_agent: Agent, rsa_key,
+                                                                   database: Database):
+    """Two valid tokens for two agencies: the first once won. Ambiguous credentials are
+    refused on every route, whichever agency either names."""
+    parts = urlsplit(jwt_agent.endpoints.event_url)
+    nasa, noaa = token(rsa_key, agency="nasa"), token(rsa_key, agency="noaa")
+    for method, path, body, _ in ROUTES:
+        payload = json.dumps(make_event() if body == "event" else body or {}).encode()
+        for first, second in ((nasa, noaa), (nasa, nasa)):
+            answer = await raw_http(parts.hostname, parts.port, (
+                f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {first}\r\nAuthorization: Bearer {second}\r\n"
+                f"Connection: close\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
+                + payload)
+            status, headers, raw = split_answer(answer)
+            assert status == 401, (method, path, raw[:300])
+            assert headers["content-type"].startswith("application/problem+json")
+            assert json.loads(raw)["code"] == "TOKEN_AMBIGUOUS", raw
+    assert await database.fetchval("SELECT count(*) FROM flux.events") == 0
 
 
 ROUTES = [  # (method, path, body, what it needs)
@@ -464,6 +500,15 @@ async def test_api_keys_map_a_key_to_an_agency(database: Database, state_dir: Pa
         assert (await post(url, make_event(), headers=bearer(token(rsa_key))))[0] == 202
         status, body, headers = await post(url, make_event(), headers=bearer("flux_wrong"))
         assert_problem(status, body, headers, 401, "TOKEN_UNKNOWN_KEY")
+        # Two Authorization headers, on the OpenLineage route's API-key path too.
+        parts = urlsplit(running.endpoints.event_url)
+        for path in ("/v1/events", "/api/v1/lineage"):
+            answer = await raw_http(parts.hostname, parts.port, (
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                f"Authorization: Bearer flux_other\r\nContent-Type: application/json\r\n"
+                "Content-Length: 2\r\nConnection: close\r\n\r\n{}").encode())
+            status, _, raw = split_answer(answer)
+            assert status == 401 and json.loads(raw)["code"] == "TOKEN_AMBIGUOUS", raw
         # Header bytes beyond ASCII (no valid credential needed) once answered 500.
         parts = urlsplit(running.endpoints.event_url)
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
