@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
+import resource
 import socket
 import time
 from collections.abc import Mapping
@@ -37,7 +39,7 @@ from .event import CheckpointRecord, EventsRecord, decode_record
 from .flush import Flusher
 from .http.admin import admin_app
 from .http.intake import Intake
-from .http.server import AccessLogger, ProblemAppRunner
+from .http.server import AccessLogger, HttpLimits, ProblemAppRunner
 from .metrics import Metrics
 from .postgres import Postgres, Timeouts, UnsafeRole, classify, describe, is_transient
 from .seen import SeenIndex
@@ -57,6 +59,12 @@ SEEN_SNAPSHOT_INTERVAL = 30.0
 EMBEDDED_CHECK_INTERVAL = 5.0
 EMBEDDED_LOGIN_ROLE = "flux_agent_local"
 EMBEDDED_DATABASE = "flux"
+# HTTP connections (see connection_caps).
+ACCEPT_BACKLOG = 128  # aiohttp's own; a Unix socket refuses connects beyond it at once
+DESCRIPTOR_SPARE = 64
+MIN_CONNECTIONS = 4
+ADMIN_MAX_CONNECTIONS = 64
+AUTO_MAX_CONNECTIONS = 1024
 
 
 @dataclass(slots=True)
@@ -423,13 +431,20 @@ class Agent:
 
     async def _listen(self, events: web.Application, admin: web.Application) -> None:
         config = self.config
-        runner = ProblemAppRunner(events, access_log=logging.getLogger("aiohttp.access"),
-                               access_log_class=AccessLogger, handle_signals=False)
+        caps = connection_caps(config, config.flush_lanes + 2)
+        limits = HttpLimits(idle_timeout=config.http_idle_timeout,
+                            header_timeout=config.http_header_timeout,
+                            max_connections={"tcp": caps["tcp"], "unix": caps["unix"]},
+                            max_chunk=config.request_max_bytes)
+        log.info("HTTP connection limits", extra={"fields": caps})
+        runner = ProblemAppRunner(events, limits=limits,
+                                  access_log=logging.getLogger("aiohttp.access"),
+                                  access_log_class=AccessLogger, handle_signals=False)
         await runner.setup()
         self._runners.append(runner)
         if config.listen:
             host, port = split_hostport(config.listen)
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            site = web.TCPSite(runner, host, port, reuse_address=True, backlog=ACCEPT_BACKLOG)
             await site.start()
             bound = _bound_port(site)
             shown = f"[{host}]" if ":" in host else host
@@ -438,16 +453,19 @@ class Agent:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             await asyncio.get_running_loop().run_in_executor(None, _clear_stale_socket, path)
-            usite = web.UnixSite(runner, str(path))
+            usite = web.UnixSite(runner, str(path), backlog=ACCEPT_BACKLOG)
             await usite.start()
             os.chmod(path, 0o660)
             self.endpoints.socket_path = path
         if config.admin_listen:
-            admin_runner = ProblemAppRunner(admin, access_log=None, handle_signals=False)
+            admin_limits = dataclasses.replace(limits, max_connections={"tcp": caps["admin"]})
+            admin_runner = ProblemAppRunner(admin, limits=admin_limits, access_log=None,
+                                            handle_signals=False)
             await admin_runner.setup()
             self._runners.append(admin_runner)
             host, port = split_hostport(config.admin_listen)
-            asite = web.TCPSite(admin_runner, host, port, reuse_address=True)
+            asite = web.TCPSite(admin_runner, host, port, reuse_address=True,
+                                backlog=ACCEPT_BACKLOG)
             await asite.start()
             shown = f"[{host}]" if ":" in host else host
             self.endpoints.admin_url = f"http://{shown}:{_bound_port(asite)}"
@@ -733,6 +751,32 @@ def _load_keys(config: AgentConfig) -> KeySet:
     except (OSError, ValueError, TypeError) as exc:
         setting = "jwt_jwks_file" if config.jwt_jwks_file else "jwt_public_key_file"
         raise ConfigError(env_name(setting), f"cannot load the key: {exc}") from None
+
+
+def connection_caps(config: AgentConfig, pool: int) -> dict[str, int]:
+    """Connections each listener takes (``tcp``, ``unix``, ``admin``). ``auto`` shares what
+    the descriptor limit leaves after a reserve: the descriptors open now, the database
+    pool, spare ones for the spool, snapshots and key files, and per listener the sockets
+    an accept burst holds before they are refused. A flood of connections then cannot
+    take the descriptors the flusher needs."""
+    listeners = [name for name, on in (("tcp", config.listen), ("unix", config.socket_path),
+                                       ("admin", config.admin_listen)) if on]
+    if config.http_max_connections:
+        cap = config.http_max_connections
+        return {"tcp": cap, "unix": cap, "admin": min(cap, ADMIN_MAX_CONNECTIONS)}
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = DESCRIPTOR_SPARE
+    free = soft - open_now - pool - DESCRIPTOR_SPARE - ACCEPT_BACKLOG * len(listeners)
+    admin = max(MIN_CONNECTIONS, min(ADMIN_MAX_CONNECTIONS, free // 4))
+    events = [n for n in listeners if n != "admin"]
+    share = (free - (admin if "admin" in listeners else 0)) // max(1, len(events))
+    cap = max(MIN_CONNECTIONS, min(AUTO_MAX_CONNECTIONS, share))
+    return {"tcp": cap, "unix": cap, "admin": admin}
 
 
 def _bound_port(site: web.TCPSite) -> int:

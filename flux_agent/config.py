@@ -117,6 +117,13 @@ def parse_int(raw: Any) -> int:
     return value
 
 
+def parse_auto_int(raw: Any) -> int:
+    """``auto`` (0: derived at start) or a positive integer."""
+    if str(raw).strip().lower() == "auto":
+        return 0
+    return parse_int(raw)
+
+
 def parse_str(raw: Any) -> str:
     if not isinstance(raw, str | int | float) or isinstance(raw, bool):
         raise ValueError(f"expected a string, got {type(raw).__name__}")
@@ -286,6 +293,22 @@ class AgentConfig:
     socket_allowed_uids: tuple[str, ...] = setting(
         (), "Peer uids allowed on the Unix socket (SO_PEERCRED); empty allows any.",
         parse_list, shown_default="unset",
+    )
+    http_idle_timeout: float = setting(
+        75.0, "An HTTP connection that sends no request this long (before its first one too) "
+        "is closed.", parse_timeout, shown_default="75s",
+    )
+    http_header_timeout: float = setting(
+        10.0, "A request head (request line and headers) must arrive within this of its "
+        "first byte, else 408 and the connection is closed.", parse_timeout,
+        shown_default="10s",
+    )
+    http_max_connections: int = setting(
+        0, "Open connections each listener takes (the event API's TCP address and socket, "
+        "and the admin listener, at most 64 there); beyond it a new connection gets 503 "
+        "TOO_MANY_CONNECTIONS and is closed. `auto`: what the descriptor limit "
+        "(RLIMIT_NOFILE) leaves after a reserve for the spool, the database pool and files, "
+        "at most 1024.", parse_auto_int, shown_default="`auto`",
     )
     agency_manifest: str = setting(
         "", "JSON file of known agencies (and their retention).", shown_default="bundled manifest"

@@ -57,11 +57,14 @@ async def get(url: str, *, headers: dict[str, str] | None = None,
         return resp.status, decoded, CIMultiDict(resp.headers)
 
 
-async def raw_http(host: str, port: int, request: bytes, timeout: float = 10.0) -> bytes:
-    """Send raw bytes and read the answer until the agent closes or ``timeout`` passes."""
+async def raw_http(host: str, port: int, request: bytes, timeout: float = 10.0, *,
+                   unix: Path | None = None) -> bytes:
+    """Send raw bytes (to ``unix``, a socket path, if given) and read the answer until the
+    agent closes or ``timeout`` passes."""
     import asyncio
 
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await (asyncio.open_unix_connection(str(unix)) if unix is not None
+                            else asyncio.open_connection(host, port))
     try:
         writer.write(request)
         await writer.drain()
