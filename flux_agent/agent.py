@@ -214,7 +214,7 @@ class Agent:
                 checkpoints=self.checkpoints, store=self.store, auditor=self.auditor,
                 tracing=self.tracing, drain=self._drain_request,
             )
-            await self._listen(self.intake.app(), admin_app(self, self.metrics))
+            await self._listen(self.intake.app(), admin_app(self, self.metrics, authenticator))
             self.intake.servers = [u for u in (self.endpoints.event_url,) if u]
             sup = self.supervisor
             sup.start("snapshots", self._snapshot_loop, critical=False)
