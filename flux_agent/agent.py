@@ -146,7 +146,7 @@ class Agent:
             # lock it before touching anything in it, so that a second agent started on the
             # same dir fails here instead of stopping the first one's database on its way out.
             state_dir = config.state_path
-            state_dir.mkdir(parents=True, exist_ok=True)
+            _private_dir(state_dir, state_dir_mode(config))
             try:
                 self._state_lock = lock_exclusive(state_dir / "agent.lock",
                                                   f"the state dir {state_dir} "
@@ -777,6 +777,45 @@ def connection_caps(config: AgentConfig, pool: int) -> dict[str, int]:
     share = (free - (admin if "admin" in listeners else 0)) // max(1, len(events))
     cap = max(MIN_CONNECTIONS, min(AUTO_MAX_CONNECTIONS, share))
     return {"tcp": cap, "unix": cap, "admin": admin}
+
+
+def state_dir_mode(config: AgentConfig) -> int:
+    """0700, plus search (never read) permission for who must pass through: the socket's
+    group when the socket lives in the state dir, and everyone when the embedded PostgreSQL
+    runs as its own user (root's agent). Every file in it is 0600: the spool and the
+    indexes hold every agency's event ids and run and step names."""
+    mode = 0o700
+    sock = config.socket_path
+    if sock is not None and sock.parent == config.state_path:
+        mode |= 0o010
+    if not config.database_url and hasattr(os, "geteuid") and os.geteuid() == 0:
+        mode |= 0o001
+    return mode
+
+
+def _private_dir(path: Path, mode: int) -> None:
+    """Create ``path`` with ``mode``; an existing one more open than that is tightened, with
+    a warning, or (when this process may not change it, e.g. a Kubernetes volume) kept
+    with a warning: its files are 0600 whatever the directory allows."""
+    try:
+        path.mkdir(parents=True, mode=mode)
+        os.chmod(path, mode)  # exactly this, whatever the umask
+        return
+    except FileExistsError:
+        pass
+    current = path.stat().st_mode & 0o777
+    if not current & ~mode:
+        return
+    try:
+        os.chmod(path, mode)
+    except OSError as exc:
+        log.warning("the state dir is more open than it should be and cannot be changed; "
+                    "its files stay private (0600)", extra={"fields": {
+                        "path": str(path), "mode": oct(current), "wanted": oct(mode),
+                        "error": reason(exc)}})
+        return
+    log.warning("the state dir was more open than it should be; tightened", extra={
+        "fields": {"path": str(path), "was": oct(current), "now": oct(mode)}})
 
 
 def _bound_port(site: web.TCPSite) -> int:
