@@ -32,7 +32,7 @@ from .audit import Auditor
 from .auth import ApiKeyAuthenticator, Authenticator, FixedAgency, load_api_keys
 from .batch import Limits
 from .checkpoints import Checkpoints
-from .config import AgentConfig, env_name, redact_dsn, split_hostport
+from .config import KUBE_AUDIENCE, AgentConfig, env_name, redact_dsn, split_hostport
 from .embedded import LocalPostgres
 from .errors import ConfigError
 from .event import CheckpointRecord, EventsRecord, decode_record
@@ -223,7 +223,7 @@ class Agent:
             if config.retention_interval > 0:
                 sup.start("retention", lambda: self._retention_loop(
                     schemas.manifest.retention_days), critical=False)
-            if config.auth == "jwt" and config.jwt_jwks_file:
+            if config.auth in ("jwt", "kubernetes") and config.jwt_jwks_file:
                 jwt_auth = getattr(authenticator, "tokens", None) or authenticator
                 sup.start("jwks", lambda: self._watch_jwks(
                     jwt_auth, Path(config.jwt_jwks_file)), critical=False)
@@ -347,6 +347,21 @@ class Agent:
         if config.auth == "none":
             return FixedAgency(config.agency)
         tokens: Authenticator | None = None
+        if config.auth == "kubernetes":
+            from .tokens import JwtAuthenticator, ServiceAccountBindings
+
+            try:
+                bindings = ServiceAccountBindings(config.kube_bindings)
+            except ValueError as exc:
+                raise ConfigError(env_name("kube_bindings"), str(exc)) from None
+            for agency, _ in bindings.bindings.values():
+                if not schemas.manifest.knows(agency):
+                    raise ConfigError(env_name("kube_bindings"),
+                                      f"{agency!r} is not in the agency manifest")
+            return JwtAuthenticator(
+                _load_keys(config), algorithms=config.jwt_algorithms,
+                issuers=config.jwt_issuers, audience=config.jwt_audience or KUBE_AUDIENCE,
+                leeway=config.jwt_leeway, claims=bindings)
         if config.jwt_issuers:
             from .tokens import JwtAuthenticator  # only jwt mode pays for pyjwt + cryptography
 

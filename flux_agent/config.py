@@ -124,6 +124,19 @@ def parse_auto_int(raw: Any) -> int:
     return parse_int(raw)
 
 
+# NAMESPACE[/SERVICEACCOUNT]=AGENCY[:ROLE] (Kubernetes names, an agency slug).
+KUBE_BINDING = re.compile(r"^([a-z0-9][a-z0-9-]{0,62})(?:/([a-z0-9][a-z0-9.-]{0,252}))?="
+                          r"([a-z0-9]+(?:-[a-z0-9]+)*)(?::([a-z]+))?$")
+
+
+def parse_bindings(raw: Any) -> tuple[str, ...]:
+    entries = parse_list(raw)
+    for entry in entries:
+        if not KUBE_BINDING.match(entry):
+            raise ValueError(f"{entry!r} is not NAMESPACE[/SERVICEACCOUNT]=AGENCY[:ROLE]")
+    return entries
+
+
 def parse_str(raw: Any) -> str:
     if not isinstance(raw, str | int | float) or isinstance(raw, bool):
         raise ValueError(f"expected a string, got {type(raw).__name__}")
@@ -259,8 +272,10 @@ class AgentConfig:
         shown_default="30s",
     )
     auth: str = setting(
-        "jwt", "`jwt` (Bearer tokens) or `none` (fixed agency; loopback and socket only).",
-        choice("jwt", "none"),
+        "jwt", "`jwt` (Bearer tokens), `kubernetes` (Kubernetes service-account tokens, "
+        "mapped by `FLUX_AGENT_KUBE_BINDINGS`) or `none` (fixed agency; loopback and socket "
+        "only).",
+        choice("jwt", "none", "kubernetes"),
     )
     agency: str = setting("", "The fixed agency when `auth` is `none`.", shown_default="unset")
     jwt_algorithms: tuple[str, ...] = setting(
@@ -309,6 +324,12 @@ class AgentConfig:
         "TOO_MANY_CONNECTIONS and is closed. `auto`: what the descriptor limit "
         "(RLIMIT_NOFILE) leaves after a reserve for the spool, the database pool and files, "
         "at most 1024.", parse_auto_int, shown_default="`auto`",
+    )
+    kube_bindings: tuple[str, ...] = setting(
+        (), "With `auth` `kubernetes`: which service accounts write as which agency, "
+        "`NAMESPACE[/SERVICEACCOUNT]=AGENCY[:ROLE]` (comma list; role `operator` unless "
+        "given; a service account's own entry wins over its namespace's).", parse_bindings,
+        shown_default="unset",
     )
     agency_manifest: str = setting(
         "", "JSON file of known agencies (and their retention).", shown_default="bundled manifest"
@@ -614,6 +635,8 @@ def _check(config: AgentConfig, serving: bool = True) -> None:
             )
     if config.auth == "jwt":
         _check_jwt(config)
+    if config.auth == "kubernetes":
+        _check_kubernetes(config)
     for uid in config.socket_allowed_uids:
         if not uid.isdigit():
             raise ConfigError(env_name("socket_allowed_uids"), f"{uid!r} is not a numeric uid")
@@ -672,6 +695,18 @@ def _check_jwt(config: AgentConfig) -> None:
             raise ConfigError(env_name("jwt_public_key_file"),
                               "set exactly one of FLUX_AGENT_JWT_PUBLIC_KEY_FILE and "
                               "FLUX_AGENT_JWT_JWKS_FILE")
+
+
+KUBE_AUDIENCE = "flux-agent"  # the audience of the tokens the injector projects
+
+
+def _check_kubernetes(config: AgentConfig) -> None:
+    if config.api_keys_file or config.jwt_hs256_secret:
+        raise ConfigError(env_name("auth"), "kubernetes takes service-account tokens only")
+    if not config.kube_bindings:
+        raise ConfigError(env_name("kube_bindings"), "required when FLUX_AGENT_AUTH is "
+                          "kubernetes (NAMESPACE[/SERVICEACCOUNT]=AGENCY[:ROLE], ...)")
+    _check_jwt(config)
 
 
 def _is_loopback(host: str) -> bool:

@@ -313,16 +313,18 @@ async def test_bad_tokens_are_audited_but_rate_limited(jwt_agent: Agent, databas
     assert agency == "-"
 
 
+def jwks(*pairs: tuple[str, Any]) -> str:
+    """A JWKS of these (kid, RSA private key) pairs' public keys."""
+    keys = []
+    for kid, key in pairs:
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+        jwk.update({"kid": kid, "use": "sig", "alg": "RS256"})
+        keys.append(jwk)
+    return json.dumps({"keys": keys})
+
+
 async def test_jwks_rotation_with_kid(database: Database, state_dir: Path, rsa_key,
                                       other_rsa_key):
-    def jwks(*pairs: tuple[str, Any]) -> str:
-        keys = []
-        for kid, key in pairs:
-            jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
-            jwk.update({"kid": kid, "use": "sig", "alg": "RS256"})
-            keys.append(jwk)
-        return json.dumps({"keys": keys})
-
     jwks_file = state_dir / "jwks.json"
     jwks_file.write_text(jwks(("k1", rsa_key)))
     config = agent_config(database, state_dir, auth="jwt", agency="",
