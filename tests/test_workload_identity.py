@@ -15,7 +15,10 @@ import jwt
 import pytest
 
 from flux_agent import Agent
+from flux_agent.config import load_config
 from flux_agent.errors import ConfigError
+from flux_agent.kube.admission import mutate_pod
+from flux_agent.kube.config import InjectorConfig
 from flux_agent.testing import make_event
 
 from .conftest import Database, agent_config
@@ -141,6 +144,38 @@ async def test_projected_service_account_tokens(database: Database, state_dir: P
     agencies = await database.fetch("SELECT agency_id, count(*) FROM flux.events "
                                     "GROUP BY 1 ORDER BY 1")
     assert [tuple(r) for r in agencies] == [("nasa", 3), ("noaa", 1)]
+
+
+async def test_the_injected_sidecar_takes_its_namespaces_tokens_only(
+        database: Database, state_dir: Path, cluster_key: Any):
+    """The injector binds the pod's namespace to its agency and hands that binding to the
+    sidecar: the agent, configured from exactly the injected env, accepts the pod's own
+    service-account tokens and refuses those of any other namespace."""
+    config = InjectorConfig(agent_auth="kubernetes", jwks_configmap="cluster-sa-jwks",
+                            kube_issuer=CLUSTER_ISSUER, agency_bindings=(("etl", ("nasa",)),))
+    pod = mutate_pod({"metadata": {"labels": {"flux.io/inject": "true"}},
+                      "spec": {"containers": [{"name": "app", "image": "etl:1"}]}},
+                     config, "etl")
+    agent = next(c for c in pod["spec"]["initContainers"] if c["name"] == "flux-agent")
+    environ = {e["name"]: e["value"] for e in agent["env"] if "value" in e}
+    jwks_file = state_dir / "jwks.json"
+    jwks_file.write_text(jwks(("sa-key-1", cluster_key)))
+    # Where this test runs, not where the pod would: paths, ports and the database.
+    environ.update({"FLUX_AGENT_DATABASE_URL": database.agent_dsn,
+                    "FLUX_AGENT_STATE_DIR": str(state_dir), "FLUX_AGENT_SOCKET": "off",
+                    "FLUX_AGENT_LISTEN": "127.0.0.1:0", "FLUX_AGENT_ADMIN_LISTEN": "off",
+                    "FLUX_AGENT_JWT_JWKS_FILE": str(jwks_file), "FLUX_AGENT_MIGRATE": "false"})
+    assert environ["FLUX_AGENT_KUBE_BINDINGS"] == "etl=nasa"
+    async with Agent(load_config([], environ=environ)) as running:
+        url = running.endpoints.event_url + "/v1/events"
+        status, body, _ = await post(url, make_event(), headers={
+            **bearer(kubelet_token(cluster_key, "sa-key-1", account="default")),
+            "Prefer": "wait=committed"})
+        assert status == 200, body
+        status, body, headers = await post(url, make_event(), headers=bearer(kubelet_token(
+            cluster_key, "sa-key-1", namespace="batch", account="default")))
+        assert_problem(status, body, headers, 403, "SERVICE_ACCOUNT_NOT_BOUND")
+    assert await database.fetchval("SELECT array_agg(agency_id) FROM flux.events") == ["nasa"]
 
 
 @pytest.mark.parametrize(("change", "setting"), [
