@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
+import resource
 import socket
 import time
 from collections.abc import Mapping
@@ -30,14 +32,14 @@ from .audit import Auditor
 from .auth import ApiKeyAuthenticator, Authenticator, FixedAgency, load_api_keys
 from .batch import Limits
 from .checkpoints import Checkpoints
-from .config import AgentConfig, env_name, redact_dsn, split_hostport
+from .config import KUBE_AUDIENCE, AgentConfig, env_name, redact_dsn, split_hostport
 from .embedded import LocalPostgres
 from .errors import ConfigError
 from .event import CheckpointRecord, EventsRecord, decode_record
 from .flush import Flusher
 from .http.admin import admin_app
 from .http.intake import Intake
-from .http.server import AccessLogger, ProblemAppRunner
+from .http.server import AccessLogger, HttpLimits, ProblemAppRunner
 from .metrics import Metrics
 from .postgres import Postgres, Timeouts, UnsafeRole, classify, describe, is_transient
 from .seen import SeenIndex
@@ -57,6 +59,12 @@ SEEN_SNAPSHOT_INTERVAL = 30.0
 EMBEDDED_CHECK_INTERVAL = 5.0
 EMBEDDED_LOGIN_ROLE = "flux_agent_local"
 EMBEDDED_DATABASE = "flux"
+# HTTP connections (see connection_caps).
+ACCEPT_BACKLOG = 128  # aiohttp's own; a Unix socket refuses connects beyond it at once
+DESCRIPTOR_SPARE = 64
+MIN_CONNECTIONS = 4
+ADMIN_MAX_CONNECTIONS = 64
+AUTO_MAX_CONNECTIONS = 1024
 
 
 @dataclass(slots=True)
@@ -138,7 +146,7 @@ class Agent:
             # lock it before touching anything in it, so that a second agent started on the
             # same dir fails here instead of stopping the first one's database on its way out.
             state_dir = config.state_path
-            state_dir.mkdir(parents=True, exist_ok=True)
+            _private_dir(state_dir, state_dir_mode(config))
             try:
                 self._state_lock = lock_exclusive(state_dir / "agent.lock",
                                                   f"the state dir {state_dir} "
@@ -206,7 +214,7 @@ class Agent:
                 checkpoints=self.checkpoints, store=self.store, auditor=self.auditor,
                 tracing=self.tracing, drain=self._drain_request,
             )
-            await self._listen(self.intake.app(), admin_app(self, self.metrics))
+            await self._listen(self.intake.app(), admin_app(self, self.metrics, authenticator))
             self.intake.servers = [u for u in (self.endpoints.event_url,) if u]
             sup = self.supervisor
             sup.start("snapshots", self._snapshot_loop, critical=False)
@@ -215,7 +223,7 @@ class Agent:
             if config.retention_interval > 0:
                 sup.start("retention", lambda: self._retention_loop(
                     schemas.manifest.retention_days), critical=False)
-            if config.auth == "jwt" and config.jwt_jwks_file:
+            if config.auth in ("jwt", "kubernetes") and config.jwt_jwks_file:
                 jwt_auth = getattr(authenticator, "tokens", None) or authenticator
                 sup.start("jwks", lambda: self._watch_jwks(
                     jwt_auth, Path(config.jwt_jwks_file)), critical=False)
@@ -343,6 +351,21 @@ class Agent:
         if config.auth == "none":
             return FixedAgency(config.agency)
         tokens: Authenticator | None = None
+        if config.auth == "kubernetes":
+            from .tokens import JwtAuthenticator, ServiceAccountBindings
+
+            try:
+                bindings = ServiceAccountBindings(config.kube_bindings)
+            except ValueError as exc:
+                raise ConfigError(env_name("kube_bindings"), str(exc)) from None
+            for agency, _ in bindings.bindings.values():
+                if not schemas.manifest.knows(agency):
+                    raise ConfigError(env_name("kube_bindings"),
+                                      f"{agency!r} is not in the agency manifest")
+            return JwtAuthenticator(
+                _load_keys(config), algorithms=config.jwt_algorithms,
+                issuers=config.jwt_issuers, audience=config.jwt_audience or KUBE_AUDIENCE,
+                leeway=config.jwt_leeway, claims=bindings)
         if config.jwt_issuers:
             from .tokens import JwtAuthenticator  # only jwt mode pays for pyjwt + cryptography
 
@@ -427,13 +450,20 @@ class Agent:
 
     async def _listen(self, events: web.Application, admin: web.Application) -> None:
         config = self.config
-        runner = ProblemAppRunner(events, access_log=logging.getLogger("aiohttp.access"),
-                               access_log_class=AccessLogger, handle_signals=False)
+        caps = connection_caps(config, config.flush_lanes + 2)
+        limits = HttpLimits(idle_timeout=config.http_idle_timeout,
+                            header_timeout=config.http_header_timeout,
+                            max_connections={"tcp": caps["tcp"], "unix": caps["unix"]},
+                            max_chunk=config.request_max_bytes)
+        log.info("HTTP connection limits", extra={"fields": caps})
+        runner = ProblemAppRunner(events, limits=limits,
+                                  access_log=logging.getLogger("aiohttp.access"),
+                                  access_log_class=AccessLogger, handle_signals=False)
         await runner.setup()
         self._runners.append(runner)
         if config.listen:
             host, port = split_hostport(config.listen)
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            site = web.TCPSite(runner, host, port, reuse_address=True, backlog=ACCEPT_BACKLOG)
             await site.start()
             bound = _bound_port(site)
             shown = f"[{host}]" if ":" in host else host
@@ -442,16 +472,19 @@ class Agent:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             await asyncio.get_running_loop().run_in_executor(None, _clear_stale_socket, path)
-            usite = web.UnixSite(runner, str(path))
+            usite = web.UnixSite(runner, str(path), backlog=ACCEPT_BACKLOG)
             await usite.start()
             os.chmod(path, 0o660)
             self.endpoints.socket_path = path
         if config.admin_listen:
-            admin_runner = ProblemAppRunner(admin, access_log=None, handle_signals=False)
+            admin_limits = dataclasses.replace(limits, max_connections={"tcp": caps["admin"]})
+            admin_runner = ProblemAppRunner(admin, limits=admin_limits, access_log=None,
+                                            handle_signals=False)
             await admin_runner.setup()
             self._runners.append(admin_runner)
             host, port = split_hostport(config.admin_listen)
-            asite = web.TCPSite(admin_runner, host, port, reuse_address=True)
+            asite = web.TCPSite(admin_runner, host, port, reuse_address=True,
+                                backlog=ACCEPT_BACKLOG)
             await asite.start()
             shown = f"[{host}]" if ":" in host else host
             self.endpoints.admin_url = f"http://{shown}:{_bound_port(asite)}"
@@ -737,6 +770,71 @@ def _load_keys(config: AgentConfig) -> KeySet:
     except (OSError, ValueError, TypeError) as exc:
         setting = "jwt_jwks_file" if config.jwt_jwks_file else "jwt_public_key_file"
         raise ConfigError(env_name(setting), f"cannot load the key: {exc}") from None
+
+
+def connection_caps(config: AgentConfig, pool: int) -> dict[str, int]:
+    """Connections each listener takes (``tcp``, ``unix``, ``admin``). ``auto`` shares what
+    the descriptor limit leaves after a reserve: the descriptors open now, the database
+    pool, spare ones for the spool, snapshots and key files, and per listener the sockets
+    an accept burst holds before they are refused. A flood of connections then cannot
+    take the descriptors the flusher needs."""
+    listeners = [name for name, on in (("tcp", config.listen), ("unix", config.socket_path),
+                                       ("admin", config.admin_listen)) if on]
+    if config.http_max_connections:
+        cap = config.http_max_connections
+        return {"tcp": cap, "unix": cap, "admin": min(cap, ADMIN_MAX_CONNECTIONS)}
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = DESCRIPTOR_SPARE
+    free = soft - open_now - pool - DESCRIPTOR_SPARE - ACCEPT_BACKLOG * len(listeners)
+    admin = max(MIN_CONNECTIONS, min(ADMIN_MAX_CONNECTIONS, free // 4))
+    events = [n for n in listeners if n != "admin"]
+    share = (free - (admin if "admin" in listeners else 0)) // max(1, len(events))
+    cap = max(MIN_CONNECTIONS, min(AUTO_MAX_CONNECTIONS, share))
+    return {"tcp": cap, "unix": cap, "admin": admin}
+
+
+def state_dir_mode(config: AgentConfig) -> int:
+    """0700, plus search (never read) permission for who must pass through: the socket's
+    group when the socket lives in the state dir, and everyone when the embedded PostgreSQL
+    runs as its own user (root's agent). Every file in it is 0600: the spool and the
+    indexes hold every agency's event ids and run and step names."""
+    mode = 0o700
+    sock = config.socket_path
+    if sock is not None and sock.parent == config.state_path:
+        mode |= 0o010
+    if not config.database_url and hasattr(os, "geteuid") and os.geteuid() == 0:
+        mode |= 0o001
+    return mode
+
+
+def _private_dir(path: Path, mode: int) -> None:
+    """Create ``path`` with ``mode``; an existing one more open than that is tightened, with
+    a warning, or (when this process may not change it, e.g. a Kubernetes volume) kept
+    with a warning: its files are 0600 whatever the directory allows."""
+    try:
+        path.mkdir(parents=True, mode=mode)
+        os.chmod(path, mode)  # exactly this, whatever the umask
+        return
+    except FileExistsError:
+        pass
+    current = path.stat().st_mode & 0o777
+    if not current & ~mode:
+        return
+    try:
+        os.chmod(path, mode)
+    except OSError as exc:
+        log.warning("the state dir is more open than it should be and cannot be changed; "
+                    "its files stay private (0600)", extra={"fields": {
+                        "path": str(path), "mode": oct(current), "wanted": oct(mode),
+                        "error": reason(exc)}})
+        return
+    log.warning("the state dir was more open than it should be; tightened", extra={
+        "fields": {"path": str(path), "was": oct(current), "now": oct(mode)}})
 
 
 def _bound_port(site: web.TCPSite) -> int:

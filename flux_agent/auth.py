@@ -55,6 +55,18 @@ class Authenticator(Protocol):
     def authenticate(self, headers: Mapping[str, str], local: bool) -> Claims: ...
 
 
+def authorization(headers: Mapping[str, str]) -> str:
+    """The request's one ``Authorization`` header, ``""`` when there is none. Two or more are
+    ambiguous (which one would name the caller?): refused, whatever they hold."""
+    getall = getattr(headers, "getall", None)  # a multidict: the request's own headers
+    if getall is None:
+        return headers.get("Authorization", "")
+    values = getall("Authorization", ())
+    if len(values) > 1:
+        raise AuthenticationError("TOKEN_AMBIGUOUS", "send exactly one Authorization header")
+    return str(values[0]) if values else ""
+
+
 class FixedAgency:
     """``FLUX_AGENT_AUTH=none``: every caller is the configured agency's operator.
 
@@ -123,7 +135,7 @@ class ApiKeyAuthenticator:
         self.tokens = tokens
 
     def authenticate(self, headers: Mapping[str, str], local: bool) -> Claims:
-        raw = headers.get("Authorization", "")
+        raw = authorization(headers)
         scheme, _, token = raw.partition(" ")
         token = token.strip()
         if self.tokens is not None and (not token or token.count(".") == 2):

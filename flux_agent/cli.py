@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -78,9 +80,15 @@ def _tune_process() -> None:
     - glibc: cap the per-thread malloc arenas (the spool's I/O threads would each grow one);
     - a shorter GIL switch interval: the spool's I/O thread finishes an fdatasync and must
       get the GIL back to wake the requests waiting for it; with the default 5 ms it waits
-      behind a busy event loop for most of that.
+      behind a busy event loop for most of that;
+    - the descriptor soft limit raised to the hard one (as nginx and Go do): the HTTP
+      connection caps are derived from it.
     """
     sys.setswitchinterval(0.001)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

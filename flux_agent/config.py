@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 import socket as _socket
@@ -114,6 +115,26 @@ def parse_int(raw: Any) -> int:
     if value < 1:
         raise ValueError("must be at least 1")
     return value
+
+
+def parse_auto_int(raw: Any) -> int:
+    """``auto`` (0: derived at start) or a positive integer."""
+    if str(raw).strip().lower() == "auto":
+        return 0
+    return parse_int(raw)
+
+
+# NAMESPACE[/SERVICEACCOUNT]=AGENCY[:ROLE] (Kubernetes names, an agency slug).
+KUBE_BINDING = re.compile(r"^([a-z0-9][a-z0-9-]{0,62})(?:/([a-z0-9][a-z0-9.-]{0,252}))?="
+                          r"([a-z0-9]+(?:-[a-z0-9]+)*)(?::([a-z]+))?$")
+
+
+def parse_bindings(raw: Any) -> tuple[str, ...]:
+    entries = parse_list(raw)
+    for entry in entries:
+        if not KUBE_BINDING.match(entry):
+            raise ValueError(f"{entry!r} is not NAMESPACE[/SERVICEACCOUNT]=AGENCY[:ROLE]")
+    return entries
 
 
 def parse_str(raw: Any) -> str:
@@ -251,8 +272,10 @@ class AgentConfig:
         shown_default="30s",
     )
     auth: str = setting(
-        "jwt", "`jwt` (Bearer tokens) or `none` (fixed agency; loopback and socket only).",
-        choice("jwt", "none"),
+        "jwt", "`jwt` (Bearer tokens), `kubernetes` (Kubernetes service-account tokens, "
+        "mapped by `FLUX_AGENT_KUBE_BINDINGS`) or `none` (fixed agency; loopback and socket "
+        "only).",
+        choice("jwt", "none", "kubernetes"),
     )
     agency: str = setting("", "The fixed agency when `auth` is `none`.", shown_default="unset")
     jwt_algorithms: tuple[str, ...] = setting(
@@ -285,6 +308,28 @@ class AgentConfig:
     socket_allowed_uids: tuple[str, ...] = setting(
         (), "Peer uids allowed on the Unix socket (SO_PEERCRED); empty allows any.",
         parse_list, shown_default="unset",
+    )
+    http_idle_timeout: float = setting(
+        75.0, "An HTTP connection that sends no request this long (before its first one too) "
+        "is closed.", parse_timeout, shown_default="75s",
+    )
+    http_header_timeout: float = setting(
+        10.0, "A request head (request line and headers) must arrive within this of its "
+        "first byte, else 408 and the connection is closed.", parse_timeout,
+        shown_default="10s",
+    )
+    http_max_connections: int = setting(
+        0, "Open connections each listener takes (the event API's TCP address and socket, "
+        "and the admin listener, at most 64 there); beyond it a new connection gets 503 "
+        "TOO_MANY_CONNECTIONS and is closed. `auto`: what the descriptor limit "
+        "(RLIMIT_NOFILE) leaves after a reserve for the spool, the database pool and files, "
+        "at most 1024.", parse_auto_int, shown_default="`auto`",
+    )
+    kube_bindings: tuple[str, ...] = setting(
+        (), "With `auth` `kubernetes`: which service accounts write as which agency, "
+        "`NAMESPACE[/SERVICEACCOUNT]=AGENCY[:ROLE]` (comma list; role `operator` unless "
+        "given; a service account's own entry wins over its namespace's).", parse_bindings,
+        shown_default="unset",
     )
     agency_manifest: str = setting(
         "", "JSON file of known agencies (and their retention).", shown_default="bundled manifest"
@@ -590,6 +635,8 @@ def _check(config: AgentConfig, serving: bool = True) -> None:
             )
     if config.auth == "jwt":
         _check_jwt(config)
+    if config.auth == "kubernetes":
+        _check_kubernetes(config)
     for uid in config.socket_allowed_uids:
         if not uid.isdigit():
             raise ConfigError(env_name("socket_allowed_uids"), f"{uid!r} is not a numeric uid")
@@ -650,10 +697,33 @@ def _check_jwt(config: AgentConfig) -> None:
                               "FLUX_AGENT_JWT_JWKS_FILE")
 
 
+KUBE_AUDIENCE = "flux-agent"  # the audience of the tokens the injector projects
+
+
+def _check_kubernetes(config: AgentConfig) -> None:
+    if config.api_keys_file or config.jwt_hs256_secret:
+        raise ConfigError(env_name("auth"), "kubernetes takes service-account tokens only")
+    if not config.kube_bindings:
+        raise ConfigError(env_name("kube_bindings"), "required when FLUX_AGENT_AUTH is "
+                          "kubernetes (NAMESPACE[/SERVICEACCOUNT]=AGENCY[:ROLE], ...)")
+    _check_jwt(config)
+
+
 def _is_loopback(host: str) -> bool:
-    if host in {"localhost", "127.0.0.1", "::1"}:
-        return True
-    return host.startswith("127.")
+    """Decided by address, never by name: a literal address must be loopback; a name must
+    resolve, and every address it resolves to must be (``127.example.com`` is no loopback)."""
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            infos = _socket.getaddrinfo(host, None, proto=_socket.IPPROTO_TCP)
+        except (OSError, UnicodeError):
+            return False
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    return bool(addresses) and all(
+        a.is_loopback or (isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None
+                          and a.ipv4_mapped.is_loopback)
+        for a in addresses)
 
 
 def settings_table() -> str:

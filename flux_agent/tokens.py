@@ -6,6 +6,7 @@ Loaded only in ``FLUX_AGENT_AUTH=jwt`` mode and by ``flux-agent token``.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -13,16 +14,39 @@ from typing import Any
 
 import jwt
 
-from .auth import Claims
-from .errors import AuthenticationError
+from .auth import ROLES, Claims, authorization
+from .config import KUBE_BINDING
+from .errors import AuthenticationError, DataIsolationError
 
 _SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+_NUMERIC_DATES = ("exp", "nbf", "iat")
+
+
+class _NotNumericDate(jwt.InvalidTokenError):
+    def __init__(self, claim: str) -> None:
+        super().__init__(claim)
+        self.claim = claim
+
+
+class _StrictJWT(jwt.PyJWT):
+    """RFC 7519 makes ``exp``, ``nbf`` and ``iat`` NumericDates (JSON numbers); pyjwt also
+    takes ``"1700000000"``. Checked after the signature, before pyjwt reads the times."""
+
+    def _validate_claims(self, payload: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        for claim in _NUMERIC_DATES:
+            value = payload.get(claim)
+            if claim in payload and (isinstance(value, bool) or not isinstance(value, int | float)
+                                     or (isinstance(value, float) and not math.isfinite(value))):
+                raise _NotNumericDate(claim)
+        super()._validate_claims(payload, *args, **kwargs)
+
 
 # pyjwt's exceptions -> precise problem codes (most specific first: they subclass each other).
 _JWT_CODES: tuple[tuple[type[Exception], str, str], ...] = (
+    (_NotNumericDate, "TOKEN_INVALID_CLAIM", "a time claim is not a NumericDate"),
     (jwt.ExpiredSignatureError, "TOKEN_EXPIRED", "the token has expired"),
     (jwt.ImmatureSignatureError, "TOKEN_NOT_YET_VALID", "the token is not valid yet"),
-    (jwt.InvalidIssuedAtError, "TOKEN_NOT_YET_VALID", "the token's iat is invalid"),
+    (jwt.InvalidIssuedAtError, "TOKEN_INVALID_CLAIM", "the token's iat is not a number"),
     (jwt.InvalidIssuerError, "TOKEN_WRONG_ISSUER", "the token's issuer is not trusted"),
     (jwt.InvalidAudienceError, "TOKEN_WRONG_AUDIENCE", "the token is for another audience"),
     (jwt.MissingRequiredClaimError, "TOKEN_MISSING_CLAIM", "the token lacks a claim"),
@@ -95,6 +119,7 @@ class JwtAuthenticator:
         leeway: float = 30.0,
         cache_size: int = 4096,
         clock: Callable[[], float] = time.time,
+        claims: Callable[[dict[str, Any]], Claims] | None = None,
     ) -> None:
         self.keys = keys
         self.algorithms = list(algorithms)
@@ -102,6 +127,12 @@ class JwtAuthenticator:
         self.audience = audience or None
         self.leeway = leeway
         self.clock = clock
+        self._jwt = _StrictJWT()
+        self._claims = claims or flux_claims
+        # Kubernetes service-account tokens name no agency: the mapping requires what they
+        # do carry instead.
+        self._required = ["exp", "iat", "iss", "sub"] if claims is None else \
+            ["exp", "iat", "iss", "sub", "aud"]
         self._cache: dict[str, Claims] = {}
         self._cache_size = cache_size
         self.verifications = 0
@@ -111,7 +142,7 @@ class JwtAuthenticator:
         self._cache.clear()
 
     def authenticate(self, headers: Mapping[str, str], local: bool) -> Claims:
-        raw = headers.get("Authorization", "")
+        raw = authorization(headers)
         scheme, _, token = raw.partition(" ")
         if not raw:
             raise AuthenticationError("TOKEN_MISSING", "send Authorization: Bearer <token>",
@@ -150,10 +181,10 @@ class JwtAuthenticator:
                     "TOKEN_ALGORITHM_NOT_ALLOWED",
                     f"algorithm {alg!r} is not allowed (allowed: {', '.join(self.algorithms)})")
             key = self.keys.key_for(header.get("kid"))
-            payload = jwt.decode(
+            payload = self._jwt.decode(
                 token, key, algorithms=self.algorithms, issuer=self.issuers,
                 audience=self.audience, leeway=self.leeway,
-                options={"require": ["exp", "iat", "iss", "sub"],
+                options={"require": self._required,
                          "verify_aud": self.audience is not None},
             )
         except AuthenticationError:
@@ -163,26 +194,81 @@ class JwtAuthenticator:
                 if isinstance(exc, kind):
                     if isinstance(exc, jwt.MissingRequiredClaimError):
                         detail = f"the token lacks the {exc.claim!r} claim"
+                    elif isinstance(exc, _NotNumericDate):
+                        detail = f"{exc.claim!r} must be a NumericDate (a JSON number)"
                     raise AuthenticationError(code, detail) from None
             raise AuthenticationError("TOKEN_INVALID", "the token is invalid") from None
         except (ValueError, TypeError):
             raise AuthenticationError("TOKEN_MALFORMED", "the token is malformed") from None
-        sub, agency, role = payload.get("sub"), payload.get("agency"), payload.get("role")
-        if "agency" not in payload:
-            raise AuthenticationError("TOKEN_MISSING_CLAIM", "the token lacks the 'agency' claim")
-        if "role" not in payload:
-            raise AuthenticationError("TOKEN_MISSING_CLAIM", "the token lacks the 'role' claim")
-        if not isinstance(sub, str) or not sub:
-            raise AuthenticationError("TOKEN_INVALID_CLAIM", "'sub' must be a non-empty string")
-        if not isinstance(agency, str) or not _SLUG.match(agency):
-            raise AuthenticationError("TOKEN_INVALID_CLAIM", "'agency' must be an agency slug")
-        if not isinstance(role, str):
-            raise AuthenticationError("TOKEN_INVALID_CLAIM", "'role' must be a string")
-        try:
-            expires_at = float(payload["exp"])
-        except (OverflowError, TypeError, ValueError):  # e.g. exp = 10**400
-            raise AuthenticationError("TOKEN_INVALID_CLAIM", "'exp' is out of range") from None
-        return Claims(sub=sub, agency=agency, role=role, expires_at=expires_at)
+        return self._claims(payload)
+
+
+def expiry(payload: dict[str, Any]) -> float:
+    try:
+        return float(payload["exp"])
+    except (OverflowError, TypeError, ValueError):  # e.g. exp = 10**400
+        raise AuthenticationError("TOKEN_INVALID_CLAIM", "'exp' is out of range") from None
+
+
+def flux_claims(payload: dict[str, Any]) -> Claims:
+    """A flux token's claims: ``sub``, ``agency`` (a slug), ``role``."""
+    sub, agency, role = payload.get("sub"), payload.get("agency"), payload.get("role")
+    if "agency" not in payload:
+        raise AuthenticationError("TOKEN_MISSING_CLAIM", "the token lacks the 'agency' claim")
+    if "role" not in payload:
+        raise AuthenticationError("TOKEN_MISSING_CLAIM", "the token lacks the 'role' claim")
+    if not isinstance(sub, str) or not sub:
+        raise AuthenticationError("TOKEN_INVALID_CLAIM", "'sub' must be a non-empty string")
+    if not isinstance(agency, str) or not _SLUG.match(agency):
+        raise AuthenticationError("TOKEN_INVALID_CLAIM", "'agency' must be an agency slug")
+    if not isinstance(role, str):
+        raise AuthenticationError("TOKEN_INVALID_CLAIM", "'role' must be a string")
+    return Claims(sub=sub, agency=agency, role=role, expires_at=expiry(payload))
+
+
+_SERVICE_ACCOUNT_SUB = re.compile(
+    r"^system:serviceaccount:([a-z0-9][a-z0-9-]{0,62}):([a-z0-9][a-z0-9.-]{0,252})$")
+
+
+class ServiceAccountBindings:
+    """Kubernetes workload identity: a projected service-account token, as the kubelet
+    issues it (``sub: system:serviceaccount:NS:SA`` and the same names in its
+    ``kubernetes.io`` claim), mapped to an agency and a role by ``NS[/SA]=AGENCY[:ROLE]``
+    entries. A service account's own entry wins over its namespace's; a token of an
+    account bound by neither is refused (403), whoever signed it."""
+
+    def __init__(self, entries: Sequence[str]) -> None:
+        self.bindings: dict[tuple[str, str], tuple[str, str]] = {}
+        for entry in entries:
+            m = KUBE_BINDING.match(entry.strip())
+            if m is None:
+                raise ValueError(f"{entry!r} is not NAMESPACE[/SERVICEACCOUNT]=AGENCY[:ROLE]")
+            role = m.group(4) or "operator"
+            if role not in ROLES:
+                raise ValueError(f"{entry!r}: role must be one of {', '.join(ROLES)}")
+            self.bindings[(m.group(1), m.group(2) or "")] = (m.group(3), role)
+
+    def __call__(self, payload: dict[str, Any]) -> Claims:
+        sub = payload.get("sub")
+        m = _SERVICE_ACCOUNT_SUB.match(sub) if isinstance(sub, str) else None
+        if m is None:
+            raise AuthenticationError("TOKEN_INVALID_CLAIM", "'sub' is not a Kubernetes "
+                                      "service account (system:serviceaccount:NS:NAME)")
+        namespace, account = m.group(1), m.group(2)
+        kube = payload.get("kubernetes.io")
+        kube = kube if isinstance(kube, dict) else {}
+        named = kube.get("serviceaccount")
+        if not isinstance(named, dict) or kube.get("namespace") != namespace \
+                or named.get("name") != account:
+            raise AuthenticationError("TOKEN_INVALID_CLAIM", "the token's kubernetes.io claim "
+                                      "does not name the service account of its 'sub'")
+        bound = self.bindings.get((namespace, account)) or self.bindings.get((namespace, ""))
+        if bound is None:
+            raise DataIsolationError("SERVICE_ACCOUNT_NOT_BOUND",
+                                     f"service account {namespace}/{account} is bound to no "
+                                     "agency on this agent",
+                                     context={"namespace": namespace, "serviceaccount": account})
+        return Claims(sub=str(sub), agency=bound[0], role=bound[1], expires_at=expiry(payload))
 
 
 def mint(

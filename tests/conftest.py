@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -225,14 +227,17 @@ class AgentProcess:
         self.port = 0
         self.admin_port = 0
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 20.0, nofile: int | None = None) -> None:
+        """``nofile``: run under that descriptor limit (soft and hard)."""
         self.port = free_port()
         self.admin_port = free_port()
         env = {**self.env, "FLUX_AGENT_LISTEN": f"127.0.0.1:{self.port}",
                "FLUX_AGENT_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}"}
         log = self.log_path.open("ab")
+        limit = None if nofile is None else functools.partial(
+            resource.setrlimit, resource.RLIMIT_NOFILE, (nofile, nofile))
         self.proc = subprocess.Popen([sys.executable, "-m", "flux_agent", "run"], env=env,
-                                     stdout=log, stderr=subprocess.STDOUT)
+                                     stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -57,6 +57,39 @@ async def get(url: str, *, headers: dict[str, str] | None = None,
         return resp.status, decoded, CIMultiDict(resp.headers)
 
 
+async def raw_http(host: str, port: int, request: bytes, timeout: float = 10.0, *,
+                   unix: Path | None = None) -> bytes:
+    """Send raw bytes (to ``unix``, a socket path, if given) and read the answer until the
+    agent closes or ``timeout`` passes."""
+    import asyncio
+
+    reader, writer = await (asyncio.open_unix_connection(str(unix)) if unix is not None
+                            else asyncio.open_connection(host, port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        chunks = []
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+    finally:
+        writer.close()
+    answer = b"".join(chunks)
+    CAPTURED.append(answer.decode(errors="replace"))
+    return answer
+
+
+def split_answer(answer: bytes) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers with lower-case names, body) of a raw HTTP/1.x answer."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
 def assert_problem(status: int, body: dict[str, Any], headers: dict[str, str],
                    expect_status: int, code: str | None = None) -> None:
     assert status == expect_status, body

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -31,8 +33,9 @@ from flux_agent.testing import make_event
 from flux_agent.tokens import JwtAuthenticator, KeySet, mint
 
 from .conftest import Database, agent_config
-from .faults import wait_until
-from .helpers import CAPTURED, assert_problem, post, remember_secret
+from .faults import TcpProxy, wait_until
+from .helpers import CAPTURED, assert_problem, post, raw_http, remember_secret, split_answer
+from .tools import require_tool
 
 ISSUER = "https://idp.flux.test"
 AUDIENCE = "flux-agent"
@@ -138,6 +141,12 @@ async def test_valid_token_writes_for_its_agency(jwt_agent: Agent, database: Dat
         ("missing exp", "TOKEN_MISSING_CLAIM"),
         ("bad agency", "TOKEN_INVALID_CLAIM"),
         ("tampered payload", "TOKEN_BAD_SIGNATURE"),
+        # RFC 7519: exp, nbf and iat are NumericDates (JSON numbers), never strings.
+        ("exp as a numeric string", "TOKEN_INVALID_CLAIM"),
+        ("nbf as a numeric string", "TOKEN_INVALID_CLAIM"),
+        ("iat as a numeric string", "TOKEN_INVALID_CLAIM"),
+        ("iat not a number", "TOKEN_INVALID_CLAIM"),
+        ("exp as a boolean", "TOKEN_INVALID_CLAIM"),
     ],
 )
 async def test_forged_and_broken_tokens_are_401_with_a_precise_code(
@@ -174,6 +183,13 @@ async def test_forged_and_broken_tokens_are_401_with_a_precise_code(
         headers = bearer(token(rsa_key, exp=None))
     elif name == "bad agency":
         headers = bearer(token(rsa_key, agency="NASA HQ"))
+    elif name.endswith("as a numeric string"):
+        claim = name.split()[0]
+        headers = bearer(token(rsa_key, **{claim: str(good.get(claim, now))}))
+    elif name == "iat not a number":
+        headers = bearer(token(rsa_key, iat="yesterday"))
+    elif name == "exp as a boolean":
+        headers = bearer(token(rsa_key, exp=True))
     else:
         head, _, sig = token(rsa_key).split(".")
         forged = b64(json.dumps({**good, "agency": "noaa"}).encode())
@@ -183,6 +199,29 @@ async def test_forged_and_broken_tokens_are_401_with_a_precise_code(
     assert_problem(status, body, resp_headers, 401, code)
     assert resp_headers["WWW-Authenticate"].startswith("Bearer")
     assert body["class"] == "VALIDATION_ERROR"
+    if "numeric string" in name:
+        assert repr(name.split()[0]) in body["detail"] and "NumericDate" in body["detail"]
+
+
+async def test_two_authorization_headers_are_refused_on_every_route(jwt_agent: Agent, rsa_key,
+                                                                   database: Database):
+    """Two valid tokens for two agencies: the first once won. Ambiguous credentials are
+    refused on every route, whichever agency either names."""
+    parts = urlsplit(jwt_agent.endpoints.event_url)
+    nasa, noaa = token(rsa_key, agency="nasa"), token(rsa_key, agency="noaa")
+    for method, path, body, _ in ROUTES:
+        payload = json.dumps(make_event() if body == "event" else body or {}).encode()
+        for first, second in ((nasa, noaa), (nasa, nasa)):
+            answer = await raw_http(parts.hostname, parts.port, (
+                f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {first}\r\nAuthorization: Bearer {second}\r\n"
+                f"Connection: close\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
+                + payload)
+            status, headers, raw = split_answer(answer)
+            assert status == 401, (method, path, raw[:300])
+            assert headers["content-type"].startswith("application/problem+json")
+            assert json.loads(raw)["code"] == "TOKEN_AMBIGUOUS", raw
+    assert await database.fetchval("SELECT count(*) FROM flux.events") == 0
 
 
 ROUTES = [  # (method, path, body, what it needs)
@@ -274,16 +313,18 @@ async def test_bad_tokens_are_audited_but_rate_limited(jwt_agent: Agent, databas
     assert agency == "-"
 
 
+def jwks(*pairs: tuple[str, Any]) -> str:
+    """A JWKS of these (kid, RSA private key) pairs' public keys."""
+    keys = []
+    for kid, key in pairs:
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+        jwk.update({"kid": kid, "use": "sig", "alg": "RS256"})
+        keys.append(jwk)
+    return json.dumps({"keys": keys})
+
+
 async def test_jwks_rotation_with_kid(database: Database, state_dir: Path, rsa_key,
                                       other_rsa_key):
-    def jwks(*pairs: tuple[str, Any]) -> str:
-        keys = []
-        for kid, key in pairs:
-            jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
-            jwk.update({"kid": kid, "use": "sig", "alg": "RS256"})
-            keys.append(jwk)
-        return json.dumps({"keys": keys})
-
     jwks_file = state_dir / "jwks.json"
     jwks_file.write_text(jwks(("k1", rsa_key)))
     config = agent_config(database, state_dir, auth="jwt", agency="",
@@ -322,6 +363,147 @@ async def test_agent_refuses_a_superuser_login_in_jwt_mode(database: Database, s
             pass
     assert info.value.setting == "FLUX_AGENT_DATABASE_URL"
     assert "row-level security" in info.value.message
+
+
+async def test_reads_never_run_on_a_role_that_bypasses_row_level_security(
+        database: Database, state_dir: Path, rsa_key, proxy: TcpProxy):
+    """PostgreSQL down at start: a JWT agent whose login role bypasses row-level security
+    starts (it cannot check the role yet). Once PostgreSQL answers, as that superuser, no
+    read may run on it: isolation must not rest on each query's own filter."""
+    admin = await asyncpg.connect(database.admin_dsn)
+    await admin.execute("""
+        INSERT INTO flux.events (agency_id, event_id, run_id, kind, occurred_at, received_at,
+                                 payload, payload_sha256, expires_at)
+        VALUES ('noaa', '0190f0b2-2f6c-7c3e-9d4a-00000000000a', 'r-su', 'run.started', now(),
+                now(), '{}', repeat('a', 64), now() + interval '1 day')""")
+    scans = ("SELECT sum(coalesce(seq_scan, 0) + coalesce(idx_scan, 0)) FROM "
+             "pg_stat_user_tables WHERE schemaname = 'flux'")
+    before = await admin.fetchval(scans)
+    key_file = state_dir / "idp.pem"
+    key_file.write_bytes(pem_public(rsa_key))
+    parts = urlsplit(database.admin_dsn)
+    superuser = urlunsplit(parts._replace(
+        netloc=f"{parts.netloc.rsplit('@', 1)[0]}@127.0.0.1:{proxy.port}"))
+    config = agent_config(database, state_dir, auth="jwt", agency="",
+                          database_url=Secret(superuser), jwt_algorithms=("RS256",),
+                          jwt_issuers=(ISSUER,), jwt_public_key_file=str(key_file),
+                          database_connect_timeout=2.0, database_ping_interval=0.3)
+    proxy.cut()
+    try:
+        async with Agent(config) as running:
+            proxy.restore()  # PostgreSQL answers now, as the superuser
+            url = running.endpoints.event_url
+            for agency in ("noaa", "nasa"):
+                headers = bearer(token(rsa_key, agency=agency, role="viewer"))
+                for path in ("/v1/runs/r-su", "/v1/runs/r-su/events",
+                             "/v1/events/0190f0b2-2f6c-7c3e-9d4a-00000000000a",
+                             "/v1/runs/r-su/checkpoint", "/v1/runs/r-su/checkpoints"):
+                    async with aiohttp.ClientSession() as session, session.get(
+                            url + path, headers=headers) as resp:
+                        answer = await resp.json(content_type=None)
+                    CAPTURED.append(json.dumps(answer))
+                    assert resp.status == 503, (path, answer)
+                    assert "r-su" not in json.dumps(answer.get("events", answer.get("run_id")))
+
+            async def unsafe() -> bool:
+                ready = running.readiness()
+                return "database_role_unsafe" in ready[1].get("reasons", [])
+
+            assert await wait_until(unsafe, 15)
+    finally:
+        proxy.restore()
+    await admin.execute("SELECT pg_stat_clear_snapshot()")
+
+    async def flushed() -> bool:  # a backend reports its table scans when it ends
+        await admin.execute("SELECT pg_stat_clear_snapshot()")
+        gone = await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE "
+                                    "application_name = 'flux-agent' AND datname = $1",
+                                    database.name)
+        return gone == 0
+
+    assert await wait_until(flushed, 30)
+    assert await admin.fetchval(scans) == before
+    await admin.close()
+
+
+@contextlib.contextmanager
+def remote_peer() -> Iterator[tuple[str, Any]]:
+    """A network namespace joined to this one by a veth pair: a caller that is not on
+    loopback, as the pod network is to the admin listener. Yields the address on this side
+    and ``get(url, headers) -> (status, body)`` run from inside the namespace."""
+    ip = str(require_tool("ip"))
+    tag = f"{os.getpid() % 1000}{secrets.randbelow(100)}"
+    ns, host_if, peer_if = f"fa-ns{tag}", f"fa-h{tag}", f"fa-p{tag}"
+    octet = 16 + secrets.randbelow(200)
+    here, there = f"10.213.{octet}.1", f"10.213.{octet}.2"
+
+    def run(*args: str) -> None:
+        subprocess.run([ip, *args], check=True, capture_output=True, timeout=30)
+
+    run("netns", "add", ns)
+    try:
+        run("link", "add", host_if, "type", "veth", "peer", "name", peer_if, "netns", ns)
+        run("addr", "add", f"{here}/30", "dev", host_if)
+        run("link", "set", host_if, "up")
+        for args in (("addr", "add", f"{there}/30", "dev", peer_if),
+                     ("link", "set", peer_if, "up"), ("link", "set", "lo", "up")):
+            run("netns", "exec", ns, ip, *args)
+
+        def get(url: str, headers: dict[str, str]) -> tuple[int, str]:
+            script = ("import json,sys,urllib.request,urllib.error\n"
+                      "req=urllib.request.Request(sys.argv[1],headers=json.loads(sys.argv[2]))\n"
+                      "try:\n r=urllib.request.urlopen(req,timeout=20)\n"
+                      "except urllib.error.HTTPError as e:\n r=e\n"
+                      "print(r.status);print(r.read().decode())\n")
+            out = subprocess.run([ip, "netns", "exec", ns, sys.executable, "-c", script, url,
+                                  json.dumps(headers)], capture_output=True, text=True,
+                                 timeout=60, check=True).stdout
+            status, _, body = out.partition("\n")
+            CAPTURED.append(body)
+            return int(status), body
+
+        yield here, get
+    finally:
+        subprocess.run([ip, "netns", "del", ns], capture_output=True, timeout=30)
+        subprocess.run([ip, "link", "del", host_if], capture_output=True, timeout=30)
+
+
+async def test_admin_listener_tells_the_pod_network_no_diagnostics(
+        database: Database, state_dir: Path, rsa_key):
+    """With the admin listener on the pod network, anyone reaching the pod read
+    /health/deep: database errors naming roles and hosts, the tasks' errors."""
+    key_file = state_dir / "idp.pem"
+    key_file.write_bytes(pem_public(rsa_key))
+    # A login role PostgreSQL does not know: its error names the role (and the test
+    # cluster trusts local connections, so no password is ever checked).
+    parts = urlsplit(database.agent_dsn)
+    user = "flux_no_such_role"
+    dsn = urlunsplit(parts._replace(netloc=f"{user}@{parts.hostname}:{parts.port}"))
+    with remote_peer() as (address, remote_get):
+        config = agent_config(database, state_dir, auth="jwt", agency="",
+                              database_url=Secret(dsn), admin_listen=f"{address}:0",
+                              jwt_algorithms=("RS256",), jwt_issuers=(ISSUER,),
+                              jwt_audience=AUDIENCE, jwt_public_key_file=str(key_file))
+        async with Agent(config) as running:
+            deep = running.endpoints.admin_url + "/health/deep"
+            # The probes and the scrape stay open to the pod network.
+            for path in ("/health/live", "/health/ready", "/metrics"):
+                status, body = await asyncio.to_thread(
+                    remote_get, running.endpoints.admin_url + path, {})
+                assert status in (200, 503), (path, body)
+                assert user not in body, (path, body)
+            status, body = await asyncio.to_thread(remote_get, deep, {})
+            assert user not in body and "does not exist" not in body, body
+            assert json.loads(body)["diagnostics"].startswith("served to loopback")
+            # An operator with an admin token sees it all, from anywhere.
+            admin = bearer(token(rsa_key, role="admin"))
+            status, body = await asyncio.to_thread(remote_get, deep, admin)
+            assert f'role \\"{user}\\" does not exist' in body, body
+            status, body = await asyncio.to_thread(
+                remote_get, deep, bearer(token(rsa_key, role="operator")))
+            assert status == 403 and json.loads(body)["code"] == "FORBIDDEN", body
+            status, body = await asyncio.to_thread(remote_get, deep, bearer("x.y.z"))
+            assert status == 401 and user not in body, body
 
 
 async def test_socket_peer_uid_allow_list(database: Database, state_dir: Path):
@@ -464,6 +646,15 @@ async def test_api_keys_map_a_key_to_an_agency(database: Database, state_dir: Pa
         assert (await post(url, make_event(), headers=bearer(token(rsa_key))))[0] == 202
         status, body, headers = await post(url, make_event(), headers=bearer("flux_wrong"))
         assert_problem(status, body, headers, 401, "TOKEN_UNKNOWN_KEY")
+        # Two Authorization headers, on the OpenLineage route's API-key path too.
+        parts = urlsplit(running.endpoints.event_url)
+        for path in ("/v1/events", "/api/v1/lineage"):
+            answer = await raw_http(parts.hostname, parts.port, (
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                f"Authorization: Bearer flux_other\r\nContent-Type: application/json\r\n"
+                "Content-Length: 2\r\nConnection: close\r\n\r\n{}").encode())
+            status, _, raw = split_answer(answer)
+            assert status == 401 and json.loads(raw)["code"] == "TOKEN_AMBIGUOUS", raw
         # Header bytes beyond ASCII (no valid credential needed) once answered 500.
         parts = urlsplit(running.endpoints.event_url)
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port)

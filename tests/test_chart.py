@@ -26,6 +26,7 @@ from flux_agent.kube.config import (
     ADMIN_PORT_NAME,
     INJECT_LABEL,
     STATE_DIR,
+    InjectionError,
     InjectorConfig,
     config_from,
 )
@@ -33,6 +34,10 @@ from flux_agent.kube.config import (
 CHART = Path(__file__).resolve().parent.parent / "helm" / "flux-agent"
 RELEASE, NAMESPACE = "flux", "flux-system"
 KUBE_VERSIONS = ("1.29.0", "1.33.0")
+# The annotations of the pods' Namespace, as a cluster admin set them (the injector reads them
+# through the API with agent.namespaceBinding).
+ETL_NAMESPACE = {"flux.io/agency": "nasa"}
+CLUSTER_SCOPED = {"MutatingWebhookConfiguration", "ClusterRole", "ClusterRoleBinding"}
 # Custom resources kubernetes-validate has no schema for (CRDs of cert-manager and the
 # Prometheus operator). Only these kinds are exempt from strict validation.
 CRD_KINDS = {
@@ -70,6 +75,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "image": {"repository": "registry.example/flux-agent", "tag": "0.1.0"},
         "injector": {"replicas": 3, "nodeSelector": {"kubernetes.io/os": "linux"}},
     },
+    "bindings": {"agent": {"namespaceBinding": False, "agencyBindings": {
+        "etl": "nasa", "science": ["noaa", "nasa"], "*": "noaa"}}},
+    "workload-identity": {"agent": {"auth": "kubernetes", "agencyBindings": {"etl": "nasa"},
+                                    "kubernetes": {"jwksConfigMap": "cluster-sa-jwks"}}},
     "single-replica": {"injector": {"replicas": 1},
                        "agent": {"agency": "nasa"}, "networkPolicy": {"enabled": False},
                        "serviceAccount": {"create": False}},
@@ -161,7 +170,7 @@ def test_renders_lints_and_validates_strictly(chart: helm.Chart, name: str):
             except kubernetes_validate.ValidationError as exc:
                 pytest.fail(f"{doc['__template']} ({doc['kind']}) is invalid for Kubernetes "
                             f"{version}: {exc.message} at {list(exc.absolute_path)}")
-        if doc["kind"] != "MutatingWebhookConfiguration":
+        if doc["kind"] not in CLUSTER_SCOPED:
             assert doc["metadata"].get("namespace"), f"{doc['kind']} without a namespace"
     # Only CRDs are ever skipped, and only when their feature is on.
     assert skipped <= CRD_KINDS
@@ -171,7 +180,7 @@ def test_renders_lints_and_validates_strictly(chart: helm.Chart, name: str):
            "metadata": {"generateName": "etl-", "labels": {"flux.io/inject": "true"},
                         "annotations": {"flux.io/agency": "nasa"}},
            "spec": {"containers": [{"name": "app", "image": "etl:1"}]}}
-    mutated = mutate_pod(pod, config, "etl")
+    mutated = mutate_pod(pod, config, "etl", ETL_NAMESPACE)
     for version in KUBE_VERSIONS:
         kubernetes_validate.validate({**mutated, "metadata": {**mutated["metadata"],
                                                               "namespace": "etl"}},
@@ -280,7 +289,7 @@ def test_legacy_and_pvc_value_sets_reach_the_injector(chart: helm.Chart):
     defaults = injector_config(render(chart, {}))
     assert defaults == InjectorConfig(
         image="flux-agent:0.1.0", excluded_namespaces=(NAMESPACE, "kube-system", "kube-public"),
-        require_agency=True)
+        namespace_bindings=True)
 
 
 def test_the_agent_accepts_the_configmap(chart: helm.Chart):
@@ -293,7 +302,7 @@ def test_the_agent_accepts_the_configmap(chart: helm.Chart):
         pod = {"metadata": {"labels": {"flux.io/inject": "true"},
                             "annotations": {"flux.io/agency": "nasa"}},
                "spec": {"containers": [{"name": "app", "image": "etl:1"}]}}
-        mutated = mutate_pod(pod, config, "etl")
+        mutated = mutate_pod(pod, config, "etl", ETL_NAMESPACE)
         agent = next(c for c in mutated["spec"].get("initContainers", []) if
                      c["name"] == "flux-agent")
         configmaps = find(docs, "ConfigMap")
@@ -317,7 +326,7 @@ def test_the_agent_accepts_the_configmap(chart: helm.Chart):
             "values": ["etl", "batch"]} in hook["namespaceSelector"]["matchExpressions"]
     config = injector_config(docs)
     assert config.jwks_configmap == "flux-jwks"
-    assert config.fail_closed is True and config.require_agency is False
+    assert config.fail_closed is True and config.agent_auth == "jwt"
     assert "monitoring" in config.excluded_namespaces
 
 
@@ -333,6 +342,72 @@ def test_injector_arguments_parse(chart: helm.Chart, capsys: pytest.CaptureFixtu
         capsys.readouterr().err
 
 
+def opted_in(annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "etl-", "labels": {"flux.io/inject": "true"},
+                         "annotations": annotations or {}},
+            "spec": {"containers": [{"name": "app", "image": "etl:1"}]}}
+
+
+def agent_env(pod: dict[str, Any]) -> dict[str, str]:
+    agent = next(c for c in pod["spec"]["initContainers"] if c["name"] == "flux-agent")
+    return {e["name"]: e.get("value", "") for e in agent["env"]}
+
+
+def test_the_webhook_binds_each_pod_to_its_namespaces_agency(chart: helm.Chart):
+    """A pod's flux.io/agency annotation once chose its agency freely: anyone allowed to
+    create pods in an opted-in namespace could write as any agency."""
+    config = injector_config(render(chart, VALUE_SETS["bindings"]))
+    assert config.fail_closed is False  # refused all the same: this check fails closed
+    # A bound namespace: its agency, without any annotation.
+    pod = mutate_pod(opted_in(), config, "etl")
+    assert agent_env(pod)["FLUX_AGENT_AGENCY"] == "nasa"
+    assert agent_env(pod)["FLUX_AGENT_AUTH"] == "none"  # env: the ConfigMap cannot flip it
+    assert agent_env(mutate_pod(opted_in({"flux.io/agency": "nasa"}), config, "etl")) == \
+        agent_env(pod)
+    # An agency the namespace is not bound to: refused at admission, with the reason.
+    for namespace, agency in (("etl", "noaa"), ("batch", "nasa")):
+        with pytest.raises(InjectionError, match=f"'{agency}' is not an agency of "
+                                                 f"namespace {namespace}"):
+            mutate_pod(opted_in({"flux.io/agency": agency}), config, namespace)
+    # Several agencies: the pod chooses among them, and must.
+    assert agent_env(mutate_pod(opted_in({"flux.io/agency": "noaa"}), config, "science"))[
+        "FLUX_AGENT_AGENCY"] == "noaa"
+    with pytest.raises(InjectionError, match="choose one"):
+        mutate_pod(opted_in(), config, "science")
+    # The Namespace's own annotation binds it when the chart reads it (the default).
+    config = injector_config(render(chart, {}))
+    assert agent_env(mutate_pod(opted_in(), config, "etl", {"flux.io/agency": "noaa"}))[
+        "FLUX_AGENT_AGENCY"] == "noaa"
+    with pytest.raises(InjectionError, match="'nasa' is not an agency of namespace etl"):
+        mutate_pod(opted_in({"flux.io/agency": "nasa"}), config, "etl",
+                   {"flux.io/agency": "noaa"})
+    with pytest.raises(InjectionError, match="namespace etl is bound to no agency"):
+        mutate_pod(opted_in({"flux.io/agency": "nasa"}), config, "etl", {})
+
+
+def test_workload_identity_value_set(chart: helm.Chart):
+    docs = render(chart, VALUE_SETS["workload-identity"])
+    config = injector_config(docs)
+    assert (config.agent_auth, config.jwks_configmap) == ("kubernetes", "cluster-sa-jwks")
+    pod = mutate_pod(opted_in(), config, "etl")
+    env = agent_env(pod)
+    assert env["FLUX_AGENT_AUTH"] == "kubernetes"
+    assert env["FLUX_AGENT_KUBE_BINDINGS"] == "etl=nasa"
+    assert env["FLUX_AGENT_JWT_ISSUERS"] == "https://kubernetes.default.svc.cluster.local"
+    app = pod["spec"]["containers"][0]
+    assert {"name": "FLUX_AGENT_TOKEN_FILE", "value": "/var/run/secrets/flux-agent/token"} in \
+        app["env"]
+    token = next(v for v in pod["spec"]["volumes"] if v["name"] == "flux-agent-token")
+    assert token["projected"]["sources"] == [{"serviceAccountToken": {
+        "audience": "flux-agent", "path": "token", "expirationSeconds": 3600}}]
+    cm = find(docs, "ConfigMap")[0]["data"]
+    environ = {**cm, **env, "FLUX_AGENT_DATABASE_URL": "postgresql://u@db.example/flux"}
+    loaded = load_config([], environ=environ)
+    assert loaded.auth == "kubernetes" and loaded.kube_bindings == ("etl=nasa",)
+    assert loaded.jwt_jwks_file == "/etc/flux-agent/jwks/jwks.json"
+
+
 # --------------------------------------------------------------------------- hardening
 
 
@@ -342,7 +417,14 @@ def test_injector_pod_is_locked_down(chart: helm.Chart):
     assert deployment["spec"]["replicas"] == 2
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod = deployment["spec"]["template"]["spec"]
-    assert pod["automountServiceAccountToken"] is False
+    # Its one API call (agent.namespaceBinding): get on namespaces, nothing else.
+    assert pod["automountServiceAccountToken"] is True
+    (role,) = find(docs, "ClusterRole")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]}]
+    (binding,) = find(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "namespace": NAMESPACE,
+                                    "name": pod["serviceAccountName"]}]
     assert pod["securityContext"]["runAsNonRoot"] is True
     sc = pod["containers"][0]["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True
@@ -350,20 +432,26 @@ def test_injector_pod_is_locked_down(chart: helm.Chart):
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["containers"][0]["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
-    # No API access: a ServiceAccount without token and no RBAC objects at all.
     assert one(docs, "ServiceAccount")["automountServiceAccountToken"] is False
-    assert not {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"} & {
-        d["kind"] for d in docs}
+    assert not {"Role", "RoleBinding"} & {d["kind"] for d in docs}
     pdb = one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["minAvailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"].items() <= \
         deployment["spec"]["template"]["metadata"]["labels"].items()
     policy = one(docs, "NetworkPolicy")
-    assert policy["spec"]["egress"] == []
+    assert policy["spec"]["egress"] == [{"ports": [{"port": 443, "protocol": "TCP"},
+                                                   {"port": 6443, "protocol": "TCP"}]}]
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     port_names = {p["name"] for p in pod["containers"][0]["ports"]}
     assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == \
         port_names
+    # Bound by the chart's values alone, or with tokens (jwt): no API access at all.
+    for values in (VALUE_SETS["bindings"], VALUE_SETS["namespaces-jwt"]):
+        docs = render(chart, values)
+        assert one(docs, "Deployment")["spec"]["template"]["spec"][
+            "automountServiceAccountToken"] is False
+        assert not {"ClusterRole", "ClusterRoleBinding"} & {d["kind"] for d in docs}
+        assert one(docs, "NetworkPolicy")["spec"]["egress"] == []
     # One replica: no PodDisruptionBudget that would block node drains forever.
     docs = render(chart, VALUE_SETS["single-replica"])
     assert find(docs, "PodDisruptionBudget") == []
@@ -413,6 +501,10 @@ def test_notes_tell_how_to_opt_in(chart: helm.Chart):
     {"sidecar": {"spoolSize": "lots"}},
     {"agent": {"auth": "jwt"}},
     {"agent": {"agency": "NASA"}},
+    {"agent": {"agencyBindings": {"etl": "NASA"}}},
+    {"agent": {"agencyBindings": {"Not A Namespace": "nasa"}}},
+    {"agent": {"agencyBindings": {"etl": []}}},
+    {"agent": {"auth": "kubernetes"}},  # without the issuer's keys
     {"agent": {"extraEnv": {"FLUX_AGENT_DATABASE_URL": "postgresql://x"}}},
     {"agent": {"extraEnv": {"PATH": "/bin"}}},
     {"database": {"existingSecret": "Not_A_Name"}},

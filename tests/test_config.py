@@ -100,6 +100,26 @@ def test_bad_values_name_the_setting(env: dict[str, str], setting: str):
     assert info.value.setting == setting
 
 
+@pytest.mark.parametrize("host", ["127.example.com", "127.0.0.1.example", "0.0.0.0", "10.0.0.1",
+                                  "[::ffff:10.0.0.1]", "no-such-host.invalid"])
+def test_auth_none_listens_on_loopback_addresses_only(host: str):
+    """Loopback is decided by address: a name beginning with 127. once passed."""
+    with pytest.raises(ConfigError) as info:
+        load_config([], {**BASE_ENV, "FLUX_AGENT_LISTEN": f"{host}:8787"})
+    assert info.value.setting == "FLUX_AGENT_LISTEN"
+    for loopback in ("127.0.0.1", "127.3.4.5", "[::1]", "[::ffff:127.0.0.1]", "localhost"):
+        assert load_config([], {**BASE_ENV, "FLUX_AGENT_LISTEN": f"{loopback}:8787"})
+
+
+def test_cli_refuses_a_loopback_lookalike_with_78(tmp_path: Path):
+    env = {"PATH": "/usr/bin:/bin", **BASE_ENV, "FLUX_AGENT_STATE_DIR": str(tmp_path),
+           "FLUX_AGENT_LISTEN": "127.example.com:8787"}
+    result = subprocess.run([sys.executable, "-m", "flux_agent", "run"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78, result.stderr
+    assert "FLUX_AGENT_LISTEN" in result.stderr
+
+
 def test_unknown_flag_and_unknown_file_key(tmp_path: Path):
     with pytest.raises(ConfigError):
         load_config(["--no-such-thing", "1"], BASE_ENV)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import jsonpatch
 import kubernetes_validate
 import pytest
@@ -44,10 +45,16 @@ from flux_agent.kube.config import (
     spool_bytes,
 )
 from flux_agent.kube.patch import _apply_patch, build_patch
-from flux_agent.kube.webhook import WebhookServer
+from flux_agent.kube.webhook import NamespaceReader, WebhookServer
 
 KUBE_VERSIONS = ("1.29.0", "1.33.0")
-CONFIG = InjectorConfig(image="registry.example/flux-agent:0.1.0")
+# Pods are bound to their namespace's agency: these tests' namespaces may write as either.
+BOUND = (("etl", ("nasa", "noaa")), ("batch", ("nasa",)), ("*", ("nasa", "noaa")))
+CONFIG = InjectorConfig(image="registry.example/flux-agent:0.1.0", agency_bindings=BOUND)
+
+
+def cfg(**options: Any) -> InjectorConfig:
+    return InjectorConfig(**{"agency_bindings": BOUND, **options})
 
 
 # --------------------------------------------------------------------------- pods
@@ -338,7 +345,7 @@ def test_job_pod_with_tuning_annotations():
 
 def test_pod_with_init_containers_volumes_and_security_context():
     pod = busy_pod()
-    mutated, patch = admit(pod)
+    mutated, patch = admit(pod, namespace="batch")  # one agency: no annotation needed
     paths = [op["path"] for op in patch]
     assert "/spec/initContainers/-" in paths
     assert "/spec/volumes/-" in paths
@@ -363,7 +370,7 @@ def test_already_injected_pod_is_left_alone():
     assert response["allowed"] is True
     assert patch == []
     # Also when only the container's name gives it away (legacy mode, or by hand).
-    legacy = mutate_pod(deployment_pod(), InjectorConfig(sidecar_mode="legacy"))
+    legacy = mutate_pod(deployment_pod(), cfg(sidecar_mode="legacy"))
     assert build_patch(legacy, CONFIG, "etl") == []
     assert len(agents(legacy)) == 1
 
@@ -387,9 +394,9 @@ def test_system_namespaces_are_never_injected(namespace: str):
     pod["metadata"]["namespace"] = namespace
     assert build_patch(pod, CONFIG) == []
     # Whatever the configuration lists.
-    assert build_patch(pod, InjectorConfig(excluded_namespaces=("other",))) == []
-    assert build_patch(pod, InjectorConfig(excluded_namespaces=("other",)), "other") == []
-    assert build_patch(pod, InjectorConfig(excluded_namespaces=()), "etl") != []
+    assert build_patch(pod, cfg(excluded_namespaces=("other",))) == []
+    assert build_patch(pod, cfg(excluded_namespaces=("other",)), "other") == []
+    assert build_patch(pod, cfg(excluded_namespaces=()), "etl") != []
 
 
 @pytest.mark.parametrize("labels", [None, {"app": "x"}, {"flux.io/inject": "false"},
@@ -433,12 +440,12 @@ def test_legacy_sidecar_shape():
     assert env_of(mutated["spec"]["containers"][1])["FLUX_AGENT_SOCKET"]
     assert_apps_wired(mutated)
     # The injector's default mode is used when the pod does not choose.
-    mutated2, _ = admit(job_pod(), InjectorConfig(sidecar_mode="legacy"))
+    mutated2, _ = admit(job_pod(), cfg(sidecar_mode="legacy"))
     assert the_agent(mutated2)[0] == "containers"
     # ... and a pod may choose native under a legacy default.
     pod3 = job_pod()
     pod3["metadata"]["annotations"]["flux.io/sidecar-mode"] = "native"
-    mutated3, _ = admit(pod3, InjectorConfig(sidecar_mode="legacy"))
+    mutated3, _ = admit(pod3, cfg(sidecar_mode="legacy"))
     assert the_agent(mutated3)[0] == "initContainers"
 
 
@@ -466,7 +473,7 @@ def test_spool_on_a_named_claim_or_a_statefulset_volume():
 
 
 def test_ephemeral_spool_volume_and_jwks():
-    config = InjectorConfig(spool_volume="ephemeral", spool_storage_class="fast-ssd",
+    config = cfg(spool_volume="ephemeral", spool_storage_class="fast-ssd",
                             jwks_configmap="flux-jwks")
     mutated, _ = admit(deployment_pod(), config)
     claim = volume(mutated, "flux-agent-state")["ephemeral"]["volumeClaimTemplate"]["spec"]
@@ -482,8 +489,8 @@ def test_image_annotation_and_no_default_limits():
     pod = job_pod()
     pod["metadata"]["annotations"] = {"flux.io/image": "mirror.example/flux-agent@sha256:"
                                       + "a" * 64, "flux.io/memory": "200Mi"}
-    config = InjectorConfig(memory_limit="", cpu_request="", memory_request="64Mi")
-    mutated, _ = admit(pod, config)
+    config = cfg(memory_limit="", cpu_request="", memory_request="64Mi")
+    mutated, _ = admit(pod, config, namespace="batch")
     _, _, agent = the_agent(mutated)
     assert agent["image"] == "mirror.example/flux-agent@sha256:" + "a" * 64
     assert agent["resources"] == {"requests": {"memory": "200Mi"}}
@@ -523,7 +530,7 @@ def test_bad_annotation_fails_open_with_a_warning(name: str, value: str, says: s
 def test_bad_annotation_fails_closed_when_configured(name: str, value: str, says: str):
     pod = deployment_pod()
     pod["metadata"]["annotations"][name] = value
-    response, patch = answer(pod, InjectorConfig(fail_closed=True))
+    response, patch = answer(pod, cfg(fail_closed=True))
     assert response["allowed"] is False
     assert patch == []
     assert response["status"]["code"] == 403
@@ -558,7 +565,6 @@ def no_agency() -> dict[str, Any]:
      "with a name"),
     (mount_conflict, CONFIG, "already mounts"),
     (host_network, CONFIG, "hostNetwork"),
-    (no_agency, InjectorConfig(require_agency=True), "flux.io/agency is required"),
 ])
 def test_malformed_or_unsuitable_pods(make, config: InjectorConfig, says: str):
     response, patch = answer(make(), config)
@@ -693,6 +699,82 @@ async def test_https_webhook_server(tmp_path: Path):
             assert 'flux_injector_admissions_total{result="malformed"} 2.0' in metrics
 
 
+async def fake_kube_api(token: str, namespaces: dict[str, dict[str, str]]
+                        ) -> tuple[Any, int, list[str]]:
+    """A Kubernetes API that serves GET /api/v1/namespaces/NAME to the holder of ``token``
+    (a real HTTP server on loopback); returns its runner, its port and the names asked for."""
+    asked: list[str] = []
+
+    async def namespace(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        if request.headers.get("Authorization") != f"Bearer {token}":
+            return aiohttp.web.json_response({"kind": "Status", "code": 401}, status=401)
+        name = request.match_info["name"]
+        asked.append(name)
+        if name not in namespaces:
+            return aiohttp.web.json_response({"kind": "Status", "code": 404}, status=404)
+        return aiohttp.web.json_response({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+            "name": name, "annotations": namespaces[name]}})
+
+    app = aiohttp.web.Application()
+    app.router.add_get("/api/v1/namespaces/{name}", namespace)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1], asked  # type: ignore[union-attr]
+
+
+async def test_the_webhook_reads_the_namespaces_agency_through_the_api(tmp_path: Path):
+    """The agency is bound to the Namespace's flux.io/agency annotation, which cluster
+    admins set: a pod annotation naming another agency is refused (fail closed, although
+    this injector otherwise fails open), a pod without one gets the namespace's."""
+    token_file = tmp_path / "token"
+    token_file.write_text("injector-sa-token-1\n")
+    api, port, asked = await fake_kube_api("injector-sa-token-1", {
+        "science": {"flux.io/agency": "noaa"}, "shared": {"flux.io/agency": "nasa, noaa"},
+        "unbound": {}})
+    cert_file, key_file = make_cert(tmp_path)
+    config = InjectorConfig(namespace_bindings=True)
+    reader = NamespaceReader(f"http://127.0.0.1:{port}", str(token_file))
+    try:
+        async with WebhookServer(config, host="127.0.0.1", port=0, cert_file=str(cert_file),
+                                 key_file=str(key_file), namespaces=reader) as server:
+            tls = client_tls(cert_file)
+
+            async def admission(pod: dict[str, Any], namespace: str) -> dict[str, Any]:
+                async with aiohttp.ClientSession() as session, session.post(
+                        f"https://127.0.0.1:{server.port}/mutate", json=review(pod, namespace),
+                        ssl=tls) as resp:
+                    assert resp.status == 200
+                    return (await resp.json())["response"]
+
+            plain = deployment_pod()
+            del plain["metadata"]["annotations"]["flux.io/agency"]
+            response = await admission(plain, "science")
+            mutated = jsonpatch.apply_patch(plain, json.loads(base64.b64decode(
+                response["patch"])))
+            assert env_of(the_agent(mutated)[2])["FLUX_AGENT_AGENCY"] == "noaa"
+            validate(mutated, "science")
+            response = await admission(deployment_pod(), "science")  # asks for nasa
+            assert response["allowed"] is False and "patch" not in response
+            assert "'nasa' is not an agency of namespace science" in \
+                response["status"]["message"]
+            assert (await admission(deployment_pod(), "shared"))["allowed"] is True
+            assert (await admission(plain, "shared"))["allowed"] is False  # must choose
+            for namespace in ("unbound", "missing"):
+                response = await admission(deployment_pod(), namespace)
+                assert response["allowed"] is False
+                assert f"namespace {namespace} is bound to no agency" in \
+                    response["status"]["message"]
+            # Each Namespace is read once per cache period; the token is re-read each time.
+            assert asked.count("science") == 1
+            token_file.write_text("injector-sa-token-2\n")  # the kubelet rotated it
+            reader._cache.clear()
+            assert (await admission(plain, "science"))["allowed"] is False  # 401: unbound
+    finally:
+        await api.cleanup()
+
+
 async def test_the_server_picks_up_a_rotated_certificate(tmp_path: Path):
     cert_file, key_file = make_cert(tmp_path, "first.example")
     server = WebhookServer(CONFIG, host="127.0.0.1", port=0, cert_file=str(cert_file),
@@ -737,7 +819,8 @@ async def peer_cn(port: int) -> str:
 
 def run_inject(args: list[str], stdin: str = "") -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    code = cli_inject(args, stdin=io.StringIO(stdin), stdout=out, stderr=err, environ={})
+    code = cli_inject(args, stdin=io.StringIO(stdin), stdout=out, stderr=err, environ={
+        "FLUX_INJECTOR_AGENCY_BINDINGS": json.dumps({ns: list(a) for ns, a in BOUND})})
     return code, out.getvalue(), err.getvalue()
 
 
@@ -750,7 +833,7 @@ def test_cli_inject_yaml_pod(tmp_path: Path):
     validate(pod)
     assert the_agent(pod)[0] == "initContainers"
     # The same answer as the webhook's.
-    assert pod == mutate_pod(job_pod(), InjectorConfig(), "etl")
+    assert pod == mutate_pod(job_pod(), cfg(), "etl")
 
 
 def test_cli_inject_json_from_stdin_and_options():
@@ -846,6 +929,7 @@ async def test_cli_inject_webhook_serves_until_sigterm(tmp_path: Path):
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_INJECTOR_")}
     env["FLUX_INJECTOR_SIDECAR_MODE"] = "legacy"  # configuration by environment
+    env["FLUX_INJECTOR_AGENCY_BINDINGS"] = '{"etl": "noaa"}'
     proc = subprocess.Popen(
         [sys.executable, "-m", "flux_agent", "inject-webhook", "--cert", str(cert_file),
          "--key", str(key_file),
@@ -892,5 +976,5 @@ def test_an_unexpected_pod_shape_is_still_answered(monkeypatch: pytest.MonkeyPat
     response, _ = answer(deployment_pod())
     assert response["allowed"] is True
     assert "malformed pod (TypeError" in response["warnings"][0]
-    response, _ = answer(deployment_pod(), InjectorConfig(fail_closed=True))
+    response, _ = answer(deployment_pod(), cfg(fail_closed=True))
     assert response["allowed"] is False

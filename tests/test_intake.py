@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -61,6 +62,42 @@ async def test_unix_socket_is_mode_0660_and_accepts_events(agent: Agent, databas
     assert status == 202, body
     assert body["accepted"] == 3
     assert await wait_rows(database, 3) == 3
+
+
+async def test_state_dir_and_every_file_in_it_are_private(database: Database, state_dir: Path,
+                                                          caplog):
+    """The state dir was 0755 and the seen index, checkpoint index and spool cursor 0644:
+    every local user could read every agency's event ids and run and step names."""
+    assert state_dir.stat().st_mode & 0o777 == 0o755  # as an older agent left it
+    async with Agent(agent_config(database, state_dir)) as agent:
+        status, _, _ = await post(agent.endpoints.event_url + "/v1/events",
+                                  make_event(kind="checkpoint.saved", step="s"),
+                                  headers={"Prefer": "wait=committed"})
+        assert status == 200
+        from .test_checkpoints import put
+
+        status, _, _ = await put(agent.endpoints.event_url + "/v1/runs/r-private/checkpoint",
+                                 {"step": "s", "state": {"offset": 1}})
+        assert status == 201
+    assert "tightened" in caplog.text
+    # Search permission for the socket's group only, never read or write for anyone else.
+    assert state_dir.stat().st_mode & 0o777 == 0o710
+    files = [p for p in state_dir.rglob("*") if not p.is_dir()]
+    assert {p.name for p in files} >= {"seen.idx", "checkpoints.idx", "agent.lock"}
+    assert any(p.parent.name == "spool" and p.name != "cursor" for p in files)
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o600, (path, oct(path.stat().st_mode))
+    for path in (p for p in state_dir.rglob("*") if p.is_dir()):
+        assert path.stat().st_mode & 0o077 == 0, path
+    # Created by the agent: private from the start, whatever the umask.
+    fresh = state_dir / "fresh"
+    old_umask = os.umask(0)
+    try:
+        async with Agent(agent_config(database, fresh, socket="off")):
+            pass
+    finally:
+        os.umask(old_umask)
+    assert fresh.stat().st_mode & 0o777 == 0o700
 
 
 async def test_ndjson_and_gzip_bodies(agent: Agent, database: Database):

@@ -2,6 +2,8 @@
 
 Modules, low to high (each imports only those above it):
 
+- ``framing``: a shadow of each connection's request framing, which refuses what aiohttp's
+  parser would accept and then wait on (not HTTP/1.x, a chunk beyond the request limit);
 - ``server``: request keys, JSON and problem+json answers, the problem middleware, the
   runner that answers unparseable HTTP in problem+json, where a request came from;
 - ``common``: :class:`~flux_agent.http.common.Routes`, the state and helpers every route

@@ -15,11 +15,11 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from ..auth import require
+from ..auth import Authenticator, require
 from ..errors import ValidationError
 from ..metrics import CONTENT_TYPE, Metrics
 from .common import Routes
-from .server import CLAIMS, json_response, make_problem_middleware
+from .server import CLAIMS, is_local, json_response, make_problem_middleware
 
 
 class Probe(Protocol):
@@ -35,7 +35,21 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def admin_app(probe: Probe, metrics: Metrics) -> web.Application:
+def may_see_diagnostics(request: web.Request, authenticator: Authenticator | None) -> bool:
+    """Diagnostic detail (database error text naming roles and hosts, the background
+    tasks' errors) is for loopback callers and operators holding a token whose role may
+    ``admin``; the pod network (the chart listens on 0.0.0.0) gets the probes' summary.
+    A token that does not verify is a 401, one whose role may not is a 403."""
+    if is_local(request):
+        return True
+    if authenticator is None or "Authorization" not in request.headers:
+        return False
+    require(authenticator.authenticate(request.headers, False), "admin")
+    return True
+
+
+def admin_app(probe: Probe, metrics: Metrics, authenticator: Authenticator | None = None
+              ) -> web.Application:
     app = web.Application(middlewares=[make_problem_middleware(metrics)])
 
     async def live(request: web.Request) -> web.Response:
@@ -50,6 +64,10 @@ def admin_app(probe: Probe, metrics: Metrics) -> web.Application:
 
     async def deep(request: web.Request) -> web.Response:
         ok, body = probe.readiness()
+        if not may_see_diagnostics(request, authenticator):
+            return json_response({"status": "ready" if ok else "not_ready", **body,
+                                  "diagnostics": "served to loopback callers and admin tokens",
+                                  "timestamp": _now()}, 200 if ok else 503)
         # Not asyncio.wait_for: on a black-holed database, cancelling the diagnostics takes
         # as long as the stuck call; the answer must not wait for that.
         task = asyncio.ensure_future(probe.diagnostics())

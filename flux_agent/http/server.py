@@ -13,6 +13,8 @@ import socket as _socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import msgspec
@@ -24,9 +26,16 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from .. import logs
 from ..auth import Claims
-from ..errors import PROBLEM_CONTENT_TYPE, FluxError, TerminalError, ValidationError
+from ..errors import (
+    PROBLEM_CONTENT_TYPE,
+    FluxError,
+    TerminalError,
+    TransientError,
+    ValidationError,
+)
 from ..metrics import Metrics
 from ..tracing import Tracing
+from .framing import Framing, Refusal
 
 log = logging.getLogger("flux_agent.intake")  # the logger name of the event API, as before
 
@@ -94,11 +103,116 @@ def problem_response(request: web.Request, err: FluxError) -> web.Response:
                         content_type=PROBLEM_CONTENT_TYPE, headers=headers)
 
 
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """What one runner's connections may hold: how long a connection may idle between
+    requests (``idle_timeout``, before its first one too) and take to send a request head
+    (``header_timeout``), how many may be open at once on each kind of listener
+    (``max_connections``: ``tcp``, ``unix``; beyond it a new one gets a 503 and is closed),
+    and the largest chunk of a chunked body (``max_chunk``)."""
+
+    idle_timeout: float = 75.0
+    header_timeout: float = 10.0
+    max_connections: Mapping[str, int] = field(default_factory=lambda: {"tcp": 1024,
+                                                                        "unix": 1024})
+    max_chunk: int = 4 * 1024**2
+
+
+# A caller's mistake that aiohttp reports through log_exception (a body it cannot decode
+# or that ends early, found while draining it after the answer): not the agent's failure.
+_CLIENT_FAULTS = (HttpProcessingError, RequestPayloadError, ConnectionError)
+_CAP_LOG_INTERVAL = 60.0
+
+
 class _ProblemRequestHandler(RequestHandler):
     """aiohttp answers what it cannot parse (control bytes in a header, an oversized line,
     an unknown method or Content-Encoding) before any middleware runs, in text/plain that
     quotes the offending bytes: a caller's bearer token included. Answer problem+json
-    that quotes nothing instead."""
+    that quotes nothing instead.
+
+    Below the parser it also keeps each connection honest (:class:`HttpLimits`): a request
+    line that is not HTTP/1.x and a chunk larger than a request are refused before the
+    parser sees them (:mod:`.framing`), a head must arrive within the header timeout, and a
+    listener takes no more connections than its cap."""
+
+    def __init__(self, manager: _ProblemServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = manager.limits
+        self._framing = Framing(self._limits.max_chunk)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._listener = ""  # tcp or unix, once admitted
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        manager = self._manager
+        assert isinstance(manager, _ProblemServer)
+        sockname = transport.get_extra_info("sockname")
+        listener = "unix" if isinstance(sockname, str | bytes) else "tcp"
+        if not manager.admit(listener):
+            err = TransientError("TOO_MANY_CONNECTIONS", "this listener has as many "
+                                 "connections as it takes; retry shortly", retry_after=1)
+            _write_problem(transport, err)  # type: ignore[arg-type]
+            transport.close()
+            return
+        self._listener = listener
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._listener:
+            return  # refused at the door: aiohttp never knew it
+        manager = self._manager
+        if isinstance(manager, _ProblemServer):
+            manager.release(self._listener)
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if data and not (self._force_close or self._close or self._upgraded):
+            refusal = self._framing.feed(data)
+            if refusal is not None:
+                self._refuse(refusal)
+                return
+        super().data_received(data)
+        if self._framing.in_head:
+            if self._head_timer is None and not self._force_close:
+                self._head_timer = self._loop.call_later(self._limits.header_timeout,
+                                                         self._head_timed_out)
+        else:
+            self._cancel_head_timer()
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._framing.in_head or self._force_close:
+            return
+        if self._current_request is not None or self._messages:
+            self.close()  # pipelined behind a request still being answered: finish that one
+            return
+        self._refuse(Refusal(408, "HEADER_TIMEOUT", f"the request head did not arrive within "
+                             f"{self._limits.header_timeout:g} s"))
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Answer in problem+json, unless an answer has begun already, and close."""
+        log.warning("HTTP request refused", extra={"fields": {
+            "status": refusal.status, "code": refusal.code, "listener": self._listener}})
+        current = self._current_request
+        transport = self.transport
+        if transport is not None and (current is None or current.writer.output_size == 0):
+            _write_problem(transport, ValidationError(refusal.code, refusal.detail,
+                                                      status=refusal.status))
+        self._cancel_head_timer()
+        self.force_close()
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        exc = kw.get("exc_info")
+        if isinstance(exc, _CLIENT_FAULTS):
+            log.warning("request body refused after the answer", extra={"fields": {
+                "error": type(exc).__name__}})
+            return
+        super().log_exception(*args, **kw)
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -128,18 +242,67 @@ class _ProblemRequestHandler(RequestHandler):
         return response
 
 
+def _write_problem(transport: asyncio.Transport, err: FluxError) -> None:
+    """A whole problem+json answer, written below aiohttp (before or instead of a request)."""
+    body = msgspec.json.encode(err.problem(instance="", request_id="", trace_id="",
+                                           span_id=""))
+    extra = "".join(f"{k}: {v}\r\n" for k, v in err.headers.items())
+    head = (f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\n"
+            f"Content-Type: {PROBLEM_CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n"
+            f"{extra}Connection: close\r\n\r\n")
+    transport.write(head.encode("latin-1") + body)
+
+
 class _ProblemServer(web.Server):
+    limits: HttpLimits
+    open: dict[str, int]
+    refused: int
+    _warned_at: float
+
     def __call__(self) -> RequestHandler:
         return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
 
+    def admit(self, listener: str) -> bool:
+        if self.open.get(listener, 0) < self.limits.max_connections.get(listener, 0):
+            self.open[listener] = self.open.get(listener, 0) + 1
+            return True
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._warned_at >= _CAP_LOG_INTERVAL:  # a flood is said once a minute
+            self._warned_at = now
+            log.warning("connection limit reached; refusing new connections", extra={
+                "fields": {"listener": listener, "open": self.open.get(listener, 0),
+                           "refused_so_far": self.refused}})
+        return False
+
+    def release(self, listener: str) -> None:
+        self.open[listener] -= 1
+
 
 class ProblemAppRunner(web.AppRunner):
-    """An AppRunner whose connections answer unparseable requests in problem+json."""
+    """An AppRunner whose connections answer unparseable requests in problem+json and keep
+    to :class:`HttpLimits`."""
+
+    def __init__(self, app: web.Application, *, limits: HttpLimits | None = None,
+                 **kwargs: Any) -> None:
+        self.limits = limits or HttpLimits()
+        kwargs.setdefault("keepalive_timeout", self.limits.idle_timeout)
+        super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _ProblemServer  # same state; only the handler factory differs
+        assert isinstance(server, _ProblemServer)
+        server.limits = self.limits
+        server.open = {}
+        server.refused = 0
+        server._warned_at = -_CAP_LOG_INTERVAL
         return server
+
+    def connections(self) -> dict[str, int]:
+        """Open connections by listener kind (tcp, unix)."""
+        server = self.server
+        return dict(server.open) if isinstance(server, _ProblemServer) else {}
 
 
 def http_error(exc: web.HTTPException) -> FluxError:

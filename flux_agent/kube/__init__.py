@@ -4,7 +4,8 @@ A pod opts in with the label ``flux.io/inject: "true"`` and may tune the agent w
 annotations:
 
 =============================  ===============================================================
-``flux.io/agency``             the agent's fixed agency (``FLUX_AGENT_AGENCY``; auth ``none``)
+``flux.io/agency``             which of its namespace's agencies the pod writes as (needed
+                               only where the namespace is bound to several; see ``binding``)
 ``flux.io/spool-size``         spool volume size (``2Gi``): the emptyDir ``sizeLimit``; the
                                agent's ``FLUX_AGENT_SPOOL_MAX_BYTES`` is that minus headroom
 ``flux.io/cpu``                ``REQUEST`` or ``REQUEST/LIMIT`` (``100m`` or ``100m/1``)
@@ -43,9 +44,11 @@ wraps it in an AdmissionReview answer; :func:`mutate_pod` applies it, which is w
 ``flux-agent inject POD_FILE`` prints. ``flux-agent inject-webhook`` serves ``POST /mutate``
 over HTTPS (plus ``GET /healthz``, and ``/metrics`` on an optional plain-HTTP port).
 
-Modules, low to high: ``config`` (names, :class:`InjectorConfig`, quantities), ``patch`` (the
-pure pod patch), ``admission`` (AdmissionReview answers), ``webhook`` (the HTTPS server),
-``cli`` (``flux-agent inject`` and ``inject-webhook``'s arguments).
+Modules, low to high: ``config`` (names, :class:`InjectorConfig`, quantities), ``binding``
+(which agency a pod may write as: its namespace's, never one its author picks), ``patch``
+(the pure pod patch), ``admission`` (AdmissionReview answers), ``webhook`` (the HTTPS
+server, and the Namespace reader), ``cli`` (``flux-agent inject`` and ``inject-webhook``'s
+arguments).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .binding import BindingError
 from .config import (
     AGENT_UID,
     ANNOTATION_ERROR,
@@ -43,11 +44,13 @@ class Outcome:
         return self.result != "denied"
 
 
-def decide(pod: Any, config: InjectorConfig, namespace: str = "") -> Outcome:
-    """Build the patch, applying the fail-open / fail-closed policy to errors."""
+def decide(pod: Any, config: InjectorConfig, namespace: str = "",
+           namespace_annotations: Mapping[str, Any] | None = None) -> Outcome:
+    """Build the patch, applying the fail-open / fail-closed policy to errors; an agency
+    the pod's namespace is not bound to is refused whatever the policy."""
     try:
         try:
-            patch = build_patch(pod, config, namespace)
+            patch = build_patch(pod, config, namespace, namespace_annotations)
         except InjectionError:
             raise
         except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
@@ -56,7 +59,7 @@ def decide(pod: Any, config: InjectorConfig, namespace: str = "") -> Outcome:
             raise InjectionError(f"malformed pod ({type(exc).__name__}: {exc})") from None
     except InjectionError as exc:
         message = f"flux-agent not injected: {exc}"
-        if config.fail_closed:
+        if config.fail_closed or isinstance(exc, BindingError):
             return Outcome("denied", [], [], message)
         patch = []
         if isinstance(pod, Mapping) and isinstance(pod.get("metadata"), dict):
@@ -104,8 +107,11 @@ def parse_review(review: Any) -> dict[str, Any]:
     return request
 
 
-def admission_response(review: Any, config: InjectorConfig) -> tuple[dict[str, Any], Outcome]:
-    """Answer an AdmissionReview request (raises :class:`MalformedReview`)."""
+def admission_response(review: Any, config: InjectorConfig,
+                       namespace_annotations: Mapping[str, Any] | None = None
+                       ) -> tuple[dict[str, Any], Outcome]:
+    """Answer an AdmissionReview request (raises :class:`MalformedReview`);
+    ``namespace_annotations``: those of the request's Namespace, when looked up."""
     request = parse_review(review)
     kind = request.get("kind")
     is_pod = isinstance(kind, dict) and kind.get("group", "") == "" and kind.get("kind") == "Pod"
@@ -115,7 +121,7 @@ def admission_response(review: Any, config: InjectorConfig) -> tuple[dict[str, A
     else:
         namespace = request.get("namespace")
         outcome = decide(request.get("object"), config,
-                         namespace if isinstance(namespace, str) else "")
+                         namespace if isinstance(namespace, str) else "", namespace_annotations)
     response: dict[str, Any] = {"uid": request["uid"], "allowed": outcome.allowed}
     if outcome.patch:
         response["patchType"] = "JSONPatch"
@@ -159,9 +165,12 @@ class Injected:
     outcome: Outcome
 
 
-def inject_pod(pod: Mapping[str, Any], config: InjectorConfig, namespace: str = "") -> Injected:
-    """The webhook's answer for ``pod``, applied: the same code path as ``POST /mutate``."""
-    answer, outcome = admission_response(review_for(pod, namespace), config)
+def inject_pod(pod: Mapping[str, Any], config: InjectorConfig, namespace: str = "",
+               namespace_annotations: Mapping[str, Any] | None = None) -> Injected:
+    """The webhook's answer for ``pod``, applied: the same code path as ``POST /mutate``
+    (``namespace_annotations``: what the webhook would read from the Namespace)."""
+    answer, outcome = admission_response(review_for(pod, namespace), config,
+                                         namespace_annotations)
     response = answer["response"]
     patch: list[dict[str, Any]] = []
     if "patch" in response:
@@ -170,11 +179,11 @@ def inject_pod(pod: Mapping[str, Any], config: InjectorConfig, namespace: str = 
     return Injected(mutated, patch, outcome)
 
 
-def mutate_pod(pod: dict[str, Any], config: InjectorConfig, namespace: str = ""
-               ) -> dict[str, Any]:
+def mutate_pod(pod: dict[str, Any], config: InjectorConfig, namespace: str = "",
+               namespace_annotations: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The pod as the webhook would admit it. Raises :class:`InjectionError` if the webhook
-    would refuse it (fail closed)."""
-    result = inject_pod(pod, config, namespace)
+    would refuse it (fail closed, or an agency its namespace is not bound to)."""
+    result = inject_pod(pod, config, namespace, namespace_annotations)
     if not result.outcome.allowed:
         raise InjectionError(result.outcome.message)
     return result.pod

@@ -8,6 +8,7 @@ here too, because checking the configuration needs them.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -15,6 +16,7 @@ from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any
 
 from .._version import __version__
+from ..config import AGENCY_SLUG
 
 # --------------------------------------------------------------------------- names
 
@@ -34,6 +36,10 @@ AGENT_CONTAINER = "flux-agent"
 SOCKET_VOLUME = "flux-agent-socket"
 STATE_VOLUME = "flux-agent-state"
 JWKS_VOLUME = "flux-agent-jwks"
+TOKEN_VOLUME = "flux-agent-token"
+TOKEN_DIR = "/var/run/secrets/flux-agent"
+TOKEN_AUDIENCE = "flux-agent"  # what the sidecar requires in auth kubernetes (config's too)
+TOKEN_SECONDS = 3600
 SOCKET_DIR = "/var/run/flux-agent"
 SOCKET_PATH = SOCKET_DIR + "/agent.sock"
 STATE_DIR = "/var/lib/flux-agent"
@@ -45,12 +51,15 @@ ADMIN_PORT_NAME = "flux-admin"
 AGENT_UID = 10001
 
 SIDECAR_MODES = ("native", "legacy")
+AGENT_AUTHS = ("none", "kubernetes", "jwt")
+ANY_NAMESPACE = "*"  # in agency_bindings: every namespace not named
 ALWAYS_EXCLUDED = ("kube-system", "kube-public")  # whatever the configuration says
 MIN_SPOOL_BYTES = 64 * 1024**2
 SPOOL_HEADROOM_MIN = 32 * 1024**2  # seen-ids snapshot, cursor, the segment being written
 
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 _QUANTITY = re.compile(
     r"^(?P<num>[+]?(?:\d+(?:\.\d*)?|\.\d+))"
@@ -98,9 +107,20 @@ class InjectorConfig:
                              "them without the agent.", kind="bool")
     excluded_namespaces: tuple[str, ...] = _opt(
         ("kube-system", "kube-public"), "Namespaces never injected (comma list).", kind="list")
-    require_agency: bool = _opt(False, "Refuse to inject without flux.io/agency (set when "
-                                "the agent runs with auth none and no default agency).",
-                                kind="bool")
+    agent_auth: str = _opt("none", "The sidecars' FLUX_AGENT_AUTH. none and kubernetes bind "
+                           "each pod to its namespace's agency (agency_bindings, and the "
+                           "Namespace's flux.io/agency annotation); jwt takes the agency from "
+                           "each caller's token.")
+    agency_bindings: tuple[tuple[str, tuple[str, ...]], ...] = _opt(
+        (), 'Which agencies each namespace may write as, JSON: {"etl": "nasa", "batch": '
+        '["noaa", "nasa"], "*": "nasa"} ("*": every namespace not named); a pod\'s '
+        'flux.io/agency may only choose among them.', kind="bindings")
+    namespace_bindings: bool = _opt(False, "Also read a namespace's agencies from its "
+                                    "flux.io/agency annotation (comma list) through the "
+                                    "Kubernetes API (RBAC: get on namespaces).", kind="bool")
+    kube_issuer: str = _opt("https://kubernetes.default.svc.cluster.local",
+                            "The cluster's service-account token issuer (agent_auth "
+                            "kubernetes): the sidecar's FLUX_AGENT_JWT_ISSUERS.")
     jwks_configmap: str = _opt("", "ConfigMap with jwks.json for FLUX_AGENT_AUTH=jwt, mounted "
                                "at /etc/flux-agent/jwks (empty: none).")
     run_as_user: int = _opt(AGENT_UID, "The agent's uid.", kind="int")
@@ -110,6 +130,12 @@ class InjectorConfig:
 
     def check(self) -> None:
         """Raise ValueError (naming the option) if the configuration itself is wrong."""
+        if self.agent_auth not in AGENT_AUTHS:
+            raise ValueError(f"agent_auth: expected none, kubernetes or jwt, got "
+                             f"{self.agent_auth!r}")
+        if self.agent_auth == "kubernetes" and not self.jwks_configmap:
+            raise ValueError("jwks_configmap: required by agent_auth kubernetes (the "
+                             "service-account issuer's keys)")
         if self.sidecar_mode not in SIDECAR_MODES:
             raise ValueError(f"sidecar_mode: expected native or legacy, got {self.sidecar_mode!r}")
         if self.spool_volume not in ("emptyDir", "ephemeral"):
@@ -220,6 +246,8 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Injecto
                 values[f.name] = int(raw)
             elif kind == "list":
                 values[f.name] = tuple(x.strip() for x in str(raw).split(",") if x.strip())
+            elif kind == "bindings":
+                values[f.name] = parse_bindings(str(raw))
             else:
                 values[f.name] = str(raw).strip()
         except ValueError as exc:
@@ -230,6 +258,28 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Injecto
     except InjectionError as exc:
         raise ValueError(str(exc)) from None
     return config
+
+
+def parse_bindings(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``{"etl": "nasa", "batch": ["noaa", "nasa"]}`` -> (("etl", ("nasa",)), ...)."""
+    if not text.strip():
+        return ()
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError('expected a JSON object {"namespace": "agency" or [agencies]}')
+    out = []
+    for namespace, agencies in data.items():
+        listed = [agencies] if isinstance(agencies, str) else agencies
+        if not isinstance(listed, list) or not listed or not all(
+                isinstance(a, str) and AGENCY_SLUG.match(a) for a in listed):
+            raise ValueError(f"{namespace}: expected an agency slug or a list of them")
+        if namespace != ANY_NAMESPACE and not _DNS_LABEL.match(namespace):
+            raise ValueError(f"{namespace!r} is not a namespace name")
+        out.append((namespace, tuple(listed)))
+    return tuple(out)
 
 
 def _parse_bool(text: str) -> bool:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import AGENCY_SLUG
+from .binding import bind, binds
 from .config import (
     _DNS_SUBDOMAIN,
     ADMIN_PORT,
@@ -37,6 +38,10 @@ from .config import (
     SOCKET_VOLUME,
     STATE_DIR,
     STATE_VOLUME,
+    TOKEN_AUDIENCE,
+    TOKEN_DIR,
+    TOKEN_SECONDS,
+    TOKEN_VOLUME,
     InjectionError,
     InjectorConfig,
     _check_image,
@@ -158,7 +163,8 @@ class _Plan:
     memory: tuple[str, str]
 
 
-def _plan(annotations: Mapping[str, Any], config: InjectorConfig) -> _Plan:
+def _plan(annotations: Mapping[str, Any], config: InjectorConfig, namespace: str,
+          namespace_annotations: Mapping[str, Any] | None) -> _Plan:
     def get(name: str) -> str | None:
         value = annotations.get(name)
         if value is None:
@@ -175,9 +181,8 @@ def _plan(annotations: Mapping[str, Any], config: InjectorConfig) -> _Plan:
     agency = get(ANNOTATION_AGENCY) or ""
     if agency and not AGENCY_SLUG.match(agency):
         raise InjectionError(f"annotation {ANNOTATION_AGENCY}: {agency!r} is not an agency slug")
-    if config.require_agency and not agency:
-        raise InjectionError(f"annotation {ANNOTATION_AGENCY} is required (the agent runs "
-                             "without authentication and has no default agency)")
+    if binds(config):
+        agency = bind(agency, namespace, config, namespace_annotations)
     size = get(ANNOTATION_SPOOL_SIZE) or config.spool_size
     try:
         _, spool_max = spool_bytes(size)
@@ -193,8 +198,11 @@ def _plan(annotations: Mapping[str, Any], config: InjectorConfig) -> _Plan:
     return _Plan(mode, image, agency, size, spool_max, pvc, cpu, memory)
 
 
-def agent_container(plan: _Plan, config: InjectorConfig, state_volume: str) -> dict[str, Any]:
-    """The ``flux-agent`` container for this plan."""
+def agent_container(plan: _Plan, config: InjectorConfig, state_volume: str,
+                    namespace: str = "") -> dict[str, Any]:
+    """The ``flux-agent`` container for this plan. Where pods are bound to their namespace's
+    agency, the settings that decide who writes as what are plain ``env`` (which wins over
+    the namespace's ConfigMap, which the pod's author may be able to edit)."""
     env: list[dict[str, Any]] = [
         {"name": "FLUX_AGENT_DATABASE_URL", "valueFrom": {"secretKeyRef": {
             "name": config.database_secret, "key": config.database_secret_key}}},
@@ -204,7 +212,15 @@ def agent_container(plan: _Plan, config: InjectorConfig, state_volume: str) -> d
         {"name": "FLUX_AGENT_ADMIN_LISTEN", "value": f"0.0.0.0:{ADMIN_PORT}"},
         {"name": "FLUX_AGENT_SPOOL_MAX_BYTES", "value": str(plan.spool_max)},
     ]
-    if plan.agency:
+    if binds(config):
+        env.append({"name": "FLUX_AGENT_AUTH", "value": config.agent_auth})
+    if config.agent_auth == "kubernetes":
+        env.extend([
+            {"name": "FLUX_AGENT_KUBE_BINDINGS", "value": f"{namespace}={plan.agency}"},
+            {"name": "FLUX_AGENT_JWT_ISSUERS", "value": config.kube_issuer},
+            {"name": "FLUX_AGENT_JWT_AUDIENCE", "value": TOKEN_AUDIENCE},
+        ])
+    elif plan.agency:
         env.append({"name": "FLUX_AGENT_AGENCY", "value": plan.agency})
     mounts: list[dict[str, Any]] = [
         {"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR},
@@ -263,13 +279,16 @@ def agent_container(plan: _Plan, config: InjectorConfig, state_volume: str) -> d
     return container
 
 
-def build_patch(pod: Mapping[str, Any], config: InjectorConfig, namespace: str = ""
+def build_patch(pod: Mapping[str, Any], config: InjectorConfig, namespace: str = "",
+                namespace_annotations: Mapping[str, Any] | None = None
                 ) -> list[dict[str, Any]]:
     """The RFC 6902 patch that injects the agent into ``pod``; ``[]`` when it is not to be
     injected (no opt-in label, excluded namespace, already injected).
 
-    Pure: reads ``pod`` and ``config`` only. Raises :class:`InjectionError` for a bad
-    annotation or a malformed pod. Arrays the pod lacks are added whole; arrays it has are
+    Pure: reads ``pod``, ``config`` and the annotations of the pod's Namespace (when the
+    caller looked them up). Raises :class:`InjectionError` for a bad annotation or a
+    malformed pod, :class:`~flux_agent.kube.binding.BindingError` for an agency the pod's
+    namespace is not bound to. Arrays the pod lacks are added whole; arrays it has are
     appended to with ``/-``.
     """
     if not isinstance(pod, Mapping):
@@ -292,10 +311,11 @@ def build_patch(pod: Mapping[str, Any], config: InjectorConfig, namespace: str =
     os_spec = spec.get("os")
     if isinstance(os_spec, dict) and os_spec.get("name") == "windows":
         raise InjectionError("Windows pods are not supported")
-    plan = _plan(annotations, config)
+    namespace = namespace or str(metadata.get("namespace") or "")
+    plan = _plan(annotations, config, namespace, namespace_annotations)
 
     volume_names = {v["name"] for v in volumes}
-    for taken in (SOCKET_VOLUME, STATE_VOLUME, JWKS_VOLUME):
+    for taken in (SOCKET_VOLUME, STATE_VOLUME, JWKS_VOLUME, TOKEN_VOLUME):
         if taken in volume_names and not (taken == STATE_VOLUME and plan.pvc == STATE_VOLUME):
             raise InjectionError(f"the pod already has a volume named {taken}")
     ops: list[dict[str, Any]] = []
@@ -350,6 +370,13 @@ def build_patch(pod: Mapping[str, Any], config: InjectorConfig, namespace: str =
     if config.jwks_configmap:
         new_volumes.append({"name": JWKS_VOLUME,
                             "configMap": {"name": config.jwks_configmap}})
+    kube_identity = config.agent_auth == "kubernetes"
+    if kube_identity:
+        # The app's own service-account token, for the agent's audience only, rotated by
+        # the kubelet: the client re-reads FLUX_AGENT_TOKEN_FILE when it changes.
+        new_volumes.append({"name": TOKEN_VOLUME, "projected": {"sources": [
+            {"serviceAccountToken": {"audience": TOKEN_AUDIENCE, "path": "token",
+                                     "expirationSeconds": TOKEN_SECONDS}}]}})
     ops.extend(_append("/spec/volumes", "volumes" in spec and spec["volumes"] is not None,
                        new_volumes))
 
@@ -359,21 +386,26 @@ def build_patch(pod: Mapping[str, Any], config: InjectorConfig, namespace: str =
         env = _named(_as_list(container.get("env"), f"containers[{i}].env"),
                      f"containers[{i}].env")
         have = {e["name"] for e in env}
-        add_env = [{"name": name, "value": value}
-                   for name, value in (("FLUX_AGENT_SOCKET", SOCKET_PATH),
-                                       ("FLUX_AGENT_URL", EVENT_URL))
-                   if name not in have]
+        wanted = [("FLUX_AGENT_SOCKET", SOCKET_PATH), ("FLUX_AGENT_URL", EVENT_URL)]
+        if kube_identity:
+            wanted.append(("FLUX_AGENT_TOKEN_FILE", f"{TOKEN_DIR}/token"))
+        add_env = [{"name": name, "value": value} for name, value in wanted if name not in have]
         ops.extend(_append(base + "/env", container.get("env") is not None, add_env))
         mounts = _named(_as_list(container.get("volumeMounts"), f"containers[{i}].volumeMounts"),
                         f"containers[{i}].volumeMounts")
-        if any(str(m.get("mountPath", "")).rstrip("/") == SOCKET_DIR for m in mounts):
-            raise InjectionError(f"container {container['name']} already mounts something at "
-                                 f"{SOCKET_DIR}")
+        new_mounts: list[dict[str, Any]] = [{"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR}]
+        if kube_identity:
+            new_mounts.append({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True})
+        for mount in new_mounts:
+            if any(str(m.get("mountPath", "")).rstrip("/") == mount["mountPath"]
+                   for m in mounts):
+                raise InjectionError(f"container {container['name']} already mounts "
+                                     f"something at {mount['mountPath']}")
         ops.extend(_append(base + "/volumeMounts", container.get("volumeMounts") is not None,
-                           [{"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR}]))
+                           new_mounts))
 
     # The agent itself.
-    agent = agent_container(plan, config, state_volume)
+    agent = agent_container(plan, config, state_volume, namespace)
     if plan.mode == "native":
         # Appended: existing init containers (network or volume setup) run before it.
         ops.extend(_append("/spec/initContainers",

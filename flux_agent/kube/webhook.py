@@ -12,7 +12,8 @@ import ssl
 import time
 from typing import Any
 
-from .admission import MalformedReview, admission_response
+from .admission import MalformedReview, admission_response, parse_review
+from .binding import binds
 from .config import InjectorConfig
 
 log = logging.getLogger("flux_agent.inject")  # the name operators filter on, as before
@@ -49,6 +50,74 @@ class Reloader:
         return True
 
 
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+class NamespaceUnavailable(RuntimeError):
+    """The Namespace could not be read (the API is away, or RBAC refuses)."""
+
+
+class NamespaceReader:
+    """Reads a Namespace's annotations through the Kubernetes API with the injector's own
+    service-account token (RBAC: ``get`` on ``namespaces``, nothing else), caching each
+    for ``ttl`` seconds. The token file is re-read on every call: the kubelet rotates it."""
+
+    def __init__(self, api: str, token_file: str, ca_file: str | None = None, *,
+                 ttl: float = 30.0, timeout: float = 3.0) -> None:
+        self.api = api.rstrip("/")
+        self.token_file = token_file
+        self.ca_file = ca_file
+        self.ttl = ttl
+        self.timeout = timeout
+        self._cache: dict[str, tuple[float, dict[str, str]]] = {}
+        self._session: Any = None
+
+    @classmethod
+    def in_cluster(cls, environ: Any = os.environ) -> NamespaceReader:
+        host = environ.get("KUBERNETES_SERVICE_HOST", "kubernetes.default.svc")
+        port = environ.get("KUBERNETES_SERVICE_PORT", "443")
+        host = f"[{host}]" if ":" in host else host
+        return cls(f"https://{host}:{port}", f"{SERVICE_ACCOUNT_DIR}/token",
+                   f"{SERVICE_ACCOUNT_DIR}/ca.crt")
+
+    async def annotations(self, name: str) -> dict[str, str]:
+        now = time.monotonic()
+        cached = self._cache.get(name)
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector
+
+        try:
+            token = await asyncio.to_thread(self._token)
+            if self._session is None:
+                ssl_context = ssl.create_default_context(cafile=self.ca_file) \
+                    if self.ca_file else None
+                self._session = ClientSession(
+                    connector=TCPConnector(ssl=ssl_context) if ssl_context else None,
+                    timeout=ClientTimeout(total=self.timeout))
+            async with self._session.get(f"{self.api}/api/v1/namespaces/{name}", headers={
+                    "Authorization": f"Bearer {token}", "Accept": "application/json"}) as resp:
+                if resp.status != 200:
+                    raise NamespaceUnavailable(f"the API answered {resp.status}")
+                body = await resp.json()
+        except (OSError, ClientError, TimeoutError, ValueError) as exc:
+            raise NamespaceUnavailable(f"{type(exc).__name__}: {exc}") from None
+        metadata = body.get("metadata") if isinstance(body, dict) else None
+        annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
+        found = {str(k): str(v) for k, v in (annotations or {}).items()}
+        self._cache[name] = (now, found)
+        return found
+
+    def _token(self) -> str:
+        with open(self.token_file) as fh:
+            return fh.read().strip()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -62,8 +131,12 @@ class WebhookServer:
 
     def __init__(self, config: InjectorConfig, *, host: str = "0.0.0.0", port: int = 8443,
                  cert_file: str, key_file: str, metrics_port: int | None = None,
-                 metrics_host: str | None = None, reload_interval: float = 10.0) -> None:
+                 metrics_host: str | None = None, reload_interval: float = 10.0,
+                 namespaces: NamespaceReader | None = None) -> None:
         self.config = config
+        if namespaces is None and config.namespace_bindings and binds(config):
+            namespaces = NamespaceReader.in_cluster()
+        self.namespaces = namespaces
         self.host = host
         self.port = port
         self.cert_file = cert_file
@@ -97,7 +170,8 @@ class WebhookServer:
                     review = json.loads(await request.read())
                 except (ValueError, UnicodeDecodeError) as exc:
                     raise MalformedReview(f"the body is not valid JSON: {exc}") from None
-                answer, outcome = admission_response(review, self.config)
+                answer, outcome = admission_response(
+                    review, self.config, await self._namespace_annotations(review))
             except MalformedReview as exc:
                 self.admissions.labels("malformed").inc()
                 log.warning("malformed admission request", extra={"fields": {"error": str(exc)}})
@@ -134,6 +208,22 @@ class WebhookServer:
         side.router.add_get("/metrics", metrics)
         side.router.add_get("/healthz", healthz)
         return main, side
+
+    async def _namespace_annotations(self, review: Any) -> dict[str, str] | None:
+        """The request's Namespace annotations, when the binding reads them. One that
+        cannot be read binds to nothing, so the pod is refused (fail closed) unless the
+        chart's own bindings name its namespace."""
+        if self.namespaces is None:
+            return None
+        namespace = parse_review(review).get("namespace")
+        if not isinstance(namespace, str) or not namespace:
+            return None
+        try:
+            return await self.namespaces.annotations(namespace)
+        except NamespaceUnavailable as exc:
+            log.warning("cannot read the namespace's agency binding", extra={"fields": {
+                "namespace": namespace, "error": str(exc)}})
+            return None
 
     async def start(self) -> None:
         from aiohttp import web
@@ -175,6 +265,8 @@ class WebhookServer:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self.namespaces is not None:
+            await self.namespaces.close()
 
     async def __aenter__(self) -> WebhookServer:
         await self.start()

@@ -90,3 +90,17 @@ app.kubernetes.io/component: injector
 {{- $ns := .Release.Namespace }}
 {{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) | toJson }}
 {{- end }}
+
+{{/* The namespace-to-agencies map the injector binds pods by (agent.agency is "*"). */}}
+{{- define "flux-agent.agencyBindings" -}}
+{{- $bindings := deepCopy .Values.agent.agencyBindings }}
+{{- if and .Values.agent.agency (not (hasKey $bindings "*")) }}
+{{- $_ := set $bindings "*" .Values.agent.agency }}
+{{- end }}
+{{- toJson $bindings }}
+{{- end }}
+
+{{/* Non-empty when the injector reads Namespace annotations through the API. */}}
+{{- define "flux-agent.readsNamespaces" -}}
+{{- if and .Values.agent.namespaceBinding (ne .Values.agent.auth "jwt") }}true{{ end }}
+{{- end }}
