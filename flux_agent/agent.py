@@ -9,7 +9,6 @@ and the spool. What was not flushed stays on the spool for the next start.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -39,7 +38,7 @@ from .event import CheckpointRecord, EventsRecord, decode_record
 from .flush import Flusher
 from .http.admin import admin_app
 from .http.intake import Intake
-from .http.server import AccessLogger, HttpLimits, ProblemAppRunner
+from .http.server import AccessLogger, HttpLimits, ProblemAppRunner, tcp_port
 from .metrics import Metrics
 from .postgres import Postgres, Timeouts, UnsafeRole, classify, describe, is_transient
 from .seen import SeenIndex
@@ -146,13 +145,7 @@ class Agent:
             # lock it before touching anything in it, so that a second agent started on the
             # same dir fails here instead of stopping the first one's database on its way out.
             state_dir = config.state_path
-            _private_dir(state_dir, state_dir_mode(config))
-            try:
-                self._state_lock = lock_exclusive(state_dir / "agent.lock",
-                                                  f"the state dir {state_dir} "
-                                                  f"({env_name('state_dir')})")
-            except RuntimeError as exc:
-                raise ConfigError(env_name("state_dir"), str(exc)) from None
+            self._state_lock = await loop.run_in_executor(None, _claim_state_dir, config)
             dsn = await self._database()
             self.pg = Postgres(
                 dsn, max_connections=config.flush_lanes + 2, pgbouncer=config.database_pgbouncer,
@@ -316,8 +309,9 @@ class Agent:
             await step("save the snapshots", self._save_snapshots)
         await step("stop the remaining tasks", self.supervisor.stop)
         if self.endpoints.socket_path is not None:
-            with contextlib.suppress(OSError):
-                self.endpoints.socket_path.unlink()
+            await step("remove the socket", functools.partial(
+                asyncio.get_running_loop().run_in_executor, None, functools.partial(
+                    self.endpoints.socket_path.unlink, missing_ok=True)))
         self.tracing.shutdown()  # exports what is still buffered
         if self._embedded is not None:
             embedded, self._embedded = self._embedded, None
@@ -450,7 +444,8 @@ class Agent:
 
     async def _listen(self, events: web.Application, admin: web.Application) -> None:
         config = self.config
-        caps = connection_caps(config, config.flush_lanes + 2)
+        loop = asyncio.get_running_loop()
+        caps = await loop.run_in_executor(None, connection_caps, config, config.flush_lanes + 2)
         limits = HttpLimits(idle_timeout=config.http_idle_timeout,
                             header_timeout=config.http_header_timeout,
                             max_connections={"tcp": caps["tcp"], "unix": caps["unix"]},
@@ -465,16 +460,15 @@ class Agent:
             host, port = split_hostport(config.listen)
             site = web.TCPSite(runner, host, port, reuse_address=True, backlog=ACCEPT_BACKLOG)
             await site.start()
-            bound = _bound_port(site)
+            bound = tcp_port(runner)
             shown = f"[{host}]" if ":" in host else host
             self.endpoints.event_url = f"http://{shown}:{bound}"
         path = config.socket_path
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            await asyncio.get_running_loop().run_in_executor(None, _clear_stale_socket, path)
+            await loop.run_in_executor(None, _clear_stale_socket, path)
             usite = web.UnixSite(runner, str(path), backlog=ACCEPT_BACKLOG)
             await usite.start()
-            os.chmod(path, 0o660)
+            await loop.run_in_executor(None, os.chmod, path, 0o660)
             self.endpoints.socket_path = path
         if config.admin_listen:
             admin_limits = dataclasses.replace(limits, max_connections={"tcp": caps["admin"]})
@@ -487,7 +481,7 @@ class Agent:
                                 backlog=ACCEPT_BACKLOG)
             await asite.start()
             shown = f"[{host}]" if ":" in host else host
-            self.endpoints.admin_url = f"http://{shown}:{_bound_port(asite)}"
+            self.endpoints.admin_url = f"http://{shown}:{tcp_port(admin_runner)}"
 
     def _recovered_record(self, seq: int, payload: bytes) -> None:
         record = decode_record(payload)
@@ -812,6 +806,17 @@ def state_dir_mode(config: AgentConfig) -> int:
     return mode
 
 
+def _claim_state_dir(config: AgentConfig) -> int:
+    """Worker thread: create (or tighten) the state dir and lock it for this agent."""
+    state_dir = config.state_path
+    _private_dir(state_dir, state_dir_mode(config))
+    try:
+        return lock_exclusive(state_dir / "agent.lock",
+                              f"the state dir {state_dir} ({env_name('state_dir')})")
+    except RuntimeError as exc:
+        raise ConfigError(env_name("state_dir"), str(exc)) from None
+
+
 def _private_dir(path: Path, mode: int) -> None:
     """Create ``path`` with ``mode``; an existing one more open than that is tightened, with
     a warning, or (when this process may not change it, e.g. a Kubernetes volume) kept
@@ -837,16 +842,11 @@ def _private_dir(path: Path, mode: int) -> None:
         "fields": {"path": str(path), "was": oct(current), "now": oct(mode)}})
 
 
-def _bound_port(site: web.TCPSite) -> int:
-    server = site._server  # aiohttp keeps the asyncio server here; ports may be ephemeral
-    assert server is not None
-    sockets = getattr(server, "sockets", None) or []
-    return int(sockets[0].getsockname()[1])
-
-
 def _clear_stale_socket(path: Path) -> None:
-    """Remove a socket file left by a dead agent; refuse if a live one answers on it (or
-    might: a peer too slow to answer within a second is alive, and its socket is kept)."""
+    """Worker thread: make the socket's directory; remove a socket file left by a dead
+    agent; refuse if a live one answers on it (or might: a peer too slow to answer within a
+    second is alive, and its socket is kept)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() and not path.is_symlink():
         return
     if not path.is_socket():

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from .errors import TransientError
 from .event import AuditRecord, AuditRow, record_encoder
 from .spool import Spool
 
@@ -91,7 +92,7 @@ class Auditor:
         payload = record_encoder.encode(record)
         try:
             self.spool.check_room(len(payload))
-        except Exception:  # noqa: BLE001 - a full or broken spool refuses audits like events
+        except TransientError:  # a full or broken spool refuses audits like events
             self._dropped("spool_unavailable")
             return False
         self.spool.append(payload, record)

@@ -27,6 +27,7 @@ import msgspec
 from .digest import canonical_json, sha256_hex
 from .errors import CheckpointError, TransientError, ValidationError
 from .event import CheckpointRecord, CheckpointRow, Row, decode_record, record_encoder
+from .postgres import UnsafeRole, is_transient
 from .spool import Spool
 from .store import Store, StoredCheckpoint
 from .validate import Schemas, Seal, violation
@@ -189,7 +190,9 @@ class Checkpoints:
             return known
         try:
             stored = await self.store.latest_checkpoint(agency, run_id)
-        except Exception as exc:  # noqa: BLE001 - any failure here means "cannot tell now"
+        except Exception as exc:
+            if not is_transient(exc) and not isinstance(exc, UnsafeRole):
+                raise  # a bug: the problem middleware logs it and answers 500
             raise TransientError(
                 "CHECKPOINT_VERSION_UNKNOWN",
                 "PostgreSQL is unreachable and this agent has not seen this run's checkpoints; "
@@ -268,7 +271,9 @@ class Checkpoints:
         if known is None or known.seq <= self.committed():
             try:
                 stored = await self.store.latest_checkpoint(agency, run_id)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
+                if not is_transient(exc) and not isinstance(exc, UnsafeRole):
+                    raise
                 if known is None or (known.state is None and known.seq <= self.spool.cursor):
                     raise TransientError(
                         "CHECKPOINT_UNAVAILABLE",

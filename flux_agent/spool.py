@@ -396,8 +396,8 @@ class Spool:
             await self._sup.wait("spool-commit", timeout=30)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._io, self._close_files)
-        self._io.shutdown(wait=True)
-        self._reader_pool.shutdown(wait=True)
+        for pool in (self._io, self._reader_pool):  # joining threads blocks: not on the loop
+            await loop.run_in_executor(None, pool.shutdown, True)
 
     def _lock(self) -> None:
         d = self.directory

@@ -304,7 +304,7 @@ async def test_bad_tokens_are_audited_but_rate_limited(jwt_agent: Agent, databas
             "SELECT count(*) FROM flux.audit_log WHERE action = 'auth.failed'"))
 
     assert await wait_until(some, 10)
-    await asyncio.sleep(0.5)
+    assert jwt_agent.flusher is not None and await jwt_agent.flusher.drain(10)  # all of them
     n = await database.fetchval("SELECT count(*) FROM flux.audit_log "
                                 "WHERE action = 'auth.failed'")
     assert 1 <= n <= 40, n  # a burst of 20, then 5 per second

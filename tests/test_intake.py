@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -17,6 +18,7 @@ from flux_agent.digest import canonical_json, sha256_hex
 from flux_agent.testing import make_event, make_events
 
 from .conftest import Database, agent_config
+from .faults import wait_until
 from .helpers import assert_problem, get, post
 
 
@@ -135,7 +137,7 @@ async def test_acceptance_1100_events_then_all_duplicates(agent: Agent, database
     again = await send_all()
     assert sum(b["accepted"] for b in again) == 0
     assert sum(b["duplicates"] for b in again) == 1100
-    await asyncio.sleep(0.2)
+    assert agent.flusher is not None and await agent.flusher.drain(10)
     assert await database.fetchval("SELECT count(*) FROM flux.events") == 1100
 
 
@@ -189,7 +191,7 @@ async def test_batch_with_one_bad_event_stores_nothing(agent: Agent, database: D
         "message": body["errors"][0]["message"],
     }]
     assert "video" in body["errors"][0]["message"]
-    await asyncio.sleep(0.2)
+    assert agent.flusher is not None and await agent.flusher.drain(10)
     assert await database.fetchval("SELECT count(*) FROM flux.events") == 0
 
 
@@ -372,10 +374,12 @@ async def test_body_budget_waits_in_order_and_survives_cancellation():
     first = asyncio.create_task(take("first", 50))
     second = asyncio.create_task(take("second", 10))  # fits, but must not overtake
     cancelled = asyncio.create_task(take("cancelled", 30))
-    await asyncio.sleep(0.01)
+    # All three queue (40 free, first wants 50).
+    assert await wait_until(lambda: _async(len(budget._waiters) == 3), 5)
     assert order == []
     cancelled.cancel()
-    await asyncio.sleep(0.01)
+    with contextlib.suppress(asyncio.CancelledError):
+        await cancelled
     budget.release(60)
     await asyncio.gather(first, second)
     assert order == ["first", "second"]
@@ -544,9 +548,10 @@ async def test_unparseable_http_is_problem_json_and_quotes_nothing(agent: Agent,
         _reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
         writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n[{")
         await writer.drain()
-        await asyncio.sleep(0.2)
+        assert agent.intake is not None
+        assert await wait_until(lambda: _async(agent.intake.inflight == 1), 5)
         writer.close()
-        await asyncio.sleep(0.5)
+        assert await wait_until(lambda: _async(agent.intake.inflight == 0), 10)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     # An encoding aiohttp does not know reaches the handler undecoded: 415, not a parse.
     status, ctype, body = await raw(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n"
@@ -563,27 +568,52 @@ async def test_unparseable_http_is_problem_json_and_quotes_nothing(agent: Agent,
     assert status == 200
 
 
-async def test_a_stalled_upload_cannot_hold_intake(database: Database, state_dir: Path):
-    """Request memory is reserved by Content-Length before the body arrives; an upload that
-    stalls gets 408 after FLUX_AGENT_REQUEST_BODY_TIMEOUT and gives the memory back."""
+@pytest.mark.parametrize(("method", "path", "ok"), [
+    ("POST", "/v1/events", 202),
+    ("PUT", "/v1/runs/stalled-1/checkpoint", 201),
+    ("POST", "/api/v1/lineage", 201),
+])
+async def test_a_stalled_upload_cannot_hold_intake(database: Database, state_dir: Path,
+                                                  method: str, path: str, ok: int):
+    """Every route that reads a body reserves request memory by Content-Length before the
+    body arrives; an upload that stalls holds it (others wait), gets 408 after
+    FLUX_AGENT_REQUEST_BODY_TIMEOUT and gives the memory back."""
     from urllib.parse import urlsplit
 
-    config = agent_config(database, state_dir, request_body_timeout=0.5,
-                          request_memory_bytes=4 * 1024**2, request_max_bytes=4 * 1024**2)
+    from .test_checkpoints import put
+    from .test_lineage import run_event
+
+    budget = 4 * 1024**2
+    config = agent_config(database, state_dir, request_body_timeout=1.0,
+                          request_memory_bytes=budget, request_max_bytes=budget)
     async with Agent(config) as agent:
+        assert agent.intake is not None
+        bodies = agent.intake.bodies
         parts = urlsplit(agent.endpoints.event_url)
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-        writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                     b"\r\nContent-Length: 4194304\r\n\r\n[")
+        writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     f"\r\nContent-Length: {budget}\r\n\r\n{{".encode())
         await writer.drain()
-        await asyncio.sleep(0.1)  # the stalled request holds all request memory now
-        event = make_event()
-        status, body, _ = await asyncio.wait_for(
-            post(agent.endpoints.event_url + "/v1/events", event), 10)
-        assert status == 202, body
+        assert await wait_until(lambda: _async(bodies.free == 0), 5), bodies.free
+        # A second request of the same route waits for the memory the stalled one holds.
+        url = agent.endpoints.event_url + path
+        if method == "PUT":
+            second = asyncio.ensure_future(put(url, {"step": "s", "state": {"n": 1}}))
+        elif path == "/api/v1/lineage":
+            second = asyncio.ensure_future(post(url, run_event("START")))
+        else:
+            second = asyncio.ensure_future(post(url, make_event()))
+        assert await wait_until(lambda: _async(len(bodies._waiters) == 1), 5)
+        assert not second.done()
         answer = await asyncio.wait_for(reader.read(65536), 10)
         writer.close()
         head, _, raw = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408"), answer[:200]
         assert json.loads(raw)["code"] == "BODY_TIMEOUT"
-        assert agent.intake is not None and agent.intake.bodies.free == 4 * 1024**2
+        status, body, _ = await asyncio.wait_for(second, 10)
+        assert status == ok, body
+        assert bodies.free == budget
+
+
+async def _async(value: bool) -> bool:
+    return value

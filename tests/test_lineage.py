@@ -19,6 +19,7 @@ from typing import Any
 import attr
 import jwt
 import pytest
+import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from openlineage.client import OpenLineageClient, facet_v2
@@ -46,7 +47,7 @@ from flux_agent.lineage import (
 from flux_agent.testing import make_event
 from flux_agent.validate import EventChecker, Schemas, Seal
 
-from .conftest import Database, agent_config
+from .conftest import Database, agent_config, proxied
 from .faults import TcpProxy, wait_until
 from .helpers import assert_problem, post, remember_secret
 
@@ -643,34 +644,12 @@ async def test_invalid_run_events_get_problem_details(jwt_agent: Agent, rsa_key)
     client, _ = make_client(jwt_agent.endpoints.event_url, token(rsa_key), gzip=False)
     naive = client_event(RunState.START, str(generate_new_uuid()))
     naive.eventTime = datetime.now().isoformat()  # no offset: not RFC 3339
-    with pytest.raises(Exception, match="422"):
+    with pytest.raises(requests.HTTPError, match="422"):
         await asyncio.to_thread(client.emit, naive)
     client.close()
 
 
 # --------------------------------------------------------------------------- a real 503
-
-
-def proxied(database: Database, proxy: TcpProxy) -> Database:
-    """The same database, reached by the agent through the proxy."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(database.agent_dsn)
-    userinfo = parts.netloc.rsplit("@", 1)[0]
-    agent_dsn = urlunsplit(parts._replace(netloc=f"{userinfo}@127.0.0.1:{proxy.port}"))
-    return Database(database.name, database.admin_dsn, agent_dsn)
-
-
-@pytest.fixture
-async def proxy(database: Database) -> AsyncIterator[TcpProxy]:
-    from urllib.parse import urlsplit
-
-    port = urlsplit(database.admin_dsn).port
-    assert port is not None, "this test needs PostgreSQL on TCP"
-    p = TcpProxy("127.0.0.1", port)
-    await p.start()
-    yield p
-    await p.stop()
 
 
 def lineage_answers(agent: Agent, status: int) -> float:

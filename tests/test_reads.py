@@ -75,9 +75,10 @@ async def test_pagination_is_stable_under_concurrent_inserts(agent: Agent):
     async def writer() -> None:
         for n in range(10):
             batch = [make_event(run_id="r-page", occurred_at=at(n * 13 % 150)) for _ in range(10)]
+            status, body, _ = await post(url + "/v1/events", batch,
+                                         headers={"Prefer": "wait=committed"})
+            assert status == 200 and body["accepted"] == 10, body
             inserted.extend(e["event_id"] for e in batch)
-            await post(url + "/v1/events", batch, headers={"Prefer": "wait=committed"})
-            await asyncio.sleep(0.01)
 
     async def reader() -> None:
         cursor = None
@@ -92,7 +93,6 @@ async def test_pagination_is_stable_under_concurrent_inserts(agent: Agent):
             cursor = body["next_cursor"]
             if cursor is None:
                 return
-            await asyncio.sleep(0.01)
 
     await asyncio.gather(writer(), reader())
     assert len(seen) == len(set(seen)), "a row was repeated across pages"
@@ -152,3 +152,30 @@ async def test_retention_removes_only_expired_rows_in_one_agent(database: Databa
         assert 'flux_retention_purged_rows_total{table="events"} 30.0' in metrics
     kept = {str(r[0]) for r in await database.fetch("SELECT event_id FROM flux.events")}
     assert kept == {e["event_id"] for e in events[30:]}
+
+
+async def test_a_read_that_breaks_for_another_reason_than_the_database_is_a_logged_500(
+        database: Database, state_dir: Path, caplog):
+    """Only "the database is away" is a retryable 503. A query PostgreSQL refuses for a
+    reason that retrying cannot fix (here: a column renamed behind the agent's back) is a
+    500 with the error id, logged once with its traceback."""
+    import logging
+
+    import asyncpg
+
+    async with Agent(agent_config(database, state_dir)) as agent:
+        url = agent.endpoints.event_url
+        status, _, _ = await post(url + "/v1/events", make_event(run_id="r-broken"),
+                                  headers={"Prefer": "wait=committed"})
+        assert status == 200
+        conn = await asyncpg.connect(database.admin_dsn)
+        await conn.execute("ALTER TABLE flux.events RENAME COLUMN step TO step_renamed")
+        await conn.close()
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            status, body, headers = await get(url + "/v1/runs/r-broken/events")
+        assert_problem(status, body, headers, 500, "INTERNAL_ERROR")
+        assert body["retryable"] is False
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and errors[0].exc_info is not None, errors
+        assert "UndefinedColumnError" in errors[0].exc_text or "step" in str(errors[0].exc_info)

@@ -11,7 +11,7 @@ from aiohttp import web
 from ..auth import Claims, require
 from ..checkpoints import Known, parse_if_match
 from ..errors import CheckpointError, FluxError, TransientError
-from .common import Routes, _iso, _known_run_id, _limit, _not_found, _prefers_committed, _read_body
+from .common import Routes, _iso, _known_run_id, _limit, _not_found, _prefers_committed
 from .server import CLAIMS, json_response
 
 
@@ -27,10 +27,11 @@ class CheckpointRoutes(Routes):
         if_match = parse_if_match(request.headers.get("If-Match"))
         self._media_type(request)
         self.spool.check_room(request.content_length or 0)
-        body = self._decode_one(await _read_body(request), "")
-        self.inflight += 1
+        self.inflight += 1  # from before the body is read: a drain waits for it
         self._idle.clear()
         try:
+            async with self._body(request) as raw:
+                body = self._decode_one(raw, "")
             try:
                 known, previous, durable, seq = await self.checkpoints.save(
                     claims.agency, run_id, body, self._sealer(request, claims), if_match)

@@ -5,9 +5,10 @@ the bounds on request memory and on the active-runs gauge."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ from ..event import Row
 from ..flush import Flusher
 from ..lineage import Lineage
 from ..metrics import Metrics
+from ..postgres import UnsafeRole, is_transient
 from ..seen import SeenIndex
 from ..spool import Spool
 from ..store import Store
@@ -77,7 +79,10 @@ class Routes:
         self._openapi: bytes | None = None
         self.checkpoints = checkpoints
         self.store = store
-        self.lineage = Lineage()
+        # Built on the first OpenLineage request, in a worker thread (its schemas are files):
+        # an agent that never sees one never pays for them.
+        self._lineage: Lineage | None = None
+        self._lineage_lock = asyncio.Lock()
         self.allowed_uids = frozenset(int(u) for u in config.socket_allowed_uids)
         decoder = msgspec.json.Decoder()
         self._decode_json = decoder.decode
@@ -202,21 +207,70 @@ class Routes:
                 context=context,
             ) from None
 
+    async def lineage(self) -> Lineage:
+        if self._lineage is None:
+            async with self._lineage_lock:
+                if self._lineage is None:
+                    self._lineage = await asyncio.get_running_loop().run_in_executor(
+                        None, Lineage)
+        return self._lineage
+
     async def _read(self, query: Awaitable[T]) -> T:
+        """Run a read; classify what goes wrong once. The database being away (or a login
+        role refused for bypassing row-level security) is "not now": 503, retryable. A
+        value PostgreSQL refused is the request's fault: 400. Anything else is a bug:
+        logged with its traceback, answered 500 with the error id."""
         try:
             return await query
         except FluxError:
             raise
-        except Exception as exc:  # noqa: BLE001 - every database failure is "not now"...
+        except UnsafeRole:
+            raise TransientError("DATABASE_UNAVAILABLE", "reads are refused: the database "
+                                 "login role bypasses row-level security", retry_after=30,
+                                 context={"reason": "UnsafeRole"}) from None
+        except Exception as exc:
             if str(getattr(exc, "sqlstate", "")).startswith("22"):
-                # ...but a data exception is a parameter PostgreSQL refused: retrying the
-                # same request cannot help. Input checks should have caught it first.
+                # A data exception is a parameter PostgreSQL refused: retrying the same
+                # request cannot help. Input checks should have caught it first.
                 raise ValidationError("INVALID_PARAMETER", "PostgreSQL refused a value of "
                                       "this request", status=400,
                                       context={"reason": type(exc).__name__}) from None
-            raise TransientError("DATABASE_UNAVAILABLE", "PostgreSQL is unreachable; reads "
-                                 "need it (events are still accepted)", retry_after=2,
-                                 context={"reason": type(exc).__name__}) from None
+            if is_transient(exc):
+                raise TransientError("DATABASE_UNAVAILABLE", "PostgreSQL is unreachable; "
+                                     "reads need it (events are still accepted)",
+                                     retry_after=2,
+                                     context={"reason": type(exc).__name__}) from None
+            raise  # the problem middleware logs it once and answers 500 with its error id
+
+    @contextlib.asynccontextmanager
+    async def _body(self, request: web.Request) -> AsyncIterator[bytes]:
+        """The request body, read within FLUX_AGENT_REQUEST_BODY_TIMEOUT and counted against
+        FLUX_AGENT_REQUEST_MEMORY_BYTES until the block ends. Every route that reads a body
+        goes through here: a stalled upload can neither hold memory nor wait forever."""
+        # A compressed or chunked body may decode to the largest request allowed.
+        size = request.content_length
+        if size is None or "Content-Encoding" in request.headers:
+            size = self.config.request_max_bytes
+        limit = self.config.request_body_timeout
+        # The budget is taken by the declared size before the body arrives, so a body that
+        # stalls must give it back: every wait here is bounded.
+        try:
+            async with asyncio.timeout(limit):
+                reserved = await self.bodies.acquire(size)
+        except TimeoutError:
+            raise TransientError("INTAKE_BUSY", "request memory is held by requests still "
+                                 "being read; retry shortly", retry_after=1) from None
+        try:
+            try:
+                async with asyncio.timeout(limit):
+                    body = await _read_body(request)
+            except TimeoutError:
+                raise ValidationError("BODY_TIMEOUT", f"the request body did not arrive "
+                                      f"within {limit:g} s; nothing was accepted",
+                                      status=408) from None
+            yield body
+        finally:
+            self.bodies.release(reserved)
 
 
 def _not_found(code: str, detail: str) -> ValidationError:

@@ -4,7 +4,7 @@ or none), acknowledged only once the spool record is durable."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,7 @@ from ..auth import Claims, require
 from ..errors import FluxError, TransientError, ValidationError
 from ..event import EventsRecord, Row, record_encoder
 from ..seen import Key
-from .common import Routes, _prefers_committed, _read_body
+from .common import Routes, _prefers_committed
 from .server import CLAIMS, json_response
 
 
@@ -33,58 +33,38 @@ class EventRoutes(Routes):
     async def post_events(self, request: web.Request) -> web.Response:
         return await self._ingest(request, self._read_events)
 
-    async def _read_events(self, request: web.Request) -> tuple[list[Any], bool]:
+    def _read_events(self, request: web.Request, body: bytes) -> tuple[list[Any], bool]:
         ndjson = self._media_type(request)
-        return self._decode(await _read_body(request), ndjson)
+        return self._decode(body, ndjson)
 
     async def _ingest(
         self,
         request: web.Request,
-        read: Callable[[web.Request], Awaitable[tuple[list[Any], bool]]],
+        read: Callable[[web.Request, bytes], tuple[list[Any], bool]],
         created: int = 202,
     ) -> web.Response:
         claims: Claims = request[CLAIMS]
         require(claims, "write")
         self.inflight += 1
         self._idle.clear()
-        # A compressed or chunked body may decode to the largest request allowed.
-        size = request.content_length
-        if size is None or "Content-Encoding" in request.headers:
-            size = self.config.request_max_bytes
-        reserved = 0
         try:
             if self.draining:
                 raise TransientError("DRAINING", "the agent is shutting down; retry against "
                                      "its successor", retry_after=1)
             # Refuse early when the spool is full, before reading a large body.
             self.spool.check_room(request.content_length or 0)
-            # The budget is taken by the declared size before the body arrives, so a body
-            # that stalls must give it back: every wait here is bounded.
-            limit = self.config.request_body_timeout
-            try:
-                async with asyncio.timeout(limit):
-                    reserved = await self.bodies.acquire(size)
-            except TimeoutError:
-                raise TransientError("INTAKE_BUSY", "request memory is held by requests still "
-                                     "being read; retry shortly", retry_after=1) from None
-            try:
-                async with asyncio.timeout(limit):
-                    events, batch = await read(request)
-            except TimeoutError:
-                raise ValidationError("BODY_TIMEOUT", f"the request body did not arrive within "
-                                      f"{limit:g} s; nothing was accepted", status=408) from None
-            rows = self._seal(request, claims, events, batch)
-            del events
-            wait = _prefers_committed(request.headers.get("Prefer", ""))
-            result = await self.accept(rows, claims.agency, wait=wait)
+            async with self._body(request) as body:
+                events, batch = read(request, body)
+                rows = self._seal(request, claims, events, batch)
+                del events
+                wait = _prefers_committed(request.headers.get("Prefer", ""))
+                result = await self.accept(rows, claims.agency, wait=wait)
         except FluxError as err:
             # Every refusal of an ingest request, whatever its cause (bad JSON, schema,
             # conflict, full spool, draining), counted by its code.
             self.metrics.events_rejected.labels(err.code).inc()
             raise
         finally:
-            if reserved:
-                self.bodies.release(reserved)
             self.inflight -= 1
             if self.inflight == 0:
                 self._idle.set()

@@ -7,7 +7,6 @@ from typing import Any
 
 from aiohttp import web
 
-from .common import _read_body
 from .events import EventRoutes
 
 
@@ -16,9 +15,10 @@ class LineageRoutes(EventRoutes):
 
     async def post_lineage(self, request: web.Request) -> web.Response:
         """``POST /api/v1/lineage``: an OpenLineage RunEvent, as its HTTP transport sends it."""
-        return await self._ingest(request, self._read_lineage, created=201)
+        lineage = await self.lineage()
 
-    async def _read_lineage(self, request: web.Request) -> tuple[list[Any], bool]:
-        self._media_type(request)
-        doc = self._decode_one(await _read_body(request), "")
-        return self.lineage.to_events(doc), False
+        def read(request: web.Request, body: bytes) -> tuple[list[Any], bool]:
+            self._media_type(request)
+            return lineage.to_events(self._decode_one(body, "")), False
+
+        return await self._ingest(request, read, created=201)

@@ -424,3 +424,11 @@ def make_problem_middleware(metrics: Metrics, tracing: Tracing | None = None) ->
         return response
 
     return problem_middleware
+
+
+def tcp_port(runner: web.BaseRunner) -> int:
+    """The TCP port a runner's site is bound to (ports may be ephemeral), by public API."""
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    raise RuntimeError("the runner has no TCP site")

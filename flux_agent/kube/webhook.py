@@ -12,6 +12,7 @@ import ssl
 import time
 from typing import Any
 
+from ..http.server import tcp_port
 from .admission import MalformedReview, admission_response, parse_review
 from .binding import binds
 from .config import InjectorConfig
@@ -237,7 +238,7 @@ class WebhookServer:
         site = web.TCPSite(runner, self.host, self.port, ssl_context=context,
                            reuse_address=True)
         await site.start()
-        self.port = _bound_port(site)
+        self.port = tcp_port(runner)
         if self.metrics_port is not None:
             side_runner = web.AppRunner(side, access_log=None, handle_signals=False)
             await side_runner.setup()
@@ -245,7 +246,7 @@ class WebhookServer:
             side_site = web.TCPSite(side_runner, self.metrics_host, self.metrics_port,
                                     reuse_address=True)
             await side_site.start()
-            self.metrics_port = _bound_port(side_site)
+            self.metrics_port = tcp_port(side_runner)
         self._reload_task = asyncio.create_task(self._reload(reloader), name="flux-tls-reload")
         log.info("injector listening", extra={"fields": {
             "port": self.port, "metrics_port": self.metrics_port,
@@ -274,12 +275,6 @@ class WebhookServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-def _bound_port(site: Any) -> int:
-    server = site._server  # aiohttp keeps the asyncio server here; the port may be ephemeral
-    sockets = getattr(server, "sockets", None) or []
-    return int(sockets[0].getsockname()[1])
 
 
 async def serve_webhook(config: InjectorConfig, host: str, port: int, cert_file: str,
