@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .fleet import fleet, single_c1, trickle
 from .harness import BareServer, Database, machine
 from .report import markdown, plot_outage
 from .scenarios import (
@@ -74,6 +75,13 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
             await throughput(ctx, "single events, TCP, c=32, tracing on (OTLP)", events=1,
                              fmt="single", connections=32, baseline="c_single_tcp",
                              env=tracing)
+        print("the fleet's shape: c=1, trickles, many agents", flush=True)
+        await single_c1(ctx)
+        for rate in ((100.0,) if ctx.quick else (10.0, 100.0)):
+            await trickle(ctx, rate)
+        await fleet(ctx, 8 if ctx.quick else 32, 30.0, pgbouncer=False)
+        if not ctx.quick:
+            await fleet(ctx, 32, 30.0, pgbouncer=True)
         print("latency, faults, footprint", flush=True)
         await steady(ctx, peak / 2)
         await outage(ctx, peak / 2)

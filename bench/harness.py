@@ -67,8 +67,10 @@ class Database:
             # Production-like: durability settings left at PostgreSQL's defaults.
             self.cluster = LocalPostgres(self.root / "pg", bin_dir=find_bin_dir("system"),
                                          port=free_port(),
-                                         settings={"max_connections": "100",
-                                                   "shared_buffers": "256MB"})
+                                         settings={"max_connections": "200",
+                                                   "shared_buffers": "256MB",
+                                                   # commit times of rows: visibility
+                                                   "track_commit_timestamp": "on"})
             await asyncio.to_thread(self.cluster.start)
             server = self.cluster.dsn()
             self.admin_dsn = self.cluster.dsn(database=DATABASE)

@@ -75,14 +75,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     connector: aiohttp.BaseConnector
     if args.socket:
         connector = aiohttp.UnixConnector(path=args.socket, limit=0)
-        url = "http://agent" + args.path
+        urls = ["http://agent" + args.path]
     else:
         connector = aiohttp.TCPConnector(limit=0)
-        url = args.url
+        urls = args.url or ["http://127.0.0.1:8787/v1/events"]
     timeout = aiohttp.ClientTimeout(total=30)
 
     async def worker(wid: int, session: aiohttp.ClientSession) -> None:
         nonlocal sent, failures
+        url = urls[wid % len(urls)]  # several agents: workers spread over them evenly
         next_at = time.perf_counter() + (interval * wid / max(1, args.concurrency))
         while not stop.is_set():
             if deadline is not None and time.perf_counter() >= deadline:
@@ -137,7 +138,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--url", default="http://127.0.0.1:8787/v1/events")
+    p.add_argument("--url", action="append", default=[],
+                   help="where to post (repeat it: the workers spread over several agents)")
     p.add_argument("--socket", default=None)
     p.add_argument("--path", default="/v1/events")
     p.add_argument("--events", type=int, default=1, help="events per request")

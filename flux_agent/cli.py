@@ -114,7 +114,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                           "required by migrate (the embedded default migrates itself at start)")
     from .sink import migrate_dsn
 
-    applied = _run_async(_wrap(migrate_dsn(config.database_url.reveal())))
+    applied = _run_async(_wrap(migrate_dsn(config.database_url.reveal(),
+                                           pgbouncer=config.database_pgbouncer)))
     print(json.dumps({"applied": applied}))
     return EXIT_OK
 
@@ -148,6 +149,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         # An auditor's role may bypass row-level security: verify only reads, by agency.
         store = Store(Postgres(config.database_url.reveal(),  # type: ignore[union-attr]
                                max_connections=1, require_safe_role=False,
+                               pgbouncer=config.database_pgbouncer,
                                name="flux-agent-verify"))
         mismatches = 0
         try:

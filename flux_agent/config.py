@@ -359,15 +359,18 @@ class AgentConfig:
         8 * 1024**2, "... or at this many bytes.", parse_bytes, shown_default="8MiB"
     )
     batch_max_age: float = setting(
-        0.005, "... or when its oldest event is this old.", parse_duration, shown_default="5ms"
+        0.5, "... or when its oldest event is this old: how long an acknowledged event may "
+        "wait to be visible in PostgreSQL (it is durable on the spool meanwhile). Waits for "
+        "`Prefer: wait=committed`, drains and reads of the agent's own writes flush at once.",
+        parse_duration, shown_default="500ms",
     )
     flush_lanes: int = setting(
         2, "Parallel PostgreSQL connections for flushing (one run always uses one lane).",
         parse_int,
     )
     flush_retry_max: float = setting(
-        30.0, "Longest backoff between flush retries while PostgreSQL is away.", parse_duration,
-        shown_default="30s",
+        10.0, "Longest backoff between flush retries while PostgreSQL is away (with jitter: "
+        "a fleet does not reconnect in step).", parse_duration, shown_default="10s",
     )
     drain_timeout: float = setting(
         25.0, "On SIGTERM, flush for at most this long, then exit (rest stays spooled).",

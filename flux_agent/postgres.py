@@ -11,9 +11,10 @@ idle connections.
 No reset round trip on release: every transaction declares what it needs locally
 (``set_config(..., true)``), so a connection carries nothing from one use to the next.
 
-Each new connection learns which server it reached (system identifier and timeline). When
-that changes, the server is a different primary than before (a failover, a restore), which may
-lack what the old one committed: ``on_new_primary`` lets the flusher replay its window.
+Every write reports which server committed it (system identifier and timeline). When that
+changes, the server is a different primary than before (a failover, a restore), which may lack
+what the old one committed: ``on_new_primary`` lets the flusher replay its window. Being part
+of the write's own statement, this costs no round trip and works behind PgBouncer too.
 """
 
 from __future__ import annotations
@@ -45,11 +46,6 @@ POISON_CLASSES = {
     "23": "integrity constraint violation",
     "54": "program limit exceeded",
 }
-
-_IDENTITY = ("SELECT system_identifier::text, "
-             "substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) "
-             "FROM pg_control_system()")
-
 
 def sqlstate_of(exc: BaseException) -> str | None:
     state = getattr(exc, "sqlstate", None)
@@ -138,6 +134,7 @@ class Postgres:
         self.last_failure: float | None = None
         self.last_error: str | None = None
         self.connections_opened = 0
+        self._inflight: dict[object, float] = {}  # unit of work -> when it began
 
     # ---------------------------------------------------------------- pool
 
@@ -158,22 +155,36 @@ class Postgres:
                     )
         return self._pool
 
+    @property
+    def pgbouncer(self) -> bool:
+        return self._pgbouncer
+
+    def single(self, conn: Any) -> contextlib.AbstractAsyncContextManager[Any]:
+        """What one statement runs in. Directly: nothing (a statement is its own
+        transaction, one round trip). Behind PgBouncer in transaction pooling mode: an
+        explicit transaction, because asyncpg prepares a statement and executes it in two
+        exchanges, and between them PgBouncer may hand the client another server
+        connection, which never saw the statement."""
+        return conn.transaction() if self._pgbouncer else contextlib.nullcontext()
+
     async def _init_connection(self, conn: Any) -> None:
-        """Every new connection: tune its socket, check the role once, learn the server."""
+        """Every new connection: tune its socket, check the role once."""
         self.connections_opened += 1
         _tune_socket(conn, self.timeouts.statement)
         if self.role is None:
-            row = await conn.fetchrow(
-                "SELECT current_user AS name, rolsuper, rolbypassrls FROM pg_roles "
-                "WHERE rolname = current_user")
+            async with self.single(conn):
+                row = await conn.fetchrow(
+                    "SELECT current_user AS name, rolsuper, rolbypassrls FROM pg_roles "
+                    "WHERE rolname = current_user")
             self.role = RoleInfo(row["name"], row["rolsuper"], row["rolbypassrls"])
         if self.role.privileged and self._require_safe_role:
             raise UnsafeRole(
                 f"refusing to use the database as {self.role.name!r}: it bypasses row-level "
                 "security; connect as a login role granted flux_agent")
-        if not self._pgbouncer:  # behind PgBouncer, each query may reach another server
-            row = await conn.fetchrow(_IDENTITY)
-            self._learn_identity((row[0], row[1]))
+    def committed_on(self, identity: tuple[str, str]) -> None:
+        """A write committed on the server with this (system identifier, timeline)."""
+        if identity != self.identity:
+            self._learn_identity(identity)
 
     def _learn_identity(self, identity: tuple[str, str]) -> None:
         previous = self.identity
@@ -206,24 +217,29 @@ class Postgres:
         A failure that may have left the connection unusable (a timeout, a lost line, a
         cancelled task) terminates it, so the pool never hands it out again."""
         budget = self.timeouts.statement if timeout is None else timeout
+        token = object()
+        self._inflight[token] = time.monotonic()
         try:
-            pool = await self._get_pool()
-            conn = await pool.acquire(timeout=min(budget, self.timeouts.connect + 1))
-        except BaseException as exc:
-            self.failed(exc)
-            raise
-        try:
-            async with asyncio.timeout(budget):
-                yield conn
-        except BaseException as exc:
-            if not isinstance(exc, asyncpg.PostgresError) or is_transient(exc):
-                conn.terminate()  # whatever state it is in, it is not reused
-            self.failed(exc)
-            raise
-        else:
-            self.ok()
+            try:
+                pool = await self._get_pool()
+                conn = await pool.acquire(timeout=min(budget, self.timeouts.connect + 1))
+            except BaseException as exc:
+                self.failed(exc)
+                raise
+            try:
+                async with asyncio.timeout(budget):
+                    yield conn
+            except BaseException as exc:
+                if not isinstance(exc, asyncpg.PostgresError) or is_transient(exc):
+                    conn.terminate()  # whatever state it is in, it is not reused
+                self.failed(exc)
+                raise
+            else:
+                self.ok()
+            finally:
+                await pool.release(conn, timeout=1)
         finally:
-            await pool.release(conn, timeout=1)
+            del self._inflight[token]
 
     def ok(self) -> None:
         self.last_ok = time.monotonic()
@@ -236,11 +252,18 @@ class Postgres:
 
     def state(self, window: float) -> str:
         """``up`` when a round trip worked within ``window`` seconds and nothing failed
-        since; ``down`` when the last attempt failed; ``unknown`` otherwise (idle)."""
+        since; ``down`` when the last attempt failed, or when one has waited longer than a
+        connection may take with nothing succeeding since it began (a black-holed path
+        is down before the statement's deadline says so); ``unknown`` otherwise (idle)."""
         now = time.monotonic()
         if self.last_failure is not None and (self.last_ok is None
                                               or self.last_failure > self.last_ok):
             return "down"
+        if self._inflight:
+            oldest = min(self._inflight.values())
+            if now - oldest > self.timeouts.connect and (self.last_ok is None
+                                                         or self.last_ok < oldest):
+                return "down"
         if self.last_ok is not None and now - self.last_ok <= window:
             return "up"
         return "unknown"
@@ -248,7 +271,7 @@ class Postgres:
     async def ping(self) -> float:
         """Round-trip latency in seconds."""
         start = time.perf_counter()
-        async with self.connection() as conn:
+        async with self.connection() as conn, self.single(conn):
             await conn.fetchval("SELECT 1")
         return time.perf_counter() - start
 
@@ -282,6 +305,7 @@ def _tune_socket(conn: Any, user_timeout: float) -> None:
             sock.setsockopt(level, option, value)
 
 
-async def connect_once(dsn: str, timeout: float = 10.0) -> Any:
+async def connect_once(dsn: str, timeout: float = 10.0, *, pgbouncer: bool = False) -> Any:
     """A connection outside the pool (migrations, CLI tools)."""
-    return await asyncpg.connect(dsn, timeout=timeout)
+    return await asyncpg.connect(dsn, timeout=timeout,
+                                 statement_cache_size=0 if pgbouncer else 100)

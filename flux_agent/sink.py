@@ -48,7 +48,8 @@ __all__ = ["POISON_CLASSES", "CheckpointConflict", "MigrationError", "RoleInfo",
 
 MIGRATION_LOCK_KEY = 0x666C_7578_0001  # "flux" + 1: one lock for all agents of a database
 
-_WRITE = "SELECT inserted, new_ids::text[] FROM flux.write_v1($1, $2, $3, $4)"
+_WRITE = ("SELECT inserted, new_ids::text[], system_identifier, timeline "
+          "FROM flux.write_v1($1, $2, $3, $4)")
 _DURABLE_COMMIT = ("SELECT set_config('synchronous_commit', 'on', true) "
                    "WHERE current_setting('synchronous_commit') = 'off'")
 _SET_AGENCY = "SELECT set_config('flux.current_agency_id', $1, true)"
@@ -147,8 +148,9 @@ async def migrate(conn: Any, sql_dir: Path | None = None) -> list[str]:
     return applied
 
 
-async def migrate_dsn(dsn: str, sql_dir: Path | None = None) -> list[str]:
-    conn = await connect_once(dsn)
+async def migrate_dsn(dsn: str, sql_dir: Path | None = None, *,
+                      pgbouncer: bool = False) -> list[str]:
+    conn = await connect_once(dsn, pgbouncer=pgbouncer)
     try:
         return await migrate(conn, sql_dir)
     finally:
@@ -237,9 +239,10 @@ class Sink:
 
         Returns how many events were new and, when ``returning``, their ids (the others were
         already stored: duplicates)."""
-        async with self.pg.connection(self.pg.timeouts.flush) as conn:
+        async with self.pg.connection(self.pg.timeouts.flush) as conn, self.pg.single(conn):
             row = await conn.fetchrow(_WRITE, work.events, work.checkpoints, work.audits,
                                       returning, timeout=self.pg.timeouts.flush)
+        self.pg.committed_on((row[2], row[3]))
         return int(row[0]), set(row[1]) if returning else set()
 
     async def write_dead_letter(self, work: Work, reason: str, sqlstate: str | None) -> None:

@@ -5,7 +5,8 @@
 -- over thousands of sidecars, each posting a trickle, that cost the shared database more than
 -- the rows did. Now a lane's whole window is one call: the events, checkpoints and audit
 -- entries arrive as composite arrays in one statement, which is its own transaction. No
--- temporary table (no catalog writes), one round trip with a prepared statement.
+-- temporary table (no catalog writes), one round trip with a prepared statement. It answers
+-- with what it inserted and which server committed it.
 --
 -- The function runs with the caller's rights (SECURITY INVOKER): the agent's role, its
 -- privileges and row-level security apply inside, agency by agency, as before.
@@ -37,7 +38,7 @@ CREATE FUNCTION flux.write_v1(
     p_checkpoints flux.checkpoint_v1[],
     p_audits flux.audit_v1[],
     p_returning boolean
-) RETURNS TABLE (inserted bigint, new_ids uuid[])
+) RETURNS TABLE (inserted bigint, new_ids uuid[], system_identifier text, timeline text)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_agency text;
@@ -130,7 +131,13 @@ BEGIN
         ON CONFLICT DO NOTHING;
     END LOOP;
 
-    RETURN QUERY SELECT v_total, v_ids;
+    -- Which server committed this: its system identifier and timeline. A change tells the
+    -- agent it now writes to another primary (a promotion, a restore), which may lack what
+    -- the old one committed; it then replays its recent window. Read in the same statement,
+    -- so it names the server that ran it, also behind PgBouncer.
+    RETURN QUERY SELECT v_total, v_ids, (SELECT c.system_identifier::text
+                                          FROM pg_control_system() AS c),
+                        substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8);
 END
 $$;
 REVOKE ALL ON FUNCTION flux.write_v1(flux.event_v1[], flux.checkpoint_v1[], flux.audit_v1[],

@@ -65,7 +65,11 @@ class PgServer:
 class Database:
     name: str
     admin_dsn: str  # superuser (bypasses RLS): for checking what really is stored
-    agent_dsn: str  # the unprivileged login role a sidecar uses
+    agent_dsn: str  # the unprivileged login role a sidecar uses (through PgBouncer, if so run)
+    login_dsn: str = ""  # the same role, always direct: for SQL the tests run as it
+
+    def __post_init__(self) -> None:
+        self.login_dsn = self.login_dsn or self.agent_dsn
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         conn = await asyncpg.connect(self.admin_dsn)
@@ -158,6 +162,28 @@ def pg_template(pg_server: PgServer) -> PgServer:
     return pg_server
 
 
+# FLUX_TEST_VIA_PGBOUNCER=1 runs the suite with every agent behind a real PgBouncer in
+# transaction pooling mode (CI does it as a second pass): what thousands of sidecars share.
+VIA_PGBOUNCER = os.environ.get("FLUX_TEST_VIA_PGBOUNCER", "") == "1"
+_front: list[Any] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pgbouncer_front(pg_server: PgServer) -> Iterator[None]:
+    if not VIA_PGBOUNCER:
+        yield
+        return
+    from .pgbouncer import PgBouncer
+
+    parts = urlsplit(pg_server.admin_dsn)
+    front = PgBouncer(short_tempdir("fa-pgbf-"), host=parts.hostname or "127.0.0.1",
+                      port=parts.port or 5432, users={LOGIN_ROLE: LOGIN_PASSWORD})
+    front.start()
+    _front.append(front)
+    yield
+    front.stop()
+
+
 async def create_database(server: PgServer, template: str = TEMPLATE) -> Database:
     name = f"t_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(server.admin_dsn)
@@ -165,7 +191,9 @@ async def create_database(server: PgServer, template: str = TEMPLATE) -> Databas
         await conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
     finally:
         await conn.close()
-    return Database(name, server.dsn(name), server.dsn(name, LOGIN_ROLE, LOGIN_PASSWORD))
+    direct = server.dsn(name, LOGIN_ROLE, LOGIN_PASSWORD)
+    agent = _front[0].url(LOGIN_ROLE, LOGIN_PASSWORD, name) if _front else direct
+    return Database(name, server.dsn(name), agent, direct)
 
 
 async def drop_database(server: PgServer, name: str) -> None:
@@ -195,6 +223,7 @@ def agent_config(database: Database, state_dir: Path, **overrides: Any) -> Agent
 
     values: dict[str, Any] = {
         "database_url": Secret(database.agent_dsn),
+        "database_pgbouncer": VIA_PGBOUNCER,
         "listen": "127.0.0.1:0",
         "admin_listen": "127.0.0.1:0",
         "state_dir": str(state_dir),
@@ -280,6 +309,7 @@ def agent_env(database: Database, state_dir: Path, **extra: str) -> dict[str, st
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_AGENT_")}
     env.update({
         "FLUX_AGENT_DATABASE_URL": database.agent_dsn,
+        "FLUX_AGENT_DATABASE_PGBOUNCER": "true" if VIA_PGBOUNCER else "false",
         "FLUX_AGENT_STATE_DIR": str(state_dir),
         "FLUX_AGENT_AUTH": "none",
         "FLUX_AGENT_AGENCY": "nasa",
@@ -294,11 +324,12 @@ def agent_env(database: Database, state_dir: Path, **extra: str) -> dict[str, st
 
 
 def proxied(database: Database, proxy: TcpProxy) -> Database:
-    """The same database, but the agent reaches it through the proxy."""
-    parts = urlsplit(database.agent_dsn)
+    """The same database, but the agent reaches it through the proxy (which forwards to
+    PostgreSQL itself)."""
+    parts = urlsplit(database.login_dsn)
     userinfo = parts.netloc.rsplit("@", 1)[0]
     agent_dsn = urlunsplit(parts._replace(netloc=f"{userinfo}@127.0.0.1:{proxy.port}"))
-    return Database(database.name, database.admin_dsn, agent_dsn)
+    return Database(database.name, database.admin_dsn, agent_dsn, database.login_dsn)
 
 
 def _port_of(dsn: str) -> int:

@@ -476,7 +476,7 @@ async def test_admin_listener_tells_the_pod_network_no_diagnostics(
     key_file.write_bytes(pem_public(rsa_key))
     # A login role PostgreSQL does not know: its error names the role (and the test
     # cluster trusts local connections, so no password is ever checked).
-    parts = urlsplit(database.agent_dsn)
+    parts = urlsplit(database.login_dsn)
     user = "flux_no_such_role"
     dsn = urlunsplit(parts._replace(netloc=f"{user}@{parts.hostname}:{parts.port}"))
     with remote_peer() as (address, remote_get):
@@ -536,7 +536,7 @@ async def test_row_level_security_as_the_agents_login_role(database: Database):
                ('noaa', gen_random_uuid(), 'r', 'run.started', {now}, {now}, '{{}}',
                 repeat('b', 64), {now})""")
     await admin.close()
-    conn = await asyncpg.connect(database.agent_dsn)
+    conn = await asyncpg.connect(database.login_dsn)
     try:
         # No agency declared: nothing is visible.
         assert await conn.fetchval("SELECT count(*) FROM flux.events") == 0

@@ -120,7 +120,7 @@ async def test_tampered_checkpoint_is_refused_audited_and_named_by_verify(
     assert "flux_checkpoint_integrity_failures_total 1.0" in metrics
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_AGENT_")}
-    env["FLUX_AGENT_DATABASE_URL"] = database.agent_dsn
+    env["FLUX_AGENT_DATABASE_URL"] = database.login_dsn
     result = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "flux_agent", "verify", "--agency", "nasa"],
         env=env, capture_output=True, text=True, timeout=60)
@@ -150,7 +150,7 @@ async def test_verify_accepts_what_jsonb_normalises(agent: Agent, database: Data
                               headers={"Prefer": "wait=committed"})
     assert status == 200
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_AGENT_")}
-    env["FLUX_AGENT_DATABASE_URL"] = database.agent_dsn
+    env["FLUX_AGENT_DATABASE_URL"] = database.login_dsn
     result = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "flux_agent", "verify", "--agency", "nasa"],
         env=env, capture_output=True, text=True, timeout=60)

@@ -258,7 +258,7 @@ async def test_retries_through_a_real_spool_full_keep_the_same_ids(
     assert pg_port is not None
     pg = TcpProxy("127.0.0.1", pg_port)
     await pg.start()
-    parts = urlsplit(database.agent_dsn)
+    parts = urlsplit(database.login_dsn)
     userinfo = parts.netloc.rsplit("@", 1)[0]
     cut_db = Database(database.name, database.admin_dsn,
                       parts._replace(netloc=f"{userinfo}@127.0.0.1:{pg.port}").geturl())

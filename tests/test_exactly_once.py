@@ -111,7 +111,7 @@ async def test_a_re_post_is_a_duplicate_and_does_not_grow_the_spool(database: Da
 
 
 async def as_agent(db: Database) -> asyncpg.Connection:
-    conn = await asyncpg.connect(db.agent_dsn)
+    conn = await asyncpg.connect(db.login_dsn)
     role = await conn.fetchrow("SELECT rolsuper, rolbypassrls FROM pg_roles "
                                "WHERE rolname = current_user")
     assert (role["rolsuper"], role["rolbypassrls"]) == (False, False)

@@ -15,6 +15,7 @@ import asyncio
 import os
 import pwd
 import shutil
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,7 @@ async def test_asynchronous_failover_replays_the_committed_window(pair: Pair, st
         lagging = await post_committed(agent, 25)  # committed on the old primary only
         assert await pair.count(pair.primary, lagging) == 25
         await fail_over(pair)
+        promoted_at = time.monotonic()
         after = await post_committed(agent, 10)
         everything = replicated + lagging + after
         assert agent.flusher is not None
@@ -175,6 +177,8 @@ async def test_asynchronous_failover_replays_the_committed_window(pair: Pair, st
                 return await pair.count(pair.standby, everything) == len(everything)
 
             assert await wait_until(restored, 30), await pair.count(pair.standby, everything)
+            print(f"async failover: everything acknowledged on the new primary "
+                  f"{time.monotonic() - promoted_at:.2f} s after its promotion")
             assert agent.flusher.stats.replays >= 1
             assert agent.flusher.stats.events_restored == 25
         else:

@@ -5,12 +5,7 @@ the next."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import pwd
 import shutil
-import signal
-import subprocess
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -18,69 +13,25 @@ import pytest
 
 from flux_agent import Agent
 from flux_agent.config import Secret
-from flux_agent.embedded import free_port
 from flux_agent.testing import make_events
 
 from .conftest import LOGIN_PASSWORD, LOGIN_ROLE, Database, agent_config, short_tempdir
 from .faults import wait_until
 from .helpers import post
-from .tools import require_tool
+from .pgbouncer import PgBouncer
 
 
 @pytest.fixture
 async def pgbouncer(database: Database) -> AsyncIterator[str]:
-    binary = require_tool("pgbouncer")
+    """A PgBouncer of this test's own, one server connection for every client: two agents
+    of two agencies take turns on it."""
     target = urlsplit(database.admin_dsn)
-    root = short_tempdir("fa-pgb-")
-    port = free_port()
-    (root / "userlist.txt").write_text(f'"{LOGIN_ROLE}" "{LOGIN_PASSWORD}"\n')
-    (root / "pgbouncer.ini").write_text(f"""
-[databases]
-{database.name} = host={target.hostname} port={target.port} dbname={database.name}
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {port}
-unix_socket_dir =
-auth_type = plain
-auth_file = {root}/userlist.txt
-pool_mode = transaction
-default_pool_size = 1
-max_client_conn = 50
-server_reset_query =
-ignore_startup_parameters = extra_float_digits
-logfile = {root}/pgbouncer.log
-pidfile = {root}/pgbouncer.pid
-""")
-    kwargs = {}
-    if os.geteuid() == 0:  # PgBouncer refuses to run as root
-        user = pwd.getpwnam("postgres") if _has_user("postgres") else pwd.getpwnam("nobody")
-        for p in root.iterdir():
-            os.chown(p, user.pw_uid, user.pw_gid)
-        os.chown(root, user.pw_uid, user.pw_gid)
-        kwargs = {"user": user.pw_uid, "group": user.pw_gid}
-    proc = subprocess.Popen([str(binary), str(root / "pgbouncer.ini")], **kwargs)
-
-    async def listening() -> bool:
-        with contextlib.suppress(OSError):
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return True
-        return False
-
-    assert await wait_until(listening, 15), (root / "pgbouncer.log").read_text()
-    yield f"postgresql://{LOGIN_ROLE}:{LOGIN_PASSWORD}@127.0.0.1:{port}/{database.name}"
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(10)
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def _has_user(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
+    front = PgBouncer(short_tempdir("fa-pgb-"), host=target.hostname or "127.0.0.1",
+                      port=target.port or 5432, users={LOGIN_ROLE: LOGIN_PASSWORD},
+                      databases=database.name, pool_size=1)
+    await asyncio.to_thread(front.start)
+    yield front.url(LOGIN_ROLE, LOGIN_PASSWORD, database.name)
+    await asyncio.to_thread(front.stop)
 
 
 async def test_two_agencies_through_transaction_pooling(database: Database, pgbouncer: str):

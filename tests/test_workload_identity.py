@@ -161,7 +161,7 @@ async def test_the_injected_sidecar_takes_its_namespaces_tokens_only(
     jwks_file = state_dir / "jwks.json"
     jwks_file.write_text(jwks(("sa-key-1", cluster_key)))
     # Where this test runs, not where the pod would: paths, ports and the database.
-    environ.update({"FLUX_AGENT_DATABASE_URL": database.agent_dsn,
+    environ.update({"FLUX_AGENT_DATABASE_URL": database.login_dsn,
                     "FLUX_AGENT_STATE_DIR": str(state_dir), "FLUX_AGENT_SOCKET": "off",
                     "FLUX_AGENT_LISTEN": "127.0.0.1:0", "FLUX_AGENT_ADMIN_LISTEN": "off",
                     "FLUX_AGENT_JWT_JWKS_FILE": str(jwks_file), "FLUX_AGENT_MIGRATE": "false"})

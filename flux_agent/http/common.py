@@ -34,6 +34,7 @@ from ..validate import EventChecker, Manifest, Seal, utcnow
 from .server import REQUEST_ID, TRACE, problem_response, source_of
 
 _BYTE_POS = re.compile(r"\(byte (\d+)\)")
+READ_YOUR_WRITES_WAIT = 2.0  # seconds a read waits for the agent's own pending writes
 _ENCODINGS = frozenset({"", "identity", "gzip", "deflate"})  # what aiohttp decodes
 _SMALL_INT = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²".isdigit() is True
 _JSON_TYPES = frozenset({"application/json", "text/json"})
@@ -219,7 +220,17 @@ class Routes:
         """Run a read; classify what goes wrong once. The database being away (or a login
         role refused for bypassing row-level security) is "not now": 503, retryable. A
         value PostgreSQL refused is the request's fault: 400. Anything else is a bug:
-        logged with its traceback, answered 500 with the error id."""
+        logged with its traceback, answered 500 with the error id.
+
+        Reads see this agent's own writes: what it acknowledged before the read is flushed
+        first (now, not at the window's age), waiting at most READ_YOUR_WRITES_WAIT; when
+        PostgreSQL cannot take it that fast, the read answers with what PostgreSQL has."""
+        target = self.spool.written_seq
+        if target > self.flusher.committed_seq:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flusher.wait_committed(target),
+                                       min(READ_YOUR_WRITES_WAIT,
+                                           self.config.commit_wait_timeout))
         try:
             return await query
         except FluxError:
