@@ -91,7 +91,7 @@ def _tune_process() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
-    logs.setup(config.log_level)
+    logs.setup(config.log_level, fmt=config.log_format, access_log=config.access_log)
     _tune_process()
     return _run_async(lambda: _serve(config))
 

@@ -299,6 +299,14 @@ class AgentConfig:
         "info", "`debug`, `info`, `warning` or `error`.",
         choice("debug", "info", "warning", "error"),
     )
+    log_format: str = setting(
+        "auto", "`json` (one object per line), `console` (for people), or `auto`: `console` "
+        "when stdout is a terminal, else `json`.", choice("auto", "json", "console"),
+    )
+    access_log: bool = setting(
+        False, "One log line per request at `info` (method, path, status, duration); always "
+        "on at log level `debug`.", parse_bool,
+    )
     request_max_bytes: int = setting(
         4 * 1024**2, "Largest request body (after gzip decoding).", parse_bytes,
         shown_default="4MiB",
