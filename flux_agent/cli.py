@@ -351,75 +351,103 @@ PASSTHROUGH: dict[str, Callable[[Sequence[str]], int]] = {
 # --------------------------------------------------------------------------- entry point
 
 
+REQUIRED_URL = {"database_url": ("PostgreSQL URL, required (for the embedded default: the url "
+                                 "that `flux-agent run` logs at start).", "unset")}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI. Each command takes only the settings it uses, each flag shows its default and
+    environment variable, and no flag may be abbreviated (a typo is an error, not a guess)."""
     parser = argparse.ArgumentParser(
-        prog="flux-agent",
+        prog="flux-agent", allow_abbrev=False,
         description="Durable, validated, exactly-once step events from ETL pods to PostgreSQL.",
+        epilog="Each command's own flags: flux-agent COMMAND --help.",
     )
     parser.add_argument("--version", action="version", version=f"flux-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the agent (the sidecar)")
+    def command(name: str, text: str, description: str | None = None,
+                **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=description or text[:1].upper()
+                              + text[1:] + ".", allow_abbrev=False, **kwargs)
+
+    p = command("run", "run the agent (the sidecar)",
+                "Run the agent. Exit 0 after a clean drain, 78 on bad configuration, "
+                "1 otherwise.")
     add_flags(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("migrate", help="apply pending schema migrations")
-    add_flags(p)
+    p = command("migrate", "apply pending schema migrations",
+                "Apply pending schema migrations to FLUX_AGENT_DATABASE_URL (as a role that "
+                "may create them). Exit 0 when done, 78 on bad configuration, 1 otherwise.")
+    add_flags(p, ("database_url",), REQUIRED_URL)
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("emit", help="post one event (for shell scripts)",
-                       description="Exit 0 when accepted (or a duplicate), 65 when the agent "
-                       "refused the event, 69 when it could not be reached, 77 when "
-                       "authentication failed, 1 otherwise.")
+    p = command("emit", "post one event (for shell scripts)",
+                "Post one event. Exit 0 when accepted (or a duplicate), 65 when the agent "
+                "refused the event, 69 when it could not be reached, 77 when "
+                "authentication failed, 1 otherwise.")
     p.add_argument("--run", required=True, help="run id")
     p.add_argument("--kind", required=True, help="run.started, step.completed, ...")
-    p.add_argument("--step", default=None)
+    p.add_argument("--step", default=None, help="required for step.* and checkpoint.saved")
     p.add_argument("--payload", default=None,
-                   help="a JSON object, @file.json, or - to read it from stdin")
+                   help="a JSON object, @file.json, or - to read it from stdin [default: {}]")
     p.add_argument("--provider", default=None)
     p.add_argument("--model", default=None)
-    p.add_argument("--event-id", default=None, help="idempotency key (default: a new UUIDv7)")
+    p.add_argument("--event-id", default=None, help="idempotency key [default: a new UUIDv7]")
     p.add_argument("--wait-committed", action="store_true",
                    help="answer once the event is in PostgreSQL")
-    p.add_argument("--url", default=None, help="agent URL (default: FLUX_AGENT_SOCKET, then "
-                   "FLUX_AGENT_URL, then http://127.0.0.1:8787)")
-    p.add_argument("--socket", default=None, help="agent Unix socket")
-    p.add_argument("--token", default=None, help="bearer token (default: FLUX_AGENT_TOKEN)")
-    p.add_argument("--token-file", default=None)
-    p.add_argument("--timeout", type=float, default=30.0)
-    p.add_argument("--attempts", type=int, default=6, help="tries, with backoff, on 503")
+    p.add_argument("--url", default=None, help="agent URL [default: the socket of "
+                   "FLUX_AGENT_SOCKET, else FLUX_AGENT_URL, else http://127.0.0.1:8787]")
+    p.add_argument("--socket", default=None, help="agent Unix socket [env FLUX_AGENT_SOCKET]")
+    p.add_argument("--token", default=None, help="bearer token [env FLUX_AGENT_TOKEN]")
+    p.add_argument("--token-file", default=None,
+                   help="a file holding the token [env FLUX_AGENT_TOKEN_FILE]")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds per attempt [default: 30]")
+    p.add_argument("--attempts", type=int, default=6,
+                   help="tries, with backoff, on 503 [default: 6]")
     p.set_defaults(func=cmd_emit)
 
-    p = sub.add_parser("token", help="mint a development JWT from a local key")
+    p = command("token", "mint a development JWT, key pair or API key",
+                "Development credentials: a JWT signed with a local key (--key), a new key "
+                "pair (--generate-key) or an API key (--api-key). Production tokens come "
+                "from your identity provider.")
     p.add_argument("--api-key", action="store_true",
                    help="print a new random API key (and its entry for the API keys file)")
     p.add_argument("--generate-key", metavar="PATH",
                    help="write a new ES256 private key to PATH and its public key to PATH.pub")
     p.add_argument("--key", help="PEM private key (RSA, P-256 or Ed25519)")
-    p.add_argument("--agency", default="nasa")
-    p.add_argument("--role", default="operator", help="admin, operator, viewer or analyzer")
-    p.add_argument("--sub", default="developer@localhost")
-    p.add_argument("--issuer", default="flux-agent-dev")
+    p.add_argument("--agency", default="nasa", help="[default: nasa]")
+    p.add_argument("--role", default="operator",
+                   help="admin, operator, viewer or analyzer [default: operator]")
+    p.add_argument("--sub", default="developer@localhost", help="[default: %(default)s]")
+    p.add_argument("--issuer", default="flux-agent-dev", help="[default: %(default)s]")
     p.add_argument("--audience", default=None)
     p.add_argument("--kid", default=None)
-    p.add_argument("--ttl", default="1h", help="lifetime, e.g. 15m or 8h")
+    p.add_argument("--ttl", default="1h", help="lifetime, e.g. 15m or 8h [default: 1h]")
     p.set_defaults(func=cmd_token)
 
     for name, text in (
         ("inject", "print a pod (or workload) as the sidecar injector would admit it"),
         ("inject-webhook", "serve the sidecar-injection admission webhook over HTTPS"),
     ):
-        p = sub.add_parser(name, help=text, add_help=False)
+        p = command(name, text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
 
-    p = sub.add_parser("verify", help="re-hash stored events and checkpoints")
-    p.add_argument("--run", default=None, help="only this run")
-    add_flags(p)  # --agency A: only this agency (default: every agency in the manifest)
+    p = command("verify", "re-hash stored events and checkpoints",
+                "Re-hash stored events and checkpoints. Exit 0 when all match, 1 naming "
+                "those that do not, 78 on bad configuration.")
+    p.add_argument("--run", default=None, help="only this run [default: every run]")
+    add_flags(p, ("database_url", "agency", "agency_manifest"), {
+        **REQUIRED_URL, "agency": ("Only this agency.", "every agency in the manifest")})
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("spool", help="inspect or verify a stopped agent's spool")
+    p = command("spool", "inspect or verify a stopped agent's spool",
+                "inspect: segments, records, bytes, oldest age (JSON); verify: every "
+                "checksum (exit 1 on corruption).")
     p.add_argument("action", choices=["inspect", "verify"])
-    add_flags(p)
+    add_flags(p, ("state_dir",))
     p.set_defaults(func=cmd_spool)
     return parser
 
