@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -640,13 +641,15 @@ class Agent:
         if self.spool is not None and self.flusher is not None:
             out["spool"] = {
                 "bytes": self.spool.bytes_used,
+                "max_bytes": self.spool.max_bytes,
+                "writable": self.spool.broken is None,
                 "segments": len(self.spool.segments),
                 "backlog_records": self.flusher.backlog,
                 "oldest_unflushed_age_s": round(self.spool.oldest_unflushed_age(), 3),
                 "retained_bytes": self.spool.retained_bytes,
             }
             out["flush"] = {
-                "last_flush_at": self.flusher.last_flush_at,
+                "last_flush_at": _rfc3339(self.flusher.last_flush_at),
                 "last_error": logs.scrub(self.flusher.last_error or "") or None,
                 "stalled_s": round(self.flusher.stalled_for(), 3),
             }
@@ -710,6 +713,13 @@ async def bounded(coro: Any, timeout: float) -> Any:
 def _consume(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def _rfc3339(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
 
 
 def _stamp(path: Path) -> tuple[float, int]:

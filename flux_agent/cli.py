@@ -1,6 +1,7 @@
 """Command line: the only code that reads ``sys.argv``, installs signal handlers or exits.
 
-Exit codes: 0 clean, 78 bad configuration (the message names the setting), 1 otherwise.
+Exit codes: 0 clean, 78 bad configuration (the message names the setting), 1 otherwise; the
+commands that talk to an agent also use 65, 69 and 77 (sysexits.h, below).
 """
 
 from __future__ import annotations
@@ -12,18 +13,24 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import logs
+from ._files import lock_holder
 from ._version import __version__
-from .config import AgentConfig, add_flags, load_config, parse_duration
+from .config import AgentConfig, add_flags, env_name, load_config, parse_duration
 from .errors import ConfigError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
-EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
+# sysexits.h, so shell scripts can tell what went wrong.
+EXIT_DATAERR = 65  # the agent refused the event (4xx): fix the event, do not retry
+EXIT_UNAVAILABLE = 69  # the agent could not be reached or stayed unavailable: retry later
+EXIT_NOPERM = 77  # authentication or authorisation refused
+EXIT_CONFIG = 78  # EX_CONFIG: a bad setting
 
 
 def _runner() -> asyncio.Runner:
@@ -166,6 +173,12 @@ def cmd_spool(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         print(f"flux-agent: no spool at {directory}", file=sys.stderr)
         return EXIT_FAILURE
+    holder = lock_holder(config.state_path / "agent.lock")
+    if holder is not None:
+        print(f"flux-agent spool: an agent (pid {holder}) is running on {config.state_path}: "
+              "these are its files as last written, behind what it holds in memory (records "
+              "shown pending may be flushed already); ask it with: flux-agent status",
+              file=sys.stderr)
     if args.action == "inspect":
         print(json.dumps(spool.inspect(directory), indent=2))
         return EXIT_OK
@@ -238,11 +251,6 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- emit
 
-# sysexits.h, so shell scripts can tell what went wrong.
-EXIT_DATAERR = 65  # the agent refused the event (4xx): fix the event, do not retry
-EXIT_UNAVAILABLE = 69  # the agent could not be reached or stayed unavailable: retry later
-EXIT_NOPERM = 77  # authentication or authorisation refused
-
 
 def cmd_emit(args: argparse.Namespace) -> int:
     """Post one event from a shell script, through the workload client."""
@@ -306,6 +314,52 @@ def _read_payload(spec: str | None) -> dict[str, object]:
     if not isinstance(value, dict):
         raise ValueError("the payload must be a JSON object")
     return value
+
+
+# --------------------------------------------------------------------------- status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Ask the running agent (its admin listener) how it is: 0 healthy, 1 not healthy, 69 no
+    agent answers, 77 a token is needed."""
+    from .client import TokenSource
+    from .status import Refused, Report, Unreachable, admin_url, fetch, render
+
+    config = load_config(args, serving=False)
+    if args.url:
+        url = args.url
+    elif config.admin_listen:
+        url = admin_url(config.admin_listen)
+    else:
+        raise ConfigError(env_name("admin_listen"), "the admin listener is off: give --url")
+    try:
+        deadline = time.monotonic() + parse_duration(args.wait)
+    except ValueError as exc:
+        raise ConfigError("--wait", str(exc)) from None
+    token = TokenSource(args.token, args.token_file).get()
+    while True:
+        try:
+            report: Report | None = fetch(url, token=token, timeout=args.timeout)
+            failure = ""
+        except Unreachable as exc:
+            report, failure = None, str(exc)
+        except Refused as exc:
+            print(f"flux-agent status: {exc}", file=sys.stderr)
+            return EXIT_NOPERM
+        if (report is not None and report.healthy) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    if report is None:
+        print(f"flux-agent status: {failure}", file=sys.stderr)
+        holder = lock_holder(config.state_path / "agent.lock")
+        print(f"flux-agent status: an agent (pid {holder}) holds the state dir "
+              f"{config.state_path}: it may be starting, or listen elsewhere "
+              f"({env_name('admin_listen')}, --url)" if holder is not None else
+              f"flux-agent status: no agent runs on the state dir {config.state_path} "
+              f"({env_name('state_dir')})", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    print(json.dumps(report.as_json(), indent=2) if args.json else render(report))
+    return EXIT_OK if report.healthy else EXIT_FAILURE
 
 
 # --------------------------------------------------------------------------- injector
@@ -377,6 +431,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p)
     p.set_defaults(func=cmd_run)
 
+    p = command("status", "ask the running agent how it is",
+                "Ask the running agent (its admin listener, FLUX_AGENT_ADMIN_LISTEN) for "
+                "readiness, database, spool, last flush and background tasks. Exit 0 "
+                "healthy (ready, PostgreSQL up, no task failing), 1 not healthy, 69 no agent "
+                "answers, 77 a token is needed, 78 bad configuration.")
+    p.add_argument("--url", default=None, help="the admin listener's URL [default: from "
+                   "FLUX_AGENT_ADMIN_LISTEN, a wildcard address asked on loopback]")
+    p.add_argument("--token", default=None,
+                   help="bearer token (an operator's, for remote agents) [env FLUX_AGENT_TOKEN]")
+    p.add_argument("--token-file", default=None, help="[env FLUX_AGENT_TOKEN_FILE]")
+    p.add_argument("--wait", default="0s", metavar="DURATION",
+                   help="until the agent is healthy, ask again for up to this long "
+                        "[default: 0s]")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for an answer [default: 10]")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_flags(p, ("admin_listen", "state_dir"))
+    p.set_defaults(func=cmd_status)
+
     p = command("migrate", "apply pending schema migrations",
                 "Apply pending schema migrations to FLUX_AGENT_DATABASE_URL (as a role that "
                 "may create them). Exit 0 when done, 78 on bad configuration, 1 otherwise.")
@@ -445,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("spool", "inspect or verify a stopped agent's spool",
                 "inspect: segments, records, bytes, oldest age (JSON); verify: every "
-                "checksum (exit 1 on corruption).")
+                "checksum (exit 1 on corruption). Read a stopped agent's spool: a running "
+                "agent's is behind what it holds (ask it with flux-agent status).")
     p.add_argument("action", choices=["inspect", "verify"])
     add_flags(p, ("state_dir",))
     p.set_defaults(func=cmd_spool)

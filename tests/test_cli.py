@@ -1,14 +1,20 @@
-"""The command line as an operator meets it: help per command, no abbreviations."""
+"""The command line as an operator meets it: help per command, no abbreviations, `status`
+against a healthy agent, one whose database is down and none at all."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
 import subprocess
 import sys
+from datetime import datetime
+from pathlib import Path
 
 import pytest
 
+from flux_agent import Agent
 from flux_agent.cli import build_parser
 from flux_agent.config import (
     SETTINGS,
@@ -16,7 +22,13 @@ from flux_agent.config import (
     flag_name,
     load_config,
 )
+from flux_agent.embedded import free_port
 from flux_agent.errors import ConfigError
+from flux_agent.testing import make_event
+
+from .conftest import agent_config, proxied
+from .faults import TcpProxy
+from .helpers import post
 
 HELPER_FLAGS = {"-h", "--help", "--config"}
 AUTH_MODES = next(f for f in SETTINGS if f.name == "auth").metadata["parse"].options
@@ -25,6 +37,8 @@ SETTINGS_OF = {
     "migrate": {"--database-url", "--database-url-file"},
     "verify": {"--database-url", "--database-url-file", "--agency", "--agency-manifest", "--run"},
     "spool": {"--state-dir"},
+    "status": {"--admin-listen", "--state-dir", "--url", "--token", "--token-file", "--wait",
+               "--timeout", "--json"},
 }
 
 
@@ -81,3 +95,73 @@ def test_abbreviated_flags_are_refused():
     with pytest.raises(ConfigError, match="--spool-max-byte"):
         load_config(["--spool-max-byte", "1"], {"FLUX_AGENT_AUTH": "none",
                                                 "FLUX_AGENT_AGENCY": "nasa"})
+
+
+# --------------------------------------------------------------------------- status
+
+
+def status(agent: Agent | None, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    url = ["--url", agent.endpoints.admin_url] if agent and agent.endpoints.admin_url else []
+    return cli("status", *url, *args, env=env)
+
+
+async def test_status_of_a_healthy_agent(agent: Agent):
+    status_, _, _ = await post(agent.endpoints.event_url + "/v1/events", make_event(),
+                               headers={"Prefer": "wait=committed"})
+    assert status_ == 200
+    human = await asyncio.to_thread(status, agent)
+    assert human.returncode == 0, human.stdout + human.stderr
+    assert ": healthy" in human.stdout
+    assert "database    up" in human.stdout
+    machine = await asyncio.to_thread(status, agent, "--json")
+    assert machine.returncode == 0
+    report = json.loads(machine.stdout)
+    assert (report["healthy"], report["ready"], report["problems"]) == (True, True, [])
+    health = report["health"]
+    assert health["spool"]["max_bytes"] == agent.config.spool_max_bytes
+    # RFC 3339, like every other time the agent gives.
+    assert datetime.fromisoformat(health["flush"]["last_flush_at"].replace("Z", "+00:00"))
+
+
+async def test_status_of_an_agent_whose_database_is_down(database, proxy: TcpProxy,
+                                                         state_dir: Path):
+    config = agent_config(proxied(database, proxy), state_dir, drain_timeout=0.5)
+    async with Agent(config) as running:
+        proxy.cut()
+        result = await asyncio.to_thread(status, running, "--json", "--wait", "1s")
+        assert result.returncode == 1, result.stdout + result.stderr
+        report = json.loads(result.stdout)
+        assert report["ready"] is True  # events are still accepted, onto the spool
+        assert report["healthy"] is False
+        assert any(p.startswith("database ") for p in report["problems"]), report
+        human = await asyncio.to_thread(status, running)
+        assert human.returncode == 1
+        assert "NOT HEALTHY" in human.stdout
+        assert "database    down" in human.stdout or "database    timeout" in human.stdout
+
+
+async def test_status_with_no_agent_at_all(state_dir: Path):
+    port = free_port()
+    result = await asyncio.to_thread(cli, "status", env={
+        "FLUX_AGENT_ADMIN_LISTEN": f"0.0.0.0:{port}", "FLUX_AGENT_STATE_DIR": str(state_dir)})
+    assert result.returncode == 69
+    assert f"no agent answers at http://127.0.0.1:{port}" in result.stderr  # asked on loopback
+    assert f"no agent runs on the state dir {state_dir}" in result.stderr
+
+
+async def test_status_names_the_agent_holding_the_state_dir(agent: Agent):
+    """An agent that does not answer where asked (another port) but holds the state dir."""
+    result = await asyncio.to_thread(
+        cli, "status", "--url", f"http://127.0.0.1:{free_port()}",
+        env={"FLUX_AGENT_STATE_DIR": str(agent.config.state_path)})
+    assert result.returncode == 69
+    assert f"an agent (pid {os.getpid()}) holds the state dir" in result.stderr
+
+
+async def test_spool_inspect_warns_that_a_running_agents_spool_is_behind(agent: Agent):
+    result = await asyncio.to_thread(cli, "spool", "inspect", env={
+        "FLUX_AGENT_STATE_DIR": str(agent.config.state_path)})
+    assert result.returncode == 0
+    assert f"an agent (pid {os.getpid()}) is running" in result.stderr
+    assert "flux-agent status" in result.stderr
+    json.loads(result.stdout)
