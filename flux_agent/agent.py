@@ -58,6 +58,8 @@ SEEN_SNAPSHOT_INTERVAL = 30.0
 EMBEDDED_CHECK_INTERVAL = 5.0
 EMBEDDED_LOGIN_ROLE = "flux_agent_local"
 EMBEDDED_DATABASE = "flux"
+SUPERUSER_NOTE = ("the superuser bypasses row-level security and can UPDATE and DELETE the "
+                  "append-only tables")
 
 
 @dataclass(slots=True)
@@ -395,7 +397,9 @@ class Agent:
         log.info("embedded PostgreSQL running", extra={"fields": {
             "data_dir": str(pg.data_dir), "binaries": str(pg.bin_dir),
             "url": pg.dsn(database=EMBEDDED_DATABASE),
-            "connect": f"{pg.bin_dir / 'psql'} '{pg.dsn(database=EMBEDDED_DATABASE)}'",
+            **embedded_connect(pg, config.agency if config.auth == "none" else ""),
+            "warning": f"url and connect_superuser log in as postgres: {SUPERUSER_NOTE}; "
+                       "connect is the agent's own role, under row-level security",
         }})
         return dsn
 
@@ -695,6 +699,18 @@ class Agent:
             "flux_active_runs": self.intake.runs.counts() if self.intake else {},
             "flux_retention_purged_rows": dict(self.purged),
         }
+
+
+def embedded_connect(pg: LocalPostgres, agency: str) -> dict[str, str]:
+    """psql commands for the embedded database: ``connect`` as the agent's own role (under
+    row-level security, for ``agency`` when given; it cannot change the append-only tables),
+    ``connect_superuser`` as ``postgres`` (see :data:`SUPERUSER_NOTE`)."""
+    psql = pg.bin_dir / "psql"
+    options = f"-c flux.current_agency_id={agency}" if agency else ""
+    return {
+        "connect": f"{psql} '{pg.dsn(EMBEDDED_LOGIN_ROLE, EMBEDDED_DATABASE, options=options)}'",
+        "connect_superuser": f"{psql} '{pg.dsn(database=EMBEDDED_DATABASE)}'",
+    }
 
 
 async def bounded(coro: Any, timeout: float) -> Any:

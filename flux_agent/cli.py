@@ -358,8 +358,35 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"flux-agent status: no agent runs on the state dir {config.state_path} "
               f"({env_name('state_dir')})", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    print(json.dumps(report.as_json(), indent=2) if args.json else render(report))
+    embedded = _embedded_connect(config)
+    if args.json:
+        print(json.dumps({**report.as_json(), **({"embedded": embedded} if embedded else {})},
+                         indent=2))
+    else:
+        print(render(report))
+        if embedded:
+            from .agent import SUPERUSER_NOTE
+
+            print(f"  {'psql':<11} {embedded['connect']}\n"
+                  f"  {'':<11} (the agent's own role, under row-level security)\n"
+                  f"  {'superuser':<11} {embedded['connect_superuser']}\n"
+                  f"  {'':<11} ({SUPERUSER_NOTE})")
     return EXIT_OK if report.healthy else EXIT_FAILURE
+
+
+def _embedded_connect(config: AgentConfig) -> dict[str, str]:
+    """psql commands for the embedded PostgreSQL running under the state dir, if one is."""
+    data_dir = config.state_path / "postgres"
+    if not (data_dir / "postmaster.pid").exists():
+        return {}
+    from .agent import embedded_connect
+    from .embedded import EmbeddedError, LocalPostgres
+
+    try:
+        pg = LocalPostgres(data_dir)
+    except EmbeddedError:  # no binaries here to connect with
+        return {}
+    return embedded_connect(pg, config.agency) if pg.running_pid() is not None else {}
 
 
 # --------------------------------------------------------------------------- injector
@@ -447,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds to wait for an answer [default: 10]")
     p.add_argument("--json", action="store_true", help="print JSON")
-    add_flags(p, ("admin_listen", "state_dir"))
+    add_flags(p, ("admin_listen", "state_dir", "agency"), {
+        "agency": ("The agency the embedded database's psql line is for (the agent's fixed "
+                   "agency).", "unset")})
     p.set_defaults(func=cmd_status)
 
     p = command("migrate", "apply pending schema migrations",

@@ -37,8 +37,8 @@ SETTINGS_OF = {
     "migrate": {"--database-url", "--database-url-file"},
     "verify": {"--database-url", "--database-url-file", "--agency", "--agency-manifest", "--run"},
     "spool": {"--state-dir"},
-    "status": {"--admin-listen", "--state-dir", "--url", "--token", "--token-file", "--wait",
-               "--timeout", "--json"},
+    "status": {"--admin-listen", "--state-dir", "--agency", "--url", "--token", "--token-file",
+               "--wait", "--timeout", "--json"},
 }
 
 

@@ -7,12 +7,14 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -35,15 +37,16 @@ async def test_embedded_default_accepts_a_curled_event():
         proc = subprocess.Popen([sys.executable, "-m", "flux_agent", "run"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        url = None
+        url, fields = None, {}
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and url is None:
             assert proc.poll() is None, log.read_text()
             for line in log.read_text().splitlines():
                 entry = json.loads(line)
                 if entry["message"] == "embedded PostgreSQL running":
-                    url = entry["fields"]["url"]
-                    assert Path(entry["fields"]["data_dir"]) == state / "postgres"
+                    fields = entry["fields"]
+                    url = fields["url"]
+                    assert Path(fields["data_dir"]) == state / "postgres"
             await asyncio.sleep(0.1)
         assert url, log.read_text()
         event = make_event("run.started")
@@ -66,6 +69,7 @@ async def test_embedded_default_accepts_a_curled_event():
             assert login is False
         finally:
             await conn.close()
+        await asyncio.to_thread(_psql_lines_say_what_they_can, fields)
 
         # A second agent on the same state dir is refused before it touches anything there,
         # and the first one's embedded PostgreSQL keeps running.
@@ -97,3 +101,18 @@ async def test_embedded_default_accepts_a_curled_event():
         if pidfile.exists():
             os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def _psql_lines_say_what_they_can(fields: dict[str, Any]) -> None:
+    """The printed connect command is the agent's own role: it sees its agency's rows and
+    cannot change them; the superuser's line is printed with a warning."""
+    assert "bypasses row-level security" in fields["warning"]
+    assert "postgres@" in fields["connect_superuser"]
+    psql = shlex.split(fields["connect"])
+    seen = subprocess.run([*psql, "-At", "-c", "SELECT count(*) FROM flux.events"],
+                          capture_output=True, text=True, timeout=30)
+    assert seen.stdout.strip() == "1", seen.stderr
+    changed = subprocess.run([*psql, "-c", "UPDATE flux.events SET kind = kind"],
+                             capture_output=True, text=True, timeout=30)
+    assert changed.returncode != 0
+    assert "permission denied" in changed.stderr
