@@ -124,17 +124,8 @@ class Agent:
         loop = asyncio.get_running_loop()
         # Schema, manifest and key files are read in a worker thread: a slow disk must not
         # stall the event loop (nothing else runs yet, but embedders' loops may).
-        try:
-            schemas = await loop.run_in_executor(None, lambda: Schemas(
-                manifest_path=Path(config.agency_manifest) if config.agency_manifest else None))
-        except ValueError as exc:
-            raise ConfigError(env_name("agency_manifest"), str(exc)) from None
-        if config.auth == "none" and not schemas.manifest.knows(config.agency):
-            raise ConfigError(env_name("agency"),
-                              f"{config.agency!r} is not in the agency manifest")
-        authenticator = self._authenticator
-        if authenticator is None:
-            authenticator = await loop.run_in_executor(None, self._make_authenticator, schemas)
+        schemas, authenticator = await loop.run_in_executor(None, preflight, config,
+                                                            self._authenticator)
         self.tracing = make_tracing(config.tracing, self._span_exporter)
         try:
             # The state dir is this agent's alone, the embedded PostgreSQL under it included:
@@ -337,8 +328,8 @@ class Agent:
 
     # ---------------------------------------------------------------- parts
 
-    def _make_authenticator(self, schemas: Schemas) -> Authenticator:
-        config = self.config
+    @staticmethod
+    def _make_authenticator(config: AgentConfig, schemas: Schemas) -> Authenticator:
         if config.auth == "none":
             return FixedAgency(config.agency)
         tokens: Authenticator | None = None
@@ -711,6 +702,23 @@ def embedded_connect(pg: LocalPostgres, agency: str) -> dict[str, str]:
         "connect": f"{psql} '{pg.dsn(EMBEDDED_LOGIN_ROLE, EMBEDDED_DATABASE, options=options)}'",
         "connect_superuser": f"{psql} '{pg.dsn(database=EMBEDDED_DATABASE)}'",
     }
+
+
+def preflight(config: AgentConfig, authenticator: Authenticator | None = None
+              ) -> tuple[Schemas, Authenticator]:
+    """What the agent checks before it touches its state dir, and all that ``flux-agent
+    validate`` checks without a database: the agency manifest, the fixed agency, the keys.
+    Reads files (call it from a worker thread); raises :class:`ConfigError`."""
+    try:
+        schemas = Schemas(manifest_path=Path(config.agency_manifest) if config.agency_manifest
+                          else None)
+    except ValueError as exc:
+        raise ConfigError(env_name("agency_manifest"), str(exc)) from None
+    if config.auth == "none" and not schemas.manifest.knows(config.agency):
+        raise ConfigError(env_name("agency"), f"{config.agency!r} is not in the agency manifest")
+    if authenticator is None:
+        authenticator = Agent._make_authenticator(config, schemas)
+    return schemas, authenticator
 
 
 async def bounded(coro: Any, timeout: float) -> Any:

@@ -16,13 +16,24 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import logs
 from ._files import lock_holder
 from ._version import __version__
-from .config import AgentConfig, add_flags, env_name, load_config, parse_duration
+from .config import (
+    AgentConfig,
+    add_flags,
+    defaulted,
+    effective_settings,
+    env_name,
+    load_config,
+    parse_duration,
+    to_toml,
+)
 from .errors import ConfigError
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -41,7 +52,7 @@ def _runner() -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
-def _run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+def _run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     with _runner() as runner:
         return runner.run(main())
 
@@ -389,6 +400,96 @@ def _embedded_connect(config: AgentConfig) -> dict[str, str]:
     return embedded_connect(pg, config.agency) if pg.running_pid() is not None else {}
 
 
+# --------------------------------------------------------------------------- validate
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Load the configuration as ``run`` does and check it without starting: 0 or 78."""
+    try:
+        config, notes = _validate(args)
+    except ConfigError as exc:
+        if args.json:
+            print(json.dumps({"valid": False, "setting": exc.setting, "error": exc.message}))
+        raise
+    settings, defaults = effective_settings(config), defaulted(config)
+    if args.json:
+        print(json.dumps({"valid": True, "settings": settings, "defaults": sorted(defaults),
+                          "notes": notes}, indent=2))
+    else:
+        for note in ["the configuration is valid", *notes]:
+            print(f"flux-agent validate: {note}", file=sys.stderr)
+        print(to_toml(settings, defaults), end="")
+    return EXIT_OK
+
+
+def _validate(args: argparse.Namespace) -> tuple[AgentConfig, list[str]]:
+    from .agent import preflight
+    from .embedded import EmbeddedError, find_bin_dir
+    from .tracing import make_exporter
+
+    config = load_config(args)
+    preflight(config)
+    if config.tracing != "off":
+        try:
+            make_exporter(config.tracing)
+        except RuntimeError as exc:
+            raise ConfigError(env_name("tracing"), str(exc)) from None
+    notes = []
+    if config.database_url:
+        if args.check_database:
+            notes.append(_run_async(lambda: _check_database(config)))
+    else:
+        try:
+            bin_dir = find_bin_dir()
+        except EmbeddedError as exc:
+            raise ConfigError(env_name("database_url"), str(exc)) from None
+        notes.append(f"database: the embedded PostgreSQL under {config.state_path / 'postgres'}"
+                     f" (binaries: {bin_dir})" + ("; the agent starts it, so there is nothing "
+                                                  "to connect to yet" if args.check_database
+                                                  else ""))
+    holder = lock_holder(config.state_path / "agent.lock")
+    if holder is not None:
+        notes.append(f"an agent (pid {holder}) is running on the state dir "
+                     f"{config.state_path}: a second one would be refused")
+    return config, notes
+
+
+async def _check_database(config: AgentConfig) -> str:
+    """Connect as the agent would (same timeouts, same role check) and read the schema
+    version; changes nothing. A database the agent could not use is a ConfigError."""
+    from .postgres import Postgres, Timeouts, UnsafeRole, describe
+    from .sink import SchemaNotReady, Sink
+
+    assert config.database_url is not None
+    setting = env_name("database_url")
+    pg = Postgres(config.database_url.reveal(), max_connections=1,
+                  pgbouncer=config.database_pgbouncer, name="flux-agent-validate",
+                  timeouts=Timeouts(connect=config.database_connect_timeout,
+                                    statement=config.database_statement_timeout))
+    sink = Sink(pg, migrate_on_connect=False)
+    try:
+        latency = await pg.ping()
+        try:
+            await sink.ensure_schema()
+            pending = ""
+        except SchemaNotReady as exc:
+            if not config.migrate:
+                raise ConfigError(env_name("migrate"), f"false, and {exc}") from None
+            pending = "; the agent applies the pending migrations at start"
+        version = await sink.schema_version()
+    except UnsafeRole as exc:
+        raise ConfigError(setting, str(exc)) from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever stops the agent using it
+        raise ConfigError(setting, f"cannot use the database: {describe(exc)}") from None
+    finally:
+        await pg.close()
+    role = pg.role.name if pg.role else "?"
+    return (f"database: reachable as {role} in {latency * 1000:.1f} ms, schema "
+            f"{version or 'not created yet'}{pending}")
+
+
 # --------------------------------------------------------------------------- injector
 
 
@@ -457,6 +558,18 @@ def build_parser() -> argparse.ArgumentParser:
                 "1 otherwise.")
     add_flags(p)
     p.set_defaults(func=cmd_run)
+
+    p = command("validate", "check the configuration without starting the agent",
+                "Load flags, environment and file as `run` does, check them (keys, agency "
+                "manifest, ...; with --check-database also the database) and print the "
+                "effective configuration, secrets redacted, as TOML. Exit 0 when valid, "
+                "78 otherwise.")
+    p.add_argument("--check-database", action="store_true",
+                   help="also connect to FLUX_AGENT_DATABASE_URL as the agent would (same "
+                        "timeouts and role check) and read the schema version")
+    p.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+    add_flags(p)
+    p.set_defaults(func=cmd_validate)
 
     p = command("status", "ask the running agent how it is",
                 "Ask the running agent (its admin listener, FLUX_AGENT_ADMIN_LISTEN) for "

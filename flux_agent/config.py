@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import socket as _socket
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -708,3 +709,58 @@ def shown_default(f: dataclasses.Field[Any]) -> str:
     if shown:
         return shown
     return "`" + str(f.default).lower() + "`" if isinstance(f.default, bool) else f"`{f.default}`"
+
+
+def effective_settings(config: AgentConfig) -> dict[str, Any]:
+    """Every setting as the agent will use it (derived defaults filled in), secrets redacted:
+    what ``flux-agent validate`` prints. ``None`` for an unset secret."""
+    out: dict[str, Any] = {}
+    for f in SETTINGS:
+        value = getattr(config, f.name)
+        if f.name == "database_url":
+            value = redact_dsn(value) if value else None
+        elif f.metadata["secret"]:
+            value = "***" if value else None
+        elif f.name == "state_dir":
+            value = str(config.state_path)
+        elif f.name == "socket":
+            value = str(config.socket_path) if config.socket_path else "off"
+        elif f.name == "agent_id":
+            value = config.effective_agent_id
+        elif f.name in ("listen", "admin_listen") and not value:
+            value = "off"
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def defaulted(config: AgentConfig) -> set[str]:
+    """The settings ``config`` leaves at their declared default."""
+    return {f.name for f in SETTINGS if getattr(config, f.name) == f.default}
+
+
+def to_toml(values: Mapping[str, Any], defaults: Collection[str] = ()) -> str:
+    """``values`` as a flat TOML file that ``--config`` reads back. Settings named in
+    ``defaults`` are shown as comments, so that reading the file back leaves them to their
+    default (which a parser may not accept spelled out); ``None`` is a comment too (TOML has
+    no null)."""
+    lines = []
+    for key, value in values.items():
+        if value is None:
+            lines.append(f"# {key}: unset")
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        elif isinstance(value, list):
+            text = f"[{', '.join(_toml_string(v) for v in value)}]"
+        else:
+            text = _toml_string(str(value))
+        lines.append(f"# {key} = {text}  (default)" if key in defaults else f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)  # every JSON string escape is TOML's too

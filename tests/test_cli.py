@@ -1,5 +1,5 @@
 """The command line as an operator meets it: help per command, no abbreviations, `status`
-against a healthy agent, one whose database is down and none at all."""
+against a healthy agent, one whose database is down and none at all, `validate`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from datetime import datetime
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from flux_agent import Agent
 from flux_agent.cli import build_parser
 from flux_agent.config import (
     SETTINGS,
+    effective_settings,
     env_name,
     flag_name,
     load_config,
@@ -26,7 +28,7 @@ from flux_agent.embedded import free_port
 from flux_agent.errors import ConfigError
 from flux_agent.testing import make_event
 
-from .conftest import agent_config, proxied
+from .conftest import PgServer, agent_config, proxied
 from .faults import TcpProxy
 from .helpers import post
 
@@ -64,9 +66,10 @@ def test_each_command_takes_only_its_own_flags(command: str):
     assert flags_of(command) - HELPER_FLAGS == SETTINGS_OF[command]
 
 
-def test_run_takes_every_setting_with_its_default_and_variable():
+def test_run_and_validate_take_every_setting_with_its_default_and_variable():
     every = {flag_name(f.name) for f in SETTINGS}
     assert every <= flags_of("run")
+    assert every <= flags_of("validate")
     text = cli("run", "--help").stdout
     for f in SETTINGS:
         assert env_name(f.name) in text, f.name
@@ -165,3 +168,83 @@ async def test_spool_inspect_warns_that_a_running_agents_spool_is_behind(agent: 
     assert f"an agent (pid {os.getpid()}) is running" in result.stderr
     assert "flux-agent status" in result.stderr
     json.loads(result.stdout)
+
+
+# --------------------------------------------------------------------------- validate
+
+
+def test_validate_prints_the_effective_configuration_secrets_redacted(tmp_path: Path):
+    env = {"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "noaa",
+           "FLUX_AGENT_STATE_DIR": str(tmp_path / "state"),
+           "FLUX_AGENT_DATABASE_URL": "postgresql://flux:hunter2-validate@db:5432/flux",
+           "FLUX_AGENT_SPOOL_MAX_BYTES": "2GiB"}
+    result = cli("validate", "--batch-max-age", "20ms", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "the configuration is valid" in result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+    printed = tomllib.loads(result.stdout)
+    assert printed["database_url"] == "postgresql://flux:***@db:5432/flux"
+    assert printed["spool_max_bytes"] == 2 * 1024**3
+    assert printed["batch_max_age"] == pytest.approx(0.02)
+    assert printed["state_dir"] == str(tmp_path / "state")
+    assert "# flush_lanes = 2  (default)" in result.stdout.splitlines()  # shown, not set
+    # It reads back as the same configuration (but for the redacted secret).
+    (tmp_path / "back.toml").write_text(result.stdout.replace("flux:***@", "flux:pw@"))
+    again = load_config(["--config", str(tmp_path / "back.toml")], {})
+    assert effective_settings(again) == effective_settings(
+        load_config(["--batch-max-age", "20ms"], env))
+    assert not (tmp_path / "state").exists()  # nothing was started or created
+    machine = cli("validate", "--json", env=env)
+    assert json.loads(machine.stdout)["valid"] is True
+
+
+@pytest.mark.parametrize(("env", "setting"), [
+    ({"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "cia"}, "FLUX_AGENT_AGENCY"),
+    ({"FLUX_AGENT_JWT_ISSUERS": "idp", "FLUX_AGENT_JWT_PUBLIC_KEY_FILE": "/nonexistent.pem"},
+     "FLUX_AGENT_JWT_PUBLIC_KEY_FILE"),
+    ({"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "nasa",
+      "FLUX_AGENT_AGENCY_MANIFEST": "/nonexistent.json"}, "FLUX_AGENT_AGENCY_MANIFEST"),
+    ({"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "nasa", "FLUX_AGENT_TRACING": "otlp"},
+     "FLUX_AGENT_TRACING"),
+    ({"FLUX_AGENT_AUTH": "none"}, "FLUX_AGENT_AGENCY"),
+])
+def test_validate_exits_78_naming_the_setting(env: dict[str, str], setting: str,
+                                              tmp_path: Path):
+    result = cli("validate", "--json", env={**env, "FLUX_AGENT_STATE_DIR": str(tmp_path)})
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert f"configuration error: {setting}" in result.stderr
+    assert json.loads(result.stdout)["setting"] == setting
+
+
+async def test_validate_checks_the_database_when_asked(database, pg_template: PgServer,
+                                                       tmp_path: Path):
+    base = {"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "nasa",
+            "FLUX_AGENT_STATE_DIR": str(tmp_path), "FLUX_AGENT_MIGRATE": "false"}
+    good = await asyncio.to_thread(cli, "validate", "--check-database", env={
+        **base, "FLUX_AGENT_DATABASE_URL": database.agent_dsn})
+    assert good.returncode == 0, good.stderr
+    assert "reachable as flux_test_sidecar" in good.stderr
+    down = await asyncio.to_thread(cli, "validate", "--check-database", env={
+        **base, "FLUX_AGENT_DATABASE_CONNECT_TIMEOUT": "2s",
+        "FLUX_AGENT_DATABASE_URL": f"postgresql://nobody@127.0.0.1:{free_port()}/none"})
+    assert down.returncode == 78
+    assert "FLUX_AGENT_DATABASE_URL: cannot use the database" in down.stderr
+    superuser = await asyncio.to_thread(cli, "validate", "--check-database", env={
+        **base, "FLUX_AGENT_DATABASE_URL": database.admin_dsn})
+    assert superuser.returncode == 78
+    assert "bypasses row-level security" in superuser.stderr
+    empty = await asyncio.to_thread(cli, "validate", "--check-database", env={
+        **base, "FLUX_AGENT_DATABASE_URL": pg_template.dsn("postgres")})
+    assert empty.returncode == 78  # a superuser, and no schema
+    # Unasked, the database is not contacted.
+    unasked = await asyncio.to_thread(cli, "validate", env={
+        **base, "FLUX_AGENT_DATABASE_URL": f"postgresql://nobody@127.0.0.1:{free_port()}/x"})
+    assert unasked.returncode == 0
+
+
+async def test_validate_beside_a_running_agent(agent: Agent):
+    result = await asyncio.to_thread(cli, "validate", env={
+        "FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "nasa",
+        "FLUX_AGENT_STATE_DIR": str(agent.config.state_path)})
+    assert result.returncode == 0
+    assert f"an agent (pid {os.getpid()}) is running on the state dir" in result.stderr
