@@ -490,6 +490,16 @@ async def _check_database(config: AgentConfig) -> str:
             f"{version or 'not created yet'}{pending}")
 
 
+# --------------------------------------------------------------------------- completion
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from .completion import script
+
+    print(script(build_parser(), args.shell), end="")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- injector
 
 
@@ -665,6 +675,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["inspect", "verify"])
     add_flags(p, ("state_dir",))
     p.set_defaults(func=cmd_spool)
+
+    p = command("completion", "print a shell completion script",
+                "Print a completion script: bash: source <(flux-agent completion bash) in "
+                "~/.bashrc; zsh: source <(flux-agent completion zsh) in ~/.zshrc.")
+    p.add_argument("shell", choices=["bash", "zsh"])
+    p.set_defaults(func=cmd_completion)
     return parser
 
 

@@ -1,9 +1,9 @@
 """The command line as an operator meets it: help per command, no abbreviations, `status`
-against a healthy agent, one whose database is down and none at all, `validate`."""
+against a healthy agent, one whose database is down and none at all, `validate`, shell
+completion."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -17,6 +17,7 @@ import pytest
 
 from flux_agent import Agent
 from flux_agent.cli import build_parser
+from flux_agent.completion import _commands
 from flux_agent.config import (
     SETTINGS,
     effective_settings,
@@ -53,8 +54,7 @@ def cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None
 
 
 def flags_of(command: str) -> set[str]:
-    sub = next(a for a in build_parser()._actions
-               if isinstance(a, argparse._SubParsersAction)).choices[command]
+    sub = _commands(build_parser())[command]
     return {flag for action in sub._actions for flag in action.option_strings}
 
 
@@ -248,3 +248,29 @@ async def test_validate_beside_a_running_agent(agent: Agent):
         "FLUX_AGENT_STATE_DIR": str(agent.config.state_path)})
     assert result.returncode == 0
     assert f"an agent (pid {os.getpid()}) is running on the state dir" in result.stderr
+
+
+# --------------------------------------------------------------------------- completion
+
+
+def complete(*words: str) -> list[str]:
+    script = cli("completion", "bash").stdout
+    line = " ".join(f"'{w}'" for w in words)
+    result = subprocess.run(
+        ["bash", "-c", f"{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; "
+         '_flux_agent; printf "%s\\n" "${COMPREPLY[@]}"'],
+        capture_output=True, text=True, timeout=30, check=True)
+    return [w for w in result.stdout.splitlines() if w]
+
+
+def test_bash_completion_offers_the_commands_flags_and_choices():
+    assert {"run", "status", "validate", "completion"} <= set(complete("flux-agent", ""))
+    assert complete("flux-agent", "sta") == ["status"]
+    assert "--spool-max-bytes" in complete("flux-agent", "run", "--spool-m")
+    assert "--listen" not in complete("flux-agent", "verify", "--")
+    assert complete("flux-agent", "run", "--auth", "") == list(AUTH_MODES)
+    assert complete("flux-agent", "spool", "") == ["inspect", "verify"]
+    assert complete("flux-agent", "run", "--access-log", "t") == ["true"]
+    assert complete("flux-agent", "run", "--listen", "") == []  # a value: the shell's files
+    zsh = cli("completion", "zsh").stdout
+    assert zsh.startswith("autoload -U +X bashcompinit && bashcompinit\n")
