@@ -216,6 +216,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
         from .auth import api_key_digest
 
+        _warn_unknown_agency(args)
         api_key = "flux_" + secrets.token_urlsafe(32)
         entry = {"sha256": api_key_digest(api_key), "agency": args.agency, "role": args.role,
                  "name": args.sub}
@@ -251,6 +252,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         algorithm = "EdDSA"
     else:
         raise ConfigError("--key", "use an RSA, P-256 or Ed25519 private key")
+    _warn_unknown_agency(args)
     token = mint(private_key, algorithm=algorithm, issuer=args.issuer, sub=args.sub,
                  agency=args.agency, role=args.role, ttl=parse_duration(args.ttl),
                  audience=args.audience, kid=args.kid)
@@ -258,6 +260,22 @@ def cmd_token(args: argparse.Namespace) -> int:
           "identity provider", file=sys.stderr)
     print(token)
     return EXIT_OK
+
+
+def _warn_unknown_agency(args: argparse.Namespace) -> None:
+    """A token for an agency the manifest does not know is refused by the agent
+    (UNKNOWN_AGENCY); say so now rather than at the first request."""
+    from .validate import Schemas
+
+    manifest = args.agency_manifest or os.environ.get(env_name("agency_manifest"))
+    try:
+        known = Schemas(manifest_path=Path(manifest) if manifest else None).manifest
+    except ValueError as exc:
+        raise ConfigError(env_name("agency_manifest"), str(exc)) from None
+    if not known.knows(args.agency):
+        print(f"flux-agent token: warning: agency {args.agency!r} is not in the agency "
+              f"manifest ({manifest or 'the bundled one'}): an agent using it refuses this "
+              "credential (403 UNKNOWN_AGENCY)", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- emit
@@ -287,13 +305,20 @@ def cmd_emit(args: argparse.Namespace) -> int:
         with client:
             result = client.emit(args.kind, args.run, step=args.step, payload=payload,
                                  provider=args.provider, model=args.model,
-                                 event_id=args.event_id, wait_committed=args.wait_committed)
+                                 occurred_at=args.occurred_at, event_id=args.event_id,
+                                 wait_committed=args.wait_committed)
     except ValueError as exc:  # the client refuses what the agent would refuse anyway
         print(f"flux-agent emit: {exc}", file=sys.stderr)
         return EXIT_DATAERR
     except FluxClientError as exc:
         print(f"flux-agent emit: {exc}", file=sys.stderr)
         if isinstance(exc, FluxAuthError):
+            given = args.token or args.token_file or os.environ.get("FLUX_AGENT_TOKEN") \
+                or os.environ.get("FLUX_AGENT_TOKEN_FILE")
+            if exc.status == 401 and not given:
+                print("flux-agent emit: the agent wants a token: pass --token or "
+                      "--token-file, or set FLUX_AGENT_TOKEN or FLUX_AGENT_TOKEN_FILE",
+                      file=sys.stderr)
             return EXIT_NOPERM
         if isinstance(exc, FluxRequestError):
             return EXIT_DATAERR
@@ -619,6 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a JSON object, @file.json, or - to read it from stdin [default: {}]")
     p.add_argument("--provider", default=None)
     p.add_argument("--model", default=None)
+    p.add_argument("--occurred-at", default=None, metavar="TIME",
+                   help="RFC 3339 date-time with an offset [default: now]")
     p.add_argument("--event-id", default=None, help="idempotency key [default: a new UUIDv7]")
     p.add_argument("--wait-committed", action="store_true",
                    help="answer once the event is in PostgreSQL")
@@ -651,6 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audience", default=None)
     p.add_argument("--kid", default=None)
     p.add_argument("--ttl", default="1h", help="lifetime, e.g. 15m or 8h [default: 1h]")
+    p.add_argument("--agency-manifest", default=None, metavar="FILE", help="the manifest "
+                   "--agency is checked against [default: bundled manifest; env "
+                   "FLUX_AGENT_AGENCY_MANIFEST]")
     p.set_defaults(func=cmd_token)
 
     for name, text in (

@@ -1,6 +1,6 @@
 """The command line as an operator meets it: help per command, no abbreviations, `status`
 against a healthy agent, one whose database is down and none at all, `validate`, shell
-completion."""
+completion, and the messages that tell a person what to do next."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from flux_agent.cli import build_parser
 from flux_agent.completion import _commands
 from flux_agent.config import (
     SETTINGS,
+    Secret,
     effective_settings,
     env_name,
     flag_name,
@@ -248,6 +249,31 @@ async def test_validate_beside_a_running_agent(agent: Agent):
         "FLUX_AGENT_STATE_DIR": str(agent.config.state_path)})
     assert result.returncode == 0
     assert f"an agent (pid {os.getpid()}) is running on the state dir" in result.stderr
+
+
+# --------------------------------------------------------------------------- emit, token
+
+
+async def test_emit_without_a_token_says_how_to_give_one(database, state_dir: Path):
+    secret = "x" * 40
+    config = agent_config(database, state_dir, auth="jwt", agency="",
+                          jwt_algorithms=("HS256",), jwt_issuers=("idp",),
+                          jwt_hs256_secret=Secret(secret))
+    async with Agent(config) as running:
+        result = await asyncio.to_thread(cli, "emit", "--url", running.endpoints.event_url,
+                                         "--run", "r", "--kind", "run.aborted")
+    assert result.returncode == 77
+    assert "TOKEN_MISSING" in result.stderr
+    assert "--token" in result.stderr
+    assert "FLUX_AGENT_TOKEN" in result.stderr
+
+
+def test_token_warns_about_an_agency_the_manifest_does_not_know():
+    unknown = cli("token", "--api-key", "--agency", "cia")
+    assert unknown.returncode == 0
+    assert "'cia' is not in the agency manifest" in unknown.stderr
+    known = cli("token", "--api-key", "--agency", "noaa")
+    assert "not in the agency manifest" not in known.stderr
 
 
 # --------------------------------------------------------------------------- completion
