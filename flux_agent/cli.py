@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import ctypes
 import json
+import logging
 import os
 import signal
 import sys
@@ -33,6 +34,7 @@ from .config import (
 )
 from .errors import ConfigError
 
+log = logging.getLogger("flux_agent.cli")
 T = TypeVar("T")
 
 EXIT_OK = 0
@@ -73,6 +75,10 @@ async def _serve(config: AgentConfig) -> int:
         signals += 1
         if signals > 1:
             # The spool is already durable; the next start replays what is left.
+            log.warning("second signal: exiting now, without finishing the drain; what was "
+                        "not flushed stays on the spool for the next start",
+                        extra={"fields": {"backlog_records": agent.flusher.backlog
+                                          if agent.flusher else None}})
             os._exit(EXIT_FAILURE)
         stop.set()
 

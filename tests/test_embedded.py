@@ -77,7 +77,10 @@ async def test_embedded_default_accepts_a_curled_event():
                     FLUX_AGENT_ADMIN_LISTEN=f"127.0.0.1:{free_port()}")
         second = subprocess.run([sys.executable, "-m", "flux_agent", "run"], env=env2,
                                 capture_output=True, timeout=60)
-        assert second.returncode != 0
+        assert second.returncode == 78  # a configuration error: the message says which
+        # A refusal reads as one, not as an agent that stopped with data left behind.
+        assert b"agent did not start; nothing was accepted" in second.stdout
+        assert b"agent stopped" not in second.stdout
         later = make_event("step.completed")
         status, body, _ = await post(f"http://127.0.0.1:{port}/v1/events", later,
                                      headers={"Prefer": "wait=committed"})
@@ -88,8 +91,9 @@ async def test_embedded_default_accepts_a_curled_event():
                                        later["event_id"]) == 1
         finally:
             await conn.close()
-        assert re.search(rb"another agent \(pid \d+\) is using the state dir", second.stderr), \
-        second.stderr
+        assert re.search(rb"FLUX_AGENT_STATE_DIR: another agent \(pid %d\) is using the state "
+                         rb"dir " % proc.pid + re.escape(str(state).encode()), second.stderr), \
+            second.stderr
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-2000:]
