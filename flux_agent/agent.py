@@ -202,6 +202,7 @@ class Agent:
             )
             await self._listen(self.intake.app(), admin_app(self, self.metrics))
             self.intake.servers = [u for u in (self.endpoints.event_url,) if u]
+            self.intake.admin_servers = [u for u in (self.endpoints.admin_url,) if u]
             sup = self.supervisor
             sup.start("snapshots", self._snapshot_loop, critical=False)
             if config.database_ping_interval > 0:
