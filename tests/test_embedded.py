@@ -1,5 +1,6 @@
 """The README's first command: `flux-agent run` with no database URL runs an embedded
-PostgreSQL under the state dir, and a posted event is visible in it."""
+PostgreSQL under the state dir, and a posted event is visible in it; the agent supervises
+that PostgreSQL as its child."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
-from flux_agent.embedded import free_port
+from flux_agent.embedded import LocalPostgres, free_port
 from flux_agent.testing import make_event
 
-from .conftest import short_tempdir
-from .helpers import post
+from .conftest import AgentProcess, short_tempdir
+from .faults import wait_until
+from .helpers import get, post
 
 
 async def test_embedded_default_accepts_a_curled_event():
@@ -104,6 +107,91 @@ async def test_embedded_default_accepts_a_curled_event():
         pidfile = state / "postgres" / "postmaster.pid"
         if pidfile.exists():
             os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _log_entries(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+
+
+def _logged(log: Path, message: str) -> dict[str, Any] | None:
+    return next((e for e in _log_entries(log) if e["message"] == message), None)
+
+
+@pytest.mark.slow
+async def test_embedded_postgres_is_supervised_restarted_and_nothing_is_lost():
+    """Stop the agent's own PostgreSQL: it is restarted and every event lands once; when it
+    cannot start, the agent says why, fails readiness, and recovers once it can."""
+    state = short_tempdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_AGENT_")}
+    env.update({"FLUX_AGENT_STATE_DIR": str(state), "FLUX_AGENT_AUTH": "none",
+                "FLUX_AGENT_AGENCY": "nasa", "FLUX_AGENT_FLUSH_RETRY_MAX": "0.5s"})
+    log = state / "agent.log"
+    agent = AgentProcess(env, log)
+    pg = LocalPostgres(state / "postgres")
+    try:
+        await asyncio.to_thread(agent.start, 120)
+        running = _logged(log, "embedded PostgreSQL running")
+        assert running is not None
+        url = running["fields"]["url"]
+        events = [make_event("run.started", run_id="supervised")]
+        status, body, _ = await post(agent.url + "/v1/events", events[0],
+                                     headers={"Prefer": "wait=committed"})
+        assert status == 200, body
+
+        await asyncio.to_thread(pg.stop, "immediate")
+        events.append(make_event(run_id="supervised"))
+        status, body, _ = await post(agent.url + "/v1/events", events[-1])
+        assert status == 202, body  # accepted onto the spool while the database is away
+
+        async def restarted(times: int) -> bool:
+            return sum(e["message"] == "the embedded PostgreSQL is running again"
+                       for e in _log_entries(log)) >= times
+
+        assert await wait_until(lambda: restarted(1), 60), log.read_text()[-3000:]
+        events.append(make_event(run_id="supervised"))
+        status, body, _ = await post(agent.url + "/v1/events", events[-1],
+                                     headers={"Prefer": "wait=committed"})
+        assert status == 200, body
+
+        # A PostgreSQL that cannot start: said, with its own words, and on the probes.
+        conf = state / "postgres" / "postgresql.conf"
+        good = conf.read_text()
+        conf.write_text(good + "\nno_such_setting_for_flux = on\n")
+        await asyncio.to_thread(pg.stop, "immediate")
+
+        async def not_ready() -> bool:
+            code, ready, _ = await get(agent.admin_url + "/health/ready")
+            return code == 503 and "task_failing:embedded-db" in ready.get("reasons", [])
+
+        assert await wait_until(not_ready, 60), log.read_text()[-3000:]
+        failed = _logged(log, "background task embedded-db failed; restarting it")
+        assert failed is not None
+        assert "no_such_setting_for_flux" in failed["exception"]  # PostgreSQL's own log
+        _, metrics, _ = await get(agent.admin_url + "/metrics")
+        assert 'flux_task_failures_total{task="embedded-db"}' in metrics
+        events.append(make_event(run_id="supervised"))
+        status, body, _ = await post(agent.url + "/v1/events", events[-1])
+        assert status == 202, body  # intake goes on: the spool holds it
+
+        conf.write_text(good)
+        assert await wait_until(lambda: restarted(2), 60), log.read_text()[-3000:]
+
+        async def all_landed() -> bool:
+            conn = await asyncpg.connect(url)
+            try:
+                return await conn.fetchval(
+                    "SELECT count(*) FROM flux.events WHERE event_id = ANY($1::uuid[])",
+                    [e["event_id"] for e in events]) == len(events)
+            finally:
+                await conn.close()
+
+        assert await wait_until(all_landed, 30)
+        assert await asyncio.to_thread(agent.terminate, 60) == 0
+    finally:
+        agent.kill()
+        if pg.running_pid() is not None:
+            pg.kill()
         shutil.rmtree(state, ignore_errors=True)
 
 
