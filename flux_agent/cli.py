@@ -721,7 +721,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _command(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # a reader that went away is found here, not at interpreter exit
+    except BrokenPipeError:
+        # flux-agent status | head: not a failure to report; exit as a SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return code
+
+
+def _command(words: list[str]) -> int:
     if words and words[0] in PASSTHROUGH:
         return PASSTHROUGH[words[0]](words[1:])
     parser = build_parser()
@@ -733,6 +743,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_FAILURE
+    except BrokenPipeError:
+        raise  # main's to answer
     except Exception as exc:  # noqa: BLE001 - the last line of defence: a message, exit 1
         print(f"flux-agent: {logs.scrub(str(exc)) or type(exc).__name__}", file=sys.stderr)
         return EXIT_FAILURE

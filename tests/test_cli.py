@@ -300,3 +300,15 @@ def test_bash_completion_offers_the_commands_flags_and_choices():
     assert complete("flux-agent", "run", "--listen", "") == []  # a value: the shell's files
     zsh = cli("completion", "zsh").stdout
     assert zsh.startswith("autoload -U +X bashcompinit && bashcompinit\n")
+
+
+def test_a_reader_that_goes_away_is_not_an_error():
+    """flux-agent ... | head: the pipe closes before the output is written."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_AGENT_")}
+    proc = subprocess.Popen([sys.executable, "-m", "flux_agent", "completion", "bash"],
+                            env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command has even started to write
+    assert proc.wait(60) == 141  # as if SIGPIPE had ended it
+    assert proc.stderr.read() == b""
+    proc.stderr.close()
