@@ -65,3 +65,20 @@ def lock_exclusive(path: Path, what: str) -> int:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid holding :func:`lock_exclusive` on ``path``, else None. Read from
+    ``/proc/locks`` (Linux) rather than by trying the lock: a probe could make an agent that
+    starts at that moment fail to take its own lock."""
+    try:
+        st = path.stat()
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == wanted:
+            return int(parts[4])
+    return None

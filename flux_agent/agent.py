@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,8 @@ DESCRIPTOR_SPARE = 64
 MIN_CONNECTIONS = 4
 ADMIN_MAX_CONNECTIONS = 64
 AUTO_MAX_CONNECTIONS = 1024
+SUPERUSER_NOTE = ("the superuser bypasses row-level security and can UPDATE and DELETE the "
+                  "append-only tables")
 
 
 @dataclass(slots=True)
@@ -128,17 +131,8 @@ class Agent:
         loop = asyncio.get_running_loop()
         # Schema, manifest and key files are read in a worker thread: a slow disk must not
         # stall the event loop (nothing else runs yet, but embedders' loops may).
-        try:
-            schemas = await loop.run_in_executor(None, lambda: Schemas(
-                manifest_path=Path(config.agency_manifest) if config.agency_manifest else None))
-        except ValueError as exc:
-            raise ConfigError(env_name("agency_manifest"), str(exc)) from None
-        if config.auth == "none" and not schemas.manifest.knows(config.agency):
-            raise ConfigError(env_name("agency"),
-                              f"{config.agency!r} is not in the agency manifest")
-        authenticator = self._authenticator
-        if authenticator is None:
-            authenticator = await loop.run_in_executor(None, self._make_authenticator, schemas)
+        schemas, authenticator = await loop.run_in_executor(None, preflight, config,
+                                                            self._authenticator)
         self.tracing = make_tracing(config.tracing, self._span_exporter)
         try:
             # The state dir is this agent's alone, the embedded PostgreSQL under it included:
@@ -209,6 +203,7 @@ class Agent:
             )
             await self._listen(self.intake.app(), admin_app(self, self.metrics, authenticator))
             self.intake.servers = [u for u in (self.endpoints.event_url,) if u]
+            self.intake.admin_servers = [u for u in (self.endpoints.admin_url,) if u]
             sup = self.supervisor
             sup.start("snapshots", self._snapshot_loop, critical=False)
             if config.database_ping_interval > 0:
@@ -340,8 +335,8 @@ class Agent:
 
     # ---------------------------------------------------------------- parts
 
-    def _make_authenticator(self, schemas: Schemas) -> Authenticator:
-        config = self.config
+    @staticmethod
+    def _make_authenticator(config: AgentConfig, schemas: Schemas) -> Authenticator:
         if config.auth == "none":
             return FixedAgency(config.agency)
         tokens: Authenticator | None = None
@@ -415,7 +410,9 @@ class Agent:
         log.info("embedded PostgreSQL running", extra={"fields": {
             "data_dir": str(pg.data_dir), "binaries": str(pg.bin_dir),
             "url": pg.dsn(database=EMBEDDED_DATABASE),
-            "connect": f"{pg.bin_dir / 'psql'} '{pg.dsn(database=EMBEDDED_DATABASE)}'",
+            **embedded_connect(pg, config.agency if config.auth == "none" else ""),
+            "warning": f"url and connect_superuser log in as postgres: {SUPERUSER_NOTE}; "
+                       "connect is the agent's own role, under row-level security",
         }})
         return dsn
 
@@ -671,13 +668,15 @@ class Agent:
         if self.spool is not None and self.flusher is not None:
             out["spool"] = {
                 "bytes": self.spool.bytes_used,
+                "max_bytes": self.spool.max_bytes,
+                "writable": self.spool.broken is None,
                 "segments": len(self.spool.segments),
                 "backlog_records": self.flusher.backlog,
                 "oldest_unflushed_age_s": round(self.spool.oldest_unflushed_age(), 3),
                 "retained_bytes": self.spool.retained_bytes,
             }
             out["flush"] = {
-                "last_flush_at": self.flusher.last_flush_at,
+                "last_flush_at": _rfc3339(self.flusher.last_flush_at),
                 "last_error": logs.scrub(self.flusher.last_error or "") or None,
                 "stalled_s": round(self.flusher.stalled_for(), 3),
             }
@@ -725,6 +724,35 @@ class Agent:
         }
 
 
+def embedded_connect(pg: LocalPostgres, agency: str) -> dict[str, str]:
+    """psql commands for the embedded database: ``connect`` as the agent's own role (under
+    row-level security, for ``agency`` when given; it cannot change the append-only tables),
+    ``connect_superuser`` as ``postgres`` (see :data:`SUPERUSER_NOTE`)."""
+    psql = pg.bin_dir / "psql"
+    options = f"-c flux.current_agency_id={agency}" if agency else ""
+    return {
+        "connect": f"{psql} '{pg.dsn(EMBEDDED_LOGIN_ROLE, EMBEDDED_DATABASE, options=options)}'",
+        "connect_superuser": f"{psql} '{pg.dsn(database=EMBEDDED_DATABASE)}'",
+    }
+
+
+def preflight(config: AgentConfig, authenticator: Authenticator | None = None
+              ) -> tuple[Schemas, Authenticator]:
+    """What the agent checks before it touches its state dir, and all that ``flux-agent
+    validate`` checks without a database: the agency manifest, the fixed agency, the keys.
+    Reads files (call it from a worker thread); raises :class:`ConfigError`."""
+    try:
+        schemas = Schemas(manifest_path=Path(config.agency_manifest) if config.agency_manifest
+                          else None)
+    except ValueError as exc:
+        raise ConfigError(env_name("agency_manifest"), str(exc)) from None
+    if config.auth == "none" and not schemas.manifest.knows(config.agency):
+        raise ConfigError(env_name("agency"), f"{config.agency!r} is not in the agency manifest")
+    if authenticator is None:
+        authenticator = Agent._make_authenticator(config, schemas)
+    return schemas, authenticator
+
+
 async def bounded(coro: Any, timeout: float) -> Any:
     """Await ``coro`` for at most ``timeout`` seconds, *not* counting the time its
     cancellation takes: a call stuck on a black-holed socket may take long to unwind, and
@@ -741,6 +769,13 @@ async def bounded(coro: Any, timeout: float) -> Any:
 def _consume(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def _rfc3339(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
 
 
 def _stamp(path: Path) -> tuple[float, int]:

@@ -174,6 +174,7 @@ class Checkpoints:
             raise ValidationError(
                 "CHECKPOINT_TOO_LARGE",
                 f"state is {len(state)} bytes; the limit is {self.max_bytes}", status=413,
+                context={"limit_bytes": self.max_bytes},
                 errors=[violation("/state", "too large", "CHECKPOINT_TOO_LARGE")])
         if _NUL_ESCAPE in state or any("\x00" in str(body.get(k) or "")
                                        for k in ("step", "provider", "model", "status")):

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import json
 import os
 import re
 import socket as _socket
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,14 +152,21 @@ def parse_list(raw: Any) -> tuple[str, ...]:
     return tuple(x for x in items if x)
 
 
-def choice(*options: str) -> Callable[[Any], str]:
-    def parse(raw: Any) -> str:
+class Choice:
+    """Parses one of a few words; ``options`` are also what help and shell completion show."""
+
+    def __init__(self, *options: str) -> None:
+        self.options = options
+
+    def __call__(self, raw: Any) -> str:
         text = str(raw).strip().lower()
-        if text not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {raw!r}")
+        if text not in self.options:
+            raise ValueError(f"expected one of {', '.join(self.options)}, got {raw!r}")
         return text
 
-    return parse
+
+def choice(*options: str) -> Choice:
+    return Choice(*options)
 
 
 def parse_listen(raw: Any) -> str:
@@ -344,6 +352,14 @@ class AgentConfig:
         "info", "`debug`, `info`, `warning` or `error`.",
         choice("debug", "info", "warning", "error"),
     )
+    log_format: str = setting(
+        "auto", "`json` (one object per line), `console` (for people), or `auto`: `console` "
+        "when stdout is a terminal, else `json`.", choice("auto", "json", "console"),
+    )
+    access_log: bool = setting(
+        False, "One log line per request at `info` (method, path, status, duration); always "
+        "on at log level `debug`.", parse_bool,
+    )
     request_max_bytes: int = setting(
         4 * 1024**2, "Largest request body (after gzip decoding).", parse_bytes,
         shown_default="4MiB",
@@ -487,17 +503,35 @@ def flag_name(name: str) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--kebab-name`` flag per setting (and ``--x-file`` for secrets)."""
-    parser.add_argument("--config", dest="config", default=None, help="TOML configuration file")
+def add_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = None,
+              docs: Mapping[str, tuple[str, str]] | None = None) -> None:
+    """Add one ``--kebab-name`` flag per setting (and ``--x-file`` for secrets): all of them,
+    or only ``names``. Each flag's help shows its default and environment variable; ``docs``
+    gives (description, default) where a command uses a setting in its own way."""
+    parser.add_argument("--config", dest="config", default=None, metavar="FILE",
+                        help=_help("TOML configuration file.", "unset", ENV_PREFIX + "CONFIG"))
+    wanted = None if names is None else set(names)
     for f in SETTINGS:
-        help_text = f.metadata["doc"].replace("%", "%%")
-        parser.add_argument(flag_name(f.name), dest=f.name, default=None, help=help_text)
+        if wanted is not None and f.name not in wanted:
+            continue
+        doc, default = (docs or {}).get(f.name, (f.metadata["doc"], shown_default(f)))
+        parse = f.metadata["parse"]
+        metavar = ("{" + ",".join(parse.options) + "}" if isinstance(parse, Choice)
+                   else "{true,false}" if parse is parse_bool else None)
+        parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=metavar,
+                            help=_help(doc, default, env_name(f.name)))
         if f.metadata["secret"]:
             parser.add_argument(
                 flag_name(f.name) + "-file", dest=f.name + "_file", default=None,
-                help=f"read {f.name} from this file",
+                metavar="FILE", help=_help(f"Read {flag_name(f.name)} from this file.",
+                                           "unset", env_name(f.name) + "_FILE"),
             )
+
+
+def _help(doc: str, default: str, env: str) -> str:
+    """Help text for a terminal: the README's Markdown without backticks, then where the
+    value comes from when the flag is not given."""
+    return f"{doc} [default: {default}; env {env}]".replace("`", "").replace("%", "%%")
 
 
 def load_config(
@@ -518,7 +552,8 @@ def load_config(
     if isinstance(argv, argparse.Namespace):
         flags = vars(argv)
     else:
-        parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+        parser = argparse.ArgumentParser(add_help=False, exit_on_error=False,
+                                         allow_abbrev=False)
         add_flags(parser)
         try:
             ns, unknown = parser.parse_known_args(list(argv))
@@ -733,11 +768,72 @@ def settings_table() -> str:
     """The README's configuration table, generated from the declarations above."""
     rows = ["| environment | flag | default | meaning |", "|---|---|---|---|"]
     for f in SETTINGS:
-        default = f.metadata["shown"] or (
-            "`" + str(f.default).lower() + "`" if isinstance(f.default, bool) else f"`{f.default}`"
-        )
         env = f"`{env_name(f.name)}`"
         if f.metadata["secret"]:
             env += f" (or `{env_name(f.name)}_FILE`)"
-        rows.append(f"| {env} | `{flag_name(f.name)}` | {default} | {f.metadata['doc']} |")
+        rows.append(f"| {env} | `{flag_name(f.name)}` | {shown_default(f)} | "
+                    f"{f.metadata['doc']} |")
     return "\n".join(rows)
+
+
+def shown_default(f: dataclasses.Field[Any]) -> str:
+    """A setting's default as the README and ``--help`` show it."""
+    shown: str | None = f.metadata["shown"]
+    if shown:
+        return shown
+    return "`" + str(f.default).lower() + "`" if isinstance(f.default, bool) else f"`{f.default}`"
+
+
+def effective_settings(config: AgentConfig) -> dict[str, Any]:
+    """Every setting as the agent will use it (derived defaults filled in), secrets redacted:
+    what ``flux-agent validate`` prints. ``None`` for an unset secret."""
+    out: dict[str, Any] = {}
+    for f in SETTINGS:
+        value = getattr(config, f.name)
+        if f.name == "database_url":
+            value = redact_dsn(value) if value else None
+        elif f.metadata["secret"]:
+            value = "***" if value else None
+        elif f.name == "state_dir":
+            value = str(config.state_path)
+        elif f.name == "socket":
+            value = str(config.socket_path) if config.socket_path else "off"
+        elif f.name == "agent_id":
+            value = config.effective_agent_id
+        elif f.name in ("listen", "admin_listen") and not value:
+            value = "off"
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def defaulted(config: AgentConfig) -> set[str]:
+    """The settings ``config`` leaves at their declared default."""
+    return {f.name for f in SETTINGS if getattr(config, f.name) == f.default}
+
+
+def to_toml(values: Mapping[str, Any], defaults: Collection[str] = ()) -> str:
+    """``values`` as a flat TOML file that ``--config`` reads back. Settings named in
+    ``defaults`` are shown as comments, so that reading the file back leaves them to their
+    default (which a parser may not accept spelled out); ``None`` is a comment too (TOML has
+    no null)."""
+    lines = []
+    for key, value in values.items():
+        if value is None:
+            lines.append(f"# {key}: unset")
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        elif isinstance(value, list):
+            text = f"[{', '.join(_toml_string(v) for v in value)}]"
+        else:
+            text = _toml_string(str(value))
+        lines.append(f"# {key} = {text}  (default)" if key in defaults else f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)  # every JSON string escape is TOML's too

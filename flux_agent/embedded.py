@@ -217,12 +217,18 @@ class LocalPostgres:
             return (self.data_dir / "postmaster.pid").read_text().splitlines()[3].strip()
         return "5432"
 
-    def dsn(self, user: str = "postgres", database: str = "postgres", password: str = "") -> str:
+    def dsn(self, user: str = "postgres", database: str = "postgres", password: str = "",
+            options: str = "") -> str:
+        """A URL for libpq and asyncpg; ``options`` are server settings for the session
+        (``-c name=value``)."""
         auth = quote(user) + (":" + quote(password) if password else "")
+        query = [f"options={quote(options)}"] if options else []
         if self.port:
-            return f"postgresql://{auth}@127.0.0.1:{self.port}/{quote(database)}"
-        return (f"postgresql://{auth}@/{quote(database)}?host={quote(str(self.socket_dir))}"
-                f"&port={self._port()}")
+            base = f"postgresql://{auth}@127.0.0.1:{self.port}/{quote(database)}"
+        else:
+            base = f"postgresql://{auth}@/{quote(database)}"
+            query[:0] = [f"host={quote(str(self.socket_dir))}", f"port={self._port()}"]
+        return base + ("?" + "&".join(query) if query else "")
 
     def stop(self, mode: str = "fast", timeout: float = 60) -> None:
         if self.running_pid() is None:

@@ -1,6 +1,8 @@
-"""Structured JSON logs: one object per line, request context attached, secrets scrubbed.
+"""Structured logs: one JSON object per line (or, for people at a terminal, one readable
+line), request context attached, secrets scrubbed.
 
-Each line carries ``timestamp level message service trace_id span_id correlation_id fields``.
+Each JSON line carries ``timestamp level message service trace_id span_id correlation_id
+fields``; a console line shows the time, level, message and fields as ``key=value``.
 Request context lives in context variables set by intake, so any log call made while a
 request is handled is tagged with it. Repeated warnings and errors are rate-limited: an
 outage logs its first failures and then a count, not a line per retry.
@@ -63,8 +65,7 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None) or {}
         rid, trace, span = request_context.get()
         entry: dict[str, Any] = {
-            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(
-                timespec="milliseconds").replace("+00:00", "Z"),
+            "timestamp": _timestamp(record),
             "level": record.levelname,
             "message": scrub(record.getMessage()),
             "service": SERVICE,
@@ -77,6 +78,36 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = scrub(self.formatException(record.exc_info))
         return json.dumps(entry, default=str, separators=(",", ":"))
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return datetime.fromtimestamp(record.created, UTC).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ConsoleFormatter(logging.Formatter):
+    """``2026-11-23T07:00:00.000Z INFO    agent ready  event_url=http://... auth=none``"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = _scrub_value(getattr(record, "fields", None) or {})
+        correlation = getattr(record, "correlation_id", None) or request_context.get()[0]
+        if correlation:
+            fields = {**fields, "correlation_id": correlation}
+        pairs = " ".join(f"{key}={_console_value(value)}" for key, value in fields.items()
+                         if value is not None)
+        line = f"{_timestamp(record)} {record.levelname:<7} {scrub(record.getMessage())}"
+        if pairs:
+            line += "  " + pairs
+        if record.exc_info:
+            line += "\n" + scrub(self.formatException(record.exc_info))
+        return line
+
+
+def _console_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value if value and not any(c.isspace() or c in "\"'=" for c in value) \
+            else json.dumps(value)
+    return json.dumps(value, default=str, separators=(",", ":"))
 
 
 class RateLimit(logging.Filter):
@@ -110,10 +141,15 @@ class RateLimit(logging.Filter):
         return False
 
 
-def setup(level: str = "info", stream: IO[str] | None = None) -> logging.Handler:
-    """Send the agent's logs (and aiohttp's) to ``stream`` (stdout) as JSON lines."""
-    handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(JsonFormatter())
+def setup(level: str = "info", stream: IO[str] | None = None, *, fmt: str = "auto",
+          access_log: bool = False) -> logging.Handler:
+    """Send the agent's logs (and aiohttp's) to ``stream`` (stdout): ``fmt`` is ``json``,
+    ``console``, or ``auto`` (console on a terminal, else JSON)."""
+    out = stream or sys.stdout
+    if fmt == "auto":
+        fmt = "console" if out.isatty() else "json"
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(ConsoleFormatter() if fmt == "console" else JsonFormatter())
     handler.addFilter(RateLimit())
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_flux", False)]:
@@ -121,8 +157,8 @@ def setup(level: str = "info", stream: IO[str] | None = None) -> logging.Handler
     handler._flux = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # The access log is debug-level detail.
+    # One line per request (at info), when asked for and at debug level.
     logging.getLogger("aiohttp.access").setLevel(
-        logging.DEBUG if level == "debug" else logging.WARNING
+        logging.INFO if access_log or level == "debug" else logging.WARNING
     )
     return handler

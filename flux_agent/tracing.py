@@ -63,7 +63,7 @@ class OtelTracing(Tracing):
         # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are honoured by Resource.create.
         self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
         if isinstance(exporter, str):
-            self.provider.add_span_processor(BatchSpanProcessor(_exporter(exporter)))
+            self.provider.add_span_processor(BatchSpanProcessor(make_exporter(exporter)))
         else:  # tests and embedders hand in their own (an in-memory exporter, say)
             self.provider.add_span_processor(SimpleSpanProcessor(exporter))
         self.tracer = self.provider.get_tracer("flux_agent")
@@ -109,7 +109,7 @@ class OtelTracing(Tracing):
         self.provider.shutdown()
 
 
-def _exporter(name: str) -> Any:
+def make_exporter(name: str) -> Any:
     """``otlp`` (OTLP over HTTP; endpoint, headers and timeouts from OpenTelemetry's
     ``OTEL_EXPORTER_OTLP_*`` variables) or ``console`` (for debugging)."""
     if name == "console":

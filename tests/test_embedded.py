@@ -1,5 +1,6 @@
 """The README's first command: `flux-agent run` with no database URL runs an embedded
-PostgreSQL under the state dir, and a posted event is visible in it."""
+PostgreSQL under the state dir, and a posted event is visible in it; the agent supervises
+that PostgreSQL as its child."""
 
 from __future__ import annotations
 
@@ -7,20 +8,24 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import pytest
 
-from flux_agent.embedded import free_port
+from flux_agent.embedded import LocalPostgres, free_port
 from flux_agent.testing import make_event
 
-from .conftest import short_tempdir
-from .helpers import post
+from .conftest import AgentProcess, short_tempdir
+from .faults import wait_until
+from .helpers import get, post
 
 
 async def test_embedded_default_accepts_a_curled_event():
@@ -35,15 +40,16 @@ async def test_embedded_default_accepts_a_curled_event():
         proc = subprocess.Popen([sys.executable, "-m", "flux_agent", "run"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        url = None
+        url, fields = None, {}
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and url is None:
             assert proc.poll() is None, log.read_text()
             for line in log.read_text().splitlines():
                 entry = json.loads(line)
                 if entry["message"] == "embedded PostgreSQL running":
-                    url = entry["fields"]["url"]
-                    assert Path(entry["fields"]["data_dir"]) == state / "postgres"
+                    fields = entry["fields"]
+                    url = fields["url"]
+                    assert Path(fields["data_dir"]) == state / "postgres"
             await asyncio.sleep(0.1)
         assert url, log.read_text()
         event = make_event("run.started")
@@ -66,6 +72,7 @@ async def test_embedded_default_accepts_a_curled_event():
             assert login is False
         finally:
             await conn.close()
+        await asyncio.to_thread(_psql_lines_say_what_they_can, fields)
 
         # A second agent on the same state dir is refused before it touches anything there,
         # and the first one's embedded PostgreSQL keeps running.
@@ -73,7 +80,10 @@ async def test_embedded_default_accepts_a_curled_event():
                     FLUX_AGENT_ADMIN_LISTEN=f"127.0.0.1:{free_port()}")
         second = subprocess.run([sys.executable, "-m", "flux_agent", "run"], env=env2,
                                 capture_output=True, timeout=60)
-        assert second.returncode != 0
+        assert second.returncode == 78  # a configuration error: the message says which
+        # A refusal reads as one, not as an agent that stopped with data left behind.
+        assert b"agent did not start; nothing was accepted" in second.stdout
+        assert b"agent stopped" not in second.stdout
         later = make_event("step.completed")
         status, body, _ = await post(f"http://127.0.0.1:{port}/v1/events", later,
                                      headers={"Prefer": "wait=committed"})
@@ -84,8 +94,9 @@ async def test_embedded_default_accepts_a_curled_event():
                                        later["event_id"]) == 1
         finally:
             await conn.close()
-        assert re.search(rb"another agent \(pid \d+\) is using the state dir", second.stderr), \
-        second.stderr
+        assert re.search(rb"FLUX_AGENT_STATE_DIR: another agent \(pid %d\) is using the state "
+                         rb"dir " % proc.pid + re.escape(str(state).encode()), second.stderr), \
+            second.stderr
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-2000:]
@@ -97,3 +108,103 @@ async def test_embedded_default_accepts_a_curled_event():
         if pidfile.exists():
             os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def _log_entries(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+
+
+def _logged(log: Path, message: str) -> dict[str, Any] | None:
+    return next((e for e in _log_entries(log) if e["message"] == message), None)
+
+
+@pytest.mark.slow
+async def test_embedded_postgres_is_supervised_restarted_and_nothing_is_lost():
+    """Stop the agent's own PostgreSQL: it is restarted and every event lands once; when it
+    cannot start, the agent says why, fails readiness, and recovers once it can."""
+    state = short_tempdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_AGENT_")}
+    env.update({"FLUX_AGENT_STATE_DIR": str(state), "FLUX_AGENT_AUTH": "none",
+                "FLUX_AGENT_AGENCY": "nasa", "FLUX_AGENT_FLUSH_RETRY_MAX": "0.5s"})
+    log = state / "agent.log"
+    agent = AgentProcess(env, log)
+    pg = LocalPostgres(state / "postgres")
+    try:
+        await asyncio.to_thread(agent.start, 120)
+        running = _logged(log, "embedded PostgreSQL running")
+        assert running is not None
+        url = running["fields"]["url"]
+        events = [make_event("run.started", run_id="supervised")]
+        status, body, _ = await post(agent.url + "/v1/events", events[0],
+                                     headers={"Prefer": "wait=committed"})
+        assert status == 200, body
+
+        await asyncio.to_thread(pg.stop, "immediate")
+        events.append(make_event(run_id="supervised"))
+        status, body, _ = await post(agent.url + "/v1/events", events[-1])
+        assert status == 202, body  # accepted onto the spool while the database is away
+
+        async def restarted(times: int) -> bool:
+            return sum(e["message"] == "the embedded PostgreSQL is running again"
+                       for e in _log_entries(log)) >= times
+
+        assert await wait_until(lambda: restarted(1), 60), log.read_text()[-3000:]
+        events.append(make_event(run_id="supervised"))
+        status, body, _ = await post(agent.url + "/v1/events", events[-1],
+                                     headers={"Prefer": "wait=committed"})
+        assert status == 200, body
+
+        # A PostgreSQL that cannot start: said, with its own words, and on the probes.
+        conf = state / "postgres" / "postgresql.conf"
+        good = conf.read_text()
+        conf.write_text(good + "\nno_such_setting_for_flux = on\n")
+        await asyncio.to_thread(pg.stop, "immediate")
+
+        async def not_ready() -> bool:
+            code, ready, _ = await get(agent.admin_url + "/health/ready")
+            return code == 503 and "task_failing:embedded-db" in ready.get("reasons", [])
+
+        assert await wait_until(not_ready, 60), log.read_text()[-3000:]
+        failed = _logged(log, "background task embedded-db failed; restarting it")
+        assert failed is not None
+        assert "no_such_setting_for_flux" in failed["exception"]  # PostgreSQL's own log
+        _, metrics, _ = await get(agent.admin_url + "/metrics")
+        assert 'flux_task_failures_total{task="embedded-db"}' in metrics
+        events.append(make_event(run_id="supervised"))
+        status, body, _ = await post(agent.url + "/v1/events", events[-1])
+        assert status == 202, body  # intake goes on: the spool holds it
+
+        conf.write_text(good)
+        assert await wait_until(lambda: restarted(2), 60), log.read_text()[-3000:]
+
+        async def all_landed() -> bool:
+            conn = await asyncpg.connect(url)
+            try:
+                return await conn.fetchval(
+                    "SELECT count(*) FROM flux.events WHERE event_id = ANY($1::uuid[])",
+                    [e["event_id"] for e in events]) == len(events)
+            finally:
+                await conn.close()
+
+        assert await wait_until(all_landed, 30)
+        assert await asyncio.to_thread(agent.terminate, 60) == 0
+    finally:
+        agent.kill()
+        if pg.running_pid() is not None:
+            pg.kill()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _psql_lines_say_what_they_can(fields: dict[str, Any]) -> None:
+    """The printed connect command is the agent's own role: it sees its agency's rows and
+    cannot change them; the superuser's line is printed with a warning."""
+    assert "bypasses row-level security" in fields["warning"]
+    assert "postgres@" in fields["connect_superuser"]
+    psql = shlex.split(fields["connect"])
+    seen = subprocess.run([*psql, "-At", "-c", "SELECT count(*) FROM flux.events"],
+                          capture_output=True, text=True, timeout=30)
+    assert seen.stdout.strip() == "1", seen.stderr
+    changed = subprocess.run([*psql, "-c", "UPDATE flux.events SET kind = kind"],
+                             capture_output=True, text=True, timeout=30)
+    assert changed.returncode != 0
+    assert "permission denied" in changed.stderr

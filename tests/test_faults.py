@@ -376,6 +376,8 @@ async def test_second_signal_exits_at_once(database: Database, proxy: TcpProxy,
     assert proc.proc.poll() is None  # draining (up to 60 s)
     proc.proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(proc.proc.wait, 10) == 1
+    # Said, not silent: what was left stays on the spool.
+    assert "second signal: exiting now" in proc.log_path.read_text()
 
 
 # --------------------------------------------------------------------------- damaged spool

@@ -76,7 +76,9 @@ class Routes:
         self.drain_hook = drain
         self.auditor = auditor
         self.tracing = tracing or Tracing()
-        self.servers: list[str] = []  # the agent fills in its URLs once it listens
+        # The agent fills in its URLs once it listens (none for a listener that is off).
+        self.servers: list[str] = []
+        self.admin_servers: list[str] = []
         self._openapi: bytes | None = None
         self.checkpoints = checkpoints
         self.store = store
@@ -327,7 +329,13 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
 
 
 async def _read_body(request: web.Request) -> bytes:
-    body = await request.read()
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.client_max_size
+        raise ValidationError("REQUEST_TOO_LARGE", f"the request body is larger than {limit} "
+                              "bytes (after decoding); nothing was accepted", status=413,
+                              context={"limit_bytes": limit}) from None
     if not body and request.headers.get("Content-Encoding", "identity") != "identity":
         # A gzip stream cut short decodes to nothing: say that, not "the body is empty".
         raise ValidationError("INVALID_BODY", "the compressed body decodes to nothing "

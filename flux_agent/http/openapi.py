@@ -75,8 +75,11 @@ def _errors(*codes: str) -> dict[str, Any]:
     return {code: _problem(_ERRORS[code]) for code in codes}
 
 
-def document(servers: list[str] | None = None) -> dict[str, Any]:
-    """The OpenAPI document; ``servers`` are the URLs this agent's event API answers on."""
+def document(servers: list[str] | None = None, admin_servers: list[str] | None = None
+             ) -> dict[str, Any]:
+    """The OpenAPI document; ``servers`` are the URLs this agent's event API answers on,
+    ``admin_servers`` its admin listener's (``/health/*`` and ``/metrics``; ``[]``: off, and
+    those paths are left out). ``None``: the defaults."""
     event = _rewrite_refs(_load("step-event.schema.json"),
                           {"payload.schema.json": _REF + "Payload"})
     payload = _load("payload.schema.json")
@@ -205,7 +208,9 @@ def document(servers: list[str] | None = None) -> dict[str, Any]:
             "responses": {"200": _json("OpenAPI 3.1.", {"type": "object"})},
         }},
     }
-    for path, summary in (
+    admin = [{"url": url, "description": "The admin listener (FLUX_AGENT_ADMIN_LISTEN)."}
+             for url in (["http://127.0.0.1:9464"] if admin_servers is None else admin_servers)]
+    for path, summary in () if not admin else (
         ("/health/live", "200 while the process is sound."),
         ("/health/ready", "200 while the agent accepts events; 503 when draining, when the "
                           "spool is full or unwritable, or when flushing has stalled."),
@@ -213,7 +218,7 @@ def document(servers: list[str] | None = None) -> dict[str, Any]:
                          "flush and error, uptime."),
         ("/metrics", "Prometheus text exposition."),
     ):
-        paths[path] = {"get": {
+        paths[path] = {"servers": admin, "get": {
             "operationId": path.strip("/").replace("/", "_"),
             "summary": summary + " Admin listener only (FLUX_AGENT_ADMIN_LISTEN).",
             "tags": ["admin"], "security": [],
@@ -300,6 +305,6 @@ class OpenAPIRoutes(Routes):
 
     async def get_openapi(self, request: web.Request) -> web.Response:
         if self._openapi is None:
-            self._openapi = msgspec.json.encode(document(self.servers))
+            self._openapi = msgspec.json.encode(document(self.servers, self.admin_servers))
         return web.Response(body=self._openapi, content_type="application/json")
 

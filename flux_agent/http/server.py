@@ -64,13 +64,14 @@ _HTTP_CODES: Mapping[int, str] = {
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One structured line per request, at debug level, tagged with the request's ids."""
+    """One structured line per request, at info level (``logs.setup`` turns the logger on
+    or off), tagged with the request's ids."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        if not self.logger.isEnabledFor(logging.DEBUG):
+        if not self.logger.isEnabledFor(logging.INFO):
             return
         trace = request.get(TRACE, ("", ""))
-        self.logger.debug(
+        self.logger.info(
             "%s %s %s", request.method, request.path, response.status,
             extra={"fields": {"method": request.method, "path": request.path,
                               "status": response.status,
@@ -81,7 +82,7 @@ class AccessLogger(AbstractAccessLogger):
 
     @property
     def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.DEBUG)
+        return self.logger.isEnabledFor(logging.INFO)
 
 
 def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None

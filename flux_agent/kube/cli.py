@@ -122,7 +122,7 @@ def cli_inject(argv: Sequence[str], *, stdin: Any = None, stdout: Any = None,
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     parser = argparse.ArgumentParser(
-        prog="flux-agent inject",
+        prog="flux-agent inject", allow_abbrev=False,
         description="Show what the sidecar injector does to a Pod or a workload's pod "
                     "template (YAML or JSON; - for stdin).")
     parser.add_argument("file", metavar="POD_FILE", help="YAML or JSON file, - for stdin")
@@ -198,7 +198,7 @@ def prepare_webhook(argv: Sequence[str], *, environ: Mapping[str, str] | None = 
     SIGTERM/SIGINT."""
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
-        prog="flux-agent inject-webhook",
+        prog="flux-agent inject-webhook", allow_abbrev=False,
         description="Serve the sidecar-injection admission webhook (POST /mutate) over HTTPS.")
     parser.add_argument("--cert", default=environ.get("FLUX_INJECTOR_CERT"),
                         help="PEM certificate (chain) [env FLUX_INJECTOR_CERT]")
