@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import crc32c
+import google_crc32c
 
 from ._files import is_resource_error, lock_exclusive, reason, write_atomic
 from .errors import TransientError
@@ -62,8 +62,15 @@ UNSYNCED_QUEUE_BYTES = 8 * 1024 * 1024  # durability "none": most bytes acknowle
 SUFFIX = ".seg"
 
 
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), in hardware where the CPU has it."""
+    return int(google_crc32c.value(data))
+
+
 def _crc(seq: int, payload: bytes | memoryview) -> int:
-    return int(crc32c.crc32c(payload, crc32c.crc32c(SEQ.pack(seq))))
+    if isinstance(payload, memoryview):
+        payload = payload.tobytes()
+    return int(google_crc32c.extend(google_crc32c.value(SEQ.pack(seq)), payload))
 
 
 def frame(seq: int, payload: bytes) -> bytes:
@@ -72,7 +79,7 @@ def frame(seq: int, payload: bytes) -> bytes:
 
 def segment_header(first_seq: int) -> bytes:
     body = struct.pack("<8sHHQQ", MAGIC, VERSION, HEADER.size, first_seq, int(time.time() * 1000))
-    return body + struct.pack("<I", crc32c.crc32c(body))
+    return body + struct.pack("<I", crc32c(body))
 
 
 def segment_name(first_seq: int) -> str:
@@ -169,7 +176,7 @@ def scan_bytes(path: Path, data: bytes, after_seq: int = 0, name_seq: int = 0) -
             magic == MAGIC
             and version == VERSION
             and hlen == HEADER.size
-            and crc32c.crc32c(view[: HEADER.size - 4]) == crc
+            and crc32c(data[: HEADER.size - 4]) == crc
         )
     first = header_seq if header_ok else name_seq
     scan = Scan(path, header_ok, first, created if header_ok else 0, size=len(data))
@@ -225,7 +232,7 @@ def read_cursor(directory: Path) -> int:
     if len(raw) != CURSOR.size:
         return 0
     seq, crc = CURSOR.unpack(raw)
-    return seq if crc32c.crc32c(SEQ.pack(seq)) == crc else 0
+    return seq if crc32c(SEQ.pack(seq)) == crc else 0
 
 
 # --------------------------------------------------------------------------- the spool
@@ -841,7 +848,7 @@ class Spool:
         self._write_cursor(seq, sync=False)
 
     def _write_cursor(self, seq: int, *, sync: bool) -> None:
-        data = CURSOR.pack(seq, crc32c.crc32c(SEQ.pack(seq)))
+        data = CURSOR.pack(seq, crc32c(SEQ.pack(seq)))
         if sync:
             write_atomic(self.directory / "cursor", data)
             return

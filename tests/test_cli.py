@@ -205,7 +205,7 @@ def test_validate_prints_the_effective_configuration_secrets_redacted(tmp_path: 
      "FLUX_AGENT_JWT_PUBLIC_KEY_FILE"),
     ({"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "nasa",
       "FLUX_AGENT_AGENCY_MANIFEST": "/nonexistent.json"}, "FLUX_AGENT_AGENCY_MANIFEST"),
-    ({"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "nasa", "FLUX_AGENT_TRACING": "otlp"},
+    ({"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "nasa", "FLUX_AGENT_TRACING": "zipkin"},
      "FLUX_AGENT_TRACING"),
     ({"FLUX_AGENT_AUTH": "none"}, "FLUX_AGENT_AGENCY"),
 ])

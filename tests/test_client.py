@@ -50,7 +50,7 @@ from .helpers import post
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "flux_agent" / "client"
 # What the agent needs and a workload must not: importing the client loads none of them.
 AGENT_DEPENDENCIES = ("aiohttp", "asyncpg", "msgspec", "jsonschema_rs", "prometheus_client",
-                      "opentelemetry", "uvloop", "jwt", "yaml", "crc32c")
+                      "opentelemetry", "uvloop", "jwt", "yaml", "google_crc32c")
 FAST = RetryPolicy(attempts=8, backoff=0.01, backoff_max=0.05, retry_after_max=0.2)
 
 

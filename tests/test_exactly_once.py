@@ -13,10 +13,10 @@ import struct
 from pathlib import Path
 
 import asyncpg
-import crc32c
 import pytest
 
 from flux_agent import Agent
+from flux_agent.spool import crc32c
 from flux_agent.testing import make_event, make_events
 
 from .conftest import AgentProcess, Database, agent_config, agent_env
@@ -46,7 +46,7 @@ async def settled(proc: AgentProcess) -> bool:
 def forget_cursor(spool: Path) -> None:
     """What a power loss may do to the cursor (written without fsync): back to zero, so
     the next start replays every record on the spool."""
-    (spool / "cursor").write_bytes(struct.pack("<QI", 0, crc32c.crc32c(struct.pack("<Q", 0))))
+    (spool / "cursor").write_bytes(struct.pack("<QI", 0, crc32c(struct.pack("<Q", 0))))
 
 
 async def test_a_full_replay_writes_nothing_twice_in_any_table(database: Database,

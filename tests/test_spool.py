@@ -275,3 +275,11 @@ def test_disk_refusing_writes_answers_503_and_leaves_no_half_record(tmp_path: Pa
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("ok")
+
+
+def test_the_checksum_is_crc32c_so_spools_of_earlier_versions_stay_readable():
+    # The CRC-32C check value (RFC 3720 B.4, the iSCSI polynomial): a spool written by an
+    # agent that used another CRC-32C library is read with the same sums.
+    assert spool_mod.crc32c(b"123456789") == 0xE3069283
+    assert spool_mod.crc32c(b"") == 0
+    assert spool_mod._crc(5, b"payload") == spool_mod._crc(5, memoryview(b"payload"))
