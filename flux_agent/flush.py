@@ -110,6 +110,8 @@ class Flusher:
         self._replay_from: int | None = None
         self._replay_until = 0  # windows ending at or below this are a failover replay
         self._delivering = False
+        self._offered = 0  # records offered since the gatherer last looked
+        self._wake_after = 1  # ...and how many it waits for before it wants to look again
         self._waiters: list[tuple[int, int, asyncio.Future[set[str] | None]]] = []
         self._waiter_serial = 0
         self._task: asyncio.Task[None] | None = None
@@ -141,7 +143,12 @@ class Flusher:
         if seq == expected and self.ring_bytes + cost <= self.memory_bytes:
             ring.append((seq, record, cost))
             self.ring_bytes += cost
-        self._data.set()
+        # Wake the gatherer only when it has something to do: a first record (its window's
+        # age starts), or enough to fill the window. Waking it for every record would cost
+        # a timer and a task switch per request for nothing.
+        self._offered += 1
+        if self._offered >= self._wake_after:
+            self._data.set()
 
     def flush_now(self, seq: int | None = None) -> None:
         """Close the window holding ``seq`` (default: everything appended so far) at once
@@ -272,18 +279,24 @@ class Flusher:
             self._data.clear()
             if self._replay_from is not None and batcher.empty and not self._delivering:
                 self._start_replay()  # idle: start now (else run() does, after the window)
+            self._offered = 0
             await self._pull(batcher)
             if batcher.full:
                 break
             if batcher.empty:
+                self._wake_after = 1
                 await self._data.wait()
                 continue
             urgent = self._urgent_until >= batcher.batch.first_seq
             wait = 0.0 if urgent else batcher.due_in()
             if wait <= 0:
                 break
+            # Until the window is due, wake for nothing but enough records to fill it (or
+            # someone asking for a flush, or a replay: those set the event themselves).
+            self._wake_after = max(1, self.limits.max_events - batcher.batch.events)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._data.wait(), wait)
+        self._wake_after = 1 << 62  # while the window is written, the next gather decides
         return batcher.take()
 
     async def _pull(self, batcher: Batcher) -> None:

@@ -1,4 +1,4 @@
-"""OpenTelemetry traces: a span per request, per spool append and per flush window.
+"""OpenTelemetry traces: a span per request and per flush window.
 
 Off unless configured (``FLUX_AGENT_TRACING=on``, or ``auto`` with OpenTelemetry's own
 ``OTEL_*`` exporter variables set). When off, nothing of OpenTelemetry is imported and every
@@ -7,16 +7,22 @@ so stored events and logs carry them either way.
 
 When on: the request span continues the caller's trace; events store its trace and span id;
 the flush span of a window links to the spans of the requests whose events it carries, so a
-trace viewer can follow an event from the workload to PostgreSQL.
+trace viewer can follow an event from the workload to PostgreSQL. What happens inside a
+request (its events becoming durable on the spool) is an event of the request's span, not a
+span of its own: half the spans to build, record and export per request. Spans are started
+without being made OpenTelemetry's current span (the agent keeps its own request context),
+which saves attaching and detaching a context per request.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 MAX_LINKS = 128  # OpenTelemetry's default span link limit
+_REQUEST_SPAN: ContextVar[Any] = ContextVar("flux_request_span", default=None)
 
 
 class Tracing:
@@ -30,9 +36,8 @@ class Tracing:
         """A server span for one request; yields the (trace_id, span_id) to store."""
         yield ids
 
-    @contextlib.contextmanager
-    def span(self, name: str, **attributes: Any) -> Iterator[None]:
-        yield
+    def event(self, name: str, attributes: dict[str, Any]) -> None:
+        """Something that happened in the current request (an event of its span)."""
 
     @contextlib.contextmanager
     def flush(self, events: int, links: Iterable[tuple[str | None, str | None]]
@@ -73,15 +78,26 @@ class OtelTracing(Tracing):
                 ) -> Iterator[tuple[str, str]]:
         parent = self._propagator.extract({"traceparent": traceparent}) if traceparent \
             else None
-        with self.tracer.start_as_current_span(
-                name, context=parent, kind=self._trace.SpanKind.SERVER) as span:
+        span = self.tracer.start_span(name, context=parent, kind=self._trace.SpanKind.SERVER)
+        token = _REQUEST_SPAN.set(span)
+        try:
             ctx = span.get_span_context()
-            yield f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+            if ctx.is_valid:
+                yield f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+            else:  # not sampled: the ids the request came with
+                yield ids
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(self._trace.Status(self._trace.StatusCode.ERROR))
+            raise
+        finally:
+            _REQUEST_SPAN.reset(token)
+            span.end()
 
-    @contextlib.contextmanager
-    def span(self, name: str, **attributes: Any) -> Iterator[None]:
-        with self.tracer.start_as_current_span(name, attributes=attributes):
-            yield
+    def event(self, name: str, attributes: dict[str, Any]) -> None:
+        span = _REQUEST_SPAN.get()
+        if span is not None:
+            span.add_event(name, attributes)
 
     @contextlib.contextmanager
     def flush(self, events: int, links: Iterable[tuple[str | None, str | None]]

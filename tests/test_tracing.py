@@ -58,8 +58,9 @@ async def test_spans_of_intake_spool_and_flush(database: Database, state_dir: Pa
     server = spans["POST /v1/events"]
     assert f"{server.context.trace_id:032x}" == TRACE
     assert f"{server.parent.span_id:016x}" == PARENT
-    append = spans["flux.spool.append"]
-    assert append.parent.span_id == server.context.span_id
+    durable = [e for e in server.events if e.name == "flux.spool.durable"]
+    assert len(durable) == 1 and durable[0].attributes["flux.events"] == 2, server.events
+    assert durable[0].attributes["flux.spool.wait_ms"] >= 0
     flush = spans["flux.flush"]
     assert flush.attributes["flux.events"] == 2
     assert [(link.context.trace_id, link.context.span_id) for link in flush.links] == [

@@ -260,30 +260,39 @@ class Routes:
         """The request body, read within FLUX_AGENT_REQUEST_BODY_TIMEOUT and counted against
         FLUX_AGENT_REQUEST_MEMORY_BYTES until the block ends. Every route that reads a body
         goes through here: a stalled upload can neither hold memory nor wait forever."""
+        reserved = await self._reserve(request)
+        try:
+            yield await self._read_within_deadline(request)
+        finally:
+            self.bodies.release(reserved)
+
+    async def _reserve(self, request: web.Request) -> int:
         # A compressed or chunked body may decode to the largest request allowed.
         size = request.content_length
         if size is None or "Content-Encoding" in request.headers:
             size = self.config.request_max_bytes
-        limit = self.config.request_body_timeout
+        reserved = self.bodies.try_acquire(size)  # the common case: no wait, no timer
+        if reserved:
+            return reserved
         # The budget is taken by the declared size before the body arrives, so a body that
         # stalls must give it back: every wait here is bounded.
         try:
-            async with asyncio.timeout(limit):
-                reserved = await self.bodies.acquire(size)
+            async with asyncio.timeout(self.config.request_body_timeout):
+                return await self.bodies.acquire(size)
         except TimeoutError:
             raise TransientError("INTAKE_BUSY", "request memory is held by requests still "
                                  "being read; retry shortly", retry_after=1) from None
+
+    async def _read_within_deadline(self, request: web.Request) -> bytes:
+        if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
+            return await _read_body(request)
+        limit = self.config.request_body_timeout
         try:
-            try:
-                async with asyncio.timeout(limit):
-                    body = await _read_body(request)
-            except TimeoutError:
-                raise ValidationError("BODY_TIMEOUT", f"the request body did not arrive "
-                                      f"within {limit:g} s; nothing was accepted",
-                                      status=408) from None
-            yield body
-        finally:
-            self.bodies.release(reserved)
+            async with asyncio.timeout(limit):
+                return await _read_body(request)
+        except TimeoutError:
+            raise ValidationError("BODY_TIMEOUT", f"the request body did not arrive within "
+                                  f"{limit:g} s; nothing was accepted", status=408) from None
 
 
 def _not_found(code: str, detail: str) -> ValidationError:
@@ -389,6 +398,14 @@ class ByteBudget:
         self.total = total
         self.free = total
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def try_acquire(self, nbytes: int) -> int:
+        """Take ``nbytes`` now if they are free and nobody waits; 0 otherwise."""
+        nbytes = min(nbytes, self.total)
+        if self.free >= nbytes and not self._waiters:
+            self.free -= nbytes
+            return nbytes
+        return 0
 
     async def acquire(self, nbytes: int) -> int:
         nbytes = min(nbytes, self.total)

@@ -4,6 +4,7 @@ or none), acknowledged only once the spool record is durable."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,12 +54,17 @@ class EventRoutes(Routes):
                                      "its successor", retry_after=1)
             # Refuse early when the spool is full, before reading a large body.
             self.spool.check_room(request.content_length or 0)
-            async with self._body(request) as body:
+            reserved = await self._reserve(request)
+            try:
+                body = await self._read_within_deadline(request)
                 events, batch = read(request, body)
+                del body
                 rows = self._seal(request, claims, events, batch)
                 del events
                 wait = _prefers_committed(request.headers.get("Prefer", ""))
                 result = await self.accept(rows, claims.agency, wait=wait)
+            finally:
+                self.bodies.release(reserved)
         except FluxError as err:
             # Every refusal of an ingest request, whatever its cause (bad JSON, schema,
             # conflict, full spool, draining), counted by its code.
@@ -145,8 +151,11 @@ class EventRoutes(Routes):
             waits.append(durable)
         try:
             if self.tracing.enabled:
-                with self.tracing.span("flux.spool.append", **{"flux.events": len(fresh)}):
-                    await _all_durable(waits)
+                started = time.perf_counter()
+                await _all_durable(waits)
+                self.tracing.event("flux.spool.durable", {
+                    "flux.events": len(fresh),
+                    "flux.spool.wait_ms": round((time.perf_counter() - started) * 1000, 3)})
             else:
                 await _all_durable(waits)
         except BaseException:
