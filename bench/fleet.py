@@ -53,12 +53,21 @@ def postgres_cpu(db: Database) -> float:
     return float(total)
 
 
+def _maintenance(db: Database) -> str:
+    """The same server's postgres database: the bench's own queries go there, so that they
+    are not counted among the transactions of the agents' database."""
+    return db.admin_dsn.rsplit("/", 1)[0] + "/postgres"
+
+
 async def db_counters(db: Database) -> dict[str, float]:
-    conn = await asyncpg.connect(db.admin_dsn)
+    conn = await asyncpg.connect(_maintenance(db))
     try:
         xacts = await conn.fetchval(
-            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = "
-            "current_database()")
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = 'flux'")
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(db.admin_dsn)  # catalog statistics are per database
+    try:
         catalog = await conn.fetchval(
             "SELECT n_tup_ins FROM pg_stat_sys_tables WHERE relname = 'pg_class'")
     finally:
@@ -79,7 +88,7 @@ class Connections(threading.Thread):
         asyncio.run(self._loop())
 
     async def _loop(self) -> None:
-        conn = await asyncpg.connect(self.db.admin_dsn)
+        conn = await asyncpg.connect(_maintenance(self.db))
         try:
             while not self.halt.is_set():
                 n = await conn.fetchval(
