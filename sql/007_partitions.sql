@@ -325,7 +325,7 @@ SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' SET DateStyle = 'ISO,
 DECLARE
     v_hi timestamptz;
     v_lo timestamptz;
-    v_range record;
+    v_target regclass;
     v_agency text;
     v_moved bigint;
 BEGIN
@@ -361,23 +361,19 @@ BEGIN
             END IF;
             CONTINUE;
         END IF;
-        FOR v_range IN SELECT partition FROM flux.event_partitions
-                        WHERE kind = 'range' AND from_time > now() ORDER BY from_time LOOP
-            SELECT a INTO v_agency FROM unnest(p_agencies) AS a
-             WHERE a IS NOT NULL AND a NOT IN (
-                   SELECT agency_id FROM flux.event_partitions
-                    WHERE parent = v_range.partition AND kind = 'agency')
-             ORDER BY a LIMIT 1;
-            IF v_agency IS NOT NULL THEN
-                IF pass = 2 THEN
-                    v_moved := flux._create_event_leaf(v_range.partition, v_agency);
-                    RETURN QUERY SELECT v_range.partition::text || '_'
-                        || flux._event_leaf_tag(v_agency), v_moved;
-                    RETURN;
-                END IF;
-                EXIT;
-            END IF;
-        END LOOP;
+        -- Else the first range that has not started and lacks a partition of an agency.
+        WITH p AS MATERIALIZED (SELECT * FROM flux.event_partitions)
+        SELECT r.partition, a INTO v_target, v_agency
+          FROM p AS r CROSS JOIN unnest(p_agencies) AS a
+         WHERE r.kind = 'range' AND r.from_time > now() AND a IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM p AS l WHERE l.parent = r.partition
+                                                   AND l.agency_id = a)
+         ORDER BY r.from_time, a LIMIT 1;
+        IF v_agency IS NOT NULL AND pass = 2 THEN
+            v_moved := flux._create_event_leaf(v_target, v_agency);
+            RETURN QUERY SELECT v_target::text || '_' || flux._event_leaf_tag(v_agency), v_moved;
+            RETURN;
+        END IF;
         IF pass = 1 AND v_agency IS NULL THEN
             RETURN;  -- nothing to do: no lock taken
         END IF;
@@ -399,7 +395,6 @@ SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' SET DateStyle = 'ISO,
 DECLARE
     v_longest integer := coalesce((SELECT max(d) FROM unnest(p_retention_days) AS d), 1);
     v_range record;
-    v_leaf record;
     v_days integer;
     v_all boolean;
     v_drop regclass;
@@ -414,22 +409,32 @@ BEGIN
     PERFORM set_config('flux.maintenance', 'on', true);
     -- The expiry checks read BRIN summaries; never a sequential scan of a partition.
     PERFORM set_config('enable_seqscan', 'off', true);
-    FOR v_range IN SELECT partition, to_time FROM flux.event_partitions
-                    WHERE kind = 'range' AND to_time <= now() ORDER BY from_time LOOP
+    -- The past ranges with their partitions, read once (the view reads every bound).
+    FOR v_range IN
+        WITH p AS MATERIALIZED (SELECT * FROM flux.event_partitions)
+        SELECT r.partition, r.to_time,
+               array_agg(l.partition ORDER BY l.agency_id) AS leaves,
+               array_agg(l.kind ORDER BY l.agency_id) AS kinds,
+               array_agg(l.agency_id ORDER BY l.agency_id) AS agencies
+          FROM p AS r JOIN p AS l ON l.parent = r.partition
+         WHERE r.kind = 'range' AND r.to_time <= now()
+         GROUP BY r.partition, r.from_time, r.to_time
+         ORDER BY r.from_time
+    LOOP
         v_all := true;
         v_drop := NULL;
-        FOR v_leaf IN SELECT partition, kind, agency_id FROM flux.event_partitions
-                       WHERE parent = v_range.partition ORDER BY agency_id LOOP
-            v_days := coalesce(p_retention_days[array_position(p_agencies, v_leaf.agency_id)],
+        FOR i IN 1..cardinality(v_range.leaves) LOOP
+            v_days := coalesce(p_retention_days[array_position(p_agencies,
+                                                               v_range.agencies[i])],
                                v_longest);
-            IF v_range.to_time + make_interval(days => greatest(v_days, 1)) <= now()
-               AND flux._event_partition_expired(v_leaf.partition) THEN
-                IF v_leaf.kind = 'agency' AND v_drop IS NULL THEN
-                    v_drop := v_leaf.partition;
-                END IF;
-            ELSE
+            IF v_range.to_time + make_interval(days => greatest(v_days, 1)) > now() THEN
+                v_all := false;  -- not due yet: not even looked at
+            ELSIF NOT flux._event_partition_expired(v_range.leaves[i]) THEN
                 v_all := false;
+            ELSIF v_range.kinds[i] = 'agency' AND v_drop IS NULL THEN
+                v_drop := v_range.leaves[i];
             END IF;
+            EXIT WHEN v_drop IS NOT NULL AND NOT v_all;  -- decided: this one goes alone
         END LOOP;
         IF v_all THEN
             v_drop := v_range.partition;  -- the whole range, its default partition with it
@@ -440,9 +445,8 @@ BEGIN
         EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', v_drop);
         IF v_drop = v_range.partition THEN
             v_level := 'range';
-            FOR v_leaf IN SELECT partition FROM flux.event_partitions
-                           WHERE parent = v_range.partition LOOP
-                IF NOT flux._event_partition_expired(v_leaf.partition) THEN
+            FOR i IN 1..cardinality(v_range.leaves) LOOP
+                IF NOT flux._event_partition_expired(v_range.leaves[i]) THEN
                     RETURN;  -- not now; the next round looks again
                 END IF;
             END LOOP;
