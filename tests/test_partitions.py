@@ -38,6 +38,7 @@ from .conftest import (
 )
 from .faults import wait_until
 from .helpers import get, post
+from .test_checkpoints import put
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 DAY = timedelta(days=1)
@@ -259,6 +260,22 @@ async def test_a_replay_after_a_restart_and_a_spool_replay_store_one_row(
     finally:
         for s in states:
             shutil.rmtree(s, ignore_errors=True)
+
+
+async def test_the_agents_own_ids_land_in_time_partitions(agent: Agent, database: Database):
+    """checkpoint.saved events get UUIDv7 ids of the save's time: a time partition, not the
+    row-by-row one (OpenLineage ids: tests/test_lineage.py)."""
+    status, body, _ = await put(agent.endpoints.event_url + "/v1/runs/own-ids/checkpoint",
+                                {"step": "s", "state": {"offset": 1}},
+                                headers={"Prefer": "wait=committed"})
+    assert status == 201, body
+    rows = await database.fetch(
+        "SELECT event_id::text, tableoid::regclass::text AS part, received_at FROM flux.events "
+        "WHERE kind = 'checkpoint.saved' AND run_id = 'own-ids'")
+    assert len(rows) == 1
+    at = id_time(rows[0]["event_id"])
+    assert at is not None and abs(at - rows[0]["received_at"]) < timedelta(milliseconds=1)
+    assert rows[0]["part"].startswith("flux.events_2"), rows[0]["part"]
 
 
 # --------------------------------------------------------------------------- the migration
