@@ -212,7 +212,7 @@ SELECT flux._secure_event_partition('flux.events_default');
 -- the constraint, and neither scan happens.
 DO $$
 DECLARE
-    v_cutoff timestamptz := date_trunc('second', now()) + interval '1 second';
+    v_cutoff timestamptz := date_trunc('second', now());  -- never after an id minted since
     v_def text;
     v_validated boolean;
     v_agencies text[];

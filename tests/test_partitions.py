@@ -190,9 +190,9 @@ async def test_the_write_path_replays_into_the_partition_of_the_first_write(sink
     """flux.write_v1 (unchanged, what agents of the previous version call too): a replay
     with everything but the id changed is a duplicate, whichever partition it would have
     gone to by its other times; ids of other UUID versions and far-off times too."""
-    boundary = await database.fetchval(
-        "SELECT min(from_time) FROM flux.event_partitions WHERE kind = 'range' "
-        "AND from_time > now()")
+    boundary = await database.fetchval(  # the end of the range holding now
+        "SELECT min(to_time) FROM flux.event_partitions WHERE kind = 'range' "
+        "AND to_time > now()")
     ids = {"v7 before a boundary": v7(boundary - timedelta(milliseconds=1)),
            "v7 now": v7(datetime.now(UTC)),
            "uuid4": str(uuid.uuid4()),
