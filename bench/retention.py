@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -237,12 +238,11 @@ async def _layout(ctx_add: Any, server_dsn: str, agent_dsn: str, layout: str, ev
     out: dict[str, Any] = {"layout": layout}
     try:
         if layout == "before":
-            old = ROOT / "bench" / "out" / "sql-before-partitions"
-            old.mkdir(parents=True, exist_ok=True)
-            for m in migrations(ROOT / "sql"):
-                if m.version[:3] <= "005":
-                    (old / m.path.name).write_text(m.sql)
-            await migrate(conn, old)
+            with tempfile.TemporaryDirectory() as old:
+                for m in migrations(ROOT / "sql"):
+                    if m.version[:3] <= "005":
+                        (Path(old) / m.path.name).write_text(m.sql)
+                await migrate(conn, Path(old))
         else:
             await migrate(conn)
             await _backdate(conn, start)
