@@ -20,6 +20,7 @@ from typing import Any
 from .fleet import fleet, single_c1, trickle
 from .harness import BareServer, Database, machine
 from .report import markdown, plot_outage
+from .retention import retention
 from .scenarios import (
     Ctx,
     backlog,
@@ -90,6 +91,8 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
         await event_pages(ctx, 100_000 if ctx.quick else 1_000_000)
         if not ctx.quick:
             await backlog(ctx, 1_000_000)
+            print("retention", flush=True)
+            await retention(ctx.db, 10_000_000, ctx.add, ctx.notes)
         await idle(ctx)
     finally:
         await asyncio.to_thread(db.destroy)

@@ -16,7 +16,7 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,9 +41,17 @@ from .http.admin import admin_app
 from .http.intake import Intake
 from .http.server import AccessLogger, HttpLimits, ProblemAppRunner, tcp_port
 from .metrics import Metrics
-from .postgres import Postgres, Timeouts, UnsafeRole, classify, describe, is_transient
+from .postgres import (
+    Postgres,
+    Timeouts,
+    UnsafeRole,
+    classify,
+    describe,
+    is_transient,
+    sqlstate_of,
+)
 from .seen import SeenIndex
-from .sink import SchemaNotReady, Sink, bootstrap_database
+from .sink import PartitionStats, SchemaNotReady, Sink, bootstrap_database
 from .spool import Recovery, Spool
 from .store import Store
 from .supervise import Supervisor
@@ -67,6 +75,7 @@ ADMIN_MAX_CONNECTIONS = 64
 AUTO_MAX_CONNECTIONS = 1024
 SUPERUSER_NOTE = ("the superuser bypasses row-level security and can UPDATE and DELETE the "
                   "append-only tables")
+PARTITION_STEPS_PER_ROUND = 200  # creations, then drops; the next round goes on
 
 
 @dataclass(slots=True)
@@ -108,6 +117,10 @@ class Agent:
         self.checkpoints: Checkpoints | None = None
         self.retention_rounds = 0
         self.purged: dict[str, int] = {}
+        self.partition_counts = dict.fromkeys(("created", "dropped", "moved_rows",
+                                               "lock_timeouts"), 0)
+        self.partition_stats: PartitionStats | None = None
+        self.partition_stats_at = 0.0
         self.embedded_restarts = 0
         self.seen = SeenIndex(config.dedupe_index_size)
         self._snapshot_warned = False
@@ -579,28 +592,28 @@ class Agent:
             self.supervisor.ok("embedded-db")
 
     async def _retention_loop(self, agencies: Mapping[str, int]) -> None:
-        """Delete expired rows in small batches, in one agent at a time (a lease)."""
+        """Retention, in one agent at a time (a lease): keep the time partitions of
+        ``flux.events`` ahead and drop those whose rows have all expired, then delete what
+        expires row by row (events outside the time partitions, checkpoints, dead letters,
+        audit entries past the database's policy) in small batches."""
         assert self.sink is not None
+        sink = self.sink
         interval = self.config.retention_interval
-        batch = self.config.retention_batch
         holder = f"{self.config.effective_agent_id}/{os.getpid()}/{os.urandom(4).hex()}"
+        # The lease outlives a round and the pause before the next one, so the holder keeps
+        # it; if the holder dies, another agent takes over once it expires.
+        lease = interval * 3 + 30
         while True:
             await asyncio.sleep(interval)
             try:
-                # The lease outlives a round and the pause before the next one, so the holder
-                # keeps it; if the holder dies, another agent takes over once it expires.
-                if not await self.sink.claim_lease("retention", holder, interval * 3 + 30):
+                if not await sink.claim_lease("retention", holder, lease):
                     continue
                 self.retention_rounds += 1
-                for agency in agencies:
-                    while True:
-                        counts = await self.sink.purge(agency, batch)
-                        for table, n in zip(("events", "checkpoint_history", "checkpoints"),
-                                            counts, strict=True):
-                            self.purged[table] = self.purged.get(table, 0) + n
-                        if max(counts) < batch:
-                            break
-                        await asyncio.sleep(0.05)  # let ingestion have the database
+                await self._maintain_partitions(agencies)
+                # Renewed between the phases: a first round after an upgrade may be long.
+                if not await sink.claim_lease("retention", holder, lease):
+                    continue
+                await self._purge_expired(agencies)
             except Exception as exc:
                 if not is_transient(exc):
                     raise  # the supervisor logs it with its traceback and restarts the loop
@@ -608,6 +621,65 @@ class Agent:
                             extra={"fields": {"error": describe(exc)}})
             else:
                 self.supervisor.ok("retention")
+
+    async def _maintain_partitions(self, agencies: Mapping[str, int]) -> None:
+        """Partitions of ``flux.events`` (sql/007): create the missing ones up to the premake
+        horizon, then drop the expired ones, one short step (one transaction) at a time."""
+        assert self.sink is not None
+        sink, config, counts = self.sink, self.config, self.partition_counts
+        try:
+            for _ in range(PARTITION_STEPS_PER_ROUND):
+                made = await sink.prepare_partition(
+                    sorted(agencies), config.partition_interval, config.partition_premake,
+                    config.partition_lock_timeout)
+                if made is None:
+                    break
+                counts["created"] += 1
+                counts["moved_rows"] += made[1]
+                log.info("partition created", extra={"fields": {
+                    "partition": made[0], "moved_rows": made[1]}})
+            for _ in range(PARTITION_STEPS_PER_ROUND):
+                gone = await sink.drop_expired_partition(agencies, config.partition_lock_timeout)
+                if gone is None:
+                    break
+                counts["dropped"] += 1
+                log.info("expired partition dropped", extra={"fields": {
+                    "partition": gone[0], "level": gone[1]}})
+                await asyncio.sleep(0.05)  # let ingestion have the lock in between
+        except Exception as exc:
+            if sqlstate_of(exc) != "55P03":  # lock_not_available: busy now, next round
+                raise
+            counts["lock_timeouts"] += 1
+            log.warning("partition maintenance did not get its lock in time; next round",
+                        extra={"fields": {"error": describe(exc),
+                                          "lock_timeout_s": config.partition_lock_timeout}})
+        self.partition_stats = await sink.partition_stats()
+        self.partition_stats_at = time.monotonic()
+
+    async def _purge_expired(self, agencies: Mapping[str, int]) -> None:
+        """Expired rows that do not leave with a partition, in small batches per agency."""
+        assert self.sink is not None
+        sink, batch = self.sink, self.config.retention_batch
+        for agency, days in agencies.items():
+            await self._purge_batches(functools.partial(sink.purge, agency, batch),
+                                      ("events", "checkpoint_history", "checkpoints"))
+            keep = self.config.dead_letter_retention or days * 86400.0
+            await self._purge_batches(
+                functools.partial(sink.purge_dead_letters, agency, keep, batch),
+                ("dead_letters",))
+        await self._purge_batches(functools.partial(sink.purge_audit_log, batch), ("audit_log",))
+
+    async def _purge_batches(self, purge: Callable[[], Awaitable[int | tuple[int, ...]]],
+                             tables: tuple[str, ...]) -> None:
+        batch = self.config.retention_batch
+        while True:
+            got = await purge()
+            counts = (got,) if isinstance(got, int) else got
+            for table, n in zip(tables, counts, strict=True):
+                self.purged[table] = self.purged.get(table, 0) + n
+            if max(counts) < batch:
+                return
+            await asyncio.sleep(0.05)  # let ingestion have the database
 
     # ---------------------------------------------------------------- health and metrics
 
@@ -721,7 +793,28 @@ class Agent:
             else 0,
             "flux_active_runs": self.intake.runs.counts() if self.intake else {},
             "flux_retention_purged_rows": dict(self.purged),
+            **self._partition_metrics(),
         }
+
+    def _partition_metrics(self) -> dict[str, Any]:
+        counts = self.partition_counts
+        out: dict[str, Any] = {
+            "flux_event_partitions_created": counts["created"],
+            "flux_event_partitions_dropped": counts["dropped"],
+            "flux_event_partition_moved_rows": counts["moved_rows"],
+            "flux_event_partition_lock_timeouts": counts["lock_timeouts"],
+        }
+        stats = self.partition_stats
+        # Only the lease holder's view is current: another agent's would go stale.
+        if stats is None or time.monotonic() - self.partition_stats_at > \
+                3 * self.config.retention_interval + 60:
+            return out
+        out["flux_event_partitions"] = stats.ranges
+        if stats.newest is not None:
+            out["flux_event_partitions_ahead_seconds"] = stats.newest.timestamp() - time.time()
+        out["flux_event_partition_rows_outside"] = {"default": stats.default_rows,
+                                                    "unkeyed": stats.unkeyed_rows}
+        return out
 
 
 def embedded_connect(pg: LocalPostgres, agency: str) -> dict[str, str]:

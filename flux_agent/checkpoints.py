@@ -14,6 +14,7 @@ event payloads). It is verified on every load; a mismatch is never returned as v
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import uuid
 from collections import OrderedDict
@@ -27,6 +28,7 @@ import msgspec
 from .digest import canonical_json, sha256_hex
 from .errors import CheckpointError, TransientError, ValidationError
 from .event import CheckpointRecord, CheckpointRow, Row, decode_record, record_encoder
+from .ids import uuid7_at
 from .postgres import UnsafeRole, is_transient
 from .spool import Spool
 from .store import Store, StoredCheckpoint
@@ -35,7 +37,10 @@ from .validate import Schemas, Seal, violation
 # \Z, not $: "$" also matches before a final newline, and "run\n" is not a run id.
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
 _VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit a bigint
-# checkpoint.saved event ids derive from the checkpoint, so a replay is the same event.
+# checkpoint.saved event ids derive from the checkpoint, so a replay is the same event: a
+# UUIDv7 of the save's time (its partition of flux.events) and a digest of what was saved.
+# (Before sql/006 they were uuid5(_EVENT_NAMESPACE, ...), without a time; those still on a
+# spool replay under their old ids.)
 _EVENT_NAMESPACE = uuid.UUID("6a4f6c1e-4a51-4c6e-9b0a-2f1d5f9f7c10")
 _NUL_ESCAPE = b"\\u0000"
 
@@ -214,7 +219,9 @@ class Checkpoints:
         seal: Seal,
     ) -> CheckpointRecord:
         digest = sha256_hex(state.encode("ascii"))
-        event_id = str(uuid.uuid5(_EVENT_NAMESPACE, f"{agency}/{run_id}/{version}/{digest}"))
+        name = f"{agency}/{run_id}/{version}/{digest}"
+        content = hashlib.sha256(_EVENT_NAMESPACE.bytes + name.encode()).digest()
+        event_id = uuid7_at(seal.received_at, content) or str(uuid.uuid5(_EVENT_NAMESPACE, name))
         payload = canonical_json({"version": version, "checkpoint_hash": digest,
                                   "agency": agency}).decode("ascii")
         event = Row(

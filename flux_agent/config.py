@@ -109,6 +109,13 @@ def parse_bool(raw: Any) -> bool:
     raise ValueError(f"expected true or false, got {raw!r}")
 
 
+def parse_partition_interval(raw: Any) -> float:
+    value = parse_duration(raw)
+    if value < 3600 or value > 366 * 86400 or value % 3600:
+        raise ValueError("must be whole hours, from 1h to 8784h (366 days)")
+    return value
+
+
 def parse_int(raw: Any) -> int:
     if isinstance(raw, bool):
         raise ValueError("expected an integer")
@@ -435,12 +442,33 @@ class AgentConfig:
     )
     migrate: bool = setting(True, "Apply pending schema migrations at start.", parse_bool)
     retention_interval: float = setting(
-        300.0, "How often one agent (holding a lease) deletes expired rows; `0` disables.",
+        300.0, "How often one agent (holding a lease) keeps `flux.events`'s time partitions "
+        "ahead, drops expired ones and deletes other expired rows; `0` disables.",
         parse_duration, shown_default="5m",
     )
     retention_batch: int = setting(
         1000, "Rows deleted per retention transaction (small: never blocks ingestion).",
         parse_int,
+    )
+    partition_interval: float = setting(
+        86400.0, "Length of one time partition of `flux.events` (whole hours; each holds one "
+        "partition per agency, dropped once all its rows have expired).",
+        parse_partition_interval, shown_default="24h",
+    )
+    partition_premake: float = setting(
+        172800.0, "Time partitions are created this far ahead by the agent holding the "
+        "retention lease; events with later ids wait in the default partition.",
+        parse_duration, shown_default="48h",
+    )
+    partition_lock_timeout: float = setting(
+        2.0, "How long one partition change waits for its lock on `flux.events` (it holds "
+        "writes back while it waits); then it is tried again next round.", parse_timeout,
+        shown_default="2s",
+    )
+    dead_letter_retention: float = setting(
+        0.0, "Dead letters are deleted this long after they were stored (at least a day); "
+        "`0`: after the agency's event retention from the manifest.", parse_duration,
+        shown_default="`0` (the agency's retention)",
     )
     dedupe_index_size: int = setting(
         20_000, "Recently seen event ids remembered for duplicate reporting (about 300 bytes "
@@ -692,6 +720,10 @@ def _check(config: AgentConfig, serving: bool = True) -> None:
     if config.spool_segment_bytes > config.spool_max_bytes:
         raise ConfigError(env_name("spool_segment_bytes"),
                           "must not exceed FLUX_AGENT_SPOOL_MAX_BYTES")
+    if config.retention_interval and config.partition_premake < 2 * config.retention_interval:
+        raise ConfigError(env_name("partition_premake"),
+                          "must be at least two FLUX_AGENT_RETENTION_INTERVALs, so that the "
+                          "next time partition exists before events need it")
     if config.spool_segment_bytes < config.request_max_bytes + 64:
         raise ConfigError(
             env_name("spool_segment_bytes"), "must hold at least one largest request"

@@ -7,8 +7,10 @@ dict, which then goes through the normal envelope validation, hashing, spooling 
 
 Mapping (one RunEvent -> one flux event):
 
-- ``event_id``: a UUIDv8 made of the first 128 bits of ``openlineage_sha256`` (the SHA-256 of
-  the RunEvent's canonical JSON), so a transport's retry of the same RunEvent is a duplicate;
+- ``event_id``: a UUIDv7 whose time is ``eventTime`` (to the millisecond) and whose other bits
+  are the first of ``openlineage_sha256`` (the SHA-256 of the RunEvent's canonical JSON), so a
+  transport's retry of the same RunEvent is a duplicate and lands in the same time partition
+  of ``flux.events``. (An ``eventTime`` before 1970 has no v7 form: a UUIDv8 of the digest.)
 - ``run_id``: ``run.runId``, unchanged;
 - ``kind``: START -> run.started, COMPLETE -> run.completed, FAIL -> run.failed, ABORT ->
   run.aborted; RUNNING, OTHER or no eventType -> the ``kind`` of the run facet ``flux`` if
@@ -33,6 +35,7 @@ import hashlib
 import re
 import uuid
 from collections.abc import Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -41,6 +44,7 @@ import jsonschema_rs
 from ._resources import data_dir
 from .digest import canonical_json
 from .errors import ValidationError
+from .ids import uuid7_at
 from .validate import (
     KEYWORD_CODES,
     SCHEMA_VERSION,
@@ -95,8 +99,11 @@ def run_event_digest(doc: Any) -> str:
     return hashlib.sha256(canonical_json(doc)).hexdigest()
 
 
-def event_id_for(digest: str) -> str:
-    """The flux event id of a RunEvent: a UUIDv8 of the first 128 bits of its digest."""
+def event_id_for(digest: str, event_time: datetime) -> str:
+    """The flux event id of a RunEvent: a UUIDv7 of its ``eventTime`` and digest."""
+    time_keyed = uuid7_at(event_time, bytes.fromhex(digest[:20]))
+    if time_keyed is not None:
+        return time_keyed
     value = int(digest[:32], 16)
     value = (value & ~(0xF << 76)) | (0x8 << 76)  # version 8
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant
@@ -260,7 +267,7 @@ class Lineage:
             payload.setdefault("use_case", DEFAULT_USE_CASE)
 
         event: dict[str, Any] = {
-            "event_id": event_id_for(digest),
+            "event_id": event_id_for(digest, parse_timestamp(doc["eventTime"])),
             "run_id": run["runId"],
             "kind": kind,
             "step": bounded_step(flux.get("step") or f"{job['namespace']}/{job['name']}"),

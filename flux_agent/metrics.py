@@ -78,6 +78,23 @@ STATE: tuple[Gauge, ...] = (
           "gauge", "agency"),
     Gauge("flux_retention_purged_rows", "Expired rows deleted by retention.", "counter",
           "table"),
+    # Partitions of flux.events: the gauges come from the agent holding the retention lease
+    # (absent elsewhere), the counters count what this agent did.
+    Gauge("flux_event_partitions", "Time ranges of flux.events (each with one partition per "
+          "agency)."),
+    Gauge("flux_event_partitions_ahead_seconds", "How far the newest time partition of "
+          "flux.events reaches beyond now."),
+    Gauge("flux_event_partition_rows_outside", "Rows outside the time partitions, deleted row "
+          "by row: default (ids whose time has no partition; counted up to 1e6), unkeyed (ids "
+          "without a time, rows from before partitioning; estimated).", "gauge", "partition"),
+    Gauge("flux_event_partitions_created", "Partitions of flux.events this agent created.",
+          "counter"),
+    Gauge("flux_event_partitions_dropped", "Expired partitions of flux.events this agent "
+          "dropped.", "counter"),
+    Gauge("flux_event_partition_moved_rows", "Rows moved from a default partition into a "
+          "partition created for them.", "counter"),
+    Gauge("flux_event_partition_lock_timeouts", "Partition changes that gave up waiting for "
+          "their lock (tried again next round).", "counter"),
 )
 
 

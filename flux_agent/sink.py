@@ -21,7 +21,9 @@ import asyncio
 import functools
 import hashlib
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ from .postgres import (
     is_transient,
 )
 
-__all__ = ["POISON_CLASSES", "CheckpointConflict", "MigrationError", "RoleInfo",
+__all__ = ["POISON_CLASSES", "CheckpointConflict", "MigrationError", "PartitionStats", "RoleInfo",
            "SchemaNotReady", "Sink", "UnsafeRole", "bootstrap_database", "classify",
            "describe", "is_transient", "migrate", "migrate_dsn", "migrations"]
 
@@ -60,6 +62,20 @@ _INSERT_DEAD = (
 )
 # Migrations may rewrite large tables: they get hours, not a statement's deadline.
 MIGRATION_TIMEOUT = 6 * 3600.0
+# One step of partition maintenance may move the rows waiting in the default partition or
+# summarise a large partition's BRIN index: minutes, not a statement's deadline.
+MAINTENANCE_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionStats:
+    """What exists of flux.events's partitioning (``flux.event_partition_stats()``)."""
+
+    ranges: int
+    leaves: int
+    newest: datetime | None  # the end of the newest time range
+    default_rows: int  # rows whose time has no range (counted, at most a million)
+    unkeyed_rows: int  # rows without a time, and from before partitioning (estimated)
 
 
 class CheckpointConflict(Exception):
@@ -283,3 +299,48 @@ class Sink:
         async with self.pg.connection() as conn, conn.transaction():
             row = await conn.fetchrow("SELECT * FROM flux.purge_expired($1, $2)", agency, batch)
         return int(row[0]), int(row[1]), int(row[2])
+
+    # ---------------------------------------------------------------- partitions
+    # sql/007: each call is one step in one short transaction, under a lock timeout; the
+    # agent calls until a step has nothing to do.
+
+    async def prepare_partition(self, agencies: Sequence[str], interval: float, premake: float,
+                                lock_timeout: float) -> tuple[str, int] | None:
+        """Create the next partition ahead, if one is missing: (its name, rows it took over
+        from the default partition), or None."""
+        async with self.pg.connection(MAINTENANCE_TIMEOUT) as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT created, moved FROM flux.prepare_event_partitions($1, $2, $3, $4)",
+                list(agencies), interval, premake, lock_timeout, timeout=MAINTENANCE_TIMEOUT)
+        return None if row is None else (str(row[0]), int(row[1]))
+
+    async def drop_expired_partition(self, retention_days: Mapping[str, int],
+                                     lock_timeout: float) -> tuple[str, str] | None:
+        """Drop the oldest partition whose every row has expired: (its name, ``agency`` or
+        ``range``), or None. PostgreSQL checks the expiry; the days only say when to look."""
+        agencies = sorted(retention_days)
+        async with self.pg.connection(MAINTENANCE_TIMEOUT) as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT dropped, level FROM flux.drop_expired_event_partition($1, $2, $3)",
+                agencies, [retention_days[a] for a in agencies], lock_timeout,
+                timeout=MAINTENANCE_TIMEOUT)
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    async def partition_stats(self) -> PartitionStats:
+        async with self.pg.connection() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT * FROM flux.event_partition_stats()")
+        return PartitionStats(int(row["ranges"]), int(row["leaves"]), row["newest"],
+                              int(row["default_rows"]), int(row["unkeyed_rows"] or 0))
+
+    async def purge_dead_letters(self, agency: str, keep: float, batch: int) -> int:
+        """Delete one small batch of one agency's dead letters stored more than ``keep``
+        seconds ago (PostgreSQL keeps at least a day)."""
+        async with self.pg.connection() as conn, conn.transaction():
+            return int(await conn.fetchval("SELECT flux.purge_dead_letters($1, $2, $3)",
+                                           agency, keep, batch))
+
+    async def purge_audit_log(self, batch: int) -> int:
+        """Delete one small batch of audit entries older than the database's own policy
+        (``flux.retention_policies``; by default none is ever deleted)."""
+        async with self.pg.connection() as conn, conn.transaction():
+            return int(await conn.fetchval("SELECT flux.purge_audit_log($1)", batch))

@@ -215,9 +215,12 @@ class Store:
         return [event_json(r) for r in rows], cursor
 
     async def event(self, agency: str, event_id: str) -> dict[str, Any] | None:
+        # The partition key, computed from the id as PostgreSQL routes it (sql/006): one
+        # partition's primary key is probed instead of every time range's.
         rows = await self._fetch(
             agency, f"SELECT {_EVENT_COLUMNS} FROM flux.events "
-            "WHERE agency_id = $1 AND event_id = $2::uuid", agency, event_id)
+            "WHERE agency_id = $1 AND event_id = $2::uuid "
+            "AND flux.event_id_time(event_id) = flux.event_id_time($2::uuid)", agency, event_id)
         return event_json(rows[0]) if rows else None
 
     # ---------------------------------------------------------------- verification

@@ -37,6 +37,7 @@ from openlineage.client.uuid import generate_new_uuid
 from flux_agent import Agent
 from flux_agent.digest import canonical_json
 from flux_agent.errors import ValidationError
+from flux_agent.ids import id_time
 from flux_agent.lineage import (
     FLUX_FACET_REF,
     Lineage,
@@ -45,7 +46,7 @@ from flux_agent.lineage import (
     run_event_digest,
 )
 from flux_agent.testing import make_event
-from flux_agent.validate import EventChecker, Schemas, Seal
+from flux_agent.validate import EventChecker, Schemas, Seal, parse_timestamp
 
 from .conftest import Database, agent_config, proxied
 from .faults import TcpProxy, wait_until
@@ -97,6 +98,11 @@ def run_event(event_type: str | None = "START", run_id: str | None = None,
         doc["eventType"] = event_type
     doc.update(extra)
     return doc
+
+
+def lineage_id(doc: dict[str, Any]) -> str:
+    """The flux event id of a RunEvent, from its digest and eventTime."""
+    return event_id_for(run_event_digest(doc), parse_timestamp(doc["eventTime"]))
 
 
 def flux_facet(**fields: Any) -> dict[str, Any]:
@@ -236,14 +242,18 @@ def test_event_ids_are_deterministic_uuids_of_the_run_event(lineage: Lineage):
     assert lineage.to_events(later)[0]["event_id"] != first["event_id"]
     other_run = run_event("START", run_id="0190f0b2-2f6c-7c3e-9d4a-1234567890ac")
     assert lineage.to_events(other_run)[0]["event_id"] != first["event_id"]
-    # A UUIDv8 made of the RunEvent's own SHA-256: verifiable from the stored payload.
+    # A UUIDv7 of the RunEvent's eventTime and its own SHA-256: verifiable from the stored
+    # payload, and in the time partition of flux.events of its eventTime.
     parsed = uuid.UUID(first["event_id"])
-    assert parsed.version == 8
+    assert parsed.version == 7
     assert parsed.variant == uuid.RFC_4122
     digest = run_event_digest(doc)
     assert first["payload"]["openlineage_sha256"] == digest
-    assert event_id_for(digest) == first["event_id"]
-    assert first["event_id"].replace("-", "")[:12] == digest[:12]
+    assert lineage_id(doc) == first["event_id"]
+    assert id_time(first["event_id"]) == datetime(2026, 11, 23, 7, 0, 0, 123000, tzinfo=UTC)
+    # Before 1970 there is no v7 time: a UUIDv8 of the digest (an unkeyed partition).
+    old = run_event("START", eventTime="1969-07-20T20:17:40Z")
+    assert uuid.UUID(lineage.to_events(old)[0]["event_id"]).version == 8
 
 
 def test_long_job_names_make_a_bounded_stable_step(lineage: Lineage):
@@ -537,7 +547,7 @@ def check_rows_match(rows: list[dict[str, Any]], sent: list[dict[str, Any]]) -> 
     assert len(by_id) == len(rows)
     for doc in sent:
         digest = hashlib.sha256(canonical_json(doc)).hexdigest()
-        row = by_id[event_id_for(digest)]
+        row = by_id[lineage_id(doc)]
         assert row["agency_id"] == "nasa"
         assert row["payload"]["openlineage"] == doc
         stored_digest = hashlib.sha256(canonical_json(row["payload"]["openlineage"])).hexdigest()
@@ -568,8 +578,7 @@ async def test_real_openlineage_client_end_to_end(jwt_agent: Agent, database: Da
         ["gzip"] * 4 if gzip else [None] * 4)
     for (status, body), doc in zip(transport.answers, transport.sent, strict=True):
         assert status == 201, body
-        digest = hashlib.sha256(canonical_json(doc)).hexdigest()
-        assert body == {"accepted": 1, "duplicates": 0, "event_ids": [event_id_for(digest)]}
+        assert body == {"accepted": 1, "duplicates": 0, "event_ids": [lineage_id(doc)]}
     rows = await wait_for_rows(database, [good, bad], 4)
     check_rows_match(rows, transport.sent)
     assert [(r["run_id"], r["kind"], r["step"]) for r in rows] == [
@@ -588,7 +597,7 @@ async def test_the_same_run_event_twice_is_stored_once(jwt_agent: Agent, databas
     url = jwt_agent.endpoints.event_url + "/api/v1/lineage"
     headers = {"Authorization": f"Bearer {token(rsa_key)}"}
     doc = run_event("START", run_id=str(generate_new_uuid()))
-    event_id = event_id_for(run_event_digest(doc))
+    event_id = lineage_id(doc)
     status, body, _ = await post(url, doc, headers=headers)
     assert (status, body) == (201, {"accepted": 1, "duplicates": 0, "event_ids": [event_id]})
     # What a transport's retry sends: the same RunEvent (here gzipped, keys in another order).

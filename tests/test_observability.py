@@ -649,6 +649,21 @@ SCENARIOS: list[dict[str, Any]] = [
         f"flux_events_dead_lettered_total{{{AGENT}}}": "0x20 3x10"},
      "expect": [({"job": "flux", "instance": "10.0.0.7:9464", "severity": "warning"},
                  "PostgreSQL refused 3 event(s) from 10.0.0.7:9464")]},
+    {"alert": "FluxAgentPartitionsRunningOut", "at": "100m", "series": {
+        f"flux_event_partitions_ahead_seconds{{{AGENT}}}": "90000-60x110"},
+     "expect": [({"job": "flux", "instance": "10.0.0.7:9464", "severity": "warning"},
+                 "flux.events has time partitions for only 23h 20m 0s ahead (10.0.0.7:9464 "
+                 "holds the retention lease)")]},
+    {"alert": "FluxAgentPartitionsRunningOut", "at": "100m", "series": {
+        f"flux_event_partitions_ahead_seconds{{{AGENT}}}": "172800+0x110"},
+     "expect": []},
+    {"alert": "FluxAgentEventsOutsidePartitions", "at": "70m", "series": {
+        f'flux_event_partition_rows_outside{{{AGENT}, partition="default"}}': "20000x90",
+        f'flux_event_partition_rows_outside{{{AGENT}, partition="unkeyed"}}': "5000000x90"},
+     "expect": [({"job": "flux", "instance": "10.0.0.7:9464", "partition": "default",
+                  "severity": "warning"},
+                 "20k events of flux.events are outside its time partitions (10.0.0.7:9464 "
+                 "holds the retention lease)")]},
     {"alert": "FluxAgentErrorRate", "at": "20m", "series": {
         f'flux_requests_total{{{AGENT}, endpoint="/v1/events", status="202", agency="nasa"}}':
             "0+60x30",

@@ -71,3 +71,30 @@ async def test_two_agencies_through_transaction_pooling(database: Database, pgbo
         stored = {str(r[0]) for r in await database.fetch(
             "SELECT event_id FROM flux.events WHERE agency_id = $1", agency)}
         assert stored == ids
+
+
+async def test_partition_maintenance_through_transaction_pooling(database: Database,
+                                                                 pgbouncer: str):
+    """The retention round (lease, partition steps, purges) through PgBouncer, as the
+    unprivileged role: each step is one statement with its settings local to it."""
+    state = short_tempdir()
+    config = agent_config(database, state, database_url=Secret(pgbouncer),
+                          database_pgbouncer=True, retention_interval=0.2)
+    try:
+        async with Agent(config) as agent:
+            async def maintained() -> bool:
+                return agent.partition_stats is not None and agent.retention_rounds >= 2
+
+            assert await wait_until(maintained, 20)
+            assert agent.partition_counts["created"] >= 1  # agency partitions ahead
+            events = make_events(10)
+            for _ in range(2):  # the second time: duplicates, found in their partitions
+                status, body, _ = await post(agent.endpoints.event_url + "/v1/events", events,
+                                             headers={"Prefer": "wait=committed"})
+                assert status == 200, body
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    assert await database.fetchval("SELECT count(*) FROM flux.events") == 10
+    agencies = await database.fetch(
+        "SELECT DISTINCT agency_id FROM flux.event_partitions WHERE kind = 'agency'")
+    assert {r[0] for r in agencies} >= {"nasa", "noaa"}
