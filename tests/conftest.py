@@ -256,7 +256,7 @@ class AgentProcess:
         self.port = 0
         self.admin_port = 0
 
-    def start(self, timeout: float = 20.0, nofile: int | None = None) -> None:
+    def start(self, timeout: float = 45.0, nofile: int | None = None) -> None:
         """``nofile``: run under that descriptor limit (soft and hard)."""
         self.port = free_port()
         self.admin_port = free_port()

@@ -595,10 +595,12 @@ async def test_reads_stay_index_scans_on_one_agencys_partitions(database: Databa
                 "ORDER BY occurred_at, event_id LIMIT 101", "nasa", "run-0"))
     finally:
         await conn.close()
-    for plan in (by_id, page):  # a sequential scan only of a partition of one page at most
+    # A sequential scan only of a small partition, where the planner rightly prefers it: how
+    # many rows the oldest range holds depends on the time of day the test runs.
+    for plan in (by_id, page):
         for part in re.findall(r"Seq Scan on (\w+)", plan):
             assert await database.fetchval(
-                f"SELECT pg_relation_size('flux.{part}')") <= 8192, plan
+                f"SELECT pg_relation_size('flux.{part}')") <= 32 * 8192, plan
     scanned = re.findall(r"(?:Index Scan using \w+|Index Scan on \w+|Seq Scan) on (\w+)",
                          by_id)
     assert len(scanned) == 1 and scanned[0].endswith("_nasa"), by_id
