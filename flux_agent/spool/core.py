@@ -1,32 +1,5 @@
-"""Write-ahead spool: framed, checksummed segment files; group-commit fdatasync; recovery.
-
-Layout of ``<state dir>/spool``::
-
-    00000000000000000001.seg   segments, named by the first sequence number they hold
-    cursor                     last sequence number known to be in PostgreSQL
-    quarantine/                damaged segments moved aside by recovery (kept for forensics)
-    LOCK                       flock'ed by the running agent: one agent per spool
-
-A segment starts with a 32-byte header (magic, version, first sequence, creation time, CRC)
-followed by records, each framed as ``length u32 | crc32c u32 | seq u64 | payload`` where the
-CRC covers the sequence number and the payload. A request's events form one record, so a
-torn write can never leave half a request behind.
-
-Writes and fdatasyncs run on one I/O thread. While one group is being synced, new appends
-collect into the next group, so concurrent requests share one fdatasync (group commit). The
-thread only touches descriptors and files; the bookkeeping (segment list, sizes, sequence
-numbers) changes on the event loop, from what the thread reports back.
-
-The disk is allowed to fail. A write refused for lack of space, quota or descriptors leaves
-no partial record and no partial file; the spool then answers 503 (``SPOOL_UNAVAILABLE``)
-and probes the disk every second until a write can succeed again. A start on a full disk
-recovers what it can read and opens the next segment only when it first needs one.
-
-After a failover to an asynchronously replicated standby, PostgreSQL may have forgotten
-what it committed: segments whose records are all committed are kept for
-``keep_committed`` seconds (unless the capacity or the disk needs them back), so that the
-flusher can replay that window idempotently.
-"""
+"""The Spool: appends with group commit on one I/O thread, the cursor, reads for the
+flusher, and the disk probe while writes are refused."""
 
 from __future__ import annotations
 
@@ -35,207 +8,34 @@ import contextlib
 import errno
 import logging
 import os
-import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import google_crc32c
-
-from ._files import is_resource_error, lock_exclusive, reason, write_atomic
-from .errors import TransientError
-from .supervise import Supervisor
+from .._files import is_resource_error, lock_exclusive, reason, write_atomic
+from ..errors import TransientError
+from ..supervise import Supervisor
+from .format import (
+    CURSOR,
+    SEQ,
+    ReadHint,
+    Segment,
+    _fsync_dir,
+    _read_records,
+    _remove_segments,
+    crc32c,
+    frame,
+    segment_header,
+    segment_name,
+)
+from .recovery import Recovery, recover
 
 log = logging.getLogger("flux_agent.spool")
 
-MAGIC = b"FLUXSPL1"
-VERSION = 1
-HEADER = struct.Struct("<8sHHQQI")  # magic, version, header length, first seq, created ms, crc
-FRAME = struct.Struct("<IIQ")  # payload length, crc32c(seq + payload), seq
-SEQ = struct.Struct("<Q")
-CURSOR = struct.Struct("<QI")  # committed seq, crc32c
-MAX_RECORD = 256 * 1024 * 1024  # sanity bound when scanning for frames
 UNSYNCED_QUEUE_BYTES = 8 * 1024 * 1024  # durability "none": most bytes acknowledged unwritten
-SUFFIX = ".seg"
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), in hardware where the CPU has it."""
-    return int(google_crc32c.value(data))
-
-
-def _crc(seq: int, payload: bytes | memoryview) -> int:
-    if isinstance(payload, memoryview):
-        payload = payload.tobytes()
-    return int(google_crc32c.extend(google_crc32c.value(SEQ.pack(seq)), payload))
-
-
-def frame(seq: int, payload: bytes) -> bytes:
-    return FRAME.pack(len(payload), _crc(seq, payload), seq) + payload
-
-
-def segment_header(first_seq: int) -> bytes:
-    body = struct.pack("<8sHHQQ", MAGIC, VERSION, HEADER.size, first_seq, int(time.time() * 1000))
-    return body + struct.pack("<I", crc32c(body))
-
-
-def segment_name(first_seq: int) -> str:
-    return f"{first_seq:020d}{SUFFIX}"
-
-
-# --------------------------------------------------------------------------- scanning
-
-
-@dataclass(slots=True)
-class Scan:
-    """What a segment file holds: its intact records and where it is damaged."""
-
-    path: Path
-    header_ok: bool
-    header_seq: int
-    created_ms: int
-    records: list[tuple[int, int, int]] = field(default_factory=list)  # (seq, offset, length)
-    damage: list[tuple[int, int]] = field(default_factory=list)  # [start, end) byte ranges
-    size: int = 0
-
-    @property
-    def valid_end(self) -> int:
-        if not self.records:
-            return HEADER.size if self.header_ok else 0
-        _, offset, length = self.records[-1]
-        return offset + FRAME.size + length
-
-    @property
-    def torn_tail_only(self) -> bool:
-        """Damage exists, but only after the last intact record: an interrupted append."""
-        return bool(self.damage) and self.header_ok and all(
-            start >= self.valid_end for start, _ in self.damage
-        )
-
-    @property
-    def first_seq(self) -> int:
-        return self.records[0][0] if self.records else self.header_seq
-
-    @property
-    def last_seq(self) -> int:
-        return self.records[-1][0] if self.records else self.header_seq - 1
-
-
-def _frame_at(data: memoryview, pos: int, after_seq: int) -> tuple[int, int] | None:
-    """(seq, length) of an intact frame at ``pos`` whose seq follows ``after_seq``."""
-    if pos < 0 or pos + FRAME.size > len(data):
-        return None
-    length, crc, seq = FRAME.unpack_from(data, pos)
-    if length > MAX_RECORD or pos + FRAME.size + length > len(data) or seq <= after_seq:
-        return None
-    if _crc(seq, data[pos + FRAME.size : pos + FRAME.size + length]) != crc:
-        return None
-    return seq, length
-
-
-RESYNC_WINDOW = 64  # how many sequence numbers past the last good record to search for
-
-
-def _resync(data: bytes, view: memoryview, pos: int, last: int) -> int | None:
-    """Offset of the next intact frame after damage at ``pos``, or None.
-
-    Sequence numbers are dense (gaps come only from failed writes, which are truncated), so
-    the next good frame carries one of the next few numbers: search for their bytes with
-    ``bytes.find`` instead of trying every offset.
-    """
-    best: int | None = None
-    seq_at = FRAME.size - SEQ.size
-    for seq in range(last + 1, last + 1 + RESYNC_WINDOW):
-        needle = SEQ.pack(seq)
-        i = data.find(needle, pos + seq_at)
-        while i != -1 and (best is None or i - seq_at < best):
-            if _frame_at(view, i - seq_at, last):
-                best = i - seq_at
-                break
-            i = data.find(needle, i + 1)
-    return best
-
-
-def scan_bytes(path: Path, data: bytes, after_seq: int = 0, name_seq: int = 0) -> Scan:
-    """Find every intact record, resynchronising past damage.
-
-    A frame is accepted only if its CRC matches and its sequence number is above the last
-    accepted one (``after_seq`` carries that across segments), so stale or random bytes are
-    never mistaken for records. ``name_seq`` (from the file name) stands in for a damaged
-    header's first sequence number.
-    """
-    view = memoryview(data)
-    header_ok = False
-    header_seq = created = 0
-    if len(data) >= HEADER.size:
-        magic, version, hlen, header_seq, created, crc = HEADER.unpack_from(data, 0)
-        header_ok = (
-            magic == MAGIC
-            and version == VERSION
-            and hlen == HEADER.size
-            and crc32c(data[: HEADER.size - 4]) == crc
-        )
-    first = header_seq if header_ok else name_seq
-    scan = Scan(path, header_ok, first, created if header_ok else 0, size=len(data))
-    if not header_ok:
-        scan.damage.append((0, min(len(data), HEADER.size)))
-    pos = HEADER.size
-    last = max(after_seq, first - 1)
-    while pos < len(data):
-        found = _frame_at(view, pos, last)
-        if found is None:
-            nxt = _resync(data, view, pos, last)
-            scan.damage.append((pos, len(data) if nxt is None else nxt))
-            if nxt is None:
-                break
-            pos = nxt
-            continue
-        seq, length = found
-        scan.records.append((seq, pos, length))
-        last = seq
-        pos += FRAME.size + length
-    return scan
-
-
-def _name_seq(path: Path) -> int:
-    stem = path.name[: -len(SUFFIX)]
-    return int(stem) if stem.isdigit() else 0
-
-
-def scan_file(path: Path, after_seq: int = 0) -> tuple[Scan, bytes]:
-    data = path.read_bytes()
-    return scan_bytes(path, data, after_seq, _name_seq(path)), data
-
-
-def iter_records(scan: Scan, data: bytes) -> Iterator[tuple[int, bytes]]:
-    for seq, offset, length in scan.records:
-        yield seq, data[offset + FRAME.size : offset + FRAME.size + length]
-
-
-def list_segments(directory: Path) -> list[Path]:
-    out = []
-    for p in directory.glob("*" + SUFFIX):
-        stem = p.name[: -len(SUFFIX)]
-        if stem.isdigit():
-            out.append(p)
-    return sorted(out, key=lambda p: int(p.name[: -len(SUFFIX)]))
-
-
-def read_cursor(directory: Path) -> int:
-    try:
-        raw = (directory / "cursor").read_bytes()
-    except FileNotFoundError:
-        return 0
-    if len(raw) != CURSOR.size:
-        return 0
-    seq, crc = CURSOR.unpack(raw)
-    return seq if crc32c(SEQ.pack(seq)) == crc else 0
-
-
-# --------------------------------------------------------------------------- the spool
 
 
 class SpoolFull(TransientError):
@@ -259,30 +59,6 @@ class SpoolUnavailable(TransientError):
 
 PROBE_INTERVAL_S = 1  # while the disk refuses writes, try again this often
 PROBE_BYTES = 1024 * 1024  # room a probe must find before intake reopens
-
-
-@dataclass(slots=True)
-class Segment:
-    path: Path
-    first_seq: int
-    last_seq: int  # first_seq - 1 while empty
-    size: int
-    created: float
-    fd: int = -1
-    spent_at: float | None = None  # wall time when every record in it was committed
-
-
-@dataclass(slots=True)
-class Recovery:
-    """What recovery found; logged at start and exported as metrics."""
-
-    segments: int = 0
-    records: int = 0
-    pending_records: int = 0
-    torn_tails: int = 0
-    quarantined: list[str] = field(default_factory=list)
-    cursor: int = 0
-    next_seq: int = 1
 
 
 @dataclass(slots=True)
@@ -439,76 +215,14 @@ class Spool:
         self.recovered.set()
 
     def _recover(self, loop: asyncio.AbstractEventLoop) -> Recovery:
-        """Scan every segment, cut torn tails, set damaged segments aside. Re-runnable: a
-        resource error anywhere leaves the directory as it was, to be tried again."""
-        d = self.directory
-        (d / "quarantine").mkdir(exist_ok=True, mode=0o700)
-        rec = Recovery(cursor=read_cursor(d))
-        segments: list[Segment] = []
-        last_seq = 0
-        paths = list_segments(d)
-        for path in paths:
-            rec.segments += 1
-            try:
-                scan, data = scan_file(path, after_seq=last_seq)
-            except OSError as exc:
-                if is_resource_error(exc) and exc.errno != errno.EIO:
-                    raise  # no descriptor to read it with: try again later
-                log.error("spool: unreadable segment quarantined",
-                          extra={"fields": {"path": str(path), "error": exc.strerror}})
-                rec.quarantined.append(self._quarantine(path))
-                continue
-            newest = path == paths[-1]
-            if newest and not scan.records and (scan.size <= HEADER.size or scan.header_ok):
-                # A crash between creating the newest segment and its first record (or in
-                # the middle of its header): nothing was ever acknowledged from it.
-                path.unlink(missing_ok=True)
-                if scan.size:
-                    rec.torn_tails += 1
-                continue
-            # Only the newest segment can end in an interrupted append; damage anywhere else
-            # is corruption, and the file is kept aside for forensics.
-            if scan.torn_tail_only and newest:
-                with path.open("r+b") as fh:
-                    fh.truncate(scan.valid_end)
-                    os.fsync(fh.fileno())
-                rec.torn_tails += 1
-                log.warning("spool: torn tail cut off",
-                            extra={"fields": {"path": str(path), "kept_bytes": scan.valid_end,
-                                              "cut_bytes": scan.size - scan.valid_end}})
-            elif scan.damage:
-                rec.quarantined.append(self._salvage(path, scan, data))
-                path = d / segment_name(scan.first_seq)
-            if not scan.records:
-                path.unlink(missing_ok=True)
-                continue
-            pending = [(seq, payload) for seq, payload in iter_records(scan, data)
-                       if seq > rec.cursor]
-            rec.records += len(scan.records)
-            rec.pending_records += len(pending)
-            if pending and self._on_recover_record is not None:
-                # The callbacks touch the agent's indexes, which belong to the loop.
-                asyncio.run_coroutine_threadsafe(self._deliver(pending), loop).result()
-            last_seq = scan.last_seq
-            st = path.stat()
-            segments.append(Segment(path, scan.first_seq, scan.last_seq, st.st_size,
-                                    scan.created_ms / 1000 or st.st_mtime))
-        now = time.time()
-        kept: list[Segment] = []
-        for seg in segments:
-            if seg.last_seq > rec.cursor:
-                kept.append(seg)
-            elif self.keep_committed and now - path_mtime(seg.path) < self.keep_committed:
-                seg.spent_at = path_mtime(seg.path)  # committed, kept for a failover replay
-                kept.append(seg)
-            else:
-                seg.path.unlink(missing_ok=True)
+        """I/O thread: recover the directory (see :func:`recover`) and take over what it
+        kept. Re-runnable: a resource error anywhere leaves the directory as it was."""
+        rec, kept = recover(self.directory, loop, keep_committed=self.keep_committed,
+                            on_record=self._on_recover_record)
         self.segments = kept
         self.cursor = rec.cursor
-        last_seq = max(last_seq, self.cursor)
-        self.next_seq = last_seq + 1
-        self.written_seq = self.durable_seq = last_seq
-        rec.next_seq = self.next_seq
+        self.next_seq = rec.next_seq
+        self.written_seq = self.durable_seq = rec.next_seq - 1
         self._disk_bytes = sum(seg.size for seg in kept)
         self._retained_bytes = sum(seg.size for seg in kept if seg.spent_at is not None)
         self._marks.clear()
@@ -517,35 +231,8 @@ class Spool:
                 self._marks.append((max(seg.first_seq, self.cursor + 1), seg.created))
         # The next append opens a fresh segment (appends never extend a recovered one), and
         # only then: a full disk must not stop the agent from flushing what it holds.
-        _fsync_dir(d)
-        return rec
-
-    async def _deliver(self, records: list[tuple[int, bytes]]) -> None:
-        assert self._on_recover_record is not None
-        for seq, payload in records:
-            self._on_recover_record(seq, payload)
-
-    def _quarantine(self, path: Path) -> str:
-        target = self.directory / "quarantine" / f"{path.name}.{int(time.time())}"
-        os.replace(path, target)
-        return str(target)
-
-    def _salvage(self, path: Path, scan: Scan, data: bytes) -> str:
-        """Move a damaged segment aside, keeping its intact records in a clean copy. The copy
-        is written first: if the disk refuses it, nothing has moved yet."""
-        kept = b"".join(frame(seq, payload) for seq, payload in iter_records(scan, data))
-        target = self.directory / segment_name(scan.first_seq)
-        tmp = target.with_suffix(".tmp")
-        if scan.records:
-            write_atomic(tmp, segment_header(scan.first_seq) + kept)
-        moved = self._quarantine(path)
-        if scan.records:
-            os.replace(tmp, target)
         _fsync_dir(self.directory)
-        log.error("spool: damaged segment quarantined",
-                  extra={"fields": {"path": moved, "intact_records": len(scan.records),
-                                    "damaged_ranges": scan.damage[:10]}})
-        return moved
+        return rec
 
     def _open_segment(self, first_seq: int) -> Segment:
         """A new segment with its header synced; no partial file is left if that fails."""
@@ -913,140 +600,4 @@ class Spool:
         for fut in pending:
             with contextlib.suppress(Exception):
                 await asyncio.shield(fut)
-
-
-def path_mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
-def _remove_segments(segments: list[Segment]) -> None:
-    for seg in segments:
-        if seg.fd >= 0:
-            os.close(seg.fd)
-            seg.fd = -1
-        seg.path.unlink(missing_ok=True)
-
-
-_READ_CHUNK = 4 * 1024 * 1024
-ReadHint = tuple[Path, int, int]  # segment, next seq, its offset
-
-
-def _read_records(
-    targets: list[tuple[Path, int]],
-    from_seq: int,
-    max_bytes: int,
-    upto: int,
-    hint: ReadHint | None,
-) -> tuple[list[tuple[int, bytes]], ReadHint | None, int]:
-    """Reader thread: frames from the given segments, starting at a hinted offset if any.
-
-    Returns the records, a hint for the next call, and how many corrupt records were
-    skipped (checksums were verified at start; a mismatch now means the disk rotted).
-    """
-    out: list[tuple[int, bytes]] = []
-    total = corrupt = 0
-    for path, size in targets:
-        offset = hint[2] if hint is not None and hint[0] == path else HEADER.size
-        try:
-            fh = path.open("rb")
-        except FileNotFoundError:
-            continue  # removed after commit while we were about to read it
-        with fh:
-            while offset + FRAME.size <= size:
-                fh.seek(offset)
-                head = fh.read(FRAME.size)
-                if len(head) < FRAME.size:
-                    break
-                length, _, _ = FRAME.unpack(head)
-                want = min(size - offset, max(_READ_CHUNK, FRAME.size + length))
-                fh.seek(offset)
-                data = fh.read(want)
-                view = memoryview(data)
-                pos = 0
-                while pos + FRAME.size <= len(data):
-                    length, crc, seq = FRAME.unpack_from(view, pos)
-                    end = pos + FRAME.size + length
-                    if length > MAX_RECORD or end > len(data):
-                        break
-                    if seq > upto:
-                        return out, (path, seq, offset + pos), corrupt
-                    if seq >= from_seq:
-                        payload = bytes(view[pos + FRAME.size : end])
-                        if _crc(seq, payload) != crc:
-                            corrupt += 1
-                            log.error("spool: corrupt record skipped while reading",
-                                      extra={"fields": {"path": str(path), "seq": seq}})
-                        else:
-                            out.append((seq, payload))
-                            total += len(payload)
-                    pos = end
-                    if total >= max_bytes:
-                        return out, (path, seq + 1, offset + pos), corrupt
-                if pos == 0:
-                    corrupt += 1  # an impossible length: the rest of this file is unreadable
-                    break
-                offset += pos
-    return out, None, corrupt
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # some filesystems refuse directory fsync; nothing to do there
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------- offline tools
-
-
-def inspect(directory: Path) -> dict[str, object]:
-    """``flux-agent spool inspect``: segments, records, bytes, oldest age (stopped agent)."""
-    cursor = read_cursor(directory)
-    segs = []
-    now = time.time()
-    oldest: float | None = None
-    records = pending = total = 0
-    for path in list_segments(directory):
-        scan, _ = scan_file(path)
-        n_pending = sum(1 for seq, _, _ in scan.records if seq > cursor)
-        records += len(scan.records)
-        pending += n_pending
-        total += scan.size
-        if n_pending and scan.created_ms:
-            age = now - scan.created_ms / 1000
-            oldest = age if oldest is None else max(oldest, age)
-        segs.append({
-            "path": str(path), "bytes": scan.size, "records": len(scan.records),
-            "pending_records": n_pending, "first_seq": scan.first_seq,
-            "last_seq": scan.last_seq, "damaged": bool(scan.damage),
-        })
-    quarantine = directory / "quarantine"
-    return {
-        "directory": str(directory), "cursor": cursor, "segments": segs,
-        "records": records, "pending_records": pending, "bytes": total,
-        "oldest_pending_age_s": round(oldest, 3) if oldest is not None else None,
-        "quarantined": sorted(p.name for p in quarantine.iterdir()) if quarantine.is_dir() else [],
-    }
-
-
-def verify(directory: Path) -> list[str]:
-    """``flux-agent spool verify``: every checksum; returns the problems found."""
-    problems = []
-    for path in list_segments(directory):
-        scan, _ = scan_file(path)
-        if not scan.header_ok:
-            problems.append(f"{path}: bad segment header")
-        for start, end in scan.damage:
-            if start == 0 and not scan.header_ok:
-                continue
-            kind = "torn tail" if scan.torn_tail_only else "corrupt bytes"
-            problems.append(f"{path}: {kind} at bytes {start}..{end}")
-    return problems
 
