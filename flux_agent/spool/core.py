@@ -210,29 +210,31 @@ class Spool:
 
     async def _run_recovery(self) -> None:
         loop = asyncio.get_running_loop()
-        recovery = await loop.run_in_executor(self._io, self._recover, loop)
-        self.recovery = recovery
-        self.recovered.set()
-
-    def _recover(self, loop: asyncio.AbstractEventLoop) -> Recovery:
-        """I/O thread: recover the directory (see :func:`recover`) and take over what it
-        kept. Re-runnable: a resource error anywhere leaves the directory as it was."""
-        rec, kept = recover(self.directory, loop, keep_committed=self.keep_committed,
-                            on_record=self._on_recover_record)
+        recovery, kept = await loop.run_in_executor(self._io, self._recover, loop)
+        # The bookkeeping changes here, on the loop (a deferred recovery runs while the
+        # agent serves, and its probes and metrics read it).
         self.segments = kept
-        self.cursor = rec.cursor
-        self.next_seq = rec.next_seq
-        self.written_seq = self.durable_seq = rec.next_seq - 1
+        self.cursor = recovery.cursor
+        self.next_seq = recovery.next_seq
+        self.written_seq = self.durable_seq = recovery.next_seq - 1
         self._disk_bytes = sum(seg.size for seg in kept)
         self._retained_bytes = sum(seg.size for seg in kept if seg.spent_at is not None)
         self._marks.clear()
         for seg in kept:
             if seg.last_seq > self.cursor:  # recovered records: their segment's age
                 self._marks.append((max(seg.first_seq, self.cursor + 1), seg.created))
+        self.recovery = recovery
+        self.recovered.set()
+
+    def _recover(self, loop: asyncio.AbstractEventLoop) -> tuple[Recovery, list[Segment]]:
+        """I/O thread: recover the directory (see :func:`recover`). Re-runnable: a resource
+        error anywhere leaves the directory as it was."""
+        rec, kept = recover(self.directory, loop, keep_committed=self.keep_committed,
+                            on_record=self._on_recover_record)
         # The next append opens a fresh segment (appends never extend a recovered one), and
         # only then: a full disk must not stop the agent from flushing what it holds.
         _fsync_dir(self.directory)
-        return rec
+        return rec, kept
 
     def _open_segment(self, first_seq: int) -> Segment:
         """A new segment with its header synced; no partial file is left if that fails."""
