@@ -204,13 +204,14 @@ async def trickle(ctx: Any, rate: float) -> dict[str, Any]:
     return row
 
 
-async def fleet(ctx: Any, agents: int, rate: float, *, pgbouncer: bool) -> dict[str, Any]:
+async def fleet(ctx: Any, agents: int, rate: float, *, pgbouncer: bool,
+                env: dict[str, str] | None = None, label: str = "") -> dict[str, Any]:
     """``agents`` agent processes, each taking single events at ``rate``/s."""
     seconds = 10.0 if ctx.quick else 20.0
     await ctx.db.reset()
     front = None
     target = ctx.db
-    env: dict[str, str] = {"FLUX_AGENT_LOG_LEVEL": "warning"}
+    env = {"FLUX_AGENT_LOG_LEVEL": "warning", **(env or {})}
     if pgbouncer:
         from tests.pgbouncer import PgBouncer
 
@@ -256,7 +257,8 @@ async def fleet(ctx: Any, agents: int, rate: float, *, pgbouncer: bool) -> dict[
     peak = [(p.sampler.peak_rss if p.sampler else 0) / MiB for p in procs]
     row = {
         "name": f"fleet: {agents} agents x {rate:.0f} single events/s"
-                + (", through PgBouncer (transaction mode)" if pgbouncer else ", direct"),
+                + (", through PgBouncer (transaction mode)" if pgbouncer else ", direct")
+                + label,
         "events_per_s": load["events_acked"] / load["elapsed_s"],
         "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"],
         "cpu_us_per_event": cpu / events * 1e6,

@@ -267,17 +267,17 @@ class AgentConfig:
         choice("fsync", "none"),
     )
     memory_queue_bytes: int = setting(
-        8 * 1024**2,
+        4 * 1024**2,
         "Memory for events on their way from intake to the flusher; beyond it the flusher "
         "reads them back from the spool.",
         parse_bytes,
-        shown_default="8MiB",
+        shown_default="4MiB",
     )
     request_memory_bytes: int = setting(
-        16 * 1024**2,
+        8 * 1024**2,
         "Request bodies processed at once; further requests wait (TCP backpressure).",
         parse_bytes,
-        shown_default="16MiB",
+        shown_default="8MiB",
     )
     request_body_timeout: float = setting(
         30.0,
@@ -376,16 +376,17 @@ class AgentConfig:
         shown_default="256KiB",
     )
     batch_max_events: int = setting(
-        2000, "A flush transaction closes at this many events (per lane).", parse_int
+        500, "A flush transaction closes at this many events (per lane): as fast as larger "
+        "ones on PostgreSQL's side, with less held in memory.", parse_int
     )
     batch_max_bytes: int = setting(
         8 * 1024**2, "... or at this many bytes.", parse_bytes, shown_default="8MiB"
     )
     batch_max_age: float = setting(
-        0.5, "... or when its oldest event is this old: how long an acknowledged event may "
+        1.0, "... or when its oldest event is this old: how long an acknowledged event may "
         "wait to be visible in PostgreSQL (it is durable on the spool meanwhile). Waits for "
         "`Prefer: wait=committed`, drains and reads of the agent's own writes flush at once.",
-        parse_duration, shown_default="500ms",
+        parse_duration, shown_default="1s",
     )
     flush_lanes: int = setting(
         2, "Parallel PostgreSQL connections for flushing (one run always uses one lane).",

@@ -110,7 +110,7 @@ class Flusher:
         self._replay_from: int | None = None
         self._replay_until = 0  # windows ending at or below this are a failover replay
         self._delivering = False
-        self._offered = 0  # records offered since the gatherer last looked
+        self._offered = 0  # items offered since the gatherer last looked
         self._wake_after = 1  # ...and how many it waits for before it wants to look again
         self._waiters: list[tuple[int, int, asyncio.Future[set[str] | None]]] = []
         self._waiter_serial = 0
@@ -146,7 +146,7 @@ class Flusher:
         # Wake the gatherer only when it has something to do: a first record (its window's
         # age starts), or enough to fill the window. Waking it for every record would cost
         # a timer and a task switch per request for nothing.
-        self._offered += 1
+        self._offered += len(record.rows)  # items, as the window's limit counts them
         if self._offered >= self._wake_after:
             self._data.set()
 

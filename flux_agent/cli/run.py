@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import contextlib
 import ctypes
 import logging
@@ -43,6 +44,9 @@ async def _serve(config: AgentConfig) -> int:
         loop.add_signal_handler(sig, on_signal)
     try:
         await agent.start()
+        # Everything built so far (modules, schemas, the app) lives as long as the process:
+        # out of the collector's reach, a full collection walks only what requests made.
+        gc.freeze()
         waiters = [asyncio.create_task(stop.wait()),
                    asyncio.create_task(agent.exit_requested.wait())]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
