@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import resource
