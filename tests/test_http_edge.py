@@ -239,18 +239,22 @@ async def test_a_flood_of_idle_and_slow_connections_cannot_starve_the_agent(
         extra = 40
         for _ in range(extra):
             flood.append(await asyncio.open_connection("127.0.0.1", proc.port))
-        closing = asyncio.gather(*(read_until_closed(r, 90) for r, _ in flood))
+        closing = [asyncio.ensure_future(read_until_closed(r, 90)) for r, _ in flood]
         # During the flood: the pooled connection, the socket and the probes still work.
         async with session.post(url, json=(during := make_event())) as resp:
             assert resp.status == 202
         acked.append(during["event_id"])
+        # The kernel completes a handshake before the agent accepts it: the refusals must
+        # all have been answered before the pooled connection frees its slot, or the last
+        # connections of the flood would find a free slot and be taken.
+        await asyncio.wait_for(asyncio.gather(*closing[-extra:]), 30)
         await session.close()
         for _ in range(5):
             await post_event(True)
         async with aiohttp.ClientSession() as probe, probe.get(
                 proc.admin_url + "/health/ready") as resp:
             assert resp.status == 200, await resp.text()
-        results = await closing
+        results = await asyncio.gather(*closing)
         kinds: dict[int, list[float]] = {}
         for data, when in results:
             status = split_answer(data)[0] if data else 0
