@@ -91,6 +91,7 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
         await event_pages(ctx, 100_000 if ctx.quick else 1_000_000)
         if not ctx.quick:
             await backlog(ctx, 1_000_000)
+        if not ctx.quick and not args.no_retention:
             print("retention", flush=True)
             await retention(ctx.db, 10_000_000, ctx.add, ctx.notes)
         await idle(ctx)
@@ -105,6 +106,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="a run under two minutes")
     p.add_argument("--database-url", default=None,
                    help="an existing PostgreSQL (a superuser) instead of a throwaway one")
+    p.add_argument("--no-retention", action="store_true",
+                   help="leave out retention on 10M events (python -m bench.retention runs it)")
     p.add_argument("--json", dest="json_path", default=None, help="write results here")
     p.add_argument("--markdown", default=None, help="write the table here")
     p.add_argument("--plot", default=None, help="PNG of the outage scenario")

@@ -38,19 +38,30 @@ MiB = 1024 * 1024
 def postgres_cpu(db: Database) -> float:
     """CPU seconds of the whole cluster so far: the postmaster, its live children, and the
     children that exited (counted in the postmaster's children times once reaped)."""
+    return sum(postgres_cpu_split(db).values())
+
+
+def postgres_cpu_split(db: Database) -> dict[str, float]:
+    """The cluster's CPU seconds by kind of process: the agents' backends (live sessions of
+    the agents' login role), the rest alive (postmaster, WAL writer, checkpointer, launchers)
+    and what exited (autovacuum workers, closed sessions: reaped into the postmaster's
+    children times, so not attributable to one kind)."""
     assert db.cluster is not None
     pid = db.cluster.running_pid()
     assert pid is not None
     pm = psutil.Process(pid)
     t = pm.cpu_times()
-    total = t.user + t.system + t.children_user + t.children_system
+    out = {"backends": 0.0, "background": t.user + t.system,
+           "exited": t.children_user + t.children_system}
     for child in pm.children(recursive=True):
         try:
             c = child.cpu_times()
-            total += c.user + c.system
+            title = " ".join(child.cmdline())
         except psutil.NoSuchProcess:
-            pass
-    return float(total)
+            continue
+        kind = "backends" if title.startswith(f"postgres: {LOGIN_ROLE} ") else "background"
+        out[kind] += c.user + c.system
+    return out
 
 
 def _maintenance(db: Database) -> str:
@@ -175,7 +186,7 @@ async def trickle(ctx: Any, rate: float) -> dict[str, Any]:
     try:
         await asyncio.sleep(1.0)
         counters0 = await db_counters(ctx.db)
-        pg0 = postgres_cpu(ctx.db)
+        pg0 = postgres_cpu_split(ctx.db)
         cpu0 = agent.cpu_seconds()
         since = time.time()
         load = await asyncio.to_thread(
@@ -183,7 +194,9 @@ async def trickle(ctx: Any, rate: float) -> dict[str, Any]:
             "--concurrency", "4", "--rate", str(rate), "--duration", str(seconds))
         await asyncio.sleep(2.0)  # the last window's age passes
         cpu = agent.cpu_seconds() - cpu0
-        pg = postgres_cpu(ctx.db) - pg0
+        pg1 = postgres_cpu_split(ctx.db)
+        pg_by = {k: pg1[k] - pg0[k] for k in pg1}
+        pg = sum(pg_by.values())
         counters1 = await db_counters(ctx.db)
         seen = await visibility(ctx.db, since)
     finally:
@@ -196,6 +209,7 @@ async def trickle(ctx: Any, rate: float) -> dict[str, Any]:
         "p99_ms": load["p99_ms"], "cpu_us_per_event": agent_us, "baseline": "c",
         "bare_cpu_us_per_request": bare_us, "ratio": agent_us / bare_us if bare_us else None,
         "pg_cpu_us_per_event": pg / events * 1e6,
+        **{f"pg_{k}_cpu_us_per_event": v / events * 1e6 for k, v in pg_by.items()},
         "pg_xacts_per_event": (counters1["xacts"] - counters0["xacts"]) / events,
         "pg_class_inserts": counters1["pg_class_inserts"] - counters0["pg_class_inserts"],
         **seen,
@@ -230,7 +244,7 @@ async def fleet(ctx: Any, agents: int, rate: float, *, pgbouncer: bool,
         await asyncio.sleep(2.0)
         idle = [_rss(p.proc.pid) for p in procs if p.proc is not None]
         counters0 = await db_counters(ctx.db)
-        pg0 = postgres_cpu(ctx.db)
+        pg0 = postgres_cpu_split(ctx.db)
         cpu0 = [p.cpu_seconds() for p in procs]
         conns = Connections(ctx.db)
         conns.start()
@@ -244,7 +258,9 @@ async def fleet(ctx: Any, agents: int, rate: float, *, pgbouncer: bool,
         await asyncio.sleep(2.0)
         connections = conns.stop()
         cpu = sum(p.cpu_seconds() - c for p, c in zip(procs, cpu0, strict=True))
-        pg = postgres_cpu(ctx.db) - pg0
+        pg1 = postgres_cpu_split(ctx.db)
+        pg_by = {k: pg1[k] - pg0[k] for k in pg1}
+        pg = sum(pg_by.values())
         counters1 = await db_counters(ctx.db)
         seen = await visibility(ctx.db, since)
         stored = await ctx.db.count()
@@ -263,6 +279,7 @@ async def fleet(ctx: Any, agents: int, rate: float, *, pgbouncer: bool,
         "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"],
         "cpu_us_per_event": cpu / events * 1e6,
         "pg_cpu_us_per_event": pg / events * 1e6,
+        **{f"pg_{k}_cpu_us_per_event": v / events * 1e6 for k, v in pg_by.items()},
         "pg_xacts_per_s": (counters1["xacts"] - counters0["xacts"]) / seconds,
         "pg_xacts_per_event": (counters1["xacts"] - counters0["xacts"]) / events,
         "pg_class_inserts": counters1["pg_class_inserts"] - counters0["pg_class_inserts"],
@@ -276,3 +293,45 @@ async def fleet(ctx: Any, agents: int, rate: float, *, pgbouncer: bool,
     }
     ctx.add(row)
     return row
+
+
+# --------------------------------------------------------------------------- alone
+
+
+async def _alone(agents: int, rate: float, ages: list[str], pgbouncer: bool) -> None:
+    from .scenarios import Ctx, measure_baselines, throughput
+
+    db = Database()
+    await db.start()
+    ctx = Ctx(db=db, tmp=db.root, quick=False)
+    try:
+        await measure_baselines(ctx)
+        # The single-agent batched reference of the same run.
+        await throughput(ctx, "batches of 500, JSON array, TCP, c=1", events=500,
+                         fmt="json", connections=1)
+        for age in ages:
+            env = {"FLUX_AGENT_BATCH_MAX_AGE": age} if age else {}
+            label = f", FLUX_AGENT_BATCH_MAX_AGE={age}" if age else ""
+            await fleet(ctx, agents, rate, pgbouncer=False, env=env, label=label)
+            if pgbouncer:
+                await fleet(ctx, agents, rate, pgbouncer=True, env=env, label=label)
+    finally:
+        await asyncio.to_thread(db.destroy)
+
+
+def main() -> None:
+    """``python -m bench.fleet``: the fleet alone, beside the batched reference."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.fleet", description=main.__doc__)
+    p.add_argument("--agents", type=int, default=32)
+    p.add_argument("--rate", type=float, default=30.0, help="single events/s per agent")
+    p.add_argument("--age", action="append", default=[],
+                   help="FLUX_AGENT_BATCH_MAX_AGE to run with (repeat; default: the default)")
+    p.add_argument("--pgbouncer", action="store_true", help="also through PgBouncer")
+    args = p.parse_args()
+    asyncio.run(_alone(args.agents, args.rate, args.age or [""], args.pgbouncer))
+
+
+if __name__ == "__main__":
+    main()

@@ -128,6 +128,7 @@ class Sampler:
 
     pid: int
     peak_rss: int = 0
+    peak_anon: int = 0  # RssAnon: what the process itself allocated (no file-backed pages)
     samples: list[tuple[float, int]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -137,14 +138,17 @@ class Sampler:
         self._thread.start()
 
     def _run(self) -> None:
+        status = Path(f"/proc/{self.pid}/status")
         try:
-            proc = psutil.Process(self.pid)
             while not self._stop.wait(0.02):
-                rss = proc.memory_info().rss
+                fields = dict(line.split(":", 1) for line in status.read_text().splitlines())
+                rss = int(fields["VmRSS"].split()[0]) * 1024
+                anon = int(fields["RssAnon"].split()[0]) * 1024
                 self.peak_rss = max(self.peak_rss, rss)
+                self.peak_anon = max(self.peak_anon, anon)
                 self.samples.append((time.time(), rss))
-        except psutil.Error:
-            return
+        except (OSError, KeyError, ValueError):
+            return  # the process is gone
 
     def stop(self) -> None:
         self._stop.set()

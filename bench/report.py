@@ -14,7 +14,9 @@ COLUMNS = (
     ("p99_ms", "p99 ms", "{:.2f}"),
     ("p999_ms", "p99.9 ms", "{:.2f}"),
     ("cpu_us_per_event", "agent CPU µs/event", "{:.1f}"),
+    ("pg_cpu_us_per_event", "PostgreSQL CPU µs/event", "{:.1f}"),
     ("peak_rss_mib", "agent peak RSS MiB", "{:.1f}"),
+    ("peak_anon_rss_mib", "agent peak anon RSS MiB", "{:.1f}"),
 )
 
 

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from flux_agent.tokens import mint
 
 from . import baselines
+from .fleet import postgres_cpu_split
 from .harness import (
     AgentProc,
     BareServer,
@@ -124,6 +125,7 @@ async def throughput(ctx: Ctx, name: str, *, events: int, fmt: str, connections:
     await asyncio.to_thread(agent.start)
     try:
         cpu0 = agent.cpu_seconds()
+        pg0 = postgres_cpu_split(ctx.db)
         flushed0 = agent.metrics().get("flux_events_flushed_total", 0.0)
         if transport == "tcp":
             load = await asyncio.to_thread(
@@ -140,6 +142,7 @@ async def throughput(ctx: Ctx, name: str, *, events: int, fmt: str, connections:
             client = "python"
         done = await asyncio.to_thread(wait_flushed, agent, flushed0 + load["events_acked"])
         cpu = agent.cpu_seconds() - cpu0
+        pg1 = postgres_cpu_split(ctx.db)
     finally:
         agent.stop()
     e2e = load["events_acked"] / (done - load["t_start"])
@@ -147,7 +150,12 @@ async def throughput(ctx: Ctx, name: str, *, events: int, fmt: str, connections:
         "name": name, "events_per_s": e2e, "requests_per_s": load["requests_per_s"],
         "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"], "p999_ms": load["p999_ms"],
         "cpu_us_per_event": cpu / max(1, load["events_acked"]) * 1e6,
+        "pg_cpu_us_per_event": sum(pg1[k] - pg0[k] for k in pg1)
+                               / max(1, load["events_acked"]) * 1e6,
+        "pg_backends_cpu_us_per_event": (pg1["backends"] - pg0["backends"])
+                                        / max(1, load["events_acked"]) * 1e6,
         "peak_rss_mib": (agent.sampler.peak_rss if agent.sampler else 0) / MiB,
+        "peak_anon_rss_mib": (agent.sampler.peak_anon if agent.sampler else 0) / MiB,
         "client": client, "non_2xx": load["requests"] - _ok(load),
     }
     if baseline == "b":
