@@ -150,7 +150,7 @@ class Postgres:
                         # Behind PgBouncer in transaction pooling mode, a named prepared
                         # statement may be looked for on another server connection.
                         statement_cache_size=0 if self._pgbouncer else 256,
-                        server_settings={"application_name": self._name},
+                        server_settings=_server_settings(self._name),
                         init=self._init_connection, reset=_no_reset,
                     )
         return self._pool
@@ -305,7 +305,17 @@ def _tune_socket(conn: Any, user_timeout: float) -> None:
             sock.setsockopt(level, option, value)
 
 
+def _server_settings(name: str) -> dict[str, str]:
+    """Startup parameters. asyncpg announces ``client_encoding`` as ``'utf-8'``; the server
+    reports it back as ``UTF8``, and PgBouncer, seeing the client's value differ from the
+    server connection's, sends ``SET client_encoding`` (a transaction of its own) every time
+    it hands this client a server connection: one more transaction per flush. Announcing
+    the server's own spelling (the later startup parameter wins) makes them equal."""
+    return {"client_encoding": "UTF8", "application_name": name}
+
+
 async def connect_once(dsn: str, timeout: float = 10.0, *, pgbouncer: bool = False) -> Any:
     """A connection outside the pool (migrations, CLI tools)."""
     return await asyncpg.connect(dsn, timeout=timeout,
-                                 statement_cache_size=0 if pgbouncer else 100)
+                                 statement_cache_size=0 if pgbouncer else 100,
+                                 server_settings=_server_settings("flux-agent"))

@@ -9,6 +9,7 @@ import shutil
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from flux_agent import Agent
@@ -98,3 +99,48 @@ async def test_partition_maintenance_through_transaction_pooling(database: Datab
     agencies = await database.fetch(
         "SELECT DISTINCT agency_id FROM flux.event_partitions WHERE kind = 'agency'")
     assert {r[0] for r in agencies} >= {"nasa", "noaa"}
+
+
+async def test_no_statement_of_pgbouncer_per_transaction(database: Database, pgbouncer: str):
+    """Two agents taking turns on one server connection cost the server one transaction per
+    statement. asyncpg once announced ``client_encoding`` as ``'utf-8'``, the server reports
+    ``UTF8``, and PgBouncer then sent its own ``SET client_encoding`` (one transaction more)
+    every time it handed the server connection to the other agent: one per flush."""
+    from flux_agent.postgres import Postgres
+
+    maintenance = await asyncpg.connect(database.admin_dsn.rsplit("/", 1)[0] + "/postgres")
+
+    async def transactions() -> int:
+        return int(await maintenance.fetchval(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1",
+            database.name))
+
+    pools = [Postgres(pgbouncer, max_connections=1, pgbouncer=True) for _ in range(2)]
+    turns = 20
+    try:
+        for pg in pools:  # connected (and the role checked) before counting
+            async with pg.connection() as conn, pg.single(conn):
+                await conn.fetchval("SELECT 1")
+        before = await transactions()
+        for i in range(turns):
+            pg = pools[i % 2]
+            async with pg.connection() as conn, pg.single(conn):
+                await conn.fetchval("SELECT 1")
+        async with pools[0].connection() as conn, pools[0].single(conn):
+            # The server connection's statistics now, not within its next idle interval.
+            await conn.fetchval("SELECT pg_stat_force_next_flush()")
+
+        async def counted() -> bool:
+            return await transactions() - before >= turns + 1
+
+        assert await wait_until(counted, 15)
+        await asyncio.sleep(0.5)
+        spent = await transactions() - before
+        # turns + the flush request, with room for the server's own work in a database
+        # just migrated (26 measured); one SET per turn made it 50.
+        assert spent < turns + 1 + turns // 2, (
+            f"{spent} server transactions for {turns + 1} statements")
+    finally:
+        for pg in pools:
+            await pg.close()
+        await maintenance.close()
