@@ -156,6 +156,10 @@ class Sampler:
             self._thread.join(2)
 
 
+class PortTaken(RuntimeError):
+    """The agent could not bind the port chosen for it."""
+
+
 class AgentProc:
     """``flux-agent run`` as a separate process, as in production."""
 
@@ -190,7 +194,22 @@ class AgentProc:
         return f"http://127.0.0.1:{self.admin_port}"
 
     def start(self, timeout: float = 60) -> float:
-        """Start and wait for readiness; returns seconds from spawn to ready."""
+        """Start and wait for readiness; returns seconds from spawn to ready.
+
+        A port chosen free may be taken before the agent binds it (by another agent's
+        outgoing connection, in a fleet): then new ports, and once more."""
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                if attempt == 2:
+                    raise
+                self.port, self.admin_port = free_port(), free_port()
+                self.env["FLUX_AGENT_LISTEN"] = f"127.0.0.1:{self.port}"
+                self.env["FLUX_AGENT_ADMIN_LISTEN"] = f"127.0.0.1:{self.admin_port}"
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> float:
         self.state.mkdir(parents=True, exist_ok=True)
         log = (self.state / "agent.log").open("ab")
         t0 = time.perf_counter()
@@ -203,6 +222,9 @@ class AgentProc:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 log_text = (self.state / "agent.log").read_text()[-2000:]
+                if "address already in use" in log_text:
+                    (self.state / "agent.log").unlink()
+                    raise PortTaken(log_text)
                 raise RuntimeError(f"agent exited: {log_text}")
             with contextlib.suppress(OSError), urllib.request.urlopen(
                     self.admin + "/health/ready", timeout=1) as r:
