@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
+import psutil
 
 from flux_agent import Agent
 from flux_agent.testing import make_event
 
-from .conftest import LOGIN_ROLE, Database, agent_config
+from .conftest import LOGIN_ROLE, VIA_PGBOUNCER, Database, agent_config
 from .faults import wait_until
 from .helpers import get, post
 
@@ -97,6 +99,13 @@ async def test_wait_committed_and_reads_do_not_wait_for_the_window(database: Dat
 
 
 async def agent_connections(database: Database) -> int:
+    """The agent's connections to its database: the server's sessions of the agent's role,
+    or, behind PgBouncer (whose server connections outlive its clients by design), this
+    process's open connections to PgBouncer (the agent runs in this process)."""
+    if VIA_PGBOUNCER:
+        port = urlsplit(database.agent_dsn).port
+        return sum(1 for c in psutil.Process().net_connections(kind="tcp")
+                   if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
     conn = await asyncpg.connect(database.admin_dsn)
     try:
         return int(await conn.fetchval(
