@@ -11,32 +11,12 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .._files import is_resource_error, reason, write_atomic
 from ..auth import Authenticator
-from ..checkpoints import Checkpoints
-from ..config import AgentConfig
-from ..embedded import LocalPostgres
-from ..flush import Flusher
-from ..http.intake import Intake
-from ..metrics import Metrics
-from ..postgres import (
-    Postgres,
-    UnsafeRole,
-    describe,
-    is_transient,
-    sqlstate_of,
-)
-from ..seen import SeenIndex
-from ..sink import PartitionStats, Sink
-from ..spool import Spool
-from ..supervise import Supervisor
+from ..postgres import UnsafeRole, describe, is_transient, sqlstate_of
 from .setup import file_stamp, load_keys
-
-if TYPE_CHECKING:
-    pass
-
+from .state import AgentState
 
 log = logging.getLogger("flux_agent.agent")
 
@@ -45,30 +25,8 @@ EMBEDDED_CHECK_INTERVAL = 5.0
 PARTITION_STEPS_PER_ROUND = 200  # creations, then drops; the next round goes on
 
 
-class Background:
+class Background(AgentState):
     """Mixed into :class:`~flux_agent.agent.Agent`: the loops it supervises."""
-
-    # Set by Agent.__init__ and start(); declared here for the type checker.
-    config: AgentConfig
-    metrics: Metrics
-    supervisor: Supervisor
-    started_at: float
-    spool: Spool | None
-    pg: Postgres | None
-    sink: Sink | None
-    flusher: Flusher | None
-    intake: Intake | None
-    checkpoints: Checkpoints | None
-    seen: SeenIndex
-    retention_rounds: int
-    purged: dict[str, int]
-    partition_counts: dict[str, int]
-    partition_stats: PartitionStats | None
-    partition_stats_at: float
-    embedded_restarts: int
-    _embedded: LocalPostgres | None
-    _snapshot_warned: bool
-    _state: str
 
     async def _watch_jwks(self, authenticator: Authenticator, path: Path) -> None:
         """Key rotation: re-read the JWKS file when it changes (checked every 2 s)."""

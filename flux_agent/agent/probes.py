@@ -5,57 +5,19 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import logs
-from ..checkpoints import Checkpoints
-from ..config import AgentConfig
-from ..embedded import LocalPostgres
-from ..flush import Flusher
-from ..http.intake import Intake
-from ..metrics import Metrics
-from ..postgres import (
-    Postgres,
-    describe,
-)
-from ..seen import SeenIndex
-from ..sink import PartitionStats, Sink
-from ..spool import Recovery, Spool
-from ..supervise import Supervisor
+from ..postgres import describe
+from ..spool import Recovery
 from .setup import rfc3339
-
-if TYPE_CHECKING:
-    pass
-
+from .state import AgentState
 
 log = logging.getLogger("flux_agent.agent")
 
 
-class Probes:
+class Probes(AgentState):
     """Mixed into :class:`~flux_agent.agent.Agent`: its probes and scrape-time state."""
-
-    # Set by Agent.__init__ and start(); declared here for the type checker.
-    config: AgentConfig
-    metrics: Metrics
-    supervisor: Supervisor
-    started_at: float
-    spool: Spool | None
-    pg: Postgres | None
-    sink: Sink | None
-    flusher: Flusher | None
-    intake: Intake | None
-    checkpoints: Checkpoints | None
-    seen: SeenIndex
-    retention_rounds: int
-    purged: dict[str, int]
-    partition_counts: dict[str, int]
-    partition_stats: PartitionStats | None
-    partition_stats_at: float
-    embedded_restarts: int
-    _embedded: LocalPostgres | None
-    _snapshot_warned: bool
-    _state: str
-
 
     def _db_window(self) -> float:
         return max(30.0, 2 * self.config.database_ping_interval)
