@@ -281,17 +281,25 @@ async def test_the_agents_own_ids_land_in_time_partitions(agent: Agent, database
 # --------------------------------------------------------------------------- the migration
 
 
-async def test_the_migration_keeps_every_row_of_a_populated_database(pg_template: PgServer,
-                                                                     tmp_path: Path):
-    """A database at version 5 holding events of every kind of id (clocks ahead included),
-    checkpoints, dead letters and audit entries; migrated in place: every row is still
-    there, once, where its key routes it, and a replay of any of them stores nothing."""
+async def database_before_partitions(pg_template: PgServer,
+                                     tmp_path: Path) -> tuple[Database, Path]:
+    """An empty database, and a directory holding the migrations up to 005 (the schema
+    before partitioning) for the test to apply."""
     db = await create_database(pg_template, template="template0")
     old_sql = tmp_path / "sql"
     old_sql.mkdir()
     for m in migrations(SQL_DIR):
         if m.version[:3] <= "005":
             shutil.copy(m.path, old_sql)
+    return db, old_sql
+
+
+async def test_the_migration_keeps_every_row_of_a_populated_database(pg_template: PgServer,
+                                                                     tmp_path: Path):
+    """A database at version 5 holding events of every kind of id (clocks ahead included),
+    checkpoints, dead letters and audit entries; migrated in place: every row is still
+    there, once, where its key routes it, and a replay of any of them stores nothing."""
+    db, old_sql = await database_before_partitions(pg_template, tmp_path)
     conn = await asyncpg.connect(db.admin_dsn)
     try:
         assert await migrate(conn, old_sql) == ["001_events", "002_audit", "003_checkpoints",
@@ -357,12 +365,7 @@ async def test_a_validated_cutoff_constraint_spares_the_migration_its_scans(
     """The procedure for huge tables (README): the key function applied ahead, a constraint
     validated online; the migration then moves nothing and PostgreSQL proves the ATTACH from
     the constraint instead of reading the table."""
-    db = await create_database(pg_template, template="template0")
-    old_sql = tmp_path / "sql"
-    old_sql.mkdir()
-    for m in migrations(SQL_DIR):
-        if m.version[:3] <= "005":
-            shutil.copy(m.path, old_sql)
+    db, old_sql = await database_before_partitions(pg_template, tmp_path)
     conn = await asyncpg.connect(db.admin_dsn)
     try:
         await migrate(conn, old_sql)
