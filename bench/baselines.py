@@ -15,8 +15,8 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from flux_agent.digest import payload_digest
-from flux_agent.event import COLUMNS, Row
+from flux_agent.core.digest import payload_digest
+from flux_agent.core.event import COLUMNS, Row
 
 # The staging table of the write path the agent used before sql/005 (baseline b keeps it).
 STAGE_TABLE = "flux_stage_events_v1"

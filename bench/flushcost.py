@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from flux_agent.sink import _WRITE
+from flux_agent.postgres.sink import _WRITE
 
 from .baselines import rows
 from .harness import Database

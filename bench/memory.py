@@ -23,9 +23,10 @@ from typing import Any
 from .harness import Database, run_load
 
 IMPORTS = ("asyncio", "ssl", "uvloop", "msgspec", "google_crc32c", "prometheus_client",
-           "jsonschema_rs", "asyncpg", "aiohttp", "aiohttp.web", "flux_agent.config",
-           "flux_agent.validate", "flux_agent.postgres", "flux_agent.spool",
-           "flux_agent.flush", "flux_agent.http.intake", "flux_agent.agent", "flux_agent.cli")
+           "jsonschema_rs", "asyncpg", "aiohttp", "aiohttp.web", "flux_agent.core.settings",
+           "flux_agent.intake.validate", "flux_agent.postgres.pool", "flux_agent.spool",
+           "flux_agent.flush.flusher", "flux_agent.intake.app", "flux_agent.agent",
+           "flux_agent.cli")
 
 _STEP = r"""
 import json, sys
@@ -68,8 +69,8 @@ def stage_of(frames: Any) -> str:
 
 async def under_load(seconds: float) -> dict[str, Any]:
     from flux_agent.agent import Agent
-    from flux_agent.config import load_config
-    from flux_agent.embedded import free_port
+    from flux_agent.core.settings import load_config
+    from flux_agent.postgres.embedded import free_port
 
     db = Database()
     await db.start()

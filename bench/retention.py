@@ -35,9 +35,9 @@ from typing import Any
 
 import asyncpg
 
-from flux_agent.digest import payload_digest
-from flux_agent.ids import uuid7_at
-from flux_agent.sink import migrate, migrations
+from flux_agent.core.digest import payload_digest
+from flux_agent.core.ids import uuid7_at
+from flux_agent.postgres.sink import migrate, migrations
 
 from .harness import Database, machine
 

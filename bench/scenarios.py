@@ -15,7 +15,7 @@ import asyncpg
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from flux_agent.tokens import mint
+from flux_agent.intake.tokens import mint
 
 from . import baselines
 from .fleet import postgres_cpu_split

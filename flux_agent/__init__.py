@@ -13,8 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .config import AgentConfig, load_config
-from .errors import (
+from .core.errors import (
     CheckpointError,
     ConfigError,
     DataIsolationError,
@@ -23,6 +22,7 @@ from .errors import (
     TransientError,
     ValidationError,
 )
+from .core.settings import AgentConfig, load_config
 
 if TYPE_CHECKING:
     from .agent import Agent

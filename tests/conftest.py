@@ -31,9 +31,9 @@ import asyncpg
 import pytest
 
 from flux_agent import Agent, AgentConfig
-from flux_agent.embedded import LocalPostgres, find_bin_dir, free_port
-from flux_agent.logs import JsonFormatter
-from flux_agent.sink import migrate_dsn
+from flux_agent.obs.logs import JsonFormatter
+from flux_agent.postgres.embedded import LocalPostgres, find_bin_dir, free_port
+from flux_agent.postgres.sink import migrate_dsn
 
 from .faults import TcpProxy
 from .helpers import CAPTURED, SECRETS, remember_secret
@@ -219,7 +219,7 @@ def state_dir() -> Iterator[Path]:
 
 
 def agent_config(database: Database, state_dir: Path, **overrides: Any) -> AgentConfig:
-    from flux_agent.config import Secret
+    from flux_agent.core.settings import Secret
 
     values: dict[str, Any] = {
         "database_url": Secret(database.agent_dsn),

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from flux_agent.embedded import free_port
+from flux_agent.postgres.embedded import free_port
 
 from .tools import require_tool
 

@@ -27,10 +27,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from flux_agent import Agent
-from flux_agent.config import Secret
-from flux_agent.errors import AuthenticationError, ConfigError
+from flux_agent.core.errors import AuthenticationError, ConfigError
+from flux_agent.core.settings import Secret
+from flux_agent.intake.tokens import JwtAuthenticator, KeySet, mint
 from flux_agent.testing import make_event
-from flux_agent.tokens import JwtAuthenticator, KeySet, mint
 
 from .conftest import Database, agent_config
 from .faults import TcpProxy, wait_until
@@ -579,7 +579,7 @@ async def test_row_level_security_as_the_agents_login_role(database: Database):
 
 
 def test_mixed_hmac_and_public_key_algorithms_are_refused():
-    from flux_agent.config import load_config
+    from flux_agent.core.settings import load_config
 
     env = {"FLUX_AGENT_JWT_ISSUERS": ISSUER, "FLUX_AGENT_JWT_ALGORITHMS": "RS256,HS256",
            "FLUX_AGENT_JWT_PUBLIC_KEY_FILE": "/k.pem"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from flux_agent.batch import Batch, Batcher, Limits, Work, lane_of, split_lanes
-from flux_agent.event import AuditRecord, AuditRow, EventsRecord, Row
+from flux_agent.core.event import AuditRecord, AuditRow, EventsRecord, Row
+from flux_agent.flush.batch import Batch, Batcher, Limits, Work, lane_of, split_lanes
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

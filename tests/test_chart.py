@@ -19,7 +19,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from flux_agent.config import SETTINGS, env_name, load_config
+from flux_agent.core.settings import SETTINGS, env_name, load_config
 from flux_agent.kube.admission import mutate_pod
 from flux_agent.kube.cli import prepare_webhook
 from flux_agent.kube.config import (

@@ -15,7 +15,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from flux_agent import Agent
-from flux_agent.digest import canonical_json, sha256_hex
+from flux_agent.core.digest import canonical_json, sha256_hex
 
 from .conftest import Database, agent_config, proxied
 from .faults import TcpProxy, wait_until

@@ -17,8 +17,9 @@ import pytest
 
 from flux_agent import Agent
 from flux_agent.cli import build_parser
-from flux_agent.completion import _commands
-from flux_agent.config import (
+from flux_agent.cli.completion import _commands
+from flux_agent.core.errors import ConfigError
+from flux_agent.core.settings import (
     SETTINGS,
     Secret,
     effective_settings,
@@ -26,8 +27,7 @@ from flux_agent.config import (
     flag_name,
     load_config,
 )
-from flux_agent.embedded import free_port
-from flux_agent.errors import ConfigError
+from flux_agent.postgres.embedded import free_port
 from flux_agent.testing import make_event
 
 from .conftest import PgServer, agent_config, proxied

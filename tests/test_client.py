@@ -39,9 +39,9 @@ from flux_agent.client import (
     uuid7,
 )
 from flux_agent.client.core import _retry_after
-from flux_agent.config import Secret
+from flux_agent.core.settings import Secret
+from flux_agent.intake.tokens import mint
 from flux_agent.testing import make_events
-from flux_agent.tokens import mint
 
 from .conftest import Database, agent_config
 from .faults import TcpProxy

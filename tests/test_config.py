@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flux_agent.config import (
+from flux_agent.core.errors import ConfigError
+from flux_agent.core.settings import (
     SETTINGS,
     AgentConfig,
     Secret,
@@ -20,8 +21,7 @@ from flux_agent.config import (
     redact_dsn,
     settings_table,
 )
-from flux_agent.embedded import free_port
-from flux_agent.errors import ConfigError
+from flux_agent.postgres.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_ENV = {"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "nasa"}

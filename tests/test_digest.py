@@ -10,7 +10,7 @@ import msgspec
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from flux_agent.digest import canonical_json, payload_digest
+from flux_agent.core.digest import canonical_json, payload_digest
 
 json_values = st.recursive(
     st.none()

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 
 from flux_agent import Agent
-from flux_agent.http.openapi import document
+from flux_agent.intake.routes.openapi import document
 from flux_agent.testing import make_event, make_events
 
 from .conftest import Database, agent_config

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from flux_agent.embedded import LocalPostgres, free_port
+from flux_agent.postgres.embedded import LocalPostgres, free_port
 from flux_agent.testing import make_event
 
 from .conftest import AgentProcess, short_tempdir

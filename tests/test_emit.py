@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from flux_agent import Agent, FluxClient
-from flux_agent.embedded import free_port
+from flux_agent.postgres.embedded import free_port
 
 from .conftest import Database
 

@@ -22,8 +22,8 @@ import psutil
 import pytest
 
 from flux_agent import Agent
-from flux_agent.embedded import LocalPostgres, find_bin_dir, free_port
-from flux_agent.sink import bootstrap_database
+from flux_agent.postgres.embedded import LocalPostgres, find_bin_dir, free_port
+from flux_agent.postgres.sink import bootstrap_database
 from flux_agent.testing import make_events
 
 from .conftest import (

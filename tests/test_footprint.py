@@ -31,7 +31,7 @@ asyncio.run(main())
 
 # What the default configuration (auth none, tracing off, the event API) must not load.
 ABSENT = ("opentelemetry", "jwt", "cryptography", "yaml", "jsonschema",
-          "flux_agent.kube", "flux_agent.tokens", "flux_agent.client", "flux_agent.cli",
+          "flux_agent.kube", "flux_agent.intake.tokens", "flux_agent.client", "flux_agent.cli",
           "crc32c", "importlib.metadata")
 
 

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from flux_agent import Agent
-from flux_agent.http.framing import Framing
+from flux_agent.intake.framing import Framing
 from flux_agent.testing import make_event
 
 from .conftest import AgentProcess, Database, agent_config, agent_env

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from flux_agent.config import load_config
+from flux_agent.core.settings import load_config
 from flux_agent.kube import patch as kube_patch
 from flux_agent.kube.admission import MalformedReview, admission_response, advice, mutate_pod
 from flux_agent.kube.cli import cli_inject, prepare_webhook
@@ -617,8 +617,8 @@ def test_quantities_and_config_checks():
 
 
 def test_probe_paths_exist_on_the_admin_listener():
-    from flux_agent.http.admin import admin_app
-    from flux_agent.metrics import Metrics
+    from flux_agent.intake.admin import admin_app
+    from flux_agent.obs.metrics import Metrics
 
     app = admin_app(object(), Metrics())  # type: ignore[arg-type]
     routes = {r.resource.canonical for r in app.router.routes() if r.resource is not None}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flux_agent import Agent
-from flux_agent.digest import canonical_json, sha256_hex
+from flux_agent.core.digest import canonical_json, sha256_hex
 from flux_agent.testing import make_event, make_events
 
 from .conftest import Database, agent_config
@@ -361,7 +361,7 @@ async def test_gzip_of_json_array(agent: Agent, database: Database):
 
 
 async def test_body_budget_waits_in_order_and_survives_cancellation():
-    from flux_agent.http.common import ByteBudget
+    from flux_agent.intake.routes.common import ByteBudget
 
     budget = ByteBudget(100)
     assert await budget.acquire(60) == 60

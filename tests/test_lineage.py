@@ -35,18 +35,18 @@ from openlineage.client.transport.http import (
 from openlineage.client.uuid import generate_new_uuid
 
 from flux_agent import Agent
-from flux_agent.digest import canonical_json
-from flux_agent.errors import ValidationError
-from flux_agent.ids import id_time
-from flux_agent.lineage import (
+from flux_agent.core.digest import canonical_json
+from flux_agent.core.errors import ValidationError
+from flux_agent.core.ids import id_time
+from flux_agent.intake.openlineage import (
     FLUX_FACET_REF,
     Lineage,
     bounded_step,
     event_id_for,
     run_event_digest,
 )
+from flux_agent.intake.validate import EventChecker, Schemas, Seal, parse_timestamp
 from flux_agent.testing import make_event
-from flux_agent.validate import EventChecker, Schemas, Seal, parse_timestamp
 
 from .conftest import Database, agent_config, proxied
 from .faults import TcpProxy, wait_until

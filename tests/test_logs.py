@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flux_agent import logs
+from flux_agent.obs import logs
 from flux_agent.testing import make_event
 
 from .conftest import AgentProcess, Database, agent_env

@@ -28,9 +28,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flux_agent import Agent
-from flux_agent.embedded import free_port
 from flux_agent.kube.config import InjectorConfig
 from flux_agent.kube.webhook import WebhookServer
+from flux_agent.postgres.embedded import free_port
 from flux_agent.testing import make_event, make_events
 
 from .conftest import Database, agent_config, proxied, short_tempdir

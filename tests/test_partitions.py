@@ -19,12 +19,12 @@ import asyncpg
 import pytest
 
 from flux_agent import Agent
-from flux_agent.batch import Work
-from flux_agent.digest import payload_digest
-from flux_agent.event import Row
-from flux_agent.ids import id_ms, id_time, uuid7_at
-from flux_agent.postgres import Postgres
-from flux_agent.sink import Sink, migrate, migrations
+from flux_agent.core.digest import payload_digest
+from flux_agent.core.event import Row
+from flux_agent.core.ids import id_ms, id_time, uuid7_at
+from flux_agent.flush.batch import Work
+from flux_agent.postgres.pool import Postgres
+from flux_agent.postgres.sink import Sink, migrate, migrations
 from flux_agent.testing import make_event
 
 from .conftest import (

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from flux_agent import Agent
-from flux_agent.config import Secret
+from flux_agent.core.settings import Secret
 from flux_agent.testing import make_events
 
 from .conftest import LOGIN_PASSWORD, LOGIN_ROLE, Database, agent_config, short_tempdir
@@ -106,7 +106,7 @@ async def test_no_statement_of_pgbouncer_per_transaction(database: Database, pgb
     statement. asyncpg once announced ``client_encoding`` as ``'utf-8'``, the server reports
     ``UTF8``, and PgBouncer then sent its own ``SET client_encoding`` (one transaction more)
     every time it handed the server connection to the other agent: one per flush."""
-    from flux_agent.postgres import Postgres
+    from flux_agent.postgres.pool import Postgres
 
     maintenance = await asyncpg.connect(database.admin_dsn.rsplit("/", 1)[0] + "/postgres")
 

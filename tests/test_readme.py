@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from flux_agent.embedded import LocalPostgres, free_port
+from flux_agent.postgres.embedded import LocalPostgres, free_port
 
 from .conftest import short_tempdir
 from .helpers import CAPTURED

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flux_agent import Agent
-from flux_agent.supervise import Supervisor
+from flux_agent.obs.supervise import Supervisor
 from flux_agent.testing import make_events
 
 from .conftest import Database, agent_config

@@ -10,7 +10,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from flux_agent import Agent
-from flux_agent.config import load_config
+from flux_agent.core.settings import load_config
 from flux_agent.testing import make_event
 
 from .conftest import Database, agent_config

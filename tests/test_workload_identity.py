@@ -15,8 +15,8 @@ import jwt
 import pytest
 
 from flux_agent import Agent
-from flux_agent.config import load_config
-from flux_agent.errors import ConfigError
+from flux_agent.core.errors import ConfigError
+from flux_agent.core.settings import load_config
 from flux_agent.kube.admission import mutate_pod
 from flux_agent.kube.config import InjectorConfig
 from flux_agent.testing import make_event
@@ -187,7 +187,7 @@ async def test_the_injected_sidecar_takes_its_namespaces_tokens_only(
 async def test_kubernetes_mode_configuration_errors(database: Database, state_dir: Path,
                                                     cluster_key: Any, change: dict[str, Any],
                                                     setting: str):
-    from flux_agent.config import _check
+    from flux_agent.core.settings import _check
 
     config = kube_config(database, state_dir, jwks(("k", cluster_key)), **change)
 

@@ -12,9 +12,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
-from .._files import is_resource_error, reason, write_atomic
-from ..auth import Authenticator
-from ..postgres import UnsafeRole, describe, is_transient, sqlstate_of
+from ..core.files import is_resource_error, reason, write_atomic
+from ..intake.auth import Authenticator
+from ..postgres.pool import UnsafeRole, describe, is_transient, sqlstate_of
 from .setup import file_stamp, load_keys
 from .state import AgentState
 

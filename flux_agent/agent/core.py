@@ -22,36 +22,29 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .. import logs
-from .._files import is_resource_error, reason
-from ..audit import Auditor
-from ..auth import Authenticator
-from ..batch import Limits
-from ..checkpoints import Checkpoints
-from ..config import AgentConfig, env_name, redact_dsn, split_hostport
-from ..embedded import LocalPostgres
-from ..errors import ConfigError
-from ..event import CheckpointRecord, EventsRecord, decode_record
-from ..flush import Flusher
-from ..http.admin import admin_app
-from ..http.intake import Intake
-from ..http.server import AccessLogger, HttpLimits, ProblemAppRunner, tcp_port
-from ..metrics import Metrics
-from ..postgres import (
-    Postgres,
-    Timeouts,
-    UnsafeRole,
-    classify,
-    describe,
-    is_transient,
-)
-from ..seen import SeenIndex
-from ..sink import PartitionStats, SchemaNotReady, Sink, bootstrap_database
+from ..checkpoints.ledger import Checkpoints
+from ..core.errors import ConfigError
+from ..core.event import CheckpointRecord, EventsRecord, decode_record
+from ..core.files import is_resource_error, reason
+from ..core.settings import AgentConfig, env_name, redact_dsn, split_hostport
+from ..flush.batch import Limits
+from ..flush.flusher import Flusher
+from ..intake.admin import admin_app
+from ..intake.app import Intake
+from ..intake.audit import Auditor
+from ..intake.auth import Authenticator
+from ..intake.seen import SeenIndex
+from ..intake.server import AccessLogger, HttpLimits, ProblemAppRunner, tcp_port
+from ..intake.validate import EventChecker
+from ..obs import logs
+from ..obs.metrics import Metrics
+from ..obs.supervise import Supervisor
+from ..obs.tracing import Tracing, make_tracing
+from ..postgres.embedded import LocalPostgres
+from ..postgres.pool import Postgres, Timeouts, UnsafeRole, classify, describe, is_transient
+from ..postgres.sink import PartitionStats, SchemaNotReady, Sink, bootstrap_database
+from ..postgres.store import Store
 from ..spool import Recovery, Spool
-from ..store import Store
-from ..supervise import Supervisor
-from ..tracing import Tracing, make_tracing
-from ..validate import EventChecker
 from .background import Background
 from .probes import Probes
 from .setup import (

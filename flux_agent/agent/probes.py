@@ -7,8 +7,8 @@ import logging
 import time
 from typing import Any
 
-from .. import logs
-from ..postgres import describe
+from ..obs import logs
+from ..postgres.pool import describe
 from ..spool import Recovery
 from .setup import rfc3339
 from .state import AgentState

@@ -14,16 +14,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import logs
-from .._files import lock_exclusive, reason
-from ..auth import ApiKeyAuthenticator, Authenticator, FixedAgency, load_api_keys
-from ..config import KUBE_AUDIENCE, AgentConfig, env_name
-from ..embedded import LocalPostgres
-from ..errors import ConfigError
-from ..validate import Schemas
+from ..core.errors import ConfigError
+from ..core.files import lock_exclusive, reason
+from ..core.settings import KUBE_AUDIENCE, AgentConfig, env_name
+from ..intake.auth import ApiKeyAuthenticator, Authenticator, FixedAgency, load_api_keys
+from ..intake.validate import Schemas
+from ..obs import logs
+from ..postgres.embedded import LocalPostgres
 
 if TYPE_CHECKING:
-    from ..tokens import KeySet
+    from ..intake.tokens import KeySet
 
 
 log = logging.getLogger("flux_agent.agent")
@@ -49,7 +49,7 @@ def make_authenticator(config: AgentConfig, schemas: Schemas) -> Authenticator:
         return FixedAgency(config.agency)
     tokens: Authenticator | None = None
     if config.auth == "kubernetes":
-        from ..tokens import JwtAuthenticator, ServiceAccountBindings
+        from ..intake.tokens import JwtAuthenticator, ServiceAccountBindings
 
         try:
             bindings = ServiceAccountBindings(config.kube_bindings)
@@ -64,7 +64,7 @@ def make_authenticator(config: AgentConfig, schemas: Schemas) -> Authenticator:
             issuers=config.jwt_issuers, audience=config.jwt_audience or KUBE_AUDIENCE,
             leeway=config.jwt_leeway, claims=bindings)
     if config.jwt_issuers:
-        from ..tokens import JwtAuthenticator  # only jwt mode pays for pyjwt + cryptography
+        from ..intake.tokens import JwtAuthenticator
 
         if config.jwt_hs256_secret:
             logs.register_secret(config.jwt_hs256_secret.reveal())
@@ -147,7 +147,7 @@ def file_stamp(path: Path) -> tuple[float, int]:
 
 def load_keys(config: AgentConfig) -> KeySet:
     """Read the configured verification keys (a ConfigError names the bad setting)."""
-    from ..tokens import KeySet
+    from ..intake.tokens import KeySet
 
     try:
         if config.jwt_hs256_secret:

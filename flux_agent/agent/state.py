@@ -7,17 +7,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..checkpoints import Checkpoints
-    from ..config import AgentConfig
-    from ..embedded import LocalPostgres
-    from ..flush import Flusher
-    from ..http.intake import Intake
-    from ..metrics import Metrics
-    from ..postgres import Postgres
-    from ..seen import SeenIndex
-    from ..sink import PartitionStats, Sink
+    from ..checkpoints.ledger import Checkpoints
+    from ..core.settings import AgentConfig
+    from ..flush.flusher import Flusher
+    from ..intake.app import Intake
+    from ..intake.seen import SeenIndex
+    from ..obs.metrics import Metrics
+    from ..obs.supervise import Supervisor
+    from ..postgres.embedded import LocalPostgres
+    from ..postgres.pool import Postgres
+    from ..postgres.sink import PartitionStats, Sink
     from ..spool import Spool
-    from ..supervise import Supervisor
 
 
 class AgentState:

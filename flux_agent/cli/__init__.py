@@ -22,10 +22,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .. import logs
 from .._version import __version__
-from ..config import add_flags
-from ..errors import ConfigError
+from ..core.errors import ConfigError
+from ..core.settings import add_flags
+from ..obs import logs
 from .admin import cmd_status, cmd_validate
 from .common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from .inject import cmd_inject, cmd_inject_webhook
@@ -36,7 +36,7 @@ from .tools import cmd_emit, cmd_migrate, cmd_spool, cmd_token, cmd_verify
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    from ..completion import script
+    from .completion import script
 
     print(script(build_parser(), args.shell), end="")
     return EXIT_OK

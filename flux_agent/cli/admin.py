@@ -8,8 +8,9 @@ import json
 import sys
 import time
 
-from .._files import lock_holder
-from ..config import (
+from ..core.errors import ConfigError
+from ..core.files import lock_holder
+from ..core.settings import (
     AgentConfig,
     defaulted,
     effective_settings,
@@ -18,7 +19,6 @@ from ..config import (
     parse_duration,
     to_toml,
 )
-from ..errors import ConfigError
 from .common import EXIT_FAILURE, EXIT_NOPERM, EXIT_OK, EXIT_UNAVAILABLE, _run_async
 
 # --------------------------------------------------------------------------- status
@@ -28,7 +28,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Ask the running agent (its admin listener) how it is: 0 healthy, 1 not healthy, 69 no
     agent answers, 77 a token is needed."""
     from ..client import TokenSource
-    from ..status import Refused, Report, Unreachable, admin_url, fetch, render
+    from .status import Refused, Report, Unreachable, admin_url, fetch, render
 
     config = load_config(args, serving=False)
     if args.url:
@@ -85,7 +85,7 @@ def _embedded_connect(config: AgentConfig) -> dict[str, str]:
     if not (data_dir / "postmaster.pid").exists():
         return {}
     from ..agent import embedded_connect
-    from ..embedded import EmbeddedError, LocalPostgres
+    from ..postgres.embedded import EmbeddedError, LocalPostgres
 
     try:
         pg = LocalPostgres(data_dir)
@@ -118,8 +118,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> tuple[AgentConfig, list[str]]:
     from ..agent import preflight
-    from ..embedded import EmbeddedError, find_bin_dir
-    from ..tracing import make_exporter
+    from ..obs.tracing import make_exporter
+    from ..postgres.embedded import EmbeddedError, find_bin_dir
 
     config = load_config(args)
     preflight(config)
@@ -151,8 +151,8 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, list[str]]:
 async def _check_database(config: AgentConfig) -> str:
     """Connect as the agent would (same timeouts, same role check) and read the schema
     version; changes nothing. A database the agent could not use is a ConfigError."""
-    from ..postgres import Postgres, Timeouts, UnsafeRole, describe
-    from ..sink import SchemaNotReady, Sink
+    from ..postgres.pool import Postgres, Timeouts, UnsafeRole, describe
+    from ..postgres.sink import SchemaNotReady, Sink
 
     assert config.database_url is not None
     setting = env_name("database_url")

@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .. import logs
+from ..obs import logs
 from .common import EXIT_FAILURE, EXIT_OK, _run_async
 
 

@@ -13,8 +13,8 @@ import resource
 import signal
 import sys
 
-from .. import logs
-from ..config import AgentConfig, load_config
+from ..core.settings import AgentConfig, load_config
+from ..obs import logs
 from .common import EXIT_FAILURE, EXIT_OK, _run_async
 
 log = logging.getLogger("flux_agent.cli")

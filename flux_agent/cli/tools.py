@@ -10,9 +10,9 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from .._files import lock_holder
-from ..config import env_name, load_config, parse_duration
-from ..errors import ConfigError
+from ..core.errors import ConfigError
+from ..core.files import lock_holder
+from ..core.settings import env_name, load_config, parse_duration
 from .common import (
     EXIT_DATAERR,
     EXIT_FAILURE,
@@ -30,7 +30,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not config.database_url:
         raise ConfigError("FLUX_AGENT_DATABASE_URL",
                           "required by migrate (the embedded default migrates itself at start)")
-    from ..sink import migrate_dsn
+    from ..postgres.sink import migrate_dsn
 
     applied = _run_async(_wrap(migrate_dsn(config.database_url.reveal(),
                                            pgbouncer=config.database_pgbouncer)))
@@ -47,9 +47,9 @@ def _wrap(coro: Coroutine[Any, Any, Any]) -> Callable[[], Coroutine[Any, Any, An
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Re-hash stored events and checkpoints; exit 1 if any does not match its hash."""
-    from ..postgres import Postgres
-    from ..store import Store
-    from ..validate import Schemas
+    from ..intake.validate import Schemas
+    from ..postgres.pool import Postgres
+    from ..postgres.store import Store
 
     config = load_config(args, serving=False)
     if not config.database_url:
@@ -119,12 +119,12 @@ def cmd_token(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-    from ..tokens import mint
+    from ..intake.tokens import mint
 
     if args.api_key:
         import secrets
 
-        from ..auth import api_key_digest
+        from ..intake.auth import api_key_digest
 
         _warn_unknown_agency(args)
         api_key = "flux_" + secrets.token_urlsafe(32)
@@ -175,7 +175,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def _warn_unknown_agency(args: argparse.Namespace) -> None:
     """A token for an agency the manifest does not know is refused by the agent
     (UNKNOWN_AGENCY); say so now rather than at the first request."""
-    from ..validate import Schemas
+    from ..intake.validate import Schemas
 
     manifest = args.agency_manifest or os.environ.get(env_name("agency_manifest"))
     try:

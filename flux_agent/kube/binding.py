@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import AGENCY_SLUG
+from ..core.settings import AGENCY_SLUG
 from .config import ANNOTATION_AGENCY, ANY_NAMESPACE, InjectionError, InjectorConfig
 
 

@@ -16,7 +16,7 @@ from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any
 
 from .._version import __version__
-from ..config import AGENCY_SLUG
+from ..core.settings import AGENCY_SLUG
 
 # --------------------------------------------------------------------------- names
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import AGENCY_SLUG
+from ..core.settings import AGENCY_SLUG
 from .binding import bind, binds
 from .config import (
     _DNS_SUBDOMAIN,

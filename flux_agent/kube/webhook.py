@@ -12,7 +12,7 @@ import ssl
 import time
 from typing import Any
 
-from ..http.server import tcp_port
+from ..intake.server import tcp_port
 from .admission import MalformedReview, admission_response, parse_review
 from .binding import binds
 from .config import InjectorConfig

@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._files import is_resource_error, lock_exclusive, reason, write_atomic
-from ..errors import TransientError
-from ..supervise import Supervisor
+from ..core.errors import TransientError
+from ..core.files import is_resource_error, lock_exclusive, reason, write_atomic
+from ..obs.supervise import Supervisor
 from .format import (
     CURSOR,
     SEQ,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._files import is_resource_error, write_atomic
+from ..core.files import is_resource_error, write_atomic
 from .format import (
     HEADER,
     Scan,

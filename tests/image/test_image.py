@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from flux_agent.embedded import LocalPostgres, find_bin_dir
+from flux_agent.postgres.embedded import LocalPostgres, find_bin_dir
 
 from ..conftest import short_tempdir
 from ..tools import require_tool, unavailable

@@ -18,8 +18,8 @@ import time
 
 import asyncpg
 
-from flux_agent.embedded import LocalPostgres, find_bin_dir, free_port
-from flux_agent.sink import bootstrap_database
+from flux_agent.postgres.embedded import LocalPostgres, find_bin_dir, free_port
+from flux_agent.postgres.sink import bootstrap_database
 
 from ..conftest import (
     FAST_SETTINGS,

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .events import EventRoutes
+from .ingest import EventRoutes
 
 
 class LineageRoutes(EventRoutes):

@@ -30,10 +30,10 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from ._resources import data_dir
-from .batch import Work
-from .event import AUDIT_COLUMNS, CHECKPOINT_COLUMNS, row_as_json
-from .postgres import (
+from ..core.event import AUDIT_COLUMNS, CHECKPOINT_COLUMNS, row_as_json
+from ..core.resources import data_dir
+from ..flush.batch import Work
+from .pool import (
     POISON_CLASSES,
     Postgres,
     RoleInfo,

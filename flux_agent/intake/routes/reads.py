@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ...core.errors import ValidationError
+from ...core.event import KINDS
+from ...postgres.store import UUID_TEXT, BadCursor, decode_cursor
 from ..auth import Claims, require
-from ..errors import ValidationError
-from ..event import KINDS
-from ..store import UUID_TEXT, BadCursor, decode_cursor
+from ..server import CLAIMS, json_response
 from .common import Routes, _known_run_id, _limit, _not_found
-from .server import CLAIMS, json_response
 
 
 class ReadRoutes(Routes):

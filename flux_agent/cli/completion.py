@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from .config import SETTINGS, Choice, parse_bool
+from ..core.settings import SETTINGS, Choice, parse_bool
 
 SHELLS = ("bash", "zsh")
 

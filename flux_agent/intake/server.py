@@ -24,17 +24,17 @@ from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from .. import logs
-from ..auth import Claims
-from ..errors import (
+from ..core.errors import (
     PROBLEM_CONTENT_TYPE,
     FluxError,
     TerminalError,
     TransientError,
     ValidationError,
 )
-from ..metrics import Metrics
-from ..tracing import Tracing
+from ..obs import logs
+from ..obs.metrics import Metrics
+from ..obs.tracing import Tracing
+from .auth import Claims
 from .framing import Framing, Refusal
 
 log = logging.getLogger("flux_agent.intake")  # the logger name of the event API, as before

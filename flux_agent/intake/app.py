@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..auth import check_agency
-from ..errors import AuthenticationError, DataIsolationError, FluxError, ValidationError
+from ..core.errors import AuthenticationError, DataIsolationError, FluxError, ValidationError
 from .admin import DrainRoutes
-from .checkpoints import CheckpointRoutes
-from .common import _expect
-from .lineage import LineageRoutes
-from .openapi import OpenAPIRoutes
-from .reads import ReadRoutes
+from .auth import check_agency
+from .routes.checkpoint import CheckpointRoutes
+from .routes.common import _expect
+from .routes.lineage import LineageRoutes
+from .routes.openapi import OpenAPIRoutes
+from .routes.reads import ReadRoutes
 from .server import CLAIMS, Handler, is_local, make_problem_middleware, peer_uid, source_of
 
 _PUBLIC = frozenset({"/openapi.json"})  # served without credentials

@@ -17,8 +17,8 @@ from typing import Any
 
 import msgspec
 
-from .digest import canonical_json, sha256_hex
-from .postgres import Postgres
+from ..core.digest import canonical_json, sha256_hex
+from .pool import Postgres
 
 _SET_AGENCY = "SELECT set_config('flux.current_agency_id', $1, true)"
 _EVENT_COLUMNS = (

@@ -25,14 +25,14 @@ from typing import Any
 
 import msgspec
 
-from .digest import canonical_json, sha256_hex
-from .errors import CheckpointError, TransientError, ValidationError
-from .event import CheckpointRecord, CheckpointRow, Row, decode_record, record_encoder
-from .ids import uuid7_at
-from .postgres import UnsafeRole, is_transient
-from .spool import Spool
-from .store import Store, StoredCheckpoint
-from .validate import Schemas, Seal, violation
+from ..core.digest import canonical_json, sha256_hex
+from ..core.errors import CheckpointError, TransientError, ValidationError
+from ..core.event import CheckpointRecord, CheckpointRow, Row, decode_record, record_encoder
+from ..core.ids import uuid7_at
+from ..intake.validate import Schemas, Seal, violation
+from ..postgres.pool import UnsafeRole, is_transient
+from ..postgres.store import Store, StoredCheckpoint
+from ..spool import Spool
 
 # \Z, not $: "$" also matches before a final newline, and "run\n" is not a run id.
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")

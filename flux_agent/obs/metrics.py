@@ -23,7 +23,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ._version import __version__
+from .._version import __version__
 
 REQUEST_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 2, 5)
 # The supervised background tasks (flux_task_failures_total{task}).

@@ -15,23 +15,23 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
+from ...checkpoints.ledger import RUN_ID as RUN_ID_PATTERN
+from ...checkpoints.ledger import Checkpoints
+from ...core.errors import FluxError, TransientError, ValidationError
+from ...core.event import Row
+from ...core.settings import AgentConfig
+from ...flush.flusher import Flusher
+from ...obs.metrics import Metrics
+from ...obs.tracing import Tracing
+from ...postgres.pool import UnsafeRole, is_transient
+from ...postgres.store import Store
+from ...spool import Spool
 from ..audit import Auditor
 from ..auth import Authenticator, Claims
-from ..checkpoints import RUN_ID as RUN_ID_PATTERN
-from ..checkpoints import Checkpoints
-from ..config import AgentConfig
-from ..errors import FluxError, TransientError, ValidationError
-from ..event import Row
-from ..flush import Flusher
-from ..lineage import Lineage
-from ..metrics import Metrics
-from ..postgres import UnsafeRole, is_transient
+from ..openlineage import Lineage
 from ..seen import SeenIndex
-from ..spool import Spool
-from ..store import Store
-from ..tracing import Tracing
+from ..server import REQUEST_ID, TRACE, problem_response, source_of
 from ..validate import EventChecker, Manifest, Seal, utcnow
-from .server import REQUEST_ID, TRACE, problem_response, source_of
 
 _BYTE_POS = re.compile(r"\(byte (\d+)\)")
 READ_YOUR_WRITES_WAIT = 2.0  # seconds a read waits for the agent's own pending writes

@@ -15,8 +15,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from .._resources import data_dir
-from .._version import __version__
+from ..._version import __version__
+from ...core.resources import data_dir
 from .common import Routes
 
 PROBLEM = "application/problem+json"

@@ -31,7 +31,7 @@ from typing import Any
 
 import asyncpg
 
-from ._files import write_atomic
+from ..core.files import write_atomic
 
 log = logging.getLogger("flux_agent.postgres")
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import msgspec
 
-from .errors import TransientError
-from .event import AuditRecord, AuditRow, record_encoder
-from .spool import Spool
+from ..core.errors import TransientError
+from ..core.event import AuditRecord, AuditRow, record_encoder
+from ..spool import Spool
 
 UNKNOWN = "-"
 

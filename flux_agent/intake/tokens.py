@@ -14,9 +14,9 @@ from typing import Any
 
 import jwt
 
+from ..core.errors import AuthenticationError, DataIsolationError
+from ..core.settings import KUBE_BINDING
 from .auth import ROLES, Claims, authorization
-from .config import KUBE_BINDING
-from .errors import AuthenticationError, DataIsolationError
 
 _SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _NUMERIC_DATES = ("exp", "nbf", "iat")

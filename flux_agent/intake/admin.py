@@ -15,10 +15,10 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from ..auth import Authenticator, require
-from ..errors import ValidationError
-from ..metrics import CONTENT_TYPE, Metrics
-from .common import Routes
+from ..core.errors import ValidationError
+from ..obs.metrics import CONTENT_TYPE, Metrics
+from .auth import Authenticator, require
+from .routes.common import Routes
 from .server import CLAIMS, is_local, json_response, make_problem_middleware
 
 

@@ -41,10 +41,10 @@ from typing import Any, Final
 
 import jsonschema_rs
 
-from ._resources import data_dir
-from .digest import canonical_json
-from .errors import ValidationError
-from .ids import uuid7_at
+from ..core.digest import canonical_json
+from ..core.errors import ValidationError
+from ..core.ids import uuid7_at
+from ..core.resources import data_dir
 from .validate import (
     KEYWORD_CODES,
     SCHEMA_VERSION,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from .config import split_hostport
+from ..core.settings import split_hostport
 
 
 class Unreachable(Exception):

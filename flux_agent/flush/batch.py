@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .event import (
+from ..core.event import (
     AuditRecord,
     AuditRow,
     CheckpointRecord,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
-from .errors import AuthenticationError, DataIsolationError, ValidationError
+from ..core.errors import AuthenticationError, DataIsolationError, ValidationError
 
 Role = Literal["admin", "operator", "viewer", "analyzer"]
 ROLES: Final = ("admin", "operator", "viewer", "analyzer")

@@ -8,11 +8,11 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from ...checkpoints.ledger import Known, parse_if_match
+from ...core.errors import CheckpointError, FluxError, TransientError
 from ..auth import Claims, require
-from ..checkpoints import Known, parse_if_match
-from ..errors import CheckpointError, FluxError, TransientError
+from ..server import CLAIMS, json_response
 from .common import Routes, _iso, _known_run_id, _limit, _not_found, _prefers_committed
-from .server import CLAIMS, json_response
 
 
 class CheckpointRoutes(Routes):

@@ -11,12 +11,12 @@ from typing import Any
 
 from aiohttp import web
 
+from ...core.errors import FluxError, TransientError, ValidationError
+from ...core.event import EventsRecord, Row, record_encoder
 from ..auth import Claims, require
-from ..errors import FluxError, TransientError, ValidationError
-from ..event import EventsRecord, Row, record_encoder
 from ..seen import Key
+from ..server import CLAIMS, json_response
 from .common import Routes, _prefers_committed
-from .server import CLAIMS, json_response
 
 
 @dataclass(slots=True)

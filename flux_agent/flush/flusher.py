@@ -36,11 +36,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ._files import reason
+from ..core.event import CheckpointRecord, EventsRecord, SpoolRecord, decode_record
+from ..core.files import reason
+from ..obs.tracing import Tracing
+from ..spool import Spool
 from .batch import Batch, Batcher, Limits, Work, split_lanes
-from .event import CheckpointRecord, EventsRecord, SpoolRecord, decode_record
-from .spool import Spool
-from .tracing import Tracing
 
 log = logging.getLogger("flux_agent.flush")
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import jsonschema_rs
 
-from ._resources import data_dir
-from .digest import canonical_json, sha256_hex
-from .errors import DataIsolationError, ValidationError
-from .event import Row
+from ..core.digest import canonical_json, sha256_hex
+from ..core.errors import DataIsolationError, ValidationError
+from ..core.event import Row
+from ..core.resources import data_dir
 
 SCHEMA_VERSION = "v1"
 _BASE_URI = "https://flux-agent.invalid/schemas/v1/"
