@@ -25,7 +25,7 @@ import asyncpg
 import psutil
 
 from flux_agent.postgres.embedded import LocalPostgres, find_bin_dir, free_port
-from flux_agent.postgres.sink import bootstrap_database
+from flux_agent.postgres.migrations import bootstrap_database
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGIN_ROLE = "flux_bench_sidecar"
@@ -76,7 +76,7 @@ class Database:
             self.admin_dsn = self.cluster.dsn(database=DATABASE)
             await bootstrap_database(server, self.admin_dsn, DATABASE, LOGIN_ROLE)
         else:
-            from flux_agent.postgres.sink import migrate_dsn
+            from flux_agent.postgres.migrations import migrate_dsn
 
             await migrate_dsn(self.admin_dsn)
         conn = await asyncpg.connect(self.admin_dsn)

@@ -37,7 +37,7 @@ import asyncpg
 
 from flux_agent.core.digest import payload_digest
 from flux_agent.core.ids import uuid7_at
-from flux_agent.postgres.sink import migrate, migrations
+from flux_agent.postgres.migrations import migrate, migrations
 
 from .harness import Database, machine
 

@@ -6,26 +6,12 @@
 from __future__ import annotations
 
 import itertools
-import os
-import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from .client.core import uuid7
+
 _counter = itertools.count()
-
-
-def uuid7() -> str:
-    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then random bits. Time-ordered, so
-    consecutive ids land next to each other in PostgreSQL's primary-key index."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80
-    value |= 0x7 << 76  # version 7
-    value |= ((rand >> 64) & 0xFFF) << 64
-    value |= 0b10 << 62  # RFC 4122 variant
-    value |= rand & ((1 << 62) - 1)
-    return str(uuid.UUID(int=value))
 
 
 def make_event(kind: str = "step.completed", **fields: Any) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import pytest
 from flux_agent import Agent, AgentConfig
 from flux_agent.obs.logs import JsonFormatter
 from flux_agent.postgres.embedded import LocalPostgres, find_bin_dir, free_port
-from flux_agent.postgres.sink import migrate_dsn
+from flux_agent.postgres.migrations import migrate_dsn
 
 from .faults import TcpProxy
 from .helpers import CAPTURED, SECRETS, remember_secret

@@ -119,8 +119,8 @@ async def test_valid_token_writes_for_its_agency(jwt_agent: Agent, database: Dat
         status, _, _ = await post(jwt_agent.endpoints.event_url + "/v1/events", make_event(),
                                   headers=bearer(tok))
         assert status == 202
-    assert isinstance(jwt_agent.intake.authenticator, JwtAuthenticator)
-    assert jwt_agent.intake.authenticator.verifications == 1
+    assert isinstance(jwt_agent.authenticator, JwtAuthenticator)
+    assert jwt_agent.authenticator.verifications == 1
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,7 @@ async def test_start_serve_and_stop_make_no_blocking_call(database: Database, st
         assert status == 200, body
         status, body, _ = await get(url + "/v1/runs/run-1")
         assert status in (200, 404), body
-        await agent._save_snapshots()
+        await agent.snapshots.save()
         status, body, _ = await get(agent.endpoints.admin_url + "/health/deep")
         assert status == 200, body
 

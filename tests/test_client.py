@@ -313,8 +313,7 @@ async def test_retries_through_a_real_spool_full_keep_the_same_ids(
 
 
 async def test_draining_agent_answers_503_and_the_client_gives_up_cleanly(agent: Agent):
-    assert agent.intake is not None
-    agent.intake.draining = True  # what SIGTERM does first: refuse new events with 503
+    agent.gate.close()  # what SIGTERM does first: refuse new events with 503
     sleeps = Sleeps()
     client = FluxClient(agent.endpoints.event_url, sleep=sleeps,
                         retry=RetryPolicy(attempts=3, backoff=0.01))

@@ -54,7 +54,7 @@ def test_every_error_code_the_agent_answers_is_in_the_readme_table():
 
 
 def test_every_exported_metric_is_in_the_readme():
-    names = {c for c in _constants(ROOT / "flux_agent" / "metrics.py")
+    names = {c for c in _constants(ROOT / "flux_agent" / "obs" / "metrics.py")
              if re.fullmatch(r"flux_[a-z_]+", c)}
     assert len(names) > 30
     listed = README[README.index("- **Metrics**"):README.index("- **Health**")]

@@ -23,7 +23,7 @@ import pytest
 
 from flux_agent import Agent
 from flux_agent.postgres.embedded import LocalPostgres, find_bin_dir, free_port
-from flux_agent.postgres.sink import bootstrap_database
+from flux_agent.postgres.migrations import bootstrap_database
 from flux_agent.testing import make_events
 
 from .conftest import (

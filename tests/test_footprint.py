@@ -14,7 +14,7 @@ from .conftest import Database
 
 PROBE = r"""
 import asyncio, json, sys
-from flux_agent.config import load_config
+from flux_agent.core.settings import load_config
 from flux_agent.agent import Agent
 
 async def main():
@@ -23,7 +23,7 @@ async def main():
            "FLUX_AGENT_LISTEN": "127.0.0.1:0", "FLUX_AGENT_ADMIN_LISTEN": "127.0.0.1:0",
            "FLUX_AGENT_MIGRATE": "false"}
     async with Agent(load_config([], environ=env)) as agent:
-        lineage_loaded = agent.intake._lineage is not None
+        lineage_loaded = agent.api.lineage.lineage is not None
         print(json.dumps({"modules": sorted(sys.modules), "lineage": lineage_loaded}))
 
 asyncio.run(main())

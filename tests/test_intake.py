@@ -361,7 +361,7 @@ async def test_gzip_of_json_array(agent: Agent, database: Database):
 
 
 async def test_body_budget_waits_in_order_and_survives_cancellation():
-    from flux_agent.intake.routes.common import ByteBudget
+    from flux_agent.intake.body import ByteBudget
 
     budget = ByteBudget(100)
     assert await budget.acquire(60) == 60
@@ -548,10 +548,9 @@ async def test_unparseable_http_is_problem_json_and_quotes_nothing(agent: Agent,
         _reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
         writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n[{")
         await writer.drain()
-        assert agent.intake is not None
-        assert await wait_until(lambda: _async(agent.intake.inflight == 1), 5)
+        assert await wait_until(lambda: _async(agent.gate.inflight == 1), 5)
         writer.close()
-        assert await wait_until(lambda: _async(agent.intake.inflight == 0), 10)
+        assert await wait_until(lambda: _async(agent.gate.inflight == 0), 10)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     # An encoding aiohttp does not know reaches the handler undecoded: 415, not a parse.
     status, ctype, body = await raw(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n"
@@ -587,8 +586,8 @@ async def test_a_stalled_upload_cannot_hold_intake(database: Database, state_dir
     config = agent_config(database, state_dir, request_body_timeout=1.0,
                           request_memory_bytes=budget, request_max_bytes=budget)
     async with Agent(config) as agent:
-        assert agent.intake is not None
-        bodies = agent.intake.bodies
+        assert agent.api is not None
+        bodies = agent.api.ingest.bodies.budget
         parts = urlsplit(agent.endpoints.event_url)
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
         writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"

@@ -37,6 +37,7 @@ from openlineage.client.uuid import generate_new_uuid
 from flux_agent import Agent
 from flux_agent.core.digest import canonical_json
 from flux_agent.core.errors import ValidationError
+from flux_agent.core.event import Seal
 from flux_agent.core.ids import id_time
 from flux_agent.intake.openlineage import (
     FLUX_FACET_REF,
@@ -45,7 +46,7 @@ from flux_agent.intake.openlineage import (
     event_id_for,
     run_event_digest,
 )
-from flux_agent.intake.validate import EventChecker, Schemas, Seal, parse_timestamp
+from flux_agent.intake.validate import EventChecker, Schemas, parse_timestamp
 from flux_agent.testing import make_event
 
 from .conftest import Database, agent_config, proxied

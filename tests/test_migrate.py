@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from flux_agent.postgres.sink import MigrationError, migrate, migrations
+from flux_agent.postgres.migrations import MigrationError, migrate, migrations
 
 from .conftest import PgServer, create_database, drop_database
 

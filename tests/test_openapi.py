@@ -24,7 +24,7 @@ async def test_document_is_valid_openapi_31_and_lists_every_route(agent: Agent):
     validate_spec(doc)
     assert doc["openapi"] == "3.1.0"
     routes = {(method.upper(), resource.canonical)
-              for resource in agent.intake.app().router.resources()  # type: ignore[union-attr]
+              for resource in agent.event_app.router.resources()  # type: ignore[union-attr]
               for route in resource for method in [route.method] if method != "HEAD"}
     documented = {(m.upper(), path) for path, ops in doc["paths"].items()
                   for m in ops if m in {"get", "put", "post", "delete"}}

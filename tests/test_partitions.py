@@ -23,8 +23,10 @@ from flux_agent.core.digest import payload_digest
 from flux_agent.core.event import Row
 from flux_agent.core.ids import id_ms, id_time, uuid7_at
 from flux_agent.flush.batch import Work
+from flux_agent.postgres.errors import LockTimeout
+from flux_agent.postgres.migrations import migrate, migrations
 from flux_agent.postgres.pool import Postgres
-from flux_agent.postgres.sink import Sink, migrate, migrations
+from flux_agent.postgres.sink import Sink
 from flux_agent.testing import make_event
 
 from .conftest import (
@@ -115,7 +117,7 @@ async def backdate(database: Database, days: int, agencies: list[str]) -> dateti
 
 
 async def test_the_sql_key_is_the_python_key(database: Database):
-    """flux.event_id_time (what PostgreSQL routes by) and flux_agent.ids.id_time agree, on
+    """flux.event_id_time (what PostgreSQL routes by) and flux_agent.core.ids.id_time agree, on
     every kind of id: v7 at the edges of its range, v7 with a wrong variant, other versions."""
     ids = [str(uuid.uuid4()), str(uuid.uuid1()), str(uuid.uuid5(uuid.NAMESPACE_URL, "x")),
            "00000000-0000-0000-0000-000000000000", "ffffffff-ffff-ffff-ffff-ffffffffffff",
@@ -200,13 +202,14 @@ async def test_the_write_path_replays_into_the_partition_of_the_first_write(sink
            "v7 a year ahead": v7(datetime.now(UTC) + 365 * DAY),
            "v7 in 2001": v7(datetime(2001, 9, 9, tzinfo=UTC))}
     first = [row(i) for i in ids.values()]
-    inserted, new = await sink.write(Work(events=first), returning=True)
+    written = await sink.write(Work(events=first), returning=True)
+    inserted, new = written.inserted, written.new_ids
     assert inserted == len(ids) and new == set(ids.values())
     shifted = [row(i, occurred_at=boundary + DAY, received_at=datetime.now(UTC) + DAY,
                    retention=DAY, payload={"n": 2}) for i in ids.values()]
     for _ in range(2):
-        inserted, new = await sink.write(Work(events=shifted), returning=True)
-        assert (inserted, new) == (0, set())
+        written = await sink.write(Work(events=shifted), returning=True)
+        assert (written.inserted, written.new_ids) == (0, set())
     where = {}
     for name, event_id in ids.items():
         rows = await stored(database, event_id)
@@ -480,12 +483,12 @@ async def test_a_shorter_retention_agency_is_dropped_after_its_time_while_others
                     "SELECT count(*) FROM flux.events WHERE agency_id = 'noaa'") == 0
 
             assert await wait_until(noaa_gone, 15)
-            assert agent.partition_counts["dropped"] >= 2
+            assert agent.retention.counts["dropped"] >= 2
             _, metrics, _ = await get(agent.endpoints.admin_url + "/metrics")
             assert "flux_event_partitions_dropped_total" in metrics
             assert "flux_event_partitions_ahead_seconds" in metrics
         # Gone by dropping noaa's partitions, not by deleting rows; nasa's are all there.
-        assert agent.purged.get("events", 0) == 0
+        assert agent.retention.purged.get("events", 0) == 0
         kept = {str(r[0]) for r in await database.fetch(
             "SELECT event_id FROM flux.events WHERE agency_id = 'nasa'")}
         assert kept == set(nasa)
@@ -521,7 +524,7 @@ async def test_a_partition_with_an_unexpired_row_is_never_dropped(database: Data
     while (gone := await sink.drop_expired_partition({"nasa": 1, "noaa": 1}, 2.0)) is not None:
         pass
     assert await database.fetchval(f"SELECT to_regclass('{range_of_alive}')") is None
-    inserted, _ = await sink.write(Work(events=[row(alive)]), returning=False)
+    inserted = (await sink.write(Work(events=[row(alive)]), returning=False)).inserted
     assert inserted == 1
     assert (await stored(database, alive))[0]["part"] == "flux.events_default"
 
@@ -538,7 +541,8 @@ async def test_the_default_partition_keeps_events_ahead_until_their_range_exists
     assert sum(moved for _, moved in made) == 1
     part = (await stored(database, ahead))[0]["part"]
     assert part.endswith("_nasa") and part != "flux.events_default"
-    inserted, _ = await sink.write(Work(events=[row(ahead, payload={"n": 3})]), returning=False)
+    written = await sink.write(Work(events=[row(ahead, payload={"n": 3})]), returning=False)
+    inserted = written.inserted
     assert inserted == 0
     assert len(await stored(database, ahead)) == 1
     stats = await sink.partition_stats()
@@ -556,7 +560,7 @@ async def test_maintenance_gives_up_on_its_lock_and_writes_go_on(database: Datab
         await tx.start()
         await writer.execute("LOCK TABLE ONLY flux.events IN ROW EXCLUSIVE MODE")
         before = await database.fetchval("SELECT count(*) FROM flux.event_partitions")
-        with pytest.raises(asyncpg.LockNotAvailableError):
+        with pytest.raises(LockTimeout):
             await sink.prepare_partition(["nasa"], 3600.0, 5 * 86400.0, 0.2)
         assert await database.fetchval("SELECT count(*) FROM flux.event_partitions") == before
         await tx.rollback()

@@ -84,10 +84,10 @@ async def test_partition_maintenance_through_transaction_pooling(database: Datab
     try:
         async with Agent(config) as agent:
             async def maintained() -> bool:
-                return agent.partition_stats is not None and agent.retention_rounds >= 2
+                return agent.retention.stats is not None and agent.retention.rounds >= 2
 
             assert await wait_until(maintained, 20)
-            assert agent.partition_counts["created"] >= 1  # agency partitions ahead
+            assert agent.retention.counts["created"] >= 1  # agency partitions ahead
             events = make_events(10)
             for _ in range(2):  # the second time: duplicates, found in their partitions
                 status, body, _ = await post(agent.endpoints.event_url + "/v1/events", events,

@@ -149,9 +149,9 @@ async def test_retention_removes_only_expired_rows_in_one_agent(database: Databa
 
         assert await wait_until(purged, 20)
         await asyncio.sleep(0.6)
-        rounds = [agent.retention_rounds for agent in (a, b, c)]
+        rounds = [agent.retention.rounds for agent in (a, b, c)]
         assert sum(1 for r in rounds if r) == 1, rounds  # one agent holds the lease
-        holder = next(agent for agent in (a, b, c) if agent.retention_rounds)
+        holder = next(agent for agent in (a, b, c) if agent.retention.rounds)
         _, metrics, _ = await get(holder.endpoints.admin_url + "/metrics")
         assert 'flux_retention_purged_rows_total{table="events"} 30.0' in metrics
     kept = {str(r[0]) for r in await database.fetch("SELECT event_id FROM flux.events")}

@@ -96,7 +96,7 @@ async def test_a_full_disk_answers_503_and_intake_recovers_when_space_returns(
         assert status == 200, live  # a full disk is not fixed by a restart
         # A snapshot attempted now fails and leaves no partial file taking the last pages.
         with pytest.raises(OSError, match="No space left"):
-            await agent._save_snapshots()
+            await agent.snapshots.save()
         assert not list(small_disk.glob("*.tmp")), list(small_disk.iterdir())
         # Still refused a few probes later: the probe does not pretend.
         await asyncio.sleep(2.5)

@@ -26,9 +26,8 @@ def payload(i: int) -> bytes:
 async def open_spool(directory: Path, **kw) -> tuple[Spool, dict[int, bytes]]:
     recovered: dict[int, bytes] = {}
     s = Spool(directory, max_bytes=kw.pop("max_bytes", 64 * 1024 * 1024),
-              segment_bytes=kw.pop("segment_bytes", 4096),
-              on_recover_record=lambda seq, data: recovered.__setitem__(seq, data), **kw)
-    await s.open()
+              segment_bytes=kw.pop("segment_bytes", 4096), **kw)
+    await s.open(on_record=lambda seq, data: recovered.__setitem__(seq, data))
     return s, recovered
 
 
@@ -255,10 +254,9 @@ async def main():
     assert failed > 0 and acked, (failed, len(acked))
     await s.close()
     resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    s = Spool(directory, max_bytes=10**9, segment_bytes=10**8,
-              on_recover_record=lambda seq, data: found.append(seq))
+    s = Spool(directory, max_bytes=10**9, segment_bytes=10**8)
     found = []
-    await s.open()
+    await s.open(on_record=lambda seq, data: found.append(seq))
     await s.close()
     # Everything acknowledged is there; nothing that failed was left half-written.
     assert set(acked) <= set(found), (len(acked), len(found))

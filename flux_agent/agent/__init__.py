@@ -1,9 +1,10 @@
-"""The composition root: builds the pipeline and runs its lifecycle (:mod:`.core`), its
-supervised background loops (:mod:`.background`), its probes (:mod:`.probes`), and what it
-prepares before it runs (:mod:`.setup`)."""
+"""The composition root: builds the pipeline in dependency order and runs its lifecycle
+(:mod:`.core`); binds and serves the listeners (:mod:`.listeners`); the database it uses
+(:mod:`.database`); its probes (:mod:`.probes`); its snapshots (:mod:`.snapshots`); key
+reloads (:mod:`.reload`); and what it prepares before it runs (:mod:`.setup`)."""
 
 from .core import Agent as Agent
-from .core import Endpoints as Endpoints
+from .listeners import Endpoints as Endpoints
 from .setup import SUPERUSER_NOTE as SUPERUSER_NOTE
 from .setup import bounded as bounded
 from .setup import embedded_connect as embedded_connect

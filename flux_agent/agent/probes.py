@@ -1,56 +1,87 @@
 """What the agent says about itself: readiness, liveness, diagnostics (``/health/*``) and
-the values its metrics collector reads at scrape time."""
+the values its metrics collector reads at scrape time, over the stages it reads.
+
+Readiness tells the truth: it fails while the agent is not running (starting, draining),
+while the spool is full or unwritable, while events wait with no flush progress for longer
+than the threshold, and while a critical background task keeps failing. A pod that looks
+healthy but forwards nothing is the failure this exists to prevent.
+"""
 
 from __future__ import annotations
 
-import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from ..checkpoints.ledger import Checkpoints
+from ..core.timefmt import rfc3339_ms
+from ..flush.flusher import Flusher
+from ..intake.runs import RunTracker
 from ..obs import logs
-from ..postgres.pool import describe
-from ..spool import Recovery
-from .setup import rfc3339
-from .state import AgentState
-
-log = logging.getLogger("flux_agent.agent")
+from ..obs.supervise import Supervisor
+from ..spool import Recovery, Spool
 
 
-class Probes(AgentState):
-    """Mixed into :class:`~flux_agent.agent.Agent`: its probes and scrape-time state."""
+class UpstreamHealth(Protocol):
+    """Where the flusher delivers (PostgreSQL, an aggregator), as the probes see it."""
 
-    def _db_window(self) -> float:
-        return max(30.0, 2 * self.config.database_ping_interval)
+    key: str  # its name in the readiness answer: ``database`` or ``upstream``
+
+    def state(self) -> str: ...  # up | down | unknown
+    def up(self) -> bool: ...
+    def unready(self) -> list[str]: ...
+    async def diagnostics(self) -> dict[str, Any]: ...
+
+
+class MetricSource(Protocol):
+    def metric_values(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeSettings:
+    ready_stall_after: float
+    request_max_bytes: int
+
+
+class Probes:
+    def __init__(self, *, lifecycle: Callable[[], str], settings: ProbeSettings,
+                 supervisor: Supervisor, spool: Spool, flusher: Flusher,
+                 upstream: UpstreamHealth, checkpoints: Checkpoints | None = None,
+                 runs: RunTracker | None = None,
+                 extra_metrics: tuple[MetricSource, ...] = ()) -> None:
+        self.lifecycle = lifecycle
+        self.settings = settings
+        self.supervisor = supervisor
+        self.spool = spool
+        self.flusher = flusher
+        self.upstream = upstream
+        self.checkpoints = checkpoints
+        self.runs = runs
+        self.extra_metrics = extra_metrics
+        self.started_at = time.time()
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        reasons = []
+        reasons: list[str] = []
+        state = self.lifecycle()
+        if state != "running":
+            reasons.append(state)
         spool, flusher = self.spool, self.flusher
-        if self._state != "running":
-            reasons.append(self._state)
-        body: dict[str, Any] = {"database": "unknown", "spool": {}}
-        if self.pg is not None:
-            body["database"] = self.pg.state(self._db_window())
-            role = self.pg.role
-            if role is not None and role.privileged:
-                reasons.append("database_role_unsafe")
-        if flusher is not None:
-            stalled = flusher.stalled_for()
-            if stalled > self.config.ready_stall_after:
-                reasons.append("flush_stalled")
+        body: dict[str, Any] = {self.upstream.key: self.upstream.state()}
+        reasons += self.upstream.unready()
+        if flusher.stalled_for() > self.settings.ready_stall_after:
+            reasons.append("flush_stalled")
         for task in self.supervisor.failing():
             reasons.append(f"task_failing:{task}")
-        if spool is not None:
-            used = spool.bytes_used
-            body["spool"] = {
-                "bytes": used, "max_bytes": spool.max_bytes,
-                "backlog_records": flusher.backlog if flusher else 0,
-                "writable": spool.broken is None,
-            }
-            if spool.broken is not None:
-                reasons.append("spool_unwritable")
-                body["spool"]["error"] = spool.broken
-            if used + self.config.request_max_bytes > spool.max_bytes:
-                reasons.append("spool_full")
+        used = spool.bytes_used
+        body["spool"] = {"bytes": used, "max_bytes": spool.max_bytes,
+                         "backlog_records": flusher.backlog,
+                         "writable": spool.broken is None}
+        if spool.broken is not None:
+            reasons.append("spool_unwritable")
+            body["spool"]["error"] = spool.broken
+        if used + self.settings.request_max_bytes > spool.max_bytes:
+            reasons.append("spool_full")
         if reasons:
             body["reasons"] = reasons
         return not reasons, body
@@ -59,48 +90,40 @@ class Probes(AgentState):
         """Fails only for what a restart can fix: a background task failing for longer
         than ``live_fail_after``."""
         dead = self.supervisor.dead()
-        return not dead, ({"failing_tasks": dead} if dead else {})
+        return not dead, ({"failing_tasks": list(dead)} if dead else {})
 
     async def diagnostics(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"uptime_s": round(time.time() - self.started_at, 3)}
-        database: dict[str, Any] = {}
-        if self.sink is not None:
-            try:
-                database["latency_ms"] = round(await self.sink.ping() * 1000, 3)
-                database["schema_version"] = await self.sink.schema_version()
-                database["status"] = "up"
-            except Exception as exc:  # noqa: BLE001 - a diagnostic reports any failure
-                database["status"] = "down"
-                database["error"] = logs.scrub(describe(exc))
-        out["database"] = database
-        if self.spool is not None and self.flusher is not None:
-            out["spool"] = {
-                "bytes": self.spool.bytes_used,
-                "max_bytes": self.spool.max_bytes,
-                "writable": self.spool.broken is None,
-                "segments": len(self.spool.segments),
-                "backlog_records": self.flusher.backlog,
-                "oldest_unflushed_age_s": round(self.spool.oldest_unflushed_age(), 3),
-                "retained_bytes": self.spool.retained_bytes,
-            }
-            out["flush"] = {
-                "last_flush_at": rfc3339(self.flusher.last_flush_at),
-                "last_error": logs.scrub(self.flusher.last_error or "") or None,
-                "stalled_s": round(self.flusher.stalled_for(), 3),
-            }
-        out["tasks"] = {name: {**info, "last_error": logs.scrub(str(info["last_error"]))
-                               if info["last_error"] else None}
-                        for name, info in self.supervisor.describe().items()}
-        return out
-
-    def _metric_state(self) -> dict[str, Any]:
         spool, flusher = self.spool, self.flusher
-        if spool is None or flusher is None:
-            return {}
+        upstream = await self.upstream.diagnostics()
+        if "error" in upstream:
+            upstream["error"] = logs.scrub(str(upstream["error"]))
+        return {
+            "uptime_s": round(time.time() - self.started_at, 3),
+            self.upstream.key: upstream,
+            "spool": {
+                "bytes": spool.bytes_used,
+                "max_bytes": spool.max_bytes,
+                "writable": spool.broken is None,
+                "segments": len(spool.segments),
+                "backlog_records": flusher.backlog,
+                "oldest_unflushed_age_s": round(spool.oldest_unflushed_age(), 3),
+                "retained_bytes": spool.retained_bytes,
+            },
+            "flush": {
+                "last_flush_at": rfc3339_ms(flusher.last_flush_at),
+                "last_error": logs.scrub(flusher.last_error or "") or None,
+                "stalled_s": round(flusher.stalled_for(), 3),
+            },
+            "tasks": {name: {**info, "last_error": logs.scrub(str(info["last_error"]))
+                             if info["last_error"] else None}
+                      for name, info in self.supervisor.describe().items()},
+        }
+
+    def metric_values(self) -> dict[str, Any]:
+        spool, flusher = self.spool, self.flusher
         rec = spool.recovery or Recovery()
         stats = flusher.stats
-        pg_up = self.pg is not None and self.pg.state(float("inf")) == "up"
-        return {
+        values: dict[str, Any] = {
             "flux_events_flushed": stats.events_inserted,
             "flux_events_dead_lettered": stats.events_dead,
             "flux_flush_batches": stats.batches,
@@ -122,32 +145,15 @@ class Probes(AgentState):
             "flux_spool_retained_evicted": spool.evicted_retained,
             "flux_failover_replays": stats.replays,
             "flux_failover_restored_events": stats.events_restored,
-            "flux_postgres_up": 1.0 if pg_up else 0.0,
             "flux_flush_stalled_seconds": flusher.stalled_for(),
             "flux_ready": 1.0 if self.readiness()[0] else 0.0,
-            "flux_checkpoint_queue_depth": self.checkpoints.pending() if self.checkpoints
-            else 0,
-            "flux_active_runs": self.intake.runs.counts() if self.intake else {},
-            "flux_retention_purged_rows": dict(self.purged),
-            **self._partition_metrics(),
         }
-
-    def _partition_metrics(self) -> dict[str, Any]:
-        counts = self.partition_counts
-        out: dict[str, Any] = {
-            "flux_event_partitions_created": counts["created"],
-            "flux_event_partitions_dropped": counts["dropped"],
-            "flux_event_partition_moved_rows": counts["moved_rows"],
-            "flux_event_partition_lock_timeouts": counts["lock_timeouts"],
-        }
-        stats = self.partition_stats
-        # Only the lease holder's view is current: another agent's would go stale.
-        if stats is None or time.monotonic() - self.partition_stats_at > \
-                3 * self.config.retention_interval + 60:
-            return out
-        out["flux_event_partitions"] = stats.ranges
-        if stats.newest is not None:
-            out["flux_event_partitions_ahead_seconds"] = stats.newest.timestamp() - time.time()
-        out["flux_event_partition_rows_outside"] = {"default": stats.default_rows,
-                                                    "unkeyed": stats.unkeyed_rows}
-        return out
+        if self.upstream.key == "database":
+            values["flux_postgres_up"] = 1.0 if self.upstream.up() else 0.0
+        if self.checkpoints is not None:
+            values["flux_checkpoint_queue_depth"] = self.checkpoints.pending()
+        if self.runs is not None:
+            values["flux_active_runs"] = self.runs.counts()
+        for source in self.extra_metrics:
+            values.update(source.metric_values())
+        return values

@@ -10,7 +10,6 @@ import logging
 import os
 import resource
 import socket
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,13 +127,6 @@ async def bounded(coro: Any, timeout: float) -> Any:
 def _consume(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-def rfc3339(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
 
 
 def file_stamp(path: Path) -> tuple[float, int]:

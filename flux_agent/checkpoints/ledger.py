@@ -25,13 +25,18 @@ from typing import Any
 
 import msgspec
 
-from ..core.digest import canonical_json, sha256_hex
-from ..core.errors import CheckpointError, TransientError, ValidationError
-from ..core.event import CheckpointRecord, CheckpointRow, Row, decode_record, record_encoder
+from ..core.digest import NUL_ESCAPE, canonical_json, sha256_hex
+from ..core.errors import (
+    CheckpointError,
+    PermissionDenied,
+    StoreUnavailable,
+    TransientError,
+    ValidationError,
+    violation,
+)
+from ..core.event import CheckpointRecord, CheckpointRow, Row, Seal, decode_record, record_encoder
 from ..core.ids import uuid7_at
-from ..intake.validate import Schemas, Seal, violation
-from ..postgres.pool import UnsafeRole, is_transient
-from ..postgres.store import Store, StoredCheckpoint
+from ..core.reads import Reader
 from ..spool import Spool
 
 # \Z, not $: "$" also matches before a final newline, and "run\n" is not a run id.
@@ -42,24 +47,27 @@ _VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit a bigint
 # (Before sql/006 they were uuid5(_EVENT_NAMESPACE, ...), without a time; those still on a
 # spool replay under their old ids.)
 _EVENT_NAMESPACE = uuid.UUID("6a4f6c1e-4a51-4c6e-9b0a-2f1d5f9f7c10")
-_NUL_ESCAPE = b"\\u0000"
 
 
 @dataclass(slots=True)
 class Known:
-    """What the agent knows of a run's latest checkpoint."""
+    """What the agent knows of a run's latest checkpoint: the checkpoint (its state ``""``
+    when not held in memory: it is then read back from the spool or the upstream) and the
+    spool record of its save (0 when it came from the upstream or the snapshot)."""
 
-    version: int
-    checkpoint_hash: str
-    step: str
-    saved_at: datetime
-    seq: int  # spool record of the save; 0 when it came from PostgreSQL or the snapshot
-    state: str | None = None  # kept while PostgreSQL may not have it yet
-    provider: str | None = None
-    model: str | None = None
-    status: str | None = None
-    expires_at: datetime | None = None
-    event_id: str = ""
+    row: CheckpointRow
+    seq: int
+
+    @property
+    def version(self) -> int:
+        return self.row.version
+
+    @property
+    def held(self) -> bool:
+        return bool(self.row.state)
+
+    def drop_state(self) -> None:
+        self.row = self.row._replace(state="")
 
 
 class _Snapshot(msgspec.Struct, array_like=True):
@@ -87,8 +95,8 @@ class Checkpoints:
     def __init__(
         self,
         spool: Spool,
-        store: Store,
-        schemas: Schemas,
+        store: Reader,
+        explain: Callable[[Any], list[dict[str, str]]],
         *,
         max_bytes: int,
         committed: Callable[[], int],
@@ -97,7 +105,7 @@ class Checkpoints:
     ) -> None:
         self.spool = spool
         self.store = store
-        self.schemas = schemas
+        self.explain = explain  # the checkpoint schema's violations of a save request
         self.max_bytes = max_bytes
         self.committed = committed  # the flusher's committed sequence number
         self.capacity = capacity
@@ -110,22 +118,20 @@ class Checkpoints:
 
     def remember(self, key: tuple[str, str], known: Known) -> None:
         old = self.known.pop(key, None)
-        if old is not None and old.state is not None:
-            self._state_bytes -= len(old.state)
+        if old is not None:
+            self._state_bytes -= len(old.row.state)
         self.known[key] = known
-        if known.state is not None:
-            self._state_bytes += len(known.state)
+        self._state_bytes += len(known.row.state)
         while len(self.known) > self.capacity:
             _, evicted = self.known.popitem(last=False)
-            if evicted.state is not None:
-                self._state_bytes -= len(evicted.state)
+            self._state_bytes -= len(evicted.row.state)
         # States beyond the memory budget are dropped oldest first; they are still on the
-        # spool (or in PostgreSQL) and are read back from there when asked for.
+        # spool (or upstream) and are read back from there when asked for.
         if self._state_bytes > self.state_memory_bytes:
             for entry in self.known.values():
-                if entry.state is not None and entry is not known:
-                    self._state_bytes -= len(entry.state)
-                    entry.state = None
+                if entry.held and entry is not known:
+                    self._state_bytes -= len(entry.row.state)
+                    entry.drop_state()
                     if self._state_bytes <= self.state_memory_bytes:
                         break
 
@@ -140,10 +146,10 @@ class Checkpoints:
         key = (cp.agency_id, cp.run_id)
         current = self.known.get(key)
         if current is None or current.version <= cp.version:
-            self.remember(key, _known_from_row(cp, seq, with_state=True))
+            self.remember(key, Known(cp, seq))
 
     def dump(self) -> bytes:
-        runs = [(a, r, k.version, k.checkpoint_hash, k.step, k.saved_at.isoformat())
+        runs = [(a, r, k.version, k.row.checkpoint_hash, k.row.step, k.row.saved_at.isoformat())
                 for (a, r), k in self.known.items()]
         return msgspec.msgpack.encode(_Snapshot(1, runs))
 
@@ -155,8 +161,10 @@ class Checkpoints:
         except (msgspec.DecodeError, msgspec.ValidationError):
             return 0
         for agency, run, version, digest, step, at in snap.runs[-self.capacity:]:
-            self.known[(agency, run)] = Known(version, digest, step, datetime.fromisoformat(at),
-                                              0)
+            saved = datetime.fromisoformat(at)
+            self.known[(agency, run)] = Known(CheckpointRow(
+                agency, run, version, step, "", digest, None, None, None, saved, saved, "",
+                None), 0)
         return len(snap.runs)
 
     # ---------------------------------------------------------------- save
@@ -168,7 +176,7 @@ class Checkpoints:
                                   errors=[violation("/run_id", "must match "
                                                     "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$",
                                                     "INVALID_RUN_ID")])
-        problems = self.schemas.explain_with(self.schemas.checkpoint, body)
+        problems = self.explain(body)
         if problems:
             codes = {p["code"] for p in problems}
             raise ValidationError(codes.pop() if len(codes) == 1 else "SCHEMA_VIOLATION",
@@ -181,7 +189,7 @@ class Checkpoints:
                 f"state is {len(state)} bytes; the limit is {self.max_bytes}", status=413,
                 context={"limit_bytes": self.max_bytes},
                 errors=[violation("/state", "too large", "CHECKPOINT_TOO_LARGE")])
-        if _NUL_ESCAPE in state or any("\x00" in str(body.get(k) or "")
+        if NUL_ESCAPE in state or any("\x00" in str(body.get(k) or "")
                                        for k in ("step", "provider", "model", "status")):
             raise ValidationError("NUL_CHARACTER", "NUL characters (\\u0000) cannot be stored",
                                   errors=[violation("", "NUL character", "NUL_CHARACTER")])
@@ -196,21 +204,19 @@ class Checkpoints:
             return known
         try:
             stored = await self.store.latest_checkpoint(agency, run_id)
-        except Exception as exc:
-            if not is_transient(exc) and not isinstance(exc, UnsafeRole):
-                raise  # a bug: the problem middleware logs it and answers 500
+        except (StoreUnavailable, PermissionDenied) as exc:
             raise TransientError(
                 "CHECKPOINT_VERSION_UNKNOWN",
                 "PostgreSQL is unreachable and this agent has not seen this run's checkpoints; "
                 "retry shortly", retry_after=2,
-                context={"reason": type(exc).__name__},
+                context={"reason": type(exc.__cause__ or exc).__name__},
             ) from None
         known = self.known.get(key)  # another request may have saved meanwhile
         if known is not None:
             return known
         if stored is None:
             return None
-        known = _known_from_stored(stored)
+        known = Known(stored, 0)
         self.remember(key, known)
         return known
 
@@ -256,7 +262,7 @@ class Checkpoints:
         payload = record_encoder.encode(record)
         self.spool.check_room(len(payload))
         seq, durable = self.spool.append(payload, record)
-        known = _known_from_row(record.checkpoint, seq, with_state=True)
+        known = Known(record.checkpoint, seq)
         self.remember((agency, run_id), known)
         return known, previous, durable, seq
 
@@ -269,64 +275,51 @@ class Checkpoints:
 
     # ---------------------------------------------------------------- load
 
-    async def load(self, agency: str, run_id: str) -> Known | None:
+    async def load(self, agency: str, run_id: str) -> CheckpointRow | None:
         """The latest checkpoint, hash verified; None when the run has none."""
         if not RUN_ID.match(run_id):
             return None
         key = (agency, run_id)
         known = self.known.get(key)
-        stored: StoredCheckpoint | None = None
+        stored: CheckpointRow | None = None
         if known is None or known.seq <= self.committed():
             try:
                 stored = await self.store.latest_checkpoint(agency, run_id)
-            except Exception as exc:
-                if not is_transient(exc) and not isinstance(exc, UnsafeRole):
-                    raise
-                if known is None or (known.state is None and known.seq <= self.spool.cursor):
+            except (StoreUnavailable, PermissionDenied) as exc:
+                if known is None or (not known.held and known.seq <= self.spool.cursor):
                     raise TransientError(
                         "CHECKPOINT_UNAVAILABLE",
                         "PostgreSQL is unreachable; this checkpoint is not held locally",
-                        retry_after=2, context={"reason": type(exc).__name__}) from None
+                        retry_after=2, context={"reason": type(exc.__cause__ or exc).__name__}
+                    ) from None
         if stored is not None and (known is None or stored.version >= known.version):
-            known = _known_from_stored(stored)
+            known = Known(stored, 0)
         if known is None:
             return None
-        if known.state is None and known.seq > self.spool.cursor:
-            known.state = await self._from_spool(known.seq)
-        if known.state is None:
+        row = known.row
+        if not known.held and known.seq > self.spool.cursor:
+            row = await self._from_spool(known.seq) or row
+        if not row.state:
             return None
-        self.verify(agency, run_id, known)
-        return known
+        self.verify(run_id, row)
+        return row
 
-    async def _from_spool(self, seq: int) -> str | None:
+    async def _from_spool(self, seq: int) -> CheckpointRow | None:
         for got, payload in await self.spool.read(seq, 1):
             if got == seq:
                 record = decode_record(payload)
                 if isinstance(record, CheckpointRecord):
-                    return record.checkpoint.state
+                    return record.checkpoint
         return None
 
-    def verify(self, agency: str, run_id: str, known: Known) -> None:
-        assert known.state is not None
-        actual = sha256_hex(known.state.encode())
-        if actual != known.checkpoint_hash:
+    def verify(self, run_id: str, row: CheckpointRow) -> None:
+        actual = sha256_hex(row.state.encode())
+        if actual != row.checkpoint_hash:
             self.integrity_failures += 1
             raise CheckpointError(
                 "CHECKPOINT_INTEGRITY_FAILED",
-                f"checkpoint version {known.version} of run {run_id} does not match its hash; "
+                f"checkpoint version {row.version} of run {run_id} does not match its hash; "
                 "it is not returned",
-                context={"version": known.version, "stored_hash": known.checkpoint_hash,
+                context={"version": row.version, "stored_hash": row.checkpoint_hash,
                          "computed_hash": actual})
 
-
-def _known_from_row(cp: CheckpointRow, seq: int, *, with_state: bool) -> Known:
-    return Known(version=cp.version, checkpoint_hash=cp.checkpoint_hash, step=cp.step,
-                 saved_at=cp.saved_at, seq=seq, state=cp.state if with_state else None,
-                 provider=cp.provider, model=cp.model, status=cp.status,
-                 expires_at=cp.expires_at, event_id=cp.event_id)
-
-
-def _known_from_stored(s: StoredCheckpoint) -> Known:
-    return Known(version=s.version, checkpoint_hash=s.checkpoint_hash, step=s.step,
-                 saved_at=s.saved_at, seq=0, state=s.state, provider=s.provider,
-                 model=s.model, status=s.status, expires_at=s.expires_at, event_id=s.event_id)

@@ -151,8 +151,9 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, list[str]]:
 async def _check_database(config: AgentConfig) -> str:
     """Connect as the agent would (same timeouts, same role check) and read the schema
     version; changes nothing. A database the agent could not use is a ConfigError."""
-    from ..postgres.pool import Postgres, Timeouts, UnsafeRole, describe
-    from ..postgres.sink import SchemaNotReady, Sink
+    from ..core.errors import SchemaNotReady, UnsafeRole, describe
+    from ..postgres.pool import Postgres, Timeouts
+    from ..postgres.sink import Sink
 
     assert config.database_url is not None
     setting = env_name("database_url")

@@ -30,7 +30,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not config.database_url:
         raise ConfigError("FLUX_AGENT_DATABASE_URL",
                           "required by migrate (the embedded default migrates itself at start)")
-    from ..postgres.sink import migrate_dsn
+    from ..postgres.migrations import migrate_dsn
 
     applied = _run_async(_wrap(migrate_dsn(config.database_url.reveal(),
                                            pgbouncer=config.database_pgbouncer)))

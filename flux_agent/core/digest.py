@@ -19,6 +19,9 @@ import msgspec
 
 _sorted = msgspec.json.Encoder(order="sorted")
 _DEL = b"\x7f"
+# What a NUL character (which PostgreSQL's text and jsonb cannot store) looks like in
+# canonical JSON.
+NUL_ESCAPE = b"\\u0000"
 _SCALARS = (str, int, bool, type(None))
 
 

@@ -7,10 +7,12 @@ downstream (intake answers, metrics, the flusher's retry loop) obeys that classi
 
 from __future__ import annotations
 
+import enum
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any, ClassVar
+
+from .timefmt import utc_now_text
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "urn:flux-agent:problem:"
@@ -64,9 +66,7 @@ class FluxError(Exception):
             "detail": self.detail,
             "instance": instance,
             "error_id": str(uuid.uuid4()),
-            "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace(
-                "+00:00", "Z"
-            ),
+            "timestamp": utc_now_text(),
             "class": self.error_class,
             "code": self.code,
             "context": self.context,
@@ -146,3 +146,77 @@ class ConfigError(Exception):
         super().__init__(f"{setting}: {message}")
         self.setting = setting
         self.message = message
+
+
+def violation(pointer: str, message: str, code: str) -> dict[str, str]:
+    return {"pointer": pointer, "message": message, "code": code}
+
+
+# --------------------------------------------------------------------------- upstreams
+
+
+class Fault(enum.StrEnum):
+    """What a failure of an upstream (PostgreSQL, an aggregator) means for the item that met
+    it: classified once, where it is detected, and obeyed by the flusher and the routes."""
+
+    TRANSIENT = "transient"  # the upstream or the path to it is away now: retry
+    POISON = "poison"  # the item itself is refused: isolate it, keep it as a dead letter
+    ERROR = "error"  # an operator must act (a privilege, a missing table) or a bug: retried,
+    # and logged as an error
+
+
+class UpstreamError(Exception):
+    """A failure of PostgreSQL or of an aggregator, as the stages above them see it: its
+    fault, a one-line description without secrets, and the upstream's own code (a SQLSTATE,
+    an HTTP status) when there is one."""
+
+    fault: ClassVar[Fault] = Fault.ERROR
+
+    def __init__(self, detail: str, *, code: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.code = code
+
+
+class StoreUnavailable(UpstreamError):
+    """The upstream, or the path to it, is unavailable now; the same request may succeed
+    later (connection errors, deadlines, shutdowns, overload, a standby, a full aggregator)."""
+
+    fault = Fault.TRANSIENT
+
+
+class PermissionDenied(UpstreamError):
+    """The upstream refuses this login or one of its privileges: an operator must act."""
+
+
+class UnsafeRole(PermissionDenied):
+    """The login role is a superuser or has BYPASSRLS: isolation would not be enforced."""
+
+
+class BadParameter(UpstreamError, ValueError):
+    """The upstream refused a value it was given (a row it cannot store, a read parameter it
+    cannot take): retrying the same item cannot help."""
+
+    fault = Fault.POISON
+
+
+class SchemaNotReady(UpstreamError):
+    """The flux schema is missing or behind and this agent may not (or could not) migrate."""
+
+
+def fault_of(exc: BaseException) -> Fault:
+    """The fault of any failure: an upstream's own, else transient for the network and
+    deadlines, else an error."""
+    if isinstance(exc, UpstreamError):
+        return exc.fault
+    if isinstance(exc, OSError | TimeoutError):
+        return Fault.TRANSIENT
+    return Fault.ERROR
+
+
+def describe(exc: BaseException) -> str:
+    """One line about a failure, without secrets."""
+    if isinstance(exc, UpstreamError):
+        return exc.detail
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

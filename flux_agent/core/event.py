@@ -8,6 +8,7 @@ element of a composite array, so the hot path never converts between representat
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, NamedTuple
 
@@ -23,6 +24,19 @@ KINDS: Final = (
     "run.failed",
     "run.aborted",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Seal:
+    """What the agent adds to every event of one request."""
+
+    agency: str
+    received_at: datetime
+    correlation_id: str
+    agent_id: str
+    trace_id: str | None
+    span_id: str | None
+    expires_at: datetime
 
 
 class Row(NamedTuple):

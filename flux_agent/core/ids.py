@@ -10,9 +10,11 @@ a time partition.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 
+UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _MS_LIMIT = 1 << 48
 
 

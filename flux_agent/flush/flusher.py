@@ -29,33 +29,24 @@ import asyncio
 import contextlib
 import heapq
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from ..core.errors import Fault, describe, fault_of
 from ..core.event import CheckpointRecord, EventsRecord, SpoolRecord, decode_record
 from ..core.files import reason
+from ..core.retry import backoff
 from ..obs.tracing import Tracing
 from ..spool import Spool
 from .batch import Batch, Batcher, Limits, Work, split_lanes
+from .writer import Writer, Written
 
 log = logging.getLogger("flux_agent.flush")
 
 # Windows smaller than this go to one lane: one connection, one transaction per flush.
 LANE_SPLIT_MIN = 512
-
-
-class Writer(Protocol):
-    async def ensure_schema(self) -> list[str]: ...
-    async def write(self, work: Work, *, returning: bool) -> tuple[int, set[str]]: ...
-    async def write_dead_letter(self, work: Work, reason: str, sqlstate: str | None) -> None: ...
-
-
-class Classifier(Protocol):
-    def __call__(self, exc: BaseException) -> str: ...
 
 
 @dataclass(slots=True)
@@ -84,8 +75,10 @@ class Flusher:
         lanes: int,
         retry_max: float,
         memory_bytes: int,
-        classify: Classifier,
-        describe: Callable[[BaseException], str],
+        replay_window: float = 0.0,
+        on_progress: Callable[[], None] | None = None,
+        classify: Callable[[BaseException], Fault] = fault_of,
+        describe: Callable[[BaseException], str] = describe,
         observe: Callable[[int, float, int], None] | None = None,
         tracing: Tracing | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -96,6 +89,7 @@ class Flusher:
         self.lanes = lanes
         self.retry_max = retry_max
         self.memory_bytes = memory_bytes
+        self.replay_window = replay_window  # seconds of committed records a failover replays
         self.classify = classify
         self.describe = describe
         self.observe = observe
@@ -117,13 +111,12 @@ class Flusher:
         self._task: asyncio.Task[None] | None = None
         self.stats = FlushStats()
         self.last_error: str | None = None
-        self.on_progress: Callable[[], None] | None = None  # the supervisor's ok()
+        self.on_progress = on_progress  # the supervisor's ok()
         self.last_progress = clock()
         self.last_flush_at: float | None = None
         self._window_ids: set[str] = set()
         self._window_dead = 0
         self._window_returning = False
-        spool.on_durable = self.offer  # type: ignore[assignment]
 
     # ---------------------------------------------------------------- intake side
 
@@ -379,7 +372,7 @@ class Flusher:
                 if attempt == 1 or attempt & (attempt - 1) == 0:
                     fields = {"attempt": attempt, "error": self.last_error,
                               "backlog_records": self.backlog}
-                    if self.classify(error) == "transient":
+                    if self.classify(error) is Fault.TRANSIENT:
                         log.warning("flush failed; retrying with backoff",
                                     extra={"fields": fields})
                     else:
@@ -392,25 +385,37 @@ class Flusher:
         return inserted
 
     def _backoff(self, attempt: int) -> float:
-        delay = min(self.retry_max, 0.1 * 2 ** min(attempt - 1, 20))
-        return float(delay / 2 + random.uniform(0, delay / 2))
+        return backoff(attempt, self.retry_max)
 
     async def _write_lane(self, work: Work, returning: bool) -> int:
-        await self.sink.ensure_schema()  # a no-op once the schema was found ready
+        await self.sink.prepare()  # a no-op once done
         try:
-            inserted, ids = await self.sink.write(work, returning=returning)
+            written = await self.sink.write(work, returning=returning)
         except Exception as exc:
-            if self.classify(exc) != "poison":
+            if self.classify(exc) is not Fault.POISON:
                 raise
             return await self._isolate(work, exc, returning)
-        self._window_ids |= ids
-        return inserted
+        return self._wrote(written)
+
+    def _wrote(self, written: Written) -> int:
+        self._window_ids |= written.new_ids
+        if written.new_primary:
+            self._new_primary()
+        return written.inserted
+
+    def _new_primary(self) -> None:
+        """Committed to another primary than before: replay what it may lack."""
+        if self.replay_window <= 0:
+            log.warning("new PostgreSQL primary, and no failover window is kept "
+                        "(FLUX_AGENT_SPOOL_KEEP_COMMITTED=0): nothing is replayed")
+            return
+        self.replay(self.spool.replay_start(self.replay_window))
 
     async def _isolate(self, work: Work, exc: BaseException, returning: bool) -> int:
         """Bisect refused work until each refused item stands alone; dead-letter those."""
         if len(work) == 1:
             reason = self.describe(exc)
-            await self.sink.write_dead_letter(work, reason, getattr(exc, "sqlstate", None))
+            await self.sink.write_dead_letter(work, reason, getattr(exc, "code", None))
             if work.events:
                 self.stats.events_dead += 1
                 self._window_dead += 1
@@ -424,13 +429,13 @@ class Flusher:
             if not len(half):
                 continue
             try:
-                n, ids = await self.sink.write(half, returning=returning)
+                written = await self.sink.write(half, returning=returning)
             except Exception as sub:
-                if self.classify(sub) != "poison":
+                if self.classify(sub) is not Fault.POISON:
                     raise
                 n = await self._isolate(half, sub, returning)
             else:
-                self._window_ids |= ids
+                n = self._wrote(written)
             inserted += n
         return inserted
 

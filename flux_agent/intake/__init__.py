@@ -1,16 +1,10 @@
-"""The HTTP edge: the event API and the admin listener (aiohttp).
+"""Intake: where an event enters, from the socket to the spool.
 
-Modules, low to high (each imports only those above it):
-
-- ``framing``: a shadow of each connection's request framing, which refuses what aiohttp's
-  parser would accept and then wait on (not HTTP/1.x, a chunk beyond the request limit);
-- ``server``: request keys, JSON and problem+json answers, the problem middleware, the
-  runner that answers unparseable HTTP in problem+json, where a request came from;
-- ``common``: :class:`~flux_agent.http.common.Routes`, the state and helpers every route
-  family shares (body decoding, audit, database reads), and the request-memory bound;
-- one module per route family: ``events`` (``POST /v1/events``), ``lineage``
-  (``POST /api/v1/lineage``), ``checkpoints``, ``reads``, ``openapi`` (``/openapi.json``),
-  ``admin`` (the admin listener's ``/health/*`` and ``/metrics``, and ``POST /v1/drain``);
-- ``intake``: :class:`~flux_agent.http.intake.Intake`, the event API's route table and
-  auth middleware over all the families.
+The HTTP edge (aiohttp, public API only): ``server`` (listeners, a guard per connection),
+``framing`` (request lines and chunk sizes, seen before the parser), ``middleware`` (request
+ids, trace context, every error as problem+json), ``responses``; who is calling: ``auth``,
+``tokens``; what it may send: ``body`` (bodies within their deadline and memory),
+``validate`` (schemas, the sealed rows), ``openlineage`` (RunEvents as events), ``seen``
+(recently accepted ids); the route families in ``routes/``, put together by ``app``; the
+audit trail (``audit``); the admin listener (``admin``).
 """

@@ -1,5 +1,4 @@
-"""Admin and health: the admin listener (``/health/live``, ``/health/ready``,
-``/health/deep`` and ``/metrics``), and ``POST /v1/drain`` on the event API.
+"""The admin listener: ``/health/live``, ``/health/ready``, ``/health/deep`` and ``/metrics``.
 
 Readiness tells the truth: it fails while the agent drains, while the spool is full or
 unwritable, and while events wait with no flush progress for longer than the threshold. A pod
@@ -10,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from aiohttp import web
 
-from ..core.errors import ValidationError
+from ..core.timefmt import utc_now_text
 from ..obs.metrics import CONTENT_TYPE, Metrics
 from .auth import Authenticator, require
-from .routes.common import Routes
-from .server import CLAIMS, is_local, json_response, make_problem_middleware
+from .middleware import is_local, make_problem_middleware
+from .responses import json_response
 
 
 class Probe(Protocol):
@@ -29,10 +27,6 @@ class Probe(Protocol):
 
 
 DEEP_BUDGET = 5.0  # /health/deep answers within this, whatever the database does
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def may_see_diagnostics(request: web.Request, authenticator: Authenticator | None) -> bool:
@@ -55,11 +49,11 @@ def admin_app(probe: Probe, metrics: Metrics, authenticator: Authenticator | Non
     async def live(request: web.Request) -> web.Response:
         ok, body = probe.liveness()
         return json_response({"status": "alive" if ok else "failing", **body,
-                              "timestamp": _now()}, 200 if ok else 503)
+                              "timestamp": utc_now_text()}, 200 if ok else 503)
 
     async def ready(request: web.Request) -> web.Response:
         ok, body = probe.readiness()
-        body = {"status": "ready" if ok else "not_ready", **body, "timestamp": _now()}
+        body = {"status": "ready" if ok else "not_ready", **body, "timestamp": utc_now_text()}
         return json_response(body, 200 if ok else 503)
 
     async def deep(request: web.Request) -> web.Response:
@@ -67,7 +61,7 @@ def admin_app(probe: Probe, metrics: Metrics, authenticator: Authenticator | Non
         if not may_see_diagnostics(request, authenticator):
             return json_response({"status": "ready" if ok else "not_ready", **body,
                                   "diagnostics": "served to loopback callers and admin tokens",
-                                  "timestamp": _now()}, 200 if ok else 503)
+                                  "timestamp": utc_now_text()}, 200 if ok else 503)
         # Not asyncio.wait_for: on a black-holed database, cancelling the diagnostics takes
         # as long as the stuck call; the answer must not wait for that.
         task = asyncio.ensure_future(probe.diagnostics())
@@ -80,7 +74,7 @@ def admin_app(probe: Probe, metrics: Metrics, authenticator: Authenticator | Non
             details = {"database": {"status": "timeout",
                                     "error": f"no answer within {DEEP_BUDGET:g} s"}}
         return json_response({"status": "ready" if ok else "not_ready", **body, **details,
-                              "timestamp": _now()}, 200 if ok else 503)
+                              "timestamp": utc_now_text()}, 200 if ok else 503)
 
     async def scrape(request: web.Request) -> web.Response:
         # Collection reads in-memory state only; cheap enough to run on the loop.
@@ -95,18 +89,3 @@ def admin_app(probe: Probe, metrics: Metrics, authenticator: Authenticator | Non
     for path, handler in handlers.items():
         app.router.add_get(path, handler)
     return app
-
-
-class DrainRoutes(Routes):
-    """``POST /v1/drain``: for Jobs on clusters without native sidecars."""
-
-    async def post_drain(self, request: web.Request) -> web.Response:
-        require(request[CLAIMS], "write")
-        if self.drain_hook is None:
-            raise ValidationError("NOT_SUPPORTED", "this agent cannot be drained over HTTP",
-                                  status=404)
-        self.audit(request, "agent.drain", success=True, claims=request[CLAIMS])
-        result = await self.drain_hook()
-        return json_response(result, 200)
-
-

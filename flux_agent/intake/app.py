@@ -1,6 +1,5 @@
-"""The event API: its route table and the auth middleware, over the route families (events,
-lineage, checkpoints, reads, OpenAPI, drain: one module each) and the problem middleware
-(``server``).
+"""The event API: its route table over the route families (one module each in ``routes/``),
+the problem middleware (:mod:`.middleware`) and the authentication middleware.
 
 A request is atomic: its events are validated together, spooled as one record, and
 acknowledged only once that record is durable. Nothing about a request is half-accepted.
@@ -8,58 +7,52 @@ acknowledged only once that record is durable. Nothing about a request is half-a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
 from aiohttp import web
 
 from ..core.errors import AuthenticationError, DataIsolationError, FluxError, ValidationError
-from .admin import DrainRoutes
-from .auth import check_agency
+from ..obs.metrics import Metrics
+from ..obs.tracing import Tracing
+from .auth import Authenticator, check_agency
+from .body import expect_continue
+from .middleware import Handler, is_local, make_problem_middleware, peer_uid, source_of
+from .responses import CLAIMS
 from .routes.checkpoint import CheckpointRoutes
-from .routes.common import _expect
+from .routes.common import RequestAudit
+from .routes.drain import DrainRoutes
+from .routes.ingest import Ingest
 from .routes.lineage import LineageRoutes
 from .routes.openapi import OpenAPIRoutes
 from .routes.reads import ReadRoutes
-from .server import CLAIMS, Handler, is_local, make_problem_middleware, peer_uid, source_of
 
 _PUBLIC = frozenset({"/openapi.json"})  # served without credentials
 
 
-class Intake(LineageRoutes, CheckpointRoutes, ReadRoutes, OpenAPIRoutes, DrainRoutes):
-    """Routes of the event API and what they need from the pipeline (each family in its own
-    module; LineageRoutes brings EventRoutes)."""
+class Authentication:
+    """The middleware that names the caller (its claims) before any route runs, and audits
+    refusals: bad credentials, a peer uid not allowed on the socket, a crossed agency."""
 
-    def app(self) -> web.Application:
-        app = web.Application(
-            client_max_size=self.config.request_max_bytes,
-            middlewares=[make_problem_middleware(self.metrics, self.tracing),
-                         self._auth_middleware],
-        )
-        app.router.add_post("/v1/events", self.post_events, expect_handler=_expect)
-        app.router.add_post("/api/v1/lineage", self.post_lineage, expect_handler=_expect)
-        app.router.add_put("/v1/runs/{run_id}/checkpoint", self.put_checkpoint,
-                           expect_handler=_expect)
-        app.router.add_get("/v1/runs/{run_id}/checkpoint", self.get_checkpoint)
-        app.router.add_get("/v1/runs/{run_id}/checkpoints", self.get_checkpoint_history)
-        app.router.add_get("/v1/runs/{run_id}", self.get_run)
-        app.router.add_get("/v1/runs/{run_id}/events", self.get_run_events)
-        app.router.add_get("/v1/events/{event_id}", self.get_event)
-        app.router.add_get("/openapi.json", self.get_openapi)
-        app.router.add_post("/v1/drain", self.post_drain)
-        return app
+    def __init__(self, authenticator: Authenticator, knows: Callable[[str], bool],
+                 audit: RequestAudit, allowed_uids: Collection[int] = ()) -> None:
+        self.authenticator = authenticator
+        self.knows = knows
+        self.audit = audit
+        self.allowed_uids = frozenset(allowed_uids)
 
     @web.middleware
-    async def _auth_middleware(self, request: web.Request, handler: Handler
-                               ) -> web.StreamResponse:
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.match_info.http_exception is not None or request.path in _PUBLIC:
             return await handler(request)
-        source = source_of(request)
         try:
-            if self.allowed_uids and source == "socket":
+            if self.allowed_uids and source_of(request) == "socket":
                 uid = peer_uid(request)
                 if uid not in self.allowed_uids:
                     raise AuthenticationError("PEER_NOT_ALLOWED",
                                               f"uid {uid} may not use this socket")
             claims = self.authenticator.authenticate(request.headers, is_local(request))
-            check_agency(claims, self.manifest.knows)
+            check_agency(claims, self.knows)
         except FluxError as err:
             self.audit(request, "auth.failed", success=False, claims=None,
                        detail={"code": err.code, "status": err.status})
@@ -76,3 +69,36 @@ class Intake(LineageRoutes, CheckpointRoutes, ReadRoutes, OpenAPIRoutes, DrainRo
                 self.audit(request, "authz.denied", success=False, claims=claims,
                            detail={"role": claims.role})
             raise
+
+
+@dataclass(frozen=True, slots=True)
+class EventApi:
+    """The route families of the event API, each built with what it uses."""
+
+    ingest: Ingest
+    lineage: LineageRoutes
+    checkpoints: CheckpointRoutes
+    reads: ReadRoutes
+    openapi: OpenAPIRoutes
+    drain: DrainRoutes
+
+    def app(self, *, auth: Authentication, metrics: Metrics, tracing: Tracing,
+            max_bytes: int) -> web.Application:
+        app = web.Application(
+            client_max_size=max_bytes,
+            middlewares=[make_problem_middleware(metrics, tracing, max_drain_bytes=max_bytes),
+                         auth.middleware])
+        router = app.router
+        router.add_post("/v1/events", self.ingest.post_events, expect_handler=expect_continue)
+        router.add_post("/api/v1/lineage", self.lineage.post_lineage,
+                        expect_handler=expect_continue)
+        router.add_put("/v1/runs/{run_id}/checkpoint", self.checkpoints.put_checkpoint,
+                       expect_handler=expect_continue)
+        router.add_get("/v1/runs/{run_id}/checkpoint", self.checkpoints.get_checkpoint)
+        router.add_get("/v1/runs/{run_id}/checkpoints", self.checkpoints.get_checkpoint_history)
+        router.add_get("/v1/runs/{run_id}", self.reads.get_run)
+        router.add_get("/v1/runs/{run_id}/events", self.reads.get_run_events)
+        router.add_get("/v1/events/{event_id}", self.reads.get_event)
+        router.add_get("/openapi.json", self.openapi.get_openapi)
+        router.add_post("/v1/drain", self.drain.post_drain)
+        return app

@@ -28,19 +28,26 @@ class Refusal(NamedTuple):
     status: int
     code: str
     detail: str
+    counted: bool = False  # the refused request is among ``Framing.requests`` (its head passed)
 
 
 class Framing:
     """Feed it every byte a connection receives, in order; :meth:`feed` answers a
     :class:`Refusal` for the first request that must not reach the parser."""
 
-    __slots__ = ("_held", "_left", "_state", "max_chunk")
+    __slots__ = ("_held", "_left", "_state", "max_chunk", "requests")
 
     def __init__(self, max_chunk: int) -> None:
         self.max_chunk = max_chunk
+        self.requests = 0  # request heads complete so far
         self._state = _HEAD
         self._held = b""  # an unfinished head, chunk-size or trailer line
         self._left = 0  # bytes of the body (or of the chunk and its CRLF) still to come
+
+    @property
+    def at_rest(self) -> bool:
+        """Between requests: no head, body or chunk under way."""
+        return self._state == _HEAD and not self._held.lstrip(b"\r\n")
 
     @property
     def in_head(self) -> bool:
@@ -104,6 +111,7 @@ class Framing:
         line = head[:line_end]
         if not _http1(line):
             return _not_http1()
+        self.requests += 1
         if line.startswith(b"CONNECT "):
             self._state = _PASS
             return None
@@ -131,7 +139,7 @@ class Framing:
         size = int(digits, 16)
         if size > self.max_chunk:
             return Refusal(413, "REQUEST_TOO_LARGE", f"a chunk of {size} bytes is larger than "
-                           f"a request may be ({self.max_chunk} bytes)")
+                           f"a request may be ({self.max_chunk} bytes)", counted=True)
         if size:
             self._state, self._left = _DATA, size + 2  # the data and its CRLF
         else:

@@ -41,8 +41,8 @@ from typing import Any, Final
 
 import jsonschema_rs
 
-from ..core.digest import canonical_json
-from ..core.errors import ValidationError
+from ..core.digest import NUL_ESCAPE, canonical_json
+from ..core.errors import ValidationError, violation
 from ..core.ids import uuid7_at
 from ..core.resources import data_dir
 from .validate import (
@@ -51,7 +51,6 @@ from .validate import (
     load_json,
     parse_timestamp,
     pointer,
-    violation,
 )
 
 OPENLINEAGE_DIR: Final = "openlineage"
@@ -77,7 +76,6 @@ KINDS: Final[Mapping[str, str]] = {
 DEFAULT_KIND: Final = "step.completed"  # RUNNING, OTHER, or no eventType, without a flux kind
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-_NUL_ESCAPE = b"\\u0000"
 _STATIC_EVENTS = ("/DatasetEvent", "/JobEvent")
 
 # (last property name, failed keyword) -> error code; the keyword alone as a fallback.
@@ -218,7 +216,7 @@ class Lineage:
         else:
             problems = self.explain(doc)
         canonical = canonical_json(doc) if not problems else b""
-        if _NUL_ESCAPE in canonical:
+        if NUL_ESCAPE in canonical:
             problems = [violation(pointer(p), "NUL characters (\\u0000) cannot be stored",
                                   "NUL_CHARACTER") for p in _find_nul(doc, [])]
         if problems:

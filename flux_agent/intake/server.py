@@ -1,28 +1,39 @@
-"""What every route and both listeners share: the request keys, JSON and problem+json
-answers, the outermost middleware (request id, trace context, every error as problem+json),
-the runner that answers unparseable HTTP in problem+json too, and where a request came from."""
+"""The listeners: aiohttp applications served on sockets the agent binds itself, each
+connection behind a guard, with aiohttp's public API only.
+
+aiohttp's protocol (:class:`aiohttp.web.RequestHandler`) parses and answers requests; in
+front of it, one :class:`Guard` per connection (a plain :class:`asyncio.Protocol` that
+forwards to it) keeps the connection honest (:class:`HttpLimits`):
+
+- a listener takes at most its cap of connections; at the cap, the longest-idle keep-alive
+  connection, or a connection whose request head is overdue, is closed to admit the new one
+  (as nginx reuses keep-alive connections), and only when every connection is busy with a
+  request is the new one refused (503 ``TOO_MANY_CONNECTIONS``);
+- a request line that is not HTTP/1.x, and a chunk larger than a request may be, are
+  refused before aiohttp's parser sees them (:mod:`.framing`);
+- a request head must arrive within the header timeout of its first byte (else 408).
+
+The guard learns that a request is over from the access logger, which aiohttp calls once
+the response is written; what aiohttp's parser refuses is answered in problem+json by
+:class:`ProblemRequestHandler`, which overrides two public methods of aiohttp's protocol.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import random
-import re
-import socket as _socket
-import struct
+import os
+import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
-from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
-from aiohttp.typedefs import Middleware
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.http import HttpProcessingError
+from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.web import RequestPayloadError
 
 from ..core.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -31,186 +42,47 @@ from ..core.errors import (
     TransientError,
     ValidationError,
 )
-from ..obs import logs
-from ..obs.metrics import Metrics
-from ..obs.tracing import Tracing
-from .auth import Claims
 from .framing import Framing, Refusal
+from .middleware import AccessLogger
+from .responses import write_problem
 
-log = logging.getLogger("flux_agent.intake")  # the logger name of the event API, as before
+log = logging.getLogger("flux_agent.intake")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
-_PEERCRED = struct.Struct("3i")  # pid, uid, gid
-# Request and trace ids must be unique, not secret: the Mersenne Twister is far cheaper than
-# uuid4's system call per id. Generated request ids are this process's random prefix and a
-# counter.
-_random_bits = random.Random().getrandbits
-_ID_PREFIX = f"{_random_bits(48):012x}"
-_ids = itertools.count(1)
-
-CLAIMS = web.RequestKey("flux.claims", Claims)
-REQUEST_ID = web.RequestKey("flux.request_id", str)
-TRACE = web.RequestKey("flux.trace", tuple[str, str])
-
-# aiohttp's own HTTP errors, as problem codes.
-_HTTP_CODES: Mapping[int, str] = {
-    400: "BAD_REQUEST",
-    404: "NOT_FOUND",
-    405: "METHOD_NOT_ALLOWED",
-    413: "REQUEST_TOO_LARGE",
-    415: "UNSUPPORTED_MEDIA_TYPE",
-}
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One structured line per request, at info level (``logs.setup`` turns the logger on
-    or off), tagged with the request's ids."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        if not self.logger.isEnabledFor(logging.INFO):
-            return
-        trace = request.get(TRACE, ("", ""))
-        self.logger.info(
-            "%s %s %s", request.method, request.path, response.status,
-            extra={"fields": {"method": request.method, "path": request.path,
-                              "status": response.status,
-                              "duration_ms": round(time * 1000, 3),
-                              "bytes": response.body_length},
-                   "trace_id": trace[0], "span_id": trace[1],
-                   "correlation_id": request.get(REQUEST_ID, "")})
-
-    @property
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
-
-
-def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None
-                  ) -> web.Response:
-    return web.Response(body=msgspec.json.encode(body), status=status,
-                        content_type="application/json", headers=headers)
-
-
-def problem_response(request: web.Request, err: FluxError) -> web.Response:
-    trace = request.get(TRACE, ("", ""))
-    body = err.problem(
-        instance=request.path,
-        request_id=request.get(REQUEST_ID, ""),
-        trace_id=trace[0],
-        span_id=trace[1],
-    )
-    headers = dict(err.headers)
-    return web.Response(body=msgspec.json.encode(body), status=err.status,
-                        content_type=PROBLEM_CONTENT_TYPE, headers=headers)
+ACCEPT_BACKLOG = 128  # aiohttp's own; a Unix socket refuses connects beyond it at once
+_LOG_INTERVAL = 60.0  # a flood of refusals or evictions is said once a minute
+_LINGER = 0.5  # seconds a refused connection is read (and dropped) before it is closed
+# A caller's mistake that aiohttp reports through log_exception (a body it cannot decode
+# or that ends early, found while draining it after the answer): not the agent's failure.
+_CLIENT_FAULTS = (HttpProcessingError, RequestPayloadError, ConnectionError)
 
 
 @dataclass(frozen=True, slots=True)
 class HttpLimits:
-    """What one runner's connections may hold: how long a connection may idle between
+    """What one server's connections may hold: how long a connection may idle between
     requests (``idle_timeout``, before its first one too) and take to send a request head
     (``header_timeout``), how many may be open at once on each kind of listener
-    (``max_connections``: ``tcp``, ``unix``; beyond it a new one gets a 503 and is closed),
-    and the largest chunk of a chunked body (``max_chunk``)."""
+    (``max_connections``: ``tcp``, ``unix``), how long a head may be under way before its
+    connection may be closed to admit another at the cap (``header_grace``), and the
+    largest chunk of a chunked body (``max_chunk``)."""
 
     idle_timeout: float = 75.0
     header_timeout: float = 10.0
     max_connections: Mapping[str, int] = field(default_factory=lambda: {"tcp": 1024,
                                                                         "unix": 1024})
+    header_grace: float = 2.0
     max_chunk: int = 4 * 1024**2
 
 
-# A caller's mistake that aiohttp reports through log_exception (a body it cannot decode
-# or that ends early, found while draining it after the answer): not the agent's failure.
-_CLIENT_FAULTS = (HttpProcessingError, RequestPayloadError, ConnectionError)
-_CAP_LOG_INTERVAL = 60.0
-
-
-class _ProblemRequestHandler(RequestHandler):
-    """aiohttp answers what it cannot parse (control bytes in a header, an oversized line,
-    an unknown method or Content-Encoding) before any middleware runs, in text/plain that
-    quotes the offending bytes: a caller's bearer token included. Answer problem+json
-    that quotes nothing instead.
-
-    Below the parser it also keeps each connection honest (:class:`HttpLimits`): a request
-    line that is not HTTP/1.x and a chunk larger than a request are refused before the
-    parser sees them (:mod:`.framing`), a head must arrive within the header timeout, and a
-    listener takes no more connections than its cap."""
-
-    def __init__(self, manager: _ProblemServer, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        self._limits = manager.limits
-        self._framing = Framing(self._limits.max_chunk)
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._listener = ""  # tcp or unix, once admitted
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        manager = self._manager
-        assert isinstance(manager, _ProblemServer)
-        sockname = transport.get_extra_info("sockname")
-        listener = "unix" if isinstance(sockname, str | bytes) else "tcp"
-        if not manager.admit(listener):
-            err = TransientError("TOO_MANY_CONNECTIONS", "this listener has as many "
-                                 "connections as it takes; retry shortly", retry_after=1)
-            _write_problem(transport, err)  # type: ignore[arg-type]
-            transport.close()
-            return
-        self._listener = listener
-        super().connection_made(transport)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if not self._listener:
-            return  # refused at the door: aiohttp never knew it
-        manager = self._manager
-        if isinstance(manager, _ProblemServer):
-            manager.release(self._listener)
-        self._cancel_head_timer()
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        if data and not (self._force_close or self._close or self._upgraded):
-            refusal = self._framing.feed(data)
-            if refusal is not None:
-                self._refuse(refusal)
-                return
-        super().data_received(data)
-        if self._framing.in_head:
-            if self._head_timer is None and not self._force_close:
-                self._head_timer = self._loop.call_later(self._limits.header_timeout,
-                                                         self._head_timed_out)
-        else:
-            self._cancel_head_timer()
-
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if not self._framing.in_head or self._force_close:
-            return
-        if self._current_request is not None or self._messages:
-            self.close()  # pipelined behind a request still being answered: finish that one
-            return
-        self._refuse(Refusal(408, "HEADER_TIMEOUT", f"the request head did not arrive within "
-                             f"{self._limits.header_timeout:g} s"))
-
-    def _refuse(self, refusal: Refusal) -> None:
-        """Answer in problem+json, unless an answer has begun already, and close."""
-        log.warning("HTTP request refused", extra={"fields": {
-            "status": refusal.status, "code": refusal.code, "listener": self._listener}})
-        current = self._current_request
-        transport = self.transport
-        if transport is not None and (current is None or current.writer.output_size == 0):
-            _write_problem(transport, ValidationError(refusal.code, refusal.detail,
-                                                      status=refusal.status))
-        self._cancel_head_timer()
-        self.force_close()
+class ProblemRequestHandler(web.RequestHandler):
+    """aiohttp's protocol, answering what its parser refuses (control bytes in a header, an
+    oversized line, an unknown method or Content-Encoding) in problem+json that quotes
+    nothing (aiohttp's own text/plain answer quotes the offending bytes: a caller's bearer
+    token included), and logging a body refused after the answer as the caller's mistake."""
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         exc = kw.get("exc_info")
         if isinstance(exc, _CLIENT_FAULTS):
-            log.warning("request body refused after the answer", extra={"fields": {
+            log.info("request body refused after the answer", extra={"fields": {
                 "error": type(exc).__name__}})
             return
         super().log_exception(*args, **kw)
@@ -243,193 +115,269 @@ class _ProblemRequestHandler(RequestHandler):
         return response
 
 
-def _write_problem(transport: asyncio.Transport, err: FluxError) -> None:
-    """A whole problem+json answer, written below aiohttp (before or instead of a request)."""
-    body = msgspec.json.encode(err.problem(instance="", request_id="", trace_id="",
-                                           span_id=""))
-    extra = "".join(f"{k}: {v}\r\n" for k, v in err.headers.items())
-    head = (f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\n"
-            f"Content-Type: {PROBLEM_CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n"
-            f"{extra}Connection: close\r\n\r\n")
-    transport.write(head.encode("latin-1") + body)
+class Guard(asyncio.Protocol):
+    """One connection, in front of aiohttp's protocol (see the module doc)."""
+
+    def __init__(self, pool: Connections, inner: web.RequestHandler) -> None:
+        self.pool = pool
+        self.inner = inner
+        self.framing = Framing(pool.limits.max_chunk)
+        self.transport: asyncio.Transport | None = None
+        self.listener = ""  # tcp or unix, once admitted
+        self.finished = 0  # requests answered (the access logger tells)
+        self.idle_since = time.monotonic()
+        self.head_since = 0.0  # when the head under way began
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refusal: Refusal | None = None  # to answer once the requests ahead are done
+        self._refused_counted = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: duck-typed.
+        conn = cast(asyncio.Transport, transport)
+        self.transport = conn
+        sockname = conn.get_extra_info("sockname")
+        listener = "unix" if isinstance(sockname, str | bytes) else "tcp"
+        if not self.pool.admit(self, listener):
+            write_problem(conn, TransientError(
+                "TOO_MANY_CONNECTIONS", "every connection this listener takes is busy with a "
+                "request; retry shortly", retry_after=1))
+            self._closed = True
+            # A lingering close: the request the client sends meanwhile is read and dropped,
+            # so that its arrival does not reset the connection before the answer is read.
+            if conn.can_write_eof():
+                conn.write_eof()
+                asyncio.get_running_loop().call_later(_LINGER, conn.close)
+            else:
+                conn.close()
+            return
+        self.listener = listener
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._closed = True
+        self._cancel_head_timer()
+        if not self.listener:
+            return  # refused at the door: aiohttp never knew it
+        self.pool.release(self)
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed or self._refusal is not None:
+            return  # refused: the rest is not the parser's to see
+        framing = self.framing
+        refusal = framing.feed(data)
+        if refusal is not None:
+            self.refuse(refusal)
+            return
+        self.inner.data_received(data)
+        if framing.in_head:
+            if self._head_timer is None:
+                self.head_since = time.monotonic()
+                self._head_timer = asyncio.get_running_loop().call_later(
+                    self.pool.limits.header_timeout, self._head_timed_out)
+        else:
+            self._cancel_head_timer()
+
+    def eof_received(self) -> None:
+        self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    # ------------------------------------------------------------------ requests
+
+    @property
+    def busy(self) -> bool:
+        """A request has begun (its first byte arrived) and is not answered yet."""
+        return not self.framing.at_rest or self.framing.requests > self.finished
+
+    def request_finished(self) -> None:
+        """aiohttp wrote a response (called by the access logger)."""
+        self.finished += 1
+        if self._refusal is not None:
+            if self._ahead() <= self.finished:
+                self._answer_refusal()
+        elif not self.busy:
+            self.idle_since = time.monotonic()
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._closed or not self.framing.in_head:
+            return
+        if self.framing.requests > self.finished:
+            self.inner.close()  # pipelined behind a request still being answered: finish it
+            return
+        self.refuse(Refusal(408, "HEADER_TIMEOUT", "the request head did not arrive within "
+                             f"{self.pool.limits.header_timeout:g} s"))
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Answer in problem+json and close: now, or once the request ahead is answered."""
+        log.warning("HTTP request refused", extra={"fields": {
+            "status": refusal.status, "code": refusal.code, "listener": self.listener}})
+        self._cancel_head_timer()
+        self._refusal = refusal
+        self._refused_counted = refusal.counted
+        if self._ahead() <= self.finished:
+            self._answer_refusal()
+
+    def _ahead(self) -> int:
+        """Requests before the refused one (answered or not)."""
+        return self.framing.requests - (1 if self._refused_counted else 0)
+
+    def _answer_refusal(self) -> None:
+        refusal, transport = self._refusal, self.transport
+        if refusal is None or transport is None or self._closed:
+            return
+        write_problem(transport, ValidationError(refusal.code, refusal.detail,
+                                                 status=refusal.status))
+        self.close()
+
+    def close(self) -> None:
+        """Close now (what is written is still sent first)."""
+        self._closed = True
+        self._cancel_head_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def overdue(self, now: float) -> bool:
+        """Its head has been under way past the grace, with no request ahead of it."""
+        return (self.framing.in_head and self.framing.requests <= self.finished
+                and now - self.head_since >= self.pool.limits.header_grace)
 
 
-class _ProblemServer(web.Server):
-    limits: HttpLimits
-    open: dict[str, int]
-    refused: int
-    _warned_at: float
+class Connections:
+    """The connections of one server, by listener kind, within their caps."""
 
-    def __call__(self) -> RequestHandler:
-        return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+    def __init__(self, limits: HttpLimits) -> None:
+        self.limits = limits
+        self.open: dict[str, dict[Guard, None]] = {}  # insertion order: oldest first
+        self.refused = 0
+        self.evicted = 0
+        self._said_at: dict[str, float] = {}
 
-    def admit(self, listener: str) -> bool:
-        if self.open.get(listener, 0) < self.limits.max_connections.get(listener, 0):
-            self.open[listener] = self.open.get(listener, 0) + 1
-            return True
-        self.refused += 1
-        now = time.monotonic()
-        if now - self._warned_at >= _CAP_LOG_INTERVAL:  # a flood is said once a minute
-            self._warned_at = now
-            log.warning("connection limit reached; refusing new connections", extra={
-                "fields": {"listener": listener, "open": self.open.get(listener, 0),
-                           "refused_so_far": self.refused}})
-        return False
-
-    def release(self, listener: str) -> None:
-        self.open[listener] -= 1
-
-
-class ProblemAppRunner(web.AppRunner):
-    """An AppRunner whose connections answer unparseable requests in problem+json and keep
-    to :class:`HttpLimits`."""
-
-    def __init__(self, app: web.Application, *, limits: HttpLimits | None = None,
-                 **kwargs: Any) -> None:
-        self.limits = limits or HttpLimits()
-        kwargs.setdefault("keepalive_timeout", self.limits.idle_timeout)
-        super().__init__(app, **kwargs)
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _ProblemServer  # same state; only the handler factory differs
-        assert isinstance(server, _ProblemServer)
-        server.limits = self.limits
-        server.open = {}
-        server.refused = 0
-        server._warned_at = -_CAP_LOG_INTERVAL
-        return server
-
-    def connections(self) -> dict[str, int]:
-        """Open connections by listener kind (tcp, unix)."""
-        server = self.server
-        return dict(server.open) if isinstance(server, _ProblemServer) else {}
-
-
-def http_error(exc: web.HTTPException) -> FluxError:
-    code = _HTTP_CODES.get(exc.status, "HTTP_ERROR")
-    detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-    if exc.status >= 500:
-        return TerminalError(code, detail or exc.reason, status=exc.status)
-    return ValidationError(code, detail or exc.reason, status=exc.status)
-
-
-def source_of(request: web.Request) -> str:
-    """``socket`` for the Unix socket, else ``tcp``."""
-    transport = request.transport
-    sockname = transport.get_extra_info("sockname") if transport is not None else None
-    return "socket" if isinstance(sockname, str | bytes) else "tcp"
-
-
-def is_local(request: web.Request) -> bool:
-    """True on the Unix socket and for loopback peers."""
-    transport = request.transport
-    if transport is None:
-        return False
-    if source_of(request) == "socket":
+    def admit(self, guard: Guard, listener: str) -> bool:
+        conns = self.open.setdefault(listener, {})
+        if len(conns) >= self.limits.max_connections.get(listener, 0):
+            victim = self._victim(conns)
+            if victim is None:
+                self.refused += 1
+                self._say("connection limit reached and every connection is busy; refusing "
+                          "new connections", listener, refused_so_far=self.refused)
+                return False
+            del conns[victim]
+            self.evicted += 1
+            self._say("connection limit reached; closing idle connections to admit new "
+                      "ones", listener, evicted_so_far=self.evicted)
+            if victim.framing.in_head:
+                victim.refuse(Refusal(408, "HEADER_TIMEOUT", "the request head was not "
+                                       "complete when the connection was needed"))
+            else:
+                victim.close()
+        conns[guard] = None
         return True
-    peer = transport.get_extra_info("peername")
-    host = peer[0] if isinstance(peer, tuple) and peer else ""
-    return host == "::1" or host.startswith("127.") or host == "::ffff:127.0.0.1"
+
+    def _victim(self, conns: dict[Guard, None]) -> Guard | None:
+        """The longest-idle keep-alive connection, else one whose head is overdue."""
+        idle = [g for g in conns if not g.busy]
+        if idle:
+            return min(idle, key=lambda g: g.idle_since)
+        now = time.monotonic()
+        return next((g for g in conns if g.overdue(now)), None)
+
+    def release(self, guard: Guard) -> None:
+        self.open.get(guard.listener, {}).pop(guard, None)
+
+    def counts(self) -> dict[str, int]:
+        return {listener: len(conns) for listener, conns in self.open.items()}
+
+    def _say(self, message: str, listener: str, **fields: int) -> None:
+        now = time.monotonic()
+        if now - self._said_at.get(message, -_LOG_INTERVAL) >= _LOG_INTERVAL:
+            self._said_at[message] = now
+            log.warning(message, extra={"fields": {
+                "listener": listener, "open": len(self.open.get(listener, {})), **fields}})
 
 
-def peer_uid(request: web.Request) -> int | None:
-    """The connecting process's uid on the Unix socket (SO_PEERCRED), else None."""
-    transport = request.transport
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family != _socket.AF_UNIX:
-        return None
-    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _PEERCRED.size)
-    return int(_PEERCRED.unpack(creds)[1])
+# --------------------------------------------------------------------------- sockets
 
 
-def endpoint_of(request: web.Request) -> str:
-    route = request.match_info.route
-    resource = route.resource
-    return resource.canonical if resource is not None else "unmatched"
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """A TCP socket bound (not yet listening) to host:port; raises OSError (EADDRINUSE)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+def bind_unix(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o660)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
-def make_problem_middleware(metrics: Metrics, tracing: Tracing | None = None) -> Middleware:
-    """Outermost middleware: request id, trace context, problem+json for every error."""
-
-    @web.middleware
-    async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
-        headers = request.headers
-        rid = headers.get("X-Request-ID") or headers.get("X-Correlation-ID")
-        if not rid or not _REQUEST_ID.match(rid):
-            rid = f"{_ID_PREFIX}-{next(_ids):x}"
-        request[REQUEST_ID] = rid
-        traceparent = headers.get("traceparent")
-        m = _TRACEPARENT.match(traceparent) if traceparent else None
-        trace = (m.group(1), m.group(2)) if m else (f"{_random_bits(128):032x}",
-                                                     f"{_random_bits(64):016x}")
-        if tracing is not None and tracing.enabled:
-            with tracing.request(f"{request.method} {endpoint_of(request)}",
-                                 traceparent if m else None, trace) as trace:
-                return await answer(request, handler, rid, trace, started)
-        return await answer(request, handler, rid, trace, started)
-
-    async def answer(request: web.Request, handler: Handler, rid: str,
-                     trace: tuple[str, str], started: float) -> web.StreamResponse:
-        request[TRACE] = trace
-        token = logs.request_context.set((rid, trace[0], trace[1]))
-        agency = ""
-        try:
-            try:
-                response = await handler(request)
-            except web.HTTPException as exc:
-                if exc.status < 400:
-                    raise
-                raise http_error(exc) from None
-            except HttpProcessingError as exc:
-                raise ValidationError("BAD_REQUEST", exc.message or "malformed request",
-                                      status=400) from None
-            except RequestPayloadError as exc:
-                # Undecodable Content-Encoding, or a body cut short by the client.
-                raise ValidationError("INVALID_BODY", f"the request body could not be read: "
-                                      f"{str(exc).splitlines()[-1].strip()}", status=400) from None
-            except ConnectionResetError:
-                # The caller hung up mid-body: its mistake (or its crash), not ours; nothing
-                # was accepted, and the answer most likely reaches no one.
-                raise ValidationError("INVALID_BODY", "the connection closed before the "
-                                      "request body was complete", status=400) from None
-        except FluxError as err:
-            response = problem_response(request, err)
-            if err.status == 408:
-                response.force_close()  # the rest of that body is not worth waiting for
-            claims = request.get(CLAIMS)
-            agency = claims.agency if claims else ""
-            metrics.errors.labels(err.error_class, agency).inc()
-            if err.status >= 500 and not err.retryable:
-                log.error("request failed: %s", err.detail,
-                          extra={"fields": {"code": err.code, "path": request.path}})
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            raise
-        except Exception:
-            log.exception("unexpected error while handling a request",
-                          extra={"fields": {"path": request.path}})
-            internal = TerminalError("INTERNAL_ERROR", "the agent failed to handle this "
-                                     "request; nothing from it was accepted")
-            response = problem_response(request, internal)
-            metrics.errors.labels(internal.error_class, "").inc()
-        finally:
-            logs.request_context.reset(token)
-        response.headers["X-Request-ID"] = rid
-        claims = request.get(CLAIMS)
-        metrics.answered(endpoint_of(request), response.status,
-                         claims.agency if claims else agency, time.perf_counter() - started)
-        return response
-
-    return problem_middleware
+def address_of(sock: socket.socket) -> str:
+    """``http://host:port`` for a TCP socket (its bound port: it may be ephemeral)."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
 
 
-def tcp_port(runner: web.BaseRunner) -> int:
-    """The TCP port a runner's site is bound to (ports may be ephemeral), by public API."""
-    for address in runner.addresses:
-        if isinstance(address, tuple):
-            return int(address[1])
-    raise RuntimeError("the runner has no TCP site")
+class HttpServer:
+    """One aiohttp application served on sockets bound beforehand (:func:`bind_tcp`,
+    :func:`bind_unix`), every connection behind a :class:`Guard`."""
+
+    def __init__(self, app: web.Application, *, limits: HttpLimits,
+                 access_log: logging.Logger, shutdown_timeout: float = 5.0) -> None:
+        self.limits = limits
+        self.connections = Connections(limits)
+        self._runner = web.AppRunner(app, handle_signals=False,
+                                     shutdown_timeout=shutdown_timeout)
+        self._handler_kwargs: dict[str, Any] = {
+            "keepalive_timeout": limits.idle_timeout, "access_log_class": AccessLogger,
+            "access_log": access_log}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._started = False
+
+    async def start(self, sockets: list[socket.socket]) -> None:
+        await self._runner.setup()
+        self._started = True
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        kwargs = self._handler_kwargs
+
+        def protocol() -> Guard:
+            return Guard(self.connections, ProblemRequestHandler(server, loop=loop, **kwargs))
+
+        for sock in sockets:
+            self._servers.append(await loop.create_server(protocol, sock=sock,
+                                                          backlog=ACCEPT_BACKLOG))
+
+    async def close(self) -> None:
+        """Stop accepting, then let aiohttp finish the requests under way and close."""
+        for server in self._servers:
+            server.close()
+        if self._started:
+            await self._runner.cleanup()
+        self._servers.clear()

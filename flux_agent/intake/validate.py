@@ -16,14 +16,13 @@ from typing import Any
 
 import jsonschema_rs
 
-from ..core.digest import canonical_json, sha256_hex
-from ..core.errors import DataIsolationError, ValidationError
-from ..core.event import Row
+from ..core.digest import NUL_ESCAPE, canonical_json, sha256_hex
+from ..core.errors import DataIsolationError, ValidationError, violation
+from ..core.event import Row, Seal
 from ..core.resources import data_dir
 
 SCHEMA_VERSION = "v1"
 _BASE_URI = "https://flux-agent.invalid/schemas/v1/"
-_NUL_ESCAPE = b"\\u0000"
 
 # (last property name, failed keyword) -> error code. Keyword alone as a fallback.
 _CODES: Mapping[tuple[str, str], str] = {
@@ -74,23 +73,6 @@ class Manifest:
 
     def retention(self, agency: str) -> timedelta:
         return timedelta(days=self.retention_days.get(agency, self.default_retention_days))
-
-
-@dataclass(frozen=True, slots=True)
-class Seal:
-    """What the agent adds to every event of one request."""
-
-    agency: str
-    received_at: datetime
-    correlation_id: str
-    agent_id: str
-    trace_id: str | None
-    span_id: str | None
-    expires_at: datetime
-
-
-def violation(pointer: str, message: str, code: str) -> dict[str, str]:
-    return {"pointer": pointer, "message": message, "code": code}
 
 
 class Schemas:
@@ -249,7 +231,7 @@ class EventChecker:
                 ))
                 continue
             step, provider, model = ev.get("step"), ev.get("provider"), ev.get("model")
-            if _NUL_ESCAPE in canonical or (
+            if NUL_ESCAPE in canonical or (
                     (step is not None and "\x00" in step)
                     or (provider is not None and "\x00" in provider)
                     or (model is not None and "\x00" in model)):
@@ -297,10 +279,6 @@ class EventChecker:
                 errors=invalid, context=invalid.context(),
             )
         return rows
-
-
-def expiry(manifest: Manifest, agency: str, received_at: datetime) -> datetime:
-    return received_at + manifest.retention(agency)
 
 
 def utcnow() -> datetime:

@@ -10,12 +10,14 @@ import logging
 import os
 import ssl
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..intake.server import tcp_port
 from .admission import MalformedReview, admission_response, parse_review
 from .binding import binds
 from .config import InjectorConfig
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("flux_agent.inject")  # the name operators filter on, as before
 
@@ -291,3 +293,11 @@ async def serve_webhook(config: InjectorConfig, host: str, port: int, cert_file:
             await asyncio.sleep(grace)
     finally:
         await server.stop()
+
+
+def tcp_port(runner: web.BaseRunner) -> int:
+    """The TCP port a runner's site is bound to (ports may be ephemeral), by public API."""
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    raise RuntimeError("the runner has no TCP site")

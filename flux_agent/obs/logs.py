@@ -141,6 +141,10 @@ class RateLimit(logging.Filter):
         return False
 
 
+class AgentHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler :func:`setup` installs (and replaces when called again)."""
+
+
 def setup(level: str = "info", stream: IO[str] | None = None, *, fmt: str = "auto",
           access_log: bool = False) -> logging.Handler:
     """Send the agent's logs (and aiohttp's) to ``stream`` (stdout): ``fmt`` is ``json``,
@@ -148,13 +152,12 @@ def setup(level: str = "info", stream: IO[str] | None = None, *, fmt: str = "aut
     out = stream or sys.stdout
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
-    handler = logging.StreamHandler(out)
+    handler = AgentHandler(out)
     handler.setFormatter(ConsoleFormatter() if fmt == "console" else JsonFormatter())
     handler.addFilter(RateLimit())
     root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "_flux", False)]:
+    for old in [h for h in root.handlers if isinstance(h, AgentHandler)]:
         root.removeHandler(old)
-    handler._flux = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
     # One line per request (at info), when asked for and at debug level.

@@ -24,10 +24,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .._version import __version__
+from .supervise import Task
 
 REQUEST_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 2, 5)
-# The supervised background tasks (flux_task_failures_total{task}).
-TASKS = ("flusher", "spool-commit", "snapshots", "ping", "retention", "jwks", "embedded-db")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -97,6 +96,8 @@ STATE: tuple[Gauge, ...] = (
           "their lock (tried again next round).", "counter"),
 )
 
+_STATE_NAMES = frozenset(g.name for g in STATE)
+
 
 class _StateCollector(Collector):
     def __init__(self, read: Callable[[], Mapping[str, Any]]) -> None:
@@ -104,6 +105,9 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         values = self._read()
+        unknown = values.keys() - _STATE_NAMES
+        if unknown:  # a misspelled name would otherwise be a metric that never appears
+            raise KeyError(f"state values without a declared gauge: {sorted(unknown)}")
         for g in STATE:
             if g.name not in values:
                 continue
@@ -197,8 +201,8 @@ class Metrics:
             self.checkpoints_saved.labels(success)
         for reason in ("rate_limited", "spool_unavailable"):
             self.audit_dropped.labels(reason)
-        for task in TASKS:
-            self.task_failures.labels(task)
+        for task in Task:
+            self.task_failures.labels(task.value)
 
     def answered(self, endpoint: str, status: int, agency: str, seconds: float) -> None:
         """One HTTP answer. Label children are cached: ``labels()`` costs microseconds."""

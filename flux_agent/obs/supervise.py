@@ -16,20 +16,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+from ..core.retry import backoff
 
 log = logging.getLogger("flux_agent.supervise")
 
 LOG_EVERY = 60.0  # seconds between repeated failure lines of one task
 
 
+class Task(enum.StrEnum):
+    """Every supervised task, by name: the supervisor, the agent's teardown and the metric
+    ``flux_task_failures_total{task}`` use these and no other names."""
+
+    FLUSHER = "flusher"
+    SPOOL_COMMIT = "spool-commit"
+    SNAPSHOTS = "snapshots"
+    PING = "ping"
+    RETENTION = "retention"
+    JWKS = "jwks"
+    EMBEDDED_DB = "embedded-db"
+
+
 @dataclass(slots=True)
 class TaskState:
-    name: str
+    name: Task
     factory: Callable[[], Awaitable[None]]
     critical: bool
     task: asyncio.Task[None] | None = None
@@ -48,7 +63,7 @@ class Supervisor:
     def __init__(
         self,
         *,
-        on_failure: Callable[[str], None] | None = None,
+        on_failure: Callable[[Task], None] | None = None,
         backoff_max: float = 30.0,
         stable_after: float = 10.0,
         dead_after: float = 120.0,
@@ -59,10 +74,10 @@ class Supervisor:
         self.stable_after = stable_after
         self.dead_after = dead_after
         self.clock = clock
-        self.tasks: dict[str, TaskState] = {}
+        self.tasks: dict[Task, TaskState] = {}
         self.closing = False
 
-    def start(self, name: str, factory: Callable[[], Awaitable[None]], *,
+    def start(self, name: Task, factory: Callable[[], Awaitable[None]], *,
               critical: bool = True) -> None:
         """Run ``factory()`` as task ``name`` until :meth:`stop`, restarting it on failure.
 
@@ -75,7 +90,7 @@ class Supervisor:
         self.tasks[name] = state
         state.runner = asyncio.create_task(self._run(state), name=f"flux-{name}")
 
-    def ok(self, name: str) -> None:
+    def ok(self, name: Task) -> None:
         """The task made progress: whatever failed before has recovered."""
         state = self.tasks.get(name)
         if state is not None and state.consecutive:
@@ -95,8 +110,7 @@ class Supervisor:
                 return
             if self.closing:
                 return
-            delay = min(self.backoff_max, 0.1 * 2 ** min(state.consecutive - 1, 16))
-            await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
+            await asyncio.sleep(backoff(state.consecutive, self.backoff_max))
 
     def _failed(self, state: TaskState, exc: BaseException) -> None:
         now = self.clock()
@@ -126,7 +140,7 @@ class Supervisor:
 
     # ---------------------------------------------------------------- probes
 
-    def failing(self) -> list[str]:
+    def failing(self) -> list[Task]:
         """Critical tasks failing now (readiness)."""
         now = self.clock()
         out = []
@@ -141,7 +155,7 @@ class Supervisor:
                 out.append(state.name)
         return out
 
-    def dead(self) -> list[str]:
+    def dead(self) -> list[Task]:
         """Tasks that have kept failing for longer than ``dead_after`` (liveness)."""
         failing = set(self.failing())
         now = self.clock()
@@ -152,14 +166,14 @@ class Supervisor:
                 out.append(state.name)
         return out
 
-    def describe(self) -> dict[str, dict[str, object]]:
+    def describe(self) -> dict[Task, dict[str, object]]:
         return {name: {"failures": s.failures, "failing": bool(s.consecutive),
                        "last_error": s.last_error}
                 for name, s in self.tasks.items()}
 
     # ---------------------------------------------------------------- stop
 
-    async def wait(self, name: str, timeout: float) -> bool:
+    async def wait(self, name: Task, timeout: float) -> bool:
         """Wait (at most ``timeout`` s) for a task that is finishing by itself to end."""
         state = self.tasks.get(name)
         if state is None or state.runner is None:
@@ -170,7 +184,7 @@ class Supervisor:
         self.tasks.pop(name, None)
         return True
 
-    async def stop(self, name: str | None = None) -> None:
+    async def stop(self, name: Task | None = None) -> None:
         """Cancel one task (or all of them, newest first) and wait for it to end."""
         if name is None:
             self.closing = True

@@ -13,7 +13,7 @@ No reset round trip on release: every transaction declares what it needs locally
 
 Every write reports which server committed it (system identifier and timeline). When that
 changes, the server is a different primary than before (a failover, a restore), which may lack
-what the old one committed: ``on_new_primary`` lets the flusher replay its window. Being part
+what the old one committed: the write says so, and the flusher replays its window. Being part
 of the write's own statement, this costs no round trip and works behind PgBouncer too.
 """
 
@@ -24,62 +24,18 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from ..core.errors import Fault, UnsafeRole
 from ..core.files import write_atomic
+from .errors import describe, translate
 
 log = logging.getLogger("flux_agent.postgres")
-
-# SQLSTATE classes and codes that say "not now" (the server, the network or the load), as
-# opposed to a refused row (poison) or a bug (anything else).
-TRANSIENT_CLASSES = frozenset({"08", "53", "57", "40", "58"})
-TRANSIENT_CODES = frozenset({"25006",  # read-only transaction: connected to a standby
-                             "55P03",  # lock not available
-                             "55006"})  # object in use
-POISON_CLASSES = {
-    "22": "data exception",
-    "23": "integrity constraint violation",
-    "54": "program limit exceeded",
-}
-
-def sqlstate_of(exc: BaseException) -> str | None:
-    state = getattr(exc, "sqlstate", None)
-    return state if isinstance(state, str) else None
-
-
-def is_transient(exc: BaseException) -> bool:
-    """The database or the path to it is unavailable now; the same request may succeed
-    later. Connection errors, timeouts, shutdowns, overload, a standby instead of a primary."""
-    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError
-                  | asyncpg.PostgresConnectionError):
-        return True
-    state = sqlstate_of(exc)
-    if state is None:
-        return False
-    return state[:2] in TRANSIENT_CLASSES or state in TRANSIENT_CODES
-
-
-def classify(exc: BaseException) -> str:
-    """``poison`` when the rows themselves are refused, ``transient`` when the database is
-    unavailable, ``error`` for anything else (a missing privilege or table that an operator
-    must fix, or a bug): retried like transient failures, but logged as errors."""
-    state = sqlstate_of(exc)
-    if state is not None and state[:2] in POISON_CLASSES:
-        return "poison"
-    return "transient" if is_transient(exc) else "error"
-
-
-def describe(exc: BaseException) -> str:
-    """One line, no secrets: asyncpg's messages do not carry passwords, DSNs are not echoed."""
-    state = sqlstate_of(exc)
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return f"{state}: {text}" if state else f"{type(exc).__name__}: {text}"
-
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
@@ -98,10 +54,6 @@ class RoleInfo:
     @property
     def privileged(self) -> bool:
         return self.superuser or self.bypassrls
-
-
-class UnsafeRole(RuntimeError):
-    """The login role is a superuser or has BYPASSRLS: isolation would not be enforced."""
 
 
 class Postgres:
@@ -127,8 +79,6 @@ class Postgres:
         self._lock = asyncio.Lock()
         self.role: RoleInfo | None = None
         self.identity: tuple[str, str] | None = None
-        self.on_new_primary: Callable[[tuple[str, str] | None, tuple[str, str]], None] | None \
-            = None
         # Health: the last round trip that worked, and the last failure.
         self.last_ok: float | None = None  # monotonic
         self.last_failure: float | None = None
@@ -152,6 +102,7 @@ class Postgres:
                         statement_cache_size=0 if self._pgbouncer else 256,
                         server_settings=_server_settings(self._name),
                         init=self._init_connection, reset=_no_reset,
+                        connection_class=connection_class(self.timeouts.statement),
                     )
         return self._pool
 
@@ -170,7 +121,6 @@ class Postgres:
     async def _init_connection(self, conn: Any) -> None:
         """Every new connection: tune its socket, check the role once."""
         self.connections_opened += 1
-        _tune_socket(conn, self.timeouts.statement)
         if self.role is None:
             async with self.single(conn):
                 row = await conn.fetchrow(
@@ -181,12 +131,11 @@ class Postgres:
             raise UnsafeRole(
                 f"refusing to use the database as {self.role.name!r}: it bypasses row-level "
                 "security; connect as a login role granted flux_agent")
-    def committed_on(self, identity: tuple[str, str]) -> None:
-        """A write committed on the server with this (system identifier, timeline)."""
-        if identity != self.identity:
-            self._learn_identity(identity)
-
-    def _learn_identity(self, identity: tuple[str, str]) -> None:
+    def committed_on(self, identity: tuple[str, str]) -> bool:
+        """A write committed on the server with this (system identifier, timeline): True
+        when that is another primary than before (this run's, or the last run's)."""
+        if identity == self.identity:
+            return False
         previous = self.identity
         if previous is None and self._identity_path is not None:
             with contextlib.suppress(OSError, ValueError):
@@ -194,7 +143,7 @@ class Postgres:
                 previous = (sysid, timeline)
         self.identity = identity
         if previous == identity:
-            return
+            return False
         if self._identity_path is not None:
             try:
                 write_atomic(self._identity_path, f"{identity[0]} {identity[1]}\n".encode())
@@ -207,8 +156,7 @@ class Postgres:
                                           "timeline": identity[1],
                                           "previous_system_identifier": previous[0],
                                           "previous_timeline": previous[1]}})
-        if self.on_new_primary is not None:
-            self.on_new_primary(previous, identity)
+        return previous is not None
 
     @contextlib.asynccontextmanager
     async def connection(self, timeout: float | None = None) -> AsyncIterator[Any]:
@@ -224,16 +172,23 @@ class Postgres:
                 pool = await self._get_pool()
                 conn = await pool.acquire(timeout=min(budget, self.timeouts.connect + 1))
             except BaseException as exc:
-                self.failed(exc)
-                raise
+                err = translate(exc)
+                self.failed(err)
+                if err is exc:
+                    raise
+                raise err from exc
             try:
                 async with asyncio.timeout(budget):
                     yield conn
             except BaseException as exc:
-                if not isinstance(exc, asyncpg.PostgresError) or is_transient(exc):
+                err = translate(exc)
+                if not isinstance(exc, asyncpg.PostgresError) or \
+                        getattr(err, "fault", None) is Fault.TRANSIENT:
                     conn.terminate()  # whatever state it is in, it is not reused
-                self.failed(exc)
-                raise
+                self.failed(err)
+                if err is exc:
+                    raise
+                raise err from exc
             else:
                 self.ok()
             finally:
@@ -245,8 +200,11 @@ class Postgres:
         self.last_ok = time.monotonic()
 
     def failed(self, exc: BaseException) -> None:
-        if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
-            return  # the server answered: it is up, this statement was refused
+        """The last operation failed: the probes and ``flux_postgres_up`` say so, whatever
+        the cause (unreachable, a refused login or privilege), until one succeeds. A refused
+        value is not the database's failure: the server and the login work."""
+        if getattr(exc, "fault", None) is Fault.POISON or isinstance(exc, asyncio.CancelledError):
+            return
         self.last_failure = time.monotonic()
         self.last_error = describe(exc)
 
@@ -288,11 +246,25 @@ async def _no_reset(conn: Any) -> None:
     """Nothing to reset: transactions keep their settings local (see the module doc)."""
 
 
-def _tune_socket(conn: Any, user_timeout: float) -> None:
-    """Keepalives find a dead path on an idle connection in ~11 s; TCP_USER_TIMEOUT fails a
-    write whose bytes go unacknowledged for longer than a statement may take."""
-    transport = getattr(conn, "_transport", None)  # asyncpg has no public way to the socket
-    sock = transport.get_extra_info("socket") if transport is not None else None
+class TunedConnection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's connection with its socket tuned as it is made: keepalives find a dead
+    path on an idle connection in ~11 s, and TCP_USER_TIMEOUT fails a write whose bytes go
+    unacknowledged for longer than a statement may take. asyncpg has no public way to a
+    connection's socket; its documented ``connection_class`` hook hands the transport to the
+    constructor. ``user_timeout`` (seconds) is set per pool on a subclass."""
+
+    user_timeout = 10.0
+
+    def __init__(self, protocol: Any, transport: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(protocol, transport, *args, **kwargs)
+        tune_socket(transport.get_extra_info("socket"), self.user_timeout)
+
+
+def connection_class(user_timeout: float) -> type[TunedConnection]:
+    return type("TunedConnection", (TunedConnection,), {"user_timeout": user_timeout})
+
+
+def tune_socket(sock: socket.socket | None, user_timeout: float) -> None:
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]

@@ -1,4 +1,4 @@
-"""PostgreSQL writes: migrations, the idempotent window write, dead letters, retention.
+"""PostgreSQL writes: the idempotent window write, dead letters, retention and partition upkeep.
 
 A lane's window (events, checkpoints, audit entries) is written by one call of
 ``flux.write_v1`` (``sql/005_write_path.sql``): one statement, its own transaction, one round
@@ -18,37 +18,22 @@ per event at 10 per flush, 46,000 vs 43,000 events/s at 500 per flush.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import Any
 
 import asyncpg
 import msgspec
 
+from ..core.errors import SchemaNotReady
 from ..core.event import AUDIT_COLUMNS, CHECKPOINT_COLUMNS, row_as_json
-from ..core.resources import data_dir
 from ..flush.batch import Work
-from .pool import (
-    POISON_CLASSES,
-    Postgres,
-    RoleInfo,
-    UnsafeRole,
-    classify,
-    connect_once,
-    describe,
-    is_transient,
-)
-
-__all__ = ["POISON_CLASSES", "CheckpointConflict", "MigrationError", "PartitionStats", "RoleInfo",
-           "SchemaNotReady", "Sink", "UnsafeRole", "bootstrap_database", "classify",
-           "describe", "is_transient", "migrate", "migrate_dsn", "migrations"]
-
-MIGRATION_LOCK_KEY = 0x666C_7578_0001  # "flux" + 1: one lock for all agents of a database
+from ..flush.writer import Written
+from .errors import describe
+from .migrations import MIGRATION_TIMEOUT, applied_migrations, bundled, migrate
+from .pool import Postgres, RoleInfo
 
 _WRITE = ("SELECT inserted, new_ids::text[], system_identifier, timeline "
           "FROM flux.write_v1($1, $2, $3, $4)")
@@ -60,8 +45,6 @@ _INSERT_DEAD = (
     "sqlstate, event, received_at) VALUES ($1, $2::uuid, $3::uuid, $4, $5, $6, $7, $8, $9) "
     "ON CONFLICT DO NOTHING"
 )
-# Migrations may rewrite large tables: they get hours, not a statement's deadline.
-MIGRATION_TIMEOUT = 6 * 3600.0
 # One step of partition maintenance may move the rows waiting in the default partition or
 # summarise a large partition's BRIN index: minutes, not a statement's deadline.
 MAINTENANCE_TIMEOUT = 600.0
@@ -78,128 +61,13 @@ class PartitionStats:
     unkeyed_rows: int  # rows without a time, and from before partitioning (estimated)
 
 
-class CheckpointConflict(Exception):
-    """Another save already holds this run's version number with different content.
-
-    A data fault of the row (integrity class 23): isolated and kept as a dead letter, never
-    silently dropped."""
-
-    sqlstate = "23505"
-
-
 def checkpoint_item_id(event_id: str) -> str:
     """A checkpoint's dead-letter id: md5('checkpoint/' || event id) as a uuid, the same
     derivation the 004 migration applied to existing rows."""
     return str(uuid.UUID(hashlib.md5(f"checkpoint/{event_id}".encode()).hexdigest()))
 
 
-# --------------------------------------------------------------------------- migrations
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: str
-    path: Path
-    sql: str
-    checksum: str
-
-
-@functools.cache
-def _bundled() -> tuple[Migration, ...]:
-    return tuple(migrations())
-
-
-def migrations(sql_dir: Path | None = None) -> list[Migration]:
-    out = []
-    for path in sorted((sql_dir or data_dir("sql")).glob("[0-9][0-9][0-9]_*.sql")):
-        sql = path.read_text()
-        out.append(Migration(path.stem, path, sql, hashlib.sha256(sql.encode()).hexdigest()))
-    return out
-
-
-class MigrationError(RuntimeError):
-    pass
-
-
-async def applied_migrations(conn: Any) -> dict[str, str]:
-    exists = await conn.fetchval("SELECT to_regclass('flux.schema_migrations') IS NOT NULL")
-    if not exists:
-        return {}
-    rows = await conn.fetch("SELECT version, checksum FROM flux.schema_migrations")
-    return {r["version"]: r["checksum"] for r in rows}
-
-
-async def migrate(conn: Any, sql_dir: Path | None = None) -> list[str]:
-    """Apply pending migrations in order, all in one transaction, under an advisory lock.
-
-    A hundred agents starting together serialise on the lock; all but the first find nothing
-    to do. Refuses to run if an applied file was edited afterwards.
-    """
-    pending = list(_bundled()) if sql_dir is None else migrations(sql_dir)
-    applied: list[str] = []
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY,
-                           timeout=MIGRATION_TIMEOUT)
-        await conn.execute(
-            "CREATE SCHEMA IF NOT EXISTS flux;"
-            "CREATE TABLE IF NOT EXISTS flux.schema_migrations ("
-            " version text PRIMARY KEY, checksum text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = await applied_migrations(conn)
-        for m in pending:
-            if m.version in done:
-                if done[m.version] != m.checksum:
-                    raise MigrationError(
-                        f"migration {m.version} was changed after it was applied; "
-                        "add a new migration instead"
-                    )
-                continue
-            await conn.execute(m.sql, timeout=MIGRATION_TIMEOUT)
-            await conn.execute(
-                "INSERT INTO flux.schema_migrations (version, checksum) VALUES ($1, $2)",
-                m.version, m.checksum,
-            )
-            applied.append(m.version)
-    return applied
-
-
-async def migrate_dsn(dsn: str, sql_dir: Path | None = None, *,
-                      pgbouncer: bool = False) -> list[str]:
-    conn = await connect_once(dsn, pgbouncer=pgbouncer)
-    try:
-        return await migrate(conn, sql_dir)
-    finally:
-        await conn.close()
-
-
-async def bootstrap_database(server_dsn: str, database_dsn: str, database: str,
-                             login_role: str) -> list[str]:
-    """For a database this agent owns (the embedded default): create it, migrate it, and
-    create an unprivileged login role for the agent, so row-level security applies."""
-    conn = await asyncpg.connect(server_dsn, timeout=30)
-    try:
-        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database):
-            await conn.execute(f'CREATE DATABASE "{database}"')
-    finally:
-        await conn.close()
-    conn = await asyncpg.connect(database_dsn, timeout=30)
-    try:
-        applied = await migrate(conn)
-        await conn.execute(f"""
-            DO $$ BEGIN
-                CREATE ROLE "{login_role}" LOGIN IN ROLE flux_agent;
-            EXCEPTION WHEN duplicate_object THEN NULL; END $$""")
-    finally:
-        await conn.close()
-    return applied
-
-
 # --------------------------------------------------------------------------- the sink
-
-
-class SchemaNotReady(RuntimeError):
-    """The flux schema is missing or behind and this agent may not (or could not) migrate."""
 
 
 class Sink:
@@ -218,7 +86,7 @@ class Sink:
         """Check (and if allowed, apply) migrations; learn who we are. Idempotent."""
         if self.schema_ready:
             return []
-        wanted = await asyncio.to_thread(_bundled)  # file reads stay off the event loop
+        wanted = await asyncio.to_thread(bundled)  # file reads stay off the event loop
         async with self.pg.connection(MIGRATION_TIMEOUT) as conn:
             # Every statement runs inside a transaction, also reads: behind PgBouncer in
             # transaction pooling mode, that is what keeps a statement on one connection.
@@ -242,6 +110,9 @@ class Sink:
         self.schema_ready = True
         return applied
 
+    async def prepare(self) -> None:
+        await self.ensure_schema()
+
     async def ping(self) -> float:
         return await self.pg.ping()
 
@@ -250,18 +121,17 @@ class Sink:
             done = await applied_migrations(conn)
         return max(done) if done else None
 
-    async def write(self, work: Work, *, returning: bool) -> tuple[int, set[str]]:
-        """Write one lane's window in one statement (its own transaction).
-
-        Returns how many events were new and, when ``returning``, their ids (the others were
-        already stored: duplicates)."""
+    async def write(self, work: Work, *, returning: bool) -> Written:
+        """Write one lane's window in one statement (its own transaction): how many events
+        were new and, when ``returning``, their ids (the others were already stored:
+        duplicates)."""
         async with self.pg.connection(self.pg.timeouts.flush) as conn, self.pg.single(conn):
             row = await conn.fetchrow(_WRITE, work.events, work.checkpoints, work.audits,
                                       returning, timeout=self.pg.timeouts.flush)
-        self.pg.committed_on((row[2], row[3]))
-        return int(row[0]), set(row[1]) if returning else set()
+        return Written(int(row[0]), set(row[1]) if returning else set(),
+                       self.pg.committed_on((row[2], row[3])))
 
-    async def write_dead_letter(self, work: Work, reason: str, sqlstate: str | None) -> None:
+    async def write_dead_letter(self, work: Work, reason: str, code: str | None) -> None:
         """Store one refused item with the reason, under its own agency, once."""
         reason = reason.replace("\x00", "")
         async with self.pg.connection(self.pg.timeouts.flush) as conn, conn.transaction():
@@ -270,20 +140,20 @@ class Sink:
                 await conn.execute(_SET_AGENCY, row.agency_id)
                 await conn.execute(
                     _INSERT_DEAD, row.agency_id, row.event_id, row.event_id, row.run_id,
-                    row.kind, reason, sqlstate, msgspec.json.encode(row_as_json(row)),
+                    row.kind, reason, code, msgspec.json.encode(row_as_json(row)),
                     row.received_at)
             for cp in work.checkpoints:
                 await conn.execute(_SET_AGENCY, cp.agency_id)
                 await conn.execute(
                     _INSERT_DEAD, cp.agency_id, checkpoint_item_id(cp.event_id), cp.event_id,
-                    cp.run_id, "checkpoint", reason, sqlstate,
+                    cp.run_id, "checkpoint", reason, code,
                     msgspec.json.encode(dict(zip(CHECKPOINT_COLUMNS, cp, strict=True))),
                     cp.saved_at)
             for audit in work.audits:
                 await conn.execute(_SET_AGENCY, audit.agency_id)
                 await conn.execute(
                     _INSERT_DEAD, audit.agency_id, audit.entry_id, None, None, "audit", reason,
-                    sqlstate, msgspec.json.encode(dict(zip(AUDIT_COLUMNS, audit, strict=True))),
+                    code, msgspec.json.encode(dict(zip(AUDIT_COLUMNS, audit, strict=True))),
                     audit.at)
 
     # ---------------------------------------------------------------- retention

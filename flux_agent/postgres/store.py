@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
 from ..core.digest import canonical_json, sha256_hex
+from ..core.event import CheckpointRow
+from ..core.ids import UUID_TEXT
+from ..core.reads import BadCursor
+from ..core.timefmt import rfc3339
 from .pool import Postgres
 
 _SET_AGENCY = "SELECT set_config('flux.current_agency_id', $1, true)"
@@ -26,18 +28,13 @@ _EVENT_COLUMNS = (
     "provider, model, payload::text AS payload, payload_sha256, correlation_id, agent_id, "
     "trace_id, span_id, expires_at"
 )
-_CHECKPOINT_COLUMNS = (
-    "run_id, version, step, state::text AS state, checkpoint_hash, provider, model, status, "
-    "saved_at, expires_at, event_id::text AS event_id"
+_CHECKPOINT_COLUMNS = (  # in CheckpointRow's order
+    "agency_id, run_id, version, step, state::text AS state, checkpoint_hash, provider, model, "
+    "status, saved_at, expires_at, event_id::text AS event_id, correlation_id"
 )
 TERMINAL = {"run.completed": "completed", "run.failed": "failed", "run.aborted": "aborted"}
 
 
-class BadCursor(ValueError):
-    pass
-
-
-UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def encode_cursor(occurred_at: datetime, event_id: str) -> str:
@@ -74,37 +71,18 @@ def _hash_matches(kind: str, body: str, digest: str) -> bool:
     return sha256_hex(canonical_json(widened)) == digest
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value is not None else None
-
-
 def event_json(r: Any) -> dict[str, Any]:
     """A stored event as the API shows it; the payload is passed through as raw JSON."""
     return {
         "event_id": r["event_id"], "run_id": r["run_id"], "kind": r["kind"],
-        "step": r["step"], "occurred_at": _iso(r["occurred_at"]),
-        "received_at": _iso(r["received_at"]), "provider": r["provider"],
+        "step": r["step"], "occurred_at": rfc3339(r["occurred_at"]),
+        "received_at": rfc3339(r["received_at"]), "provider": r["provider"],
         "model": r["model"], "payload": msgspec.Raw(r["payload"].encode()),
         "payload_sha256": r["payload_sha256"], "agency": r["agency_id"],
         "correlation_id": r["correlation_id"], "agent_id": r["agent_id"],
         "trace_id": r["trace_id"], "span_id": r["span_id"],
-        "expires_at": _iso(r["expires_at"]),
+        "expires_at": rfc3339(r["expires_at"]),
     }
-
-
-@dataclass(slots=True)
-class StoredCheckpoint:
-    run_id: str
-    version: int
-    step: str
-    state: str  # exact JSON text, as hashed
-    checkpoint_hash: str
-    provider: str | None
-    model: str | None
-    status: str | None
-    saved_at: datetime
-    expires_at: datetime
-    event_id: str
 
 
 class Store:
@@ -126,11 +104,11 @@ class Store:
 
     # ---------------------------------------------------------------- checkpoints
 
-    async def latest_checkpoint(self, agency: str, run_id: str) -> StoredCheckpoint | None:
+    async def latest_checkpoint(self, agency: str, run_id: str) -> CheckpointRow | None:
         rows = await self._fetch(
             agency, f"SELECT {_CHECKPOINT_COLUMNS} FROM flux.checkpoints "
             "WHERE agency_id = $1 AND run_id = $2", agency, run_id)
-        return StoredCheckpoint(**dict(rows[0])) if rows else None
+        return CheckpointRow(*rows[0]) if rows else None
 
     async def checkpoint_history(self, agency: str, run_id: str, limit: int
                                  ) -> list[dict[str, Any]]:
@@ -139,7 +117,7 @@ class Store:
             "AS event_id FROM flux.checkpoint_history WHERE agency_id = $1 AND run_id = $2 "
             "ORDER BY version DESC LIMIT $3", agency, run_id, limit)
         return [{"version": r["version"], "checkpoint_hash": r["checkpoint_hash"],
-                 "step": r["step"], "status": r["status"], "saved_at": _iso(r["saved_at"]),
+                 "step": r["step"], "status": r["status"], "saved_at": rfc3339(r["saved_at"]),
                  "event_id": r["event_id"]} for r in rows]
 
     # ---------------------------------------------------------------- runs and events
@@ -176,10 +154,10 @@ class Store:
             "run_id": run_id,
             "status": TERMINAL.get(status_kind, "running"),
             "last_event": {"kind": last["kind"], "step": last["step"],
-                           "occurred_at": _iso(last["occurred_at"])},
+                           "occurred_at": rfc3339(last["occurred_at"])},
             "last_step": last_step,
-            "first_event_at": _iso(min(r["first"] for r in counts)),
-            "last_event_at": _iso(max(r["last"] for r in counts)),
+            "first_event_at": rfc3339(min(r["first"] for r in counts)),
+            "last_event_at": rfc3339(max(r["last"] for r in counts)),
             "events": sum(r["n"] for r in counts),
             "counts_by_kind": {r["kind"]: r["n"] for r in counts},
             "checkpoint_version": checkpoint,
@@ -187,13 +165,14 @@ class Store:
 
     async def run_events(
         self, agency: str, run_id: str, *, kind: str | None, step: str | None,
-        after: tuple[datetime, str] | None, limit: int,
+        cursor: str | None, limit: int,
     ) -> tuple[list[dict[str, Any]], str | None]:
         """One page in (occurred_at, event_id) order, and the cursor of the next page.
 
         Keyset pagination: a page starts strictly after the last row of the previous one, so
         rows inserted meanwhile never make a row appear twice or shift another out of view.
         """
+        after = decode_cursor(cursor) if cursor else None
         args: list[Any] = [agency, run_id]
         where = ["agency_id = $1", "run_id = $2"]
         if kind is not None:
@@ -211,8 +190,8 @@ class Store:
             f"ORDER BY occurred_at, event_id LIMIT ${len(args)}", *args)
         more = len(rows) > limit
         rows = rows[:limit]
-        cursor = encode_cursor(rows[-1]["occurred_at"], rows[-1]["event_id"]) if more else None
-        return [event_json(r) for r in rows], cursor
+        following = encode_cursor(rows[-1]["occurred_at"], rows[-1]["event_id"]) if more else None
+        return [event_json(r) for r in rows], following
 
     async def event(self, agency: str, event_id: str) -> dict[str, Any] | None:
         # The partition key, computed from the id as PostgreSQL routes it (sql/006): one

@@ -40,7 +40,8 @@ Every module logs as ``flux_agent.spool``.
 """
 
 # What the agent and the tests import from flux_agent.spool; the rest from its module.
-from .core import Spool, SpoolFull, SpoolUnavailable
+from .core import Spool
+from .errors import SpoolFull, SpoolUnavailable
 from .format import FRAME, HEADER, _crc, crc32c, list_segments, scan_file
 from .recovery import Recovery
 from .tools import inspect, verify

@@ -5,32 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..core.errors import TransientError
-from ..core.files import is_resource_error, lock_exclusive, reason, write_atomic
-from ..obs.supervise import Supervisor
+from ..core.files import is_resource_error, lock_exclusive, reason
+from ..obs.supervise import Supervisor, Task
+from .errors import PROBE_INTERVAL_S, SpoolFull, SpoolUnavailable
 from .format import (
-    CURSOR,
-    SEQ,
     ReadHint,
     Segment,
     _fsync_dir,
     _read_records,
     _remove_segments,
-    crc32c,
     frame,
-    segment_header,
-    segment_name,
 )
+from .io import Group, SegmentWriter, Written
 from .recovery import Recovery, recover
 
 log = logging.getLogger("flux_agent.spool")
@@ -38,46 +33,6 @@ log = logging.getLogger("flux_agent.spool")
 UNSYNCED_QUEUE_BYTES = 8 * 1024 * 1024  # durability "none": most bytes acknowledged unwritten
 
 
-class SpoolFull(TransientError):
-    def __init__(self, used: int, limit: int) -> None:
-        super().__init__(
-            "SPOOL_FULL",
-            "the agent's spool is full while PostgreSQL catches up; retry later",
-            retry_after=2,
-            context={"spool_bytes": used, "spool_max_bytes": limit},
-        )
-
-
-class SpoolUnavailable(TransientError):
-    def __init__(self, reason: str) -> None:
-        super().__init__(
-            "SPOOL_UNAVAILABLE",
-            f"the event could not be written durably ({reason}); nothing was accepted",
-            retry_after=PROBE_INTERVAL_S,
-        )
-
-
-PROBE_INTERVAL_S = 1  # while the disk refuses writes, try again this often
-PROBE_BYTES = 1024 * 1024  # room a probe must find before intake reopens
-
-
-@dataclass(slots=True)
-class _Group:
-    frames: list[bytes]
-    nbytes: int
-    first_seq: int
-    last_seq: int
-    future: asyncio.Future[int]
-    items: list[tuple[int, object, int]]  # (seq, decoded record, bytes) for on_durable
-
-
-@dataclass(slots=True)
-class _Written:
-    """What the I/O thread did for one group, applied to the bookkeeping on the loop."""
-
-    opened: Segment | None  # a new active segment
-    size: int  # the active segment's size afterwards
-    grown: int  # bytes the spool grew by
 
 
 class Spool:
@@ -90,7 +45,6 @@ class Spool:
         max_bytes: int,
         segment_bytes: int,
         fsync: bool = True,
-        on_recover_record: Callable[[int, bytes], None] | None = None,
         keep_committed: float = 0.0,
         supervisor: Supervisor | None = None,
         sync_log: Path | None = None,
@@ -100,7 +54,7 @@ class Spool:
         self.segment_bytes = segment_bytes
         self.fsync = fsync
         self.keep_committed = keep_committed
-        self._on_recover_record = on_recover_record
+        self._on_recover_record: Callable[[int, bytes], None] | None = None
         self._sup = supervisor or Supervisor()
         self.segments: list[Segment] = []
         self.next_seq = 1
@@ -109,10 +63,11 @@ class Spool:
         self.cursor = 0  # highest seq committed downstream
         self.recovery: Recovery | None = None  # set once recovery has run
         self.recovered = asyncio.Event()
-        self._groups: deque[_Group] = deque()  # waiting for or under write, oldest first
-        self._pending: _Group | None = None
+        self._groups: deque[Group] = deque()  # waiting for or under write, oldest first
+        self._pending: Group | None = None
         self._wake = asyncio.Event()
         self._io = ThreadPoolExecutor(1, thread_name_prefix="flux-spool-io")
+        self._disk = SegmentWriter(directory, segment_bytes=segment_bytes, fsync=fsync)
         self._reader_pool = ThreadPoolExecutor(1, thread_name_prefix="flux-spool-read")
         self._lock_fd = -1
         self._closed = False
@@ -122,7 +77,6 @@ class Spool:
         self.write_errors = 0
         self.cursor_errors = 0
         self.corrupt_records = 0
-        self.syncs = 0  # fdatasync calls for appended data (group commit shares them)
         self.evicted_retained = 0  # committed segments dropped before their window ended
         self._disk_bytes = 0  # sum of segment sizes, kept current instead of summed per request
         self._retained_bytes = 0  # of those: committed, kept for the failover window
@@ -136,27 +90,31 @@ class Spool:
         # most: where a replay after a failover starts.
         self._commit_marks: deque[tuple[int, float, float]] = deque()
         self._read_hint: ReadHint | None = None
-        self._sync_log_fd = -1
         self._sync_log = sync_log
-        # Called in sequence order, on the event loop, for each record once it is written
-        # (and synced, with fsync): how the flusher gets records without reading them back.
-        self.on_durable: Callable[[int, object, int], None] | None = None
+        self._on_durable: Callable[[int, Any, int], None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
-    async def open(self) -> Recovery | None:
-        """Lock the directory and recover it. A full disk (or no descriptors) does not fail
+    async def open(self, *, on_record: Callable[[int, bytes], None] | None = None,
+                   on_durable: Callable[[int, Any, int], None] | None = None
+                   ) -> Recovery | None:
+        """Lock the directory and recover it; ``on_record`` sees each record recovery
+        finds. From then on, ``on_durable`` is called in sequence order, on the event loop,
+        for each record once it is written (and synced, with fsync): how the flusher gets
+        records without reading them back. A full disk (or no descriptors) does not fail
         the start: the spool then refuses appends and keeps retrying in the background."""
+        self._on_recover_record = on_record
+        self._on_durable = on_durable
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._io, self._lock)
         if self._sync_log is not None:
-            self._sync_log_fd = os.open(self._sync_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+            self._disk.sync_log_fd = os.open(self._sync_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                                         0o600)
         try:
             await self._run_recovery()
             # Room for the first appends? A start on a full disk is unready at once, not at
             # its first refused request.
-            await loop.run_in_executor(self._io, self._probe_room)
+            await loop.run_in_executor(self._io, self._disk.probe_room)
         except OSError as exc:
             if not is_resource_error(exc):
                 raise
@@ -166,7 +124,7 @@ class Spool:
                       extra={"fields": {"directory": str(self.directory),
                                         "error": reason(exc)}})
         self._opened = True
-        self._sup.start("spool-commit", self._commit_loop)
+        self._sup.start(Task.SPOOL_COMMIT, self._commit_loop)
         return self.recovery
 
     async def close(self) -> None:
@@ -176,7 +134,7 @@ class Spool:
         self._closed = True
         self._wake.set()
         if self._opened:
-            await self._sup.wait("spool-commit", timeout=30)
+            await self._sup.wait(Task.SPOOL_COMMIT, timeout=30)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._io, self._close_files)
         for pool in (self._io, self._reader_pool):  # joining threads blocks: not on the loop
@@ -197,14 +155,14 @@ class Spool:
                 seg.fd = -1
         if self.recovery is not None:
             try:
-                self._write_cursor(self.cursor, sync=True)
+                self._disk.write_cursor(self.cursor, sync=True)
             except OSError as exc:  # replays a little more on the next start; loses nothing
                 log.warning("spool cursor not saved at close",
                             extra={"fields": {"error": reason(exc)}})
-        for fd in (self._lock_fd, self._sync_log_fd):
+        for fd in (self._lock_fd, self._disk.sync_log_fd):
             if fd >= 0:
                 os.close(fd)
-        self._lock_fd = self._sync_log_fd = -1
+        self._lock_fd = self._disk.sync_log_fd = -1
 
     # ---------------------------------------------------------------- recovery (I/O thread)
 
@@ -236,29 +194,6 @@ class Spool:
         _fsync_dir(self.directory)
         return rec, kept
 
-    def _open_segment(self, first_seq: int) -> Segment:
-        """A new segment with its header synced; no partial file is left if that fails."""
-        path = self.directory / segment_name(first_seq)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-        header = segment_header(first_seq)
-        try:
-            os.write(fd, header)
-            if self.fsync:
-                self._datasync(fd, path, len(header))
-            _fsync_dir(self.directory)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        return Segment(path, first_seq, first_seq - 1, len(header), time.time(), fd)
-
-    def _datasync(self, fd: int, path: Path, size: int) -> None:
-        """fdatasync, and (testing only) record what is now really on disk: what a power
-        loss would keep. One call does both, so the record cannot outlive the sync."""
-        os.fdatasync(fd)
-        if self._sync_log_fd >= 0:
-            os.write(self._sync_log_fd, f"{path.name} {size}\n".encode())
-
     # ---------------------------------------------------------------- appending (event loop)
 
     @property
@@ -288,7 +223,7 @@ class Spool:
         group = self._pending
         if group is None:
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            group = self._pending = _Group([], 0, seq, seq, fut, [])
+            group = self._pending = Group([], 0, seq, seq, fut, [])
         group.frames.append(data)
         group.nbytes += len(data)
         self._queued_bytes += len(data)
@@ -325,7 +260,7 @@ class Spool:
             group, self._pending = self._pending, None
             self._groups.append(group)
             try:
-                written = await loop.run_in_executor(self._io, self._write_group, group,
+                written = await loop.run_in_executor(self._io, self._disk.write_group, group,
                                                      self._active())
             except OSError as exc:
                 self.write_errors += 1
@@ -350,17 +285,17 @@ class Spool:
         seg = self.segments[-1] if self.segments else None
         return seg if seg is not None and seg.fd >= 0 else None
 
-    def _apply(self, written: _Written, group: _Group) -> None:
+    def _apply(self, written: Written, group: Group) -> None:
         if written.opened is not None:
             self.segments.append(written.opened)
         seg = self.segments[-1]
         seg.size = written.size
         seg.last_seq = group.last_seq
         self._disk_bytes += written.grown
-        if self.on_durable is not None:
+        if self._on_durable is not None:
             for seq, record, nbytes in group.items:
                 try:
-                    self.on_durable(seq, record, nbytes)
+                    self._on_durable(seq, record, nbytes)
                 except Exception:
                     log.exception("spool: on_durable callback failed")
                     break
@@ -370,49 +305,6 @@ class Spool:
             self._marks.append((group.first_seq, now))
         if not group.future.done():
             group.future.set_result(group.last_seq)
-
-    def _write_group(self, group: _Group, seg: Segment | None) -> _Written:
-        """I/O thread: append the group to the active segment and make it durable. Touches
-        descriptors and files only; the loop applies the returned bookkeeping."""
-        opened = None
-        grown = 0
-        if seg is not None and seg.size + group.nbytes > self.segment_bytes \
-                and seg.last_seq >= seg.first_seq:
-            if self.fsync:
-                os.fdatasync(seg.fd)
-            os.close(seg.fd)
-            seg.fd = -1
-            seg = None
-        if seg is None:
-            seg = opened = self._open_segment(group.first_seq)
-            grown += seg.size
-        data = b"".join(group.frames)
-        before = seg.size
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(seg.fd, view):]
-            if self.fsync:
-                self._datasync(seg.fd, seg.path, before + len(data))
-                self.syncs += 1
-        except OSError:
-            # Never leave a partial group behind: it was not acknowledged and must not be
-            # mistaken for records on replay. If even that fails, start a fresh segment.
-            try:
-                os.ftruncate(seg.fd, before)
-                if self.fsync:
-                    os.fdatasync(seg.fd)
-            except OSError:
-                os.close(seg.fd)
-                seg.fd = -1
-            if opened is not None:
-                # A segment created for this group holds nothing acknowledged: remove it.
-                if opened.fd >= 0:
-                    os.close(opened.fd)
-                    opened.fd = -1
-                opened.path.unlink(missing_ok=True)
-            raise
-        return _Written(opened, before + len(data), grown + len(data))
 
     async def _probe(self) -> None:
         """While broken: retry a deferred recovery, or check that the disk has room and a
@@ -426,7 +318,7 @@ class Spool:
                 spent = self._evict_retained(all_of_them=True)
                 if spent:
                     await loop.run_in_executor(self._io, _remove_segments, spent)
-                await loop.run_in_executor(self._io, self._probe_room)
+                await loop.run_in_executor(self._io, self._disk.probe_room)
         except OSError as exc:
             self.broken = (f"recovery deferred: {reason(exc)}" if self.recovery is None
                            else reason(exc))
@@ -434,21 +326,6 @@ class Spool:
         log.info("spool writable again; intake reopened",
                  extra={"fields": {"directory": str(self.directory)}})
         self.broken = None
-
-    def _probe_room(self) -> None:
-        path = self.directory / ".probe"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            try:
-                os.posix_fallocate(fd, 0, PROBE_BYTES)
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                os.write(fd, bytes(PROBE_BYTES))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            path.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- reading (flusher)
 
@@ -534,25 +411,7 @@ class Spool:
         # Segments are removed only after their records are committed, so a lost cursor
         # never loses data: it only means a replay that PostgreSQL absorbs idempotently.
         _remove_segments(spent)
-        self._write_cursor(seq, sync=False)
-
-    def _write_cursor(self, seq: int, *, sync: bool) -> None:
-        data = CURSOR.pack(seq, crc32c(SEQ.pack(seq)))
-        if sync:
-            write_atomic(self.directory / "cursor", data)
-            return
-        tmp = self.directory / "cursor.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.directory / "cursor")
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        self._disk.write_cursor(seq, sync=False)
 
     def replay_start(self, window: float) -> int:
         """The first seq committed within the last ``window`` seconds that is still on
@@ -572,6 +431,11 @@ class Spool:
         return min(max(start, oldest), self.cursor + 1)
 
     # ---------------------------------------------------------------- state for metrics
+
+    @property
+    def syncs(self) -> int:
+        """fdatasync calls for appended data (group commit shares them)."""
+        return self._disk.syncs
 
     @property
     def retained_bytes(self) -> int:

@@ -19,7 +19,7 @@ import time
 import asyncpg
 
 from flux_agent.postgres.embedded import LocalPostgres, find_bin_dir, free_port
-from flux_agent.postgres.sink import bootstrap_database
+from flux_agent.postgres.migrations import bootstrap_database
 
 from ..conftest import (
     FAST_SETTINGS,

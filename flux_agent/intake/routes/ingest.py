@@ -1,5 +1,6 @@
 """``POST /v1/events``: one event, a JSON array or NDJSON; atomic per request (all accepted
-or none), acknowledged only once the spool record is durable."""
+or none), acknowledged only once the spool record is durable. :meth:`Ingest.ingest` is the
+intake path other readers of events share (OpenLineage)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,20 @@ from typing import Any
 
 from aiohttp import web
 
-from ...core.errors import FluxError, TransientError, ValidationError
+from ...core.errors import FluxError, ValidationError
 from ...core.event import EventsRecord, Row, record_encoder
+from ...obs.metrics import Metrics
+from ...obs.tracing import Tracing
+from ...spool import Spool
 from ..auth import Claims, require
-from ..seen import Key
-from ..server import CLAIMS, json_response
-from .common import Routes, _prefers_committed
+from ..body import BodyReader, media_type, prefers_committed
+from ..responses import CLAIMS, json_response
+from ..runs import RunTracker
+from ..seen import Key, SeenIndex
+from ..validate import EventChecker
+from .common import Commits, Gate, Sealer
+
+Reader = Callable[[web.Request, bytes], tuple[list[Any], bool]]
 
 
 @dataclass(slots=True)
@@ -28,52 +37,50 @@ class Accepted:
     known_duplicates: int = 0  # those the duplicate index found (metrics: detected_by=intake)
 
 
-class EventRoutes(Routes):
-    """``POST /v1/events``, and the intake path other routes share (:meth:`_ingest`)."""
+class Ingest:
+    """Events in: read, seal, accept (spool them as one record, report known ones as
+    duplicates), answer once durable."""
+
+    def __init__(self, *, checker: EventChecker, sealer: Sealer, spool: Spool,
+                 seen: SeenIndex, commits: Commits, gate: Gate, bodies: BodyReader,
+                 metrics: Metrics, runs: RunTracker, tracing: Tracing) -> None:
+        self.checker = checker
+        self.sealer = sealer
+        self.spool = spool
+        self.seen = seen
+        self.commits = commits
+        self.gate = gate
+        self.bodies = bodies
+        self.metrics = metrics
+        self.runs = runs
+        self.tracing = tracing
 
     async def post_events(self, request: web.Request) -> web.Response:
-        return await self._ingest(request, self._read_events)
+        return await self.ingest(request, self._read_events)
 
     def _read_events(self, request: web.Request, body: bytes) -> tuple[list[Any], bool]:
-        ndjson = self._media_type(request)
-        return self._decode(body, ndjson)
+        return self.bodies.decode(body, media_type(request))
 
-    async def _ingest(
-        self,
-        request: web.Request,
-        read: Callable[[web.Request, bytes], tuple[list[Any], bool]],
-        created: int = 202,
-    ) -> web.Response:
+    async def ingest(self, request: web.Request, read: Reader, created: int = 202
+                     ) -> web.Response:
         claims: Claims = request[CLAIMS]
         require(claims, "write")
-        self.inflight += 1
-        self._idle.clear()
+        wait = prefers_committed(request)
         try:
-            if self.draining:
-                raise TransientError("DRAINING", "the agent is shutting down; retry against "
-                                     "its successor", retry_after=1)
-            # Refuse early when the spool is full, before reading a large body.
-            self.spool.check_room(request.content_length or 0)
-            reserved = await self._reserve(request)
-            try:
-                body = await self._read_within_deadline(request)
-                events, batch = read(request, body)
-                del body
-                rows = self._seal(request, claims, events, batch)
+            with self.gate.enter():
+                # Refuse early when the spool is full, before reading a large body.
+                self.spool.check_room(request.content_length or 0)
+                async with self.bodies.read(request) as body:
+                    events, batch = read(request, body)
+                rows = self.checker.rows(events, self.sealer.seal(request, claims),
+                                         batch=batch)
                 del events
-                wait = _prefers_committed(request.headers.get("Prefer", ""))
                 result = await self.accept(rows, claims.agency, wait=wait)
-            finally:
-                self.bodies.release(reserved)
         except FluxError as err:
             # Every refusal of an ingest request, whatever its cause (bad JSON, schema,
             # conflict, full spool, draining), counted by its code.
             self.metrics.events_rejected.labels(err.code).inc()
             raise
-        finally:
-            self.inflight -= 1
-            if self.inflight == 0:
-                self._idle.set()
         self.metrics.events_accepted.labels(claims.agency).inc(result.accepted)
         self.runs.observe(rows)
         if result.known_duplicates:
@@ -85,12 +92,6 @@ class EventRoutes(Routes):
             body_out["committed"] = True
             return json_response(body_out, 200, {"Preference-Applied": "wait=committed"})
         return json_response(body_out, created)
-
-    def _seal(self, request: web.Request, claims: Claims, events: list[Any], batch: bool
-              ) -> list[Row]:
-        return self.checker.rows(events, self._sealer(request, claims), batch=batch)
-
-    # ---------------------------------------------------------------- acceptance
 
     async def accept(self, rows: list[Row], agency: str, *, wait: bool) -> Accepted:
         """Spool new rows as one record; report known ones as duplicates.
@@ -164,18 +165,8 @@ class EventRoutes(Routes):
             raise
         accepted = len(fresh)
         if wait:
-            target = max([seq, *dup_seqs])
-            try:
-                new_ids = await asyncio.wait_for(self.flusher.wait_committed(target),
-                                                 self.config.commit_wait_timeout)
-            except TimeoutError:
-                raise TransientError(
-                    "COMMIT_TIMEOUT",
-                    "the events are durably spooled but not yet in PostgreSQL; a retry with "
-                    "the same event ids is safe",
-                    retry_after=max(1, int(self.config.commit_wait_timeout)),
-                    context={"accepted": accepted, "duplicates": duplicates},
-                ) from None
+            new_ids = await self.commits.wait(max([seq, *dup_seqs]), {
+                "accepted": accepted, "duplicates": duplicates})
             if new_ids is not None:
                 really_new = sum(1 for row in fresh if row.event_id in new_ids)
                 return Accepted(really_new, duplicates + accepted - really_new, ids, wait,

@@ -1,24 +1,43 @@
 """``POST /api/v1/lineage``: an OpenLineage RunEvent, mapped to flux events
-(:mod:`flux_agent.lineage`) and then taken in as ``POST /v1/events`` takes events."""
+(:mod:`flux_agent.intake.openlineage`) and then taken in as ``POST /v1/events`` takes events."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
 
-from .ingest import EventRoutes
+from ..body import BodyReader, media_type
+from ..openlineage import Lineage
+from .ingest import Ingest
 
 
-class LineageRoutes(EventRoutes):
-    """``POST /api/v1/lineage``: event intake with another reader."""
+class LineageRoutes:
+    """``POST /api/v1/lineage``: the intake path of events, with another reader."""
+
+    def __init__(self, ingest: Ingest, bodies: BodyReader) -> None:
+        self.ingest = ingest
+        self.bodies = bodies
+        # Built on the first OpenLineage request, in a worker thread (its schemas are files):
+        # an agent that never sees one never pays for them.
+        self.lineage: Lineage | None = None
+        self._lock = asyncio.Lock()
+
+    async def _mapping(self) -> Lineage:
+        if self.lineage is None:
+            async with self._lock:
+                if self.lineage is None:
+                    self.lineage = await asyncio.get_running_loop().run_in_executor(
+                        None, Lineage)
+        return self.lineage
 
     async def post_lineage(self, request: web.Request) -> web.Response:
-        """``POST /api/v1/lineage``: an OpenLineage RunEvent, as its HTTP transport sends it."""
-        lineage = await self.lineage()
+        """An OpenLineage RunEvent, as its HTTP transport sends it."""
+        lineage = await self._mapping()
 
         def read(request: web.Request, body: bytes) -> tuple[list[Any], bool]:
-            self._media_type(request)
-            return lineage.to_events(self._decode_one(body, "")), False
+            media_type(request)
+            return lineage.to_events(self.bodies.decode_one(body, "")), False
 
-        return await self._ingest(request, read, created=201)
+        return await self.ingest.ingest(request, read, created=201)

@@ -17,7 +17,6 @@ from aiohttp import web
 
 from ..._version import __version__
 from ...core.resources import data_dir
-from .common import Routes
 
 PROBLEM = "application/problem+json"
 _REF = "#/components/schemas/"
@@ -300,11 +299,15 @@ def _problem_schema() -> dict[str, Any]:
     }
 
 
-class OpenAPIRoutes(Routes):
+class OpenAPIRoutes:
     """``GET /openapi.json``, built on first request and kept."""
 
-    async def get_openapi(self, request: web.Request) -> web.Response:
-        if self._openapi is None:
-            self._openapi = msgspec.json.encode(document(self.servers, self.admin_servers))
-        return web.Response(body=self._openapi, content_type="application/json")
+    def __init__(self, servers: list[str], admin_servers: list[str]) -> None:
+        self.servers = servers
+        self.admin_servers = admin_servers
+        self._document: bytes | None = None
 
+    async def get_openapi(self, request: web.Request) -> web.Response:
+        if self._document is None:
+            self._document = msgspec.json.encode(document(self.servers, self.admin_servers))
+        return web.Response(body=self._document, content_type="application/json")
