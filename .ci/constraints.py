@@ -26,10 +26,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRAS = ("test", "embedded", "otlp")
+# Left to their latest releases: aiohttp (the HTTP edge uses its public API only, so its
+# security releases reach users and CI tests each one) and the aio-libs packages released
+# with it.
+UNPINNED = frozenset({"aiohttp", "aiohappyeyeballs", "aiosignal", "frozenlist", "multidict",
+                      "propcache", "yarl"})
 HEADER = """\
 # Exact versions of all of flux-agent's dependencies: runtime, the extras {extras},
 # and the build backend, resolved together for CPython {python} on Linux. Constraints for
 # the image build (the Dockerfile's PIP_CONSTRAINT) and for CI (the README's test command).
+# aiohttp and the aio-libs packages released with it are left to their latest releases.
 # Generated, do not edit; refresh with:  .venv/bin/python .ci/constraints.py
 """
 
@@ -48,7 +54,8 @@ def resolve() -> dict[str, str]:
     pins: dict[str, str] = {}
     for item in items:
         metadata = item["metadata"]
-        if normalise(metadata["name"]) == normalise(name):
+        if normalise(metadata["name"]) == normalise(name) or \
+                normalise(metadata["name"]) in UNPINNED:
             continue
         pins[normalise(metadata["name"])] = metadata["version"]
     return dict(sorted(pins.items()))
