@@ -19,18 +19,19 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from ..checkpoints.ledger import Checkpoints
-from ..core.event import CheckpointRecord, EventsRecord, decode_record
+from ..core.event import decode_record
 from ..core.files import is_resource_error, reason
 from ..core.settings import AgentConfig, redact_dsn
 from ..flush.batch import Limits
 from ..flush.flusher import Flusher
+from ..forward import wire
 from ..intake.admin import admin_app
-from ..intake.app import Authentication, EventApi
+from ..intake.app import AggregatorApi, Authentication, EventApi
 from ..intake.audit import Auditor
 from ..intake.auth import Authenticator
 from ..intake.body import BodyReader
@@ -41,24 +42,24 @@ from ..intake.routes.ingest import Ingest
 from ..intake.routes.lineage import LineageRoutes
 from ..intake.routes.openapi import OpenAPIRoutes
 from ..intake.routes.reads import ReadRoutes
+from ..intake.routes.records import RecordsRoutes
 from ..intake.runs import RunTracker
 from ..intake.seen import SeenIndex
 from ..intake.validate import EventChecker, Schemas
 from ..obs.metrics import Metrics
 from ..obs.supervise import Supervisor, Task
 from ..obs.tracing import Tracing, make_tracing
-from ..postgres.health import DatabaseHealth
-from ..postgres.pool import Postgres, Timeouts
-from ..postgres.retention import Retention, RetentionSettings
-from ..postgres.sink import Sink
-from ..postgres.store import Store
 from ..spool import Recovery, Spool
-from . import database, listeners
+from . import listeners, upstreams
 from .listeners import Endpoints
 from .probes import Probes, ProbeSettings
 from .reload import JwksWatcher
 from .setup import claim_state_dir, load_keys, preflight
 from .snapshots import Snapshots
+
+if TYPE_CHECKING:
+    from ..postgres.pool import Postgres
+    from ..postgres.retention import Retention
 
 log = logging.getLogger("flux_agent.agent")
 
@@ -82,18 +83,14 @@ class Agent:
         self.gate = Gate()
         self.runs = RunTracker()
         # The stages, built by start() in dependency order (None before).
-        self.pg: Postgres | None = None
-        self.sink: Sink | None = None
-        self.store: Store | None = None
+        self.delivery: upstreams.Delivery | None = None
         self.spool: Spool | None = None
         self.recovery: Recovery | None = None
         self.flusher: Flusher | None = None
         self.checkpoints: Checkpoints | None = None
         self.snapshots: Snapshots | None = None
-        self.api: EventApi | None = None
+        self.api: EventApi | AggregatorApi | None = None
         self.probes: Probes | None = None
-        self.retention: Retention | None = None
-        self.embedded: database.EmbeddedWatcher | None = None
         self.authenticator: Authenticator | None = None
         self.event_app: web.Application | None = None
         self._authenticator = authenticator
@@ -115,6 +112,15 @@ class Agent:
     @property
     def state(self) -> str:
         return self._state
+
+    @property
+    def pg(self) -> Postgres | None:
+        """The PostgreSQL pool (None when the upstream is an aggregator)."""
+        return self.delivery.pg if self.delivery is not None else None
+
+    @property
+    def retention(self) -> Retention | None:
+        return self.delivery.retention if self.delivery is not None else None
 
     async def start(self) -> None:
         if self._state != "new":
@@ -157,27 +163,31 @@ class Agent:
         self._on_stop("release the state dir", os.close, lock)
         sockets = await loop.run_in_executor(None, listeners.bind, config)
         self._on_stop("close the sockets", sockets.close)
+        tls = await loop.run_in_executor(None, listeners.tls_context, config)
         self.endpoints = sockets.endpoints
         if self.endpoints.socket_path is not None:
             self._on_stop("remove the socket", functools.partial(
                 self.endpoints.socket_path.unlink, missing_ok=True))
         self.tracing = make_tracing(config.tracing, self._span_exporter)
         self._on_stop("flush the traces", self.tracing.shutdown)
-        health = await self._open_database(schemas)
+        if config.aggregators:
+            delivery = upstreams.aggregators(config, self.supervisor, self._on_stop)
+        else:
+            delivery = await upstreams.database(config, schemas, self.supervisor, self._on_stop)
+        self.delivery = delivery
         spool = self.spool = Spool(
             config.spool_dir, max_bytes=config.spool_max_bytes,
             segment_bytes=config.spool_segment_bytes, fsync=config.spool_durability == "fsync",
             keep_committed=config.spool_keep_committed, supervisor=self.supervisor,
             sync_log=Path(config.spool_sync_log) if config.spool_sync_log else None)
         flusher = self.flusher = Flusher(
-            spool, self._writer(), limits=Limits(config.batch_max_events * config.flush_lanes,
+            spool, delivery.writer, limits=Limits(config.batch_max_events * config.flush_lanes,
                                                  config.batch_max_bytes, config.batch_max_age),
             lanes=config.flush_lanes, retry_max=config.flush_retry_max,
             memory_bytes=config.memory_queue_bytes, replay_window=config.spool_keep_committed,
             on_progress=functools.partial(self.supervisor.ok, Task.FLUSHER),
             observe=self.metrics.observe_flush, tracing=self.tracing)
-        assert self.store is not None
-        self.checkpoints = Checkpoints(spool, self.store,
+        self.checkpoints = Checkpoints(spool, delivery.reader,
                                        functools.partial(schemas.explain_with, schemas.checkpoint),
                                        max_bytes=config.event_max_bytes,
                                        committed=lambda: flusher.committed_seq)
@@ -201,54 +211,20 @@ class Agent:
         self.probes = Probes(
             lifecycle=lambda: self._state,
             settings=ProbeSettings(config.ready_stall_after, config.request_max_bytes),
-            supervisor=self.supervisor, spool=spool, flusher=flusher, upstream=health,
-            checkpoints=self.checkpoints, runs=self.runs,
-            extra_metrics=(self.retention,) if self.retention is not None else ())
+            supervisor=self.supervisor, spool=spool, flusher=flusher, upstream=delivery.health,
+            checkpoints=self.checkpoints, runs=self.runs, extra_metrics=delivery.metrics)
         self.metrics.add_state(self.probes.metric_values)
         self.metrics.known_labels(schemas.manifest.retention_days)
         events = self._event_api(schemas, authenticator, auditor)
         admin = admin_app(self.probes, self.metrics, authenticator)
-        for server in await listeners.serve(config, sockets, events, admin):
+        for server in await listeners.serve(config, sockets, events, admin, tls):
             self._on_stop("close a listener", server.close)
-        self._background(health, authenticator)
+        if tls is not None:
+            reloader = listeners.CertReloader(tls, config.tls_cert_file, config.tls_key_file)
+            self._supervise(Task.TLS, reloader.run, critical=False)
+        self._background(delivery, authenticator)
         auditor.record("agent.start", success=True, detail={
             "auth": config.auth, "agent_id": config.effective_agent_id})
-
-    async def _open_database(self, schemas: Schemas) -> DatabaseHealth:
-        config, loop = self.config, asyncio.get_running_loop()
-        if config.database_url:
-            dsn = database.configured_dsn(config)
-        else:
-            embedded, dsn = await database.start_embedded(config)
-            self._on_stop("stop the embedded PostgreSQL", functools.partial(
-                loop.run_in_executor, None, embedded.stop))
-            self.embedded = database.EmbeddedWatcher(
-                embedded, functools.partial(self.supervisor.ok, Task.EMBEDDED_DB))
-        self.pg = Postgres(
-            dsn, max_connections=config.flush_lanes + 2, pgbouncer=config.database_pgbouncer,
-            timeouts=Timeouts(connect=config.database_connect_timeout,
-                              statement=config.database_statement_timeout,
-                              flush=config.flush_timeout, idle=config.database_idle_timeout),
-            identity_path=config.state_path / "primary")
-        self._on_stop("close the database pool", self.pg.close)
-        self.sink = Sink(self.pg, migrate_on_connect=config.migrate)
-        await database.check_schema(self.sink)
-        self.store = Store(self.pg)
-        if config.retention_interval > 0:
-            self.retention = Retention(self.sink, RetentionSettings(
-                interval=config.retention_interval, batch=config.retention_batch,
-                partition_interval=config.partition_interval,
-                partition_premake=config.partition_premake,
-                partition_lock_timeout=config.partition_lock_timeout,
-                dead_letter_retention=config.dead_letter_retention),
-                schemas.manifest.retention_days, holder=config.effective_agent_id,
-                on_progress=functools.partial(self.supervisor.ok, Task.RETENTION))
-        return DatabaseHealth(self.pg, self.sink, ping_interval=config.database_ping_interval,
-                              on_progress=functools.partial(self.supervisor.ok, Task.PING))
-
-    def _writer(self) -> Sink:
-        assert self.sink is not None
-        return self.sink
 
     def _event_api(self, schemas: Schemas, authenticator: Authenticator,
                    auditor: Auditor) -> web.Application:
@@ -256,51 +232,59 @@ class Agent:
         assert self.spool is not None
         assert self.flusher is not None
         assert self.checkpoints is not None
-        assert self.store is not None
-        bodies = BodyReader(memory_bytes=config.request_memory_bytes,
-                            timeout=config.request_body_timeout,
-                            max_bytes=config.request_max_bytes)
+        assert self.delivery is not None
+        reader = self.delivery.reader
+        max_bytes = config.request_max_bytes
+        if config.role == "aggregator":  # a window of a sidecar's flusher, whole
+            max_bytes = max(max_bytes, wire.MAX_BYTES)
+        bodies = BodyReader(memory_bytes=max(config.request_memory_bytes, max_bytes),
+                            timeout=config.request_body_timeout, max_bytes=max_bytes)
         sealer = Sealer(schemas.manifest, config.effective_agent_id)
         commits = Commits(self.spool, self.flusher, timeout=config.commit_wait_timeout)
         audit = RequestAudit(auditor)
+        auth = Authentication(authenticator, schemas.manifest.knows, audit,
+                              [int(u) for u in config.socket_allowed_uids])
+        endpoints = self.endpoints
+        openapi = OpenAPIRoutes([u for u in (endpoints.event_url,) if u],
+                                [u for u in (endpoints.admin_url,) if u])
+        checkpoint_routes = CheckpointRoutes(
+            checkpoints=self.checkpoints, reader=reader, sealer=sealer, spool=self.spool,
+            commits=commits, gate=self.gate, bodies=bodies, metrics=self.metrics, audit=audit)
+        if config.role == "aggregator":
+            api = AggregatorApi(
+                records=RecordsRoutes(spool=self.spool, gate=self.gate, bodies=bodies,
+                                      commits=commits, checkpoints=self.checkpoints,
+                                      metrics=self.metrics, audit=audit),
+                checkpoints=checkpoint_routes, reads=ReadRoutes(reader, commits),
+                openapi=openapi)
+            self.api = api
+            self.event_app = api.app(auth=auth, metrics=self.metrics, tracing=self.tracing,
+                                     max_bytes=max_bytes)
+            return self.event_app
         ingest = Ingest(checker=EventChecker(schemas, config.event_max_bytes), sealer=sealer,
                         spool=self.spool, seen=self.seen, commits=commits, gate=self.gate,
                         bodies=bodies, metrics=self.metrics, runs=self.runs,
                         tracing=self.tracing)
-        endpoints = self.endpoints
         self.api = EventApi(
-            ingest=ingest,
-            lineage=LineageRoutes(ingest, bodies),
-            checkpoints=CheckpointRoutes(
-                checkpoints=self.checkpoints, reader=self.store, sealer=sealer,
-                spool=self.spool, commits=commits, gate=self.gate, bodies=bodies,
-                metrics=self.metrics, audit=audit),
-            reads=ReadRoutes(self.store, commits),
-            openapi=OpenAPIRoutes([u for u in (endpoints.event_url,) if u],
-                                  [u for u in (endpoints.admin_url,) if u]),
+            ingest=ingest, lineage=LineageRoutes(ingest, bodies), checkpoints=checkpoint_routes,
+            reads=ReadRoutes(reader, commits), openapi=openapi,
             drain=DrainRoutes(self._drain_request, audit))
-        auth = Authentication(authenticator, schemas.manifest.knows, audit,
-                              [int(u) for u in config.socket_allowed_uids])
         self.event_app = self.api.app(auth=auth, metrics=self.metrics, tracing=self.tracing,
-                                      max_bytes=config.request_max_bytes)
+                                      max_bytes=max_bytes)
         return self.event_app
 
-    def _background(self, health: DatabaseHealth, authenticator: Authenticator) -> None:
+    def _background(self, delivery: upstreams.Delivery, authenticator: Authenticator) -> None:
         """The supervised loops besides the flusher (each stops before the stages it uses)."""
         config = self.config
         assert self.snapshots is not None
         self._supervise(Task.SNAPSHOTS, self.snapshots.run, critical=False)
-        if config.database_ping_interval > 0:
-            self._supervise(Task.PING, health.run, critical=False)
-        if self.retention is not None:
-            self._supervise(Task.RETENTION, self.retention.run, critical=False)
+        for task, run, critical in delivery.tasks:
+            self._supervise(task, run, critical=critical)
         if config.auth in ("jwt", "kubernetes") and config.jwt_jwks_file:
             tokens = getattr(authenticator, "tokens", None) or authenticator
             watcher = JwksWatcher(tokens, Path(config.jwt_jwks_file),  # type: ignore[arg-type]
                                   functools.partial(load_keys, config))
             self._supervise(Task.JWKS, watcher.run, critical=False)
-        if self.embedded is not None:
-            self._supervise(Task.EMBEDDED_DB, self.embedded.run)
 
     def _supervise(self, task: Task, run: Callable[[], Awaitable[None]], *,
                    critical: bool = True) -> None:
@@ -339,22 +323,42 @@ class Agent:
             return flushed
 
     async def _drain(self, deadline: float) -> bool:
-        """Upstream first: refuse new requests, finish those in flight, then flush what is
-        spooled until the deadline. False when something is left on the spool."""
+        """Upstream first: refuse new requests, finish those in flight, then deliver what is
+        spooled until the deadline: to the upstream, and, when that is PostgreSQL and a
+        handoff is configured, whatever PostgreSQL did not take by then to an aggregator (at
+        once while PostgreSQL is down). False when something is left on the spool, which is
+        then logged at ERROR with its runs: in Kubernetes there may be no next start."""
         self._state = "draining"
         self.gate.close()
         await self.gate.wait_idle(max(0.0, min(DRAIN_IDLE_WAIT, deadline - time.monotonic())))
-        flusher = self.flusher
-        if flusher is None:
+        flusher, spool, config = self.flusher, self.spool, self.config
+        if flusher is None or spool is None:
             return True
+        handoff = bool(config.handoff_to) and not config.aggregators \
+            and config.role == "agent"
+        flush_until = deadline - (config.handoff_timeout if handoff else 0.0)
+        flushed = False
         try:
-            flushed = await flusher.drain(max(0.0, deadline - time.monotonic()))
+            if not (handoff and self.delivery is not None
+                    and self.delivery.health.state() == "down"):
+                flushed = await flusher.drain(upstreams.deadline_left(flush_until))
+            if not flushed and handoff:
+                await self.supervisor.stop(Task.FLUSHER)  # one flusher on a spool at a time
+                flushed = await upstreams.hand_off(config, spool,
+                                                   upstreams.deadline_left(deadline))
         except Exception:
             log.exception("drain failed; the rest stays on the spool")
-            return False
         if not flushed:
-            log.warning("drain deadline reached; the rest stays on the spool",
-                        extra={"fields": {"backlog_records": flusher.backlog}})
+            left = await upstreams.leftovers(spool)
+            if left["records"]:
+                log.error("events acknowledged but not delivered are left on the spool: no "
+                          "upstream took them before the drain deadline; they are delivered "
+                          "only if this state dir is started again", extra={"fields": {
+                              **left, "spool": str(spool.directory),
+                              "upstream": "aggregators" if config.aggregators
+                              else "postgresql", "handoff": list(config.handoff_to)}})
+            else:
+                flushed = True
         return flushed
 
     async def _teardown(self) -> None:
@@ -370,12 +374,12 @@ class Agent:
 
     def _recovered_record(self, seq: int, payload: bytes) -> None:
         record = decode_record(payload)
-        if isinstance(record, CheckpointRecord) and self.checkpoints is not None:
-            self.checkpoints.recovered(seq, record)
-        if isinstance(record, EventsRecord | CheckpointRecord):
-            for row in record.rows:
-                self.seen.add((row.agency_id, row.event_id),
-                              (int(row.payload_sha256[:8], 16), seq, None))
+        if self.checkpoints is not None:
+            for checkpoint in record.checkpoints():
+                self.checkpoints.recovered(seq, checkpoint)
+        for row in record.events():
+            self.seen.add((row.agency_id, row.event_id),
+                          (int(row.payload_sha256[:8], 16), seq, None))
 
     # ---------------------------------------------------------------- probes
 

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import logging
 import socket
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .setup import clear_stale_socket, connection_caps
 log = logging.getLogger("flux_agent.agent")
 # The admin listener's requests (probes, scrapes) are not logged one by one.
 _QUIET = logging.Logger("flux_agent.admin.access", logging.CRITICAL + 1)
+CERT_CHECK_INTERVAL = 10.0
 
 
 @dataclass(slots=True)
@@ -55,6 +57,8 @@ def bind(config: AgentConfig) -> Sockets:
         if config.listen:
             out.bound["tcp"] = _bind_tcp(config.listen, "listen")
             out.endpoints.event_url = address_of(out.bound["tcp"])
+            if config.tls_cert_file:
+                out.endpoints.event_url = out.endpoints.event_url.replace("http:", "https:", 1)
         path = config.socket_path
         if path is not None:
             clear_stale_socket(path)
@@ -83,8 +87,59 @@ def _bind_tcp(address: str, setting: str) -> socket.socket:
         raise ConfigError(env_name(setting), f"cannot listen on {address}: {why}") from None
 
 
+def tls_context(config: AgentConfig) -> ssl.SSLContext | None:
+    """The event listener's TLS (reads files: a worker thread); a ConfigError names the
+    setting of a file that does not load."""
+    if not config.tls_cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(env_name("tls_cert_file"), f"cannot load the certificate and key: "
+                          f"{exc}") from None
+    return context
+
+
+class CertReloader:
+    """A rotated certificate (cert-manager renews it in place) is taken by new connections
+    within a reload interval; a pair that does not load keeps the previous one, loudly."""
+
+    def __init__(self, context: ssl.SSLContext, cert: str, key: str) -> None:
+        self.context = context
+        self.cert = Path(cert)
+        self.key = Path(key)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = await loop.run_in_executor(None, self._stamp)
+        while True:
+            await asyncio.sleep(CERT_CHECK_INTERVAL)
+            stamp = await loop.run_in_executor(None, self._stamp)
+            if stamp == last:
+                continue
+            try:
+                await loop.run_in_executor(None, self.context.load_cert_chain, str(self.cert),
+                                           str(self.key))
+            except (OSError, ssl.SSLError) as exc:
+                log.error("the listener's new certificate does not load; keeping the previous "
+                          "one", extra={"fields": {"cert": str(self.cert), "error": str(exc)}})
+                continue
+            last = stamp
+            log.info("listener certificate reloaded", extra={"fields": {"cert": str(self.cert)}})
+
+    def _stamp(self) -> tuple[float, float]:
+        def mtime(path: Path) -> float:
+            try:
+                return path.stat().st_mtime
+            except OSError:
+                return 0.0
+        return mtime(self.cert), mtime(self.key)
+
+
 async def serve(config: AgentConfig, sockets: Sockets, events: web.Application,
-                admin: web.Application) -> list[HttpServer]:
+                admin: web.Application, tls: ssl.SSLContext | None = None
+                ) -> list[HttpServer]:
     """Start serving on the bound sockets; the servers, to close in reverse order."""
     caps = await asyncio.get_running_loop().run_in_executor(
         None, connection_caps, config, config.flush_lanes + 2)
@@ -99,7 +154,7 @@ async def serve(config: AgentConfig, sockets: Sockets, events: web.Application,
     if event_socks:
         server = HttpServer(events, limits=limits, access_log=logging.getLogger("aiohttp.access"))
         servers.append(server)
-        await server.start(event_socks)
+        await server.start(event_socks, tls=tls)
     if "admin" in bound:
         admin_limits = HttpLimits(idle_timeout=limits.idle_timeout,
                                   header_timeout=limits.header_timeout,

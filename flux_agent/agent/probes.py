@@ -148,8 +148,8 @@ class Probes:
             "flux_flush_stalled_seconds": flusher.stalled_for(),
             "flux_ready": 1.0 if self.readiness()[0] else 0.0,
         }
-        if self.upstream.key == "database":
-            values["flux_postgres_up"] = 1.0 if self.upstream.up() else 0.0
+        up_gauge = "flux_postgres_up" if self.upstream.key == "database" else "flux_upstream_up"
+        values[up_gauge] = 1.0 if self.upstream.up() else 0.0
         if self.checkpoints is not None:
             values["flux_checkpoint_queue_depth"] = self.checkpoints.pending()
         if self.runs is not None:

@@ -19,10 +19,10 @@ from ..core.settings import KUBE_AUDIENCE, AgentConfig, env_name
 from ..intake.auth import ApiKeyAuthenticator, Authenticator, FixedAgency, load_api_keys
 from ..intake.validate import Schemas
 from ..obs import logs
-from ..postgres.embedded import LocalPostgres
 
 if TYPE_CHECKING:
     from ..intake.tokens import KeySet
+    from ..postgres.embedded import LocalPostgres
 
 
 log = logging.getLogger("flux_agent.agent")
@@ -54,7 +54,7 @@ def make_authenticator(config: AgentConfig, schemas: Schemas) -> Authenticator:
             bindings = ServiceAccountBindings(config.kube_bindings)
         except ValueError as exc:
             raise ConfigError(env_name("kube_bindings"), str(exc)) from None
-        for agency, _ in bindings.bindings.values():
+        for agency in sorted(bindings.agencies()):
             if not schemas.manifest.knows(agency):
                 raise ConfigError(env_name("kube_bindings"),
                                   f"{agency!r} is not in the agency manifest")

@@ -140,9 +140,8 @@ class Checkpoints:
         committed = self.committed()
         return sum(1 for k in self.known.values() if k.seq > committed)
 
-    def recovered(self, seq: int, record: CheckpointRecord) -> None:
-        """A save found on the spool at start."""
-        cp = record.checkpoint
+    def recovered(self, seq: int, cp: CheckpointRow) -> None:
+        """A save found on the spool at start (or forwarded to an aggregator)."""
         key = (cp.agency_id, cp.run_id)
         current = self.known.get(key)
         if current is None or current.version <= cp.version:

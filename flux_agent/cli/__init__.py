@@ -29,7 +29,7 @@ from ..obs import logs
 from .admin import cmd_status, cmd_validate
 from .common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from .inject import cmd_inject, cmd_inject_webhook
-from .run import cmd_run
+from .run import cmd_aggregate, cmd_run
 from .tools import cmd_emit, cmd_migrate, cmd_spool, cmd_token, cmd_verify
 
 # --------------------------------------------------------------------------- completion
@@ -73,10 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
                               + text[1:] + ".", allow_abbrev=False, **kwargs)
 
     p = command("run", "run the agent (the sidecar)",
-                "Run the agent. Exit 0 after a clean drain, 78 on bad configuration, "
-                "1 otherwise.")
+                "Run the agent. Exit 0 after a clean drain (everything acknowledged was "
+                "delivered upstream or handed to an aggregator), 75 when acknowledged events "
+                "are left on the spool, 78 on bad configuration, 1 otherwise.")
     add_flags(p)
     p.set_defaults(func=cmd_run)
+
+    p = command("aggregate", "run an aggregator (sealed records from sidecars -> PostgreSQL)",
+                "Run the agent as an aggregator (FLUX_AGENT_ROLE=aggregator): it takes sealed "
+                "records from sidecars on POST /v1/records, answers once they are durable on "
+                "its own spool, and writes them to PostgreSQL in large windows. Exit codes as "
+                "`run`.")
+    add_flags(p)
+    p.set_defaults(func=cmd_aggregate)
 
     p = command("validate", "check the configuration without starting the agent",
                 "Load flags, environment and file as `run` does, check them (keys, agency "

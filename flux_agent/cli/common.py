@@ -13,6 +13,7 @@ EXIT_FAILURE = 1
 # sysexits.h, so shell scripts can tell what went wrong.
 EXIT_DATAERR = 65  # the agent refused the event (4xx): fix the event, do not retry
 EXIT_UNAVAILABLE = 69  # the agent could not be reached or stayed unavailable: retry later
+EXIT_UNDELIVERED = 75  # EX_TEMPFAIL: a drain left acknowledged events on the spool
 EXIT_NOPERM = 77  # authentication or authorisation refused
 EXIT_CONFIG = 78  # EX_CONFIG: a bad setting
 

@@ -15,7 +15,7 @@ import sys
 
 from ..core.settings import AgentConfig, load_config
 from ..obs import logs
-from .common import EXIT_FAILURE, EXIT_OK, _run_async
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_UNDELIVERED, _run_async
 
 log = logging.getLogger("flux_agent.cli")
 
@@ -53,8 +53,8 @@ async def _serve(config: AgentConfig) -> int:
         for task in waiters:
             task.cancel()
     finally:
-        await agent.stop()
-    return EXIT_OK
+        delivered = await agent.stop()
+    return EXIT_OK if delivered else EXIT_UNDELIVERED
 
 
 def _tune_process() -> None:
@@ -78,6 +78,11 @@ def _tune_process() -> None:
         return
     m_arena_max = -8
     libc.mallopt(m_arena_max, 2)
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    args.role = "aggregator"
+    return cmd_run(args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

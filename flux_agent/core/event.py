@@ -108,11 +108,29 @@ class EventsRecord(msgspec.Struct, tag="events", array_like=True, frozen=True):
 
     rows: list[Row]
 
+    def events(self) -> list[Row]:
+        return self.rows
+
+    def checkpoints(self) -> list[CheckpointRow]:
+        return []
+
+    def audits(self) -> list[AuditRow]:
+        return []
+
 
 class AuditRecord(msgspec.Struct, tag="audit.2", array_like=True, frozen=True):
     """Audit entries, delivered through the spool like events (durable, retried)."""
 
     rows: list[AuditRow]
+
+    def events(self) -> list[Row]:
+        return []
+
+    def checkpoints(self) -> list[CheckpointRow]:
+        return []
+
+    def audits(self) -> list[AuditRow]:
+        return self.rows
 
 
 _LegacyAuditRow = tuple[str, datetime, str, str, str | None, bool, str | None, str | None,
@@ -141,8 +159,41 @@ class CheckpointRecord(msgspec.Struct, tag="checkpoint", array_like=True, frozen
     rows: list[Row]  # the checkpoint.saved event (one)
     checkpoint: CheckpointRow
 
+    def events(self) -> list[Row]:
+        return self.rows
 
-SpoolRecord = EventsRecord | AuditRecord | CheckpointRecord
+    def checkpoints(self) -> list[CheckpointRow]:
+        return [self.checkpoint]
+
+    def audits(self) -> list[AuditRow]:
+        return []
+
+
+class ForwardedRecord(msgspec.Struct, tag="forwarded", array_like=True, frozen=True):
+    """Sealed items a sidecar forwarded to an aggregator in one request (one window of its
+    flusher, or part of one): ids, hashes and trace context as the sidecar sealed them.
+    The request body and the aggregator's spool record are the same bytes."""
+
+    event_rows: list[Row]
+    checkpoint_rows: list[CheckpointRow]
+    audit_rows: list[AuditRow]
+
+    def events(self) -> list[Row]:
+        return self.event_rows
+
+    def checkpoints(self) -> list[CheckpointRow]:
+        return self.checkpoint_rows
+
+    def audits(self) -> list[AuditRow]:
+        return self.audit_rows
+
+
+SpoolRecord = EventsRecord | AuditRecord | CheckpointRecord | ForwardedRecord
+
+
+def items(record: SpoolRecord) -> int:
+    """Events, checkpoints and audit entries a record carries (what batch limits count)."""
+    return len(record.events()) + len(record.checkpoints()) + len(record.audits())
 
 record_encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(SpoolRecord | LegacyAuditRecord)

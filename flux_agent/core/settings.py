@@ -145,6 +145,21 @@ def parse_bindings(raw: Any) -> tuple[str, ...]:
     return entries
 
 
+def parse_upstreams(raw: Any) -> tuple[str, ...]:
+    """A comma list of ``http(s)://host[:port]`` URLs, or one ``postgresql://`` URL."""
+    entries = parse_list(raw)
+    for entry in entries:
+        scheme = urlsplit(entry).scheme
+        if scheme in ("postgres", "postgresql"):
+            if len(entries) > 1:
+                raise ValueError("a postgresql:// URL stands alone")
+            continue
+        if scheme not in ("http", "https") or not urlsplit(entry).hostname:
+            raise ValueError(f"{redact_dsn(entry)!r} is not an http(s):// URL of an aggregator "
+                             "or a postgresql:// URL")
+    return entries
+
+
 def parse_str(raw: Any) -> str:
     if not isinstance(raw, str | int | float) or isinstance(raw, bool):
         raise ValueError(f"expected a string, got {type(raw).__name__}")
@@ -479,6 +494,53 @@ class AgentConfig:
         False, "PgBouncer in transaction pooling mode: no server-side prepared statements.",
         parse_bool,
     )
+    role: str = setting(
+        "agent", "`agent`: a sidecar, taking events from its pod. `aggregator`: takes sealed "
+        "records from sidecars and writes them to PostgreSQL (`flux-agent aggregate` sets it).",
+        choice("agent", "aggregator"),
+    )
+    upstream: tuple[str, ...] = setting(
+        (), "Where a sidecar delivers: unset (PostgreSQL, `FLUX_AGENT_DATABASE_URL` or the "
+        "embedded default), a `postgresql://` URL (the same as `FLUX_AGENT_DATABASE_URL`), or "
+        "aggregator URLs (`https://host:8788`, comma list, or one Service's): the sidecar then "
+        "holds no database credentials and imports no database client.", parse_upstreams,
+        shown_default="unset (PostgreSQL)",
+    )
+    upstream_token_file: str = setting(
+        "", "File holding the bearer token sent to aggregators (a projected service-account "
+        "token, or a static development token); re-read when it changes.",
+        shown_default="unset",
+    )
+    upstream_ca_file: str = setting(
+        "", "CA bundle that verifies aggregators' TLS certificates.",
+        shown_default="the system's CAs",
+    )
+    upstream_timeout: float = setting(
+        10.0, "Each call to an aggregator must be answered within this (else it counts as "
+        "down and the next replica is tried, with backoff).", parse_timeout,
+        shown_default="10s",
+    )
+    handoff: tuple[str, ...] = setting(
+        (), "Aggregator URLs that take what a draining sidecar could not deliver to "
+        "PostgreSQL by its deadline (the pod's end). With aggregators as the upstream they "
+        "are the handoff too.", parse_upstreams, shown_default="unset",
+    )
+    handoff_timeout: float = setting(
+        10.0, "The part of `FLUX_AGENT_DRAIN_TIMEOUT` kept for the handoff: a drain flushes "
+        "to PostgreSQL until this much is left (or at once while PostgreSQL is down), then "
+        "hands the rest to an aggregator.", parse_duration, shown_default="10s",
+    )
+    tls_cert_file: str = setting(
+        "", "PEM certificate (chain) of the event listener: HTTPS (an aggregator's network "
+        "listener); re-read when it changes.", shown_default="unset",
+    )
+    tls_key_file: str = setting(
+        "", "PEM private key of `FLUX_AGENT_TLS_CERT_FILE`.", shown_default="unset",
+    )
+    allow_plaintext: bool = setting(
+        False, "Let an aggregator serve plain HTTP on an address that is not loopback (inside "
+        "a trusted network only).", parse_bool,
+    )
 
     def __repr__(self) -> str:
         parts = []
@@ -509,6 +571,16 @@ class AgentConfig:
         if self.socket == "auto":
             return self.state_path / "agent.sock"
         return Path(self.socket)
+
+    @property
+    def aggregators(self) -> tuple[str, ...]:
+        """The aggregator URLs a sidecar delivers to (none: PostgreSQL)."""
+        return tuple(u for u in self.upstream if u.startswith(("http://", "https://")))
+
+    @property
+    def handoff_to(self) -> tuple[str, ...]:
+        """Where a draining sidecar hands what it could not deliver."""
+        return self.handoff or self.aggregators
 
     @property
     def effective_agent_id(self) -> str:
@@ -614,6 +686,13 @@ def load_config(
             value = Secret(value) if value else None
         values[f.name] = value
     values["tracing"] = _resolve_tracing(values.get("tracing", "auto"), environ)
+    upstream = values.get("upstream", ())
+    if upstream and urlsplit(upstream[0]).scheme in ("postgres", "postgresql"):
+        if values.get("database_url") and values["database_url"] != upstream[0]:
+            raise ConfigError(env_name("upstream"), "names another PostgreSQL than "
+                              "FLUX_AGENT_DATABASE_URL; set one of them")
+        values["database_url"] = Secret(upstream[0])
+        values["upstream"] = ()
     config = AgentConfig(**values)
     _check(config, serving)
     return config
@@ -688,6 +767,7 @@ def _check(config: AgentConfig, serving: bool = True) -> None:
         ("postgres://", "postgresql://")
     ):
         raise ConfigError(env_name("database_url"), "must be a postgresql:// URL")
+    _check_upstream(config)
     if not serving:
         return
     if config.agency and not AGENCY_SLUG.match(config.agency):
@@ -729,6 +809,28 @@ def _check(config: AgentConfig, serving: bool = True) -> None:
         raise ConfigError(
             env_name("spool_segment_bytes"), "must hold at least one largest request"
         )
+
+
+def _check_upstream(config: AgentConfig) -> None:
+    if config.aggregators and config.database_url:
+        raise ConfigError(env_name("upstream"), "a sidecar delivers to aggregators or to "
+                          "PostgreSQL (FLUX_AGENT_DATABASE_URL), not both")
+    if config.role == "aggregator" and config.aggregators:
+        raise ConfigError(env_name("upstream"), "an aggregator writes to PostgreSQL "
+                          "(FLUX_AGENT_DATABASE_URL), not to another aggregator")
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        raise ConfigError(env_name("tls_key_file" if config.tls_cert_file else "tls_cert_file"),
+                          "FLUX_AGENT_TLS_CERT_FILE and FLUX_AGENT_TLS_KEY_FILE go together")
+    for name in ("handoff",):
+        if any(not u.startswith(("http://", "https://")) for u in getattr(config, name)):
+            raise ConfigError(env_name(name), "aggregator URLs (http(s)://) only")
+    if config.role == "aggregator" and config.listen and not config.tls_cert_file \
+            and not config.allow_plaintext \
+            and not _is_loopback(split_hostport(config.listen)[0]):
+        raise ConfigError(env_name("tls_cert_file"), f"an aggregator listening on "
+                          f"{config.listen} needs TLS (FLUX_AGENT_TLS_CERT_FILE and "
+                          "FLUX_AGENT_TLS_KEY_FILE), or FLUX_AGENT_ALLOW_PLAINTEXT=true inside "
+                          "a trusted network")
 
 
 _HMAC = {"HS256", "HS384", "HS512"}

@@ -10,15 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.event import (
-    AuditRecord,
-    AuditRow,
-    CheckpointRecord,
-    CheckpointRow,
-    EventsRecord,
-    Row,
-    SpoolRecord,
-)
+from ..core.event import AuditRow, CheckpointRow, Row, SpoolRecord, items
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +51,8 @@ class Batcher:
         if not self.batch.records:
             self.batch.opened_at = self.clock()
         self.batch.records.append((seq, record))
-        self.batch.events += len(record.rows)
-        if isinstance(record, EventsRecord | CheckpointRecord):
-            self.batch.event_rows += len(record.rows)
+        self.batch.events += items(record)
+        self.batch.event_rows += len(record.events())
         self.batch.nbytes += nbytes
 
     @property
@@ -121,19 +112,17 @@ def lane_of(agency: str, run_id: str, lanes: int) -> int:
 def split_lanes(batch: Batch, lanes: int) -> list[Work]:
     out = [Work() for _ in range(lanes)]
     for _, record in batch.records:
-        if isinstance(record, EventsRecord):
-            if lanes == 1:
-                out[0].events.extend(record.rows)
-            else:
-                for row in record.rows:
-                    out[lane_of(row.agency_id, row.run_id, lanes)].events.append(row)
-        elif isinstance(record, CheckpointRecord):
-            # The checkpoint and its event go to the run's lane, after the run's earlier
-            # events: a run's history stays in order.
-            cp = record.checkpoint
-            work = out[lane_of(cp.agency_id, cp.run_id, lanes)]
-            work.checkpoints.append(cp)
-            work.events.extend(record.rows)
-        elif isinstance(record, AuditRecord):
-            out[0].audits.extend(record.rows)  # few, and unordered among themselves
+        events, checkpoints, audits = record.events(), record.checkpoints(), record.audits()
+        if lanes == 1:
+            work = out[0]
+            # A checkpoint and its event stay after the run's earlier events: history in order.
+            work.events.extend(events)
+            work.checkpoints.extend(checkpoints)
+            work.audits.extend(audits)
+            continue
+        for row in events:
+            out[lane_of(row.agency_id, row.run_id, lanes)].events.append(row)
+        for cp in checkpoints:
+            out[lane_of(cp.agency_id, cp.run_id, lanes)].checkpoints.append(cp)
+        out[0].audits.extend(audits)  # few, and unordered among themselves
     return out

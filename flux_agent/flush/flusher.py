@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..core.errors import Fault, describe, fault_of
-from ..core.event import CheckpointRecord, EventsRecord, SpoolRecord, decode_record
+from ..core.event import SpoolRecord, decode_record, items
 from ..core.files import reason
 from ..core.retry import backoff
 from ..obs.tracing import Tracing
@@ -139,7 +139,7 @@ class Flusher:
         # Wake the gatherer only when it has something to do: a first record (its window's
         # age starts), or enough to fill the window. Waking it for every record would cost
         # a timer and a task switch per request for nothing.
-        self._offered += len(record.rows)  # items, as the window's limit counts them
+        self._offered += items(record)  # as the window's limit counts them
         if self._offered >= self._wake_after:
             self._data.set()
 
@@ -471,6 +471,5 @@ class Flusher:
 def _span_ids(batch: Batch) -> Iterator[tuple[str | None, str | None]]:
     """The (trace, span) of every request whose events a window carries (for span links)."""
     for _, record in batch.records:
-        if isinstance(record, EventsRecord | CheckpointRecord):
-            for row in record.rows:
-                yield row.trace_id, row.span_id
+        for row in record.events():
+            yield row.trace_id, row.span_id

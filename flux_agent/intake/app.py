@@ -7,12 +7,14 @@ acknowledged only once that record is durable. Nothing about a request is half-a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from ..core.errors import AuthenticationError, DataIsolationError, FluxError, ValidationError
+from ..forward.wire import AGENCY_HEADER, RECORDS_PATH
 from ..obs.metrics import Metrics
 from ..obs.tracing import Tracing
 from .auth import Authenticator, check_agency
@@ -26,6 +28,7 @@ from .routes.ingest import Ingest
 from .routes.lineage import LineageRoutes
 from .routes.openapi import OpenAPIRoutes
 from .routes.reads import ReadRoutes
+from .routes.records import RecordsRoutes
 
 _PUBLIC = frozenset({"/openapi.json"})  # served without credentials
 
@@ -52,6 +55,13 @@ class Authentication:
                     raise AuthenticationError("PEER_NOT_ALLOWED",
                                               f"uid {uid} may not use this socket")
             claims = self.authenticator.authenticate(request.headers, is_local(request))
+            chosen = request.headers.get(AGENCY_HEADER)
+            if chosen is not None and chosen != claims.agency:
+                if not claims.may_act_for(chosen):
+                    raise DataIsolationError(
+                        "AGENCY_NOT_ALLOWED", f"this caller may not act for agency {chosen!r} "
+                        f"({AGENCY_HEADER})", context={"agency": chosen})
+                claims = dataclasses.replace(claims, agency=chosen)
             check_agency(claims, self.knows)
         except FluxError as err:
             self.audit(request, "auth.failed", success=False, claims=None,
@@ -101,4 +111,32 @@ class EventApi:
         router.add_get("/v1/events/{event_id}", self.reads.get_event)
         router.add_get("/openapi.json", self.openapi.get_openapi)
         router.add_post("/v1/drain", self.drain.post_drain)
+        return app
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorApi:
+    """An aggregator's API: sealed records from sidecars, and the reads they make for the
+    agencies they are bound to."""
+
+    records: RecordsRoutes
+    checkpoints: CheckpointRoutes
+    reads: ReadRoutes
+    openapi: OpenAPIRoutes
+
+    def app(self, *, auth: Authentication, metrics: Metrics, tracing: Tracing,
+            max_bytes: int) -> web.Application:
+        app = web.Application(
+            client_max_size=max_bytes,
+            middlewares=[make_problem_middleware(metrics, tracing, max_drain_bytes=max_bytes),
+                         auth.middleware])
+        router = app.router
+        router.add_post(RECORDS_PATH, self.records.post_records, expect_handler=expect_continue)
+        router.add_get(RECORDS_PATH, self.records.get_records)
+        router.add_get("/v1/runs/{run_id}/checkpoint", self.checkpoints.get_checkpoint)
+        router.add_get("/v1/runs/{run_id}/checkpoints", self.checkpoints.get_checkpoint_history)
+        router.add_get("/v1/runs/{run_id}", self.reads.get_run)
+        router.add_get("/v1/runs/{run_id}/events", self.reads.get_run_events)
+        router.add_get("/v1/events/{event_id}", self.reads.get_event)
+        router.add_get("/openapi.json", self.openapi.get_openapi)
         return app

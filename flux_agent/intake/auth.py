@@ -34,9 +34,15 @@ class Claims:
     agency: str
     role: str
     expires_at: float | None = None
+    # Every agency the caller may act for (a namespace may be bound to several): ``agency``
+    # is the one a request acts for, chosen among them (X-Flux-Agency) or the first.
+    agencies: tuple[str, ...] = ()
 
     def allows(self, action: str) -> bool:
         return action in PERMISSIONS.get(self.role, frozenset())
+
+    def may_act_for(self, agency: str) -> bool:
+        return agency == self.agency or agency in self.agencies
 
 
 def require(claims: Claims, action: str) -> None:

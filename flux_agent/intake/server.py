@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -359,7 +360,8 @@ class HttpServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._started = False
 
-    async def start(self, sockets: list[socket.socket]) -> None:
+    async def start(self, sockets: list[socket.socket], *,
+                    tls: ssl.SSLContext | None = None) -> None:
         await self._runner.setup()
         self._started = True
         loop = asyncio.get_running_loop()
@@ -371,7 +373,9 @@ class HttpServer:
             return Guard(self.connections, ProblemRequestHandler(server, loop=loop, **kwargs))
 
         for sock in sockets:
-            self._servers.append(await loop.create_server(protocol, sock=sock,
+            # TLS on TCP only: the Unix socket's peers are the pod's own containers.
+            context = tls if sock.family != socket.AF_UNIX else None
+            self._servers.append(await loop.create_server(protocol, sock=sock, ssl=context,
                                                           backlog=ACCEPT_BACKLOG))
 
     async def close(self) -> None:

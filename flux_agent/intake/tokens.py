@@ -238,7 +238,8 @@ class ServiceAccountBindings:
     account bound by neither is refused (403), whoever signed it."""
 
     def __init__(self, entries: Sequence[str]) -> None:
-        self.bindings: dict[tuple[str, str], tuple[str, str]] = {}
+        # (namespace, account) -> (agencies, role); several entries of one name add agencies
+        self.bindings: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {}
         for entry in entries:
             m = KUBE_BINDING.match(entry.strip())
             if m is None:
@@ -246,7 +247,16 @@ class ServiceAccountBindings:
             role = m.group(4) or "operator"
             if role not in ROLES:
                 raise ValueError(f"{entry!r}: role must be one of {', '.join(ROLES)}")
-            self.bindings[(m.group(1), m.group(2) or "")] = (m.group(3), role)
+            key = (m.group(1), m.group(2) or "")
+            known, known_role = self.bindings.get(key, ((), role))
+            if known and known_role != role:
+                raise ValueError(f"{entry!r}: {key[0]}{'/' + key[1] if key[1] else ''} is "
+                                 f"bound with role {known_role} already")
+            if m.group(3) not in known:
+                self.bindings[key] = ((*known, m.group(3)), role)
+
+    def agencies(self) -> set[str]:
+        return {agency for agencies, _ in self.bindings.values() for agency in agencies}
 
     def __call__(self, payload: dict[str, Any]) -> Claims:
         sub = payload.get("sub")
@@ -268,7 +278,8 @@ class ServiceAccountBindings:
                                      f"service account {namespace}/{account} is bound to no "
                                      "agency on this agent",
                                      context={"namespace": namespace, "serviceaccount": account})
-        return Claims(sub=str(sub), agency=bound[0], role=bound[1], expires_at=expiry(payload))
+        return Claims(sub=str(sub), agency=bound[0][0], role=bound[1],
+                      expires_at=expiry(payload), agencies=bound[0])
 
 
 def mint(

@@ -70,6 +70,8 @@ STATE: tuple[Gauge, ...] = (
     Gauge("flux_failover_restored_events", "Replayed events the new primary did not have.",
           "counter"),
     Gauge("flux_postgres_up", "1 when the last PostgreSQL operation succeeded, else 0."),
+    Gauge("flux_upstream_up", "A sidecar forwarding to aggregators: 1 when the last call to "
+          "one succeeded, else 0."),
     Gauge("flux_flush_stalled_seconds", "Seconds without flush progress while events wait."),
     Gauge("flux_ready", "1 while the agent accepts events."),
     Gauge("flux_checkpoint_queue_depth", "Checkpoint saves not yet in PostgreSQL."),
@@ -144,6 +146,10 @@ class Metrics:
         self.events_accepted = Counter(
             "flux_events_accepted", "Events accepted onto the spool.", ["agency"], registry=r
         )
+        self.records_received = Counter(
+            "flux_records_received", "Requests of sealed records an aggregator took from "
+            "sidecars, by the caller's agency.", ["agency"], registry=r,
+        )
         self.events_duplicate = Counter(
             "flux_events_duplicates",
             "Events already known: at intake (index) or by PostgreSQL (conflict).",
@@ -192,6 +198,7 @@ class Metrics:
         rate() then see an agency's or a class's first event instead of missing it."""
         for agency in agencies:
             self.events_accepted.labels(agency)
+            self.records_received.labels(agency)
             for error_class in ("VALIDATION_ERROR", "TRANSIENT_ERROR", "TERMINAL_ERROR",
                                 "DATA_ISOLATION_ERROR", "CHECKPOINT_ERROR"):
                 self.errors.labels(error_class, agency)

@@ -40,6 +40,7 @@ class Task(enum.StrEnum):
     RETENTION = "retention"
     JWKS = "jwks"
     EMBEDDED_DB = "embedded-db"
+    TLS = "tls"
 
 
 @dataclass(slots=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import asyncpg
 
 from ..core.errors import Fault, UnsafeRole
 from ..core.files import write_atomic
+from ..core.net import tune_socket
 from .errors import describe, translate
 
 log = logging.getLogger("flux_agent.postgres")
@@ -262,19 +262,6 @@ class TunedConnection(asyncpg.Connection):  # type: ignore[misc]
 
 def connection_class(user_timeout: float) -> type[TunedConnection]:
     return type("TunedConnection", (TunedConnection,), {"user_timeout": user_timeout})
-
-
-def tune_socket(sock: socket.socket | None, user_timeout: float) -> None:
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3),
-                        ("TCP_USER_TIMEOUT", int(user_timeout * 1000))):
-        if hasattr(socket, name):
-            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
-    for level, option, value in options:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(level, option, value)
 
 
 def _server_settings(name: str) -> dict[str, str]:
