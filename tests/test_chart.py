@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from flux_agent.core.settings import SETTINGS, env_name, load_config
-from flux_agent.kube.admission import mutate_pod
+from flux_agent.kube.admission import inject_pod, mutate_pod
 from flux_agent.kube.cli import prepare_webhook
 from flux_agent.kube.config import (
     ADMIN_PORT_NAME,
@@ -79,6 +79,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "etl": "nasa", "science": ["noaa", "nasa"], "*": "noaa"}}},
     "workload-identity": {"agent": {"auth": "kubernetes", "agencyBindings": {"etl": "nasa"},
                                     "kubernetes": {"jwksConfigMap": "cluster-sa-jwks"}}},
+    "pinned-sidecar": {"image": {"repository": "registry.example/flux-agent",
+                                 "digest": "sha256:" + "1" * 64},
+                       "sidecar": {"image": {
+                           "repository": "registry.example/flux-agent@sha256:" + "2" * 64}}},
     "single-replica": {"injector": {"replicas": 1},
                        "agent": {"agency": "nasa"}, "networkPolicy": {"enabled": False},
                        "serviceAccount": {"create": False}},
@@ -292,6 +296,64 @@ def test_legacy_and_pvc_value_sets_reach_the_injector(chart: helm.Chart):
         namespace_bindings=True)
 
 
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize(("values", "image"), [
+    ({}, "flux-agent:0.1.0"),
+    ({"image": {"repository": "registry.example/flux-agent", "digest": DIGEST}},
+     f"registry.example/flux-agent@{DIGEST}"),
+    ({"sidecar": {"image": {"repository": "registry.example/agent", "tag": "0.2.0"}}},
+     "registry.example/agent:0.2.0"),
+    ({"sidecar": {"image": {"repository": "registry.example/agent", "digest": DIGEST}}},
+     f"registry.example/agent@{DIGEST}"),
+    ({"sidecar": {"image": {"repository": f"registry.example:5000/agent@{DIGEST}"}}},
+     f"registry.example:5000/agent@{DIGEST}"),
+    ({"image": {"repository": "registry.example/flux-agent"},
+      "sidecar": {"image": {"digest": DIGEST}}}, f"registry.example/flux-agent@{DIGEST}"),
+])
+def test_the_sidecar_image_can_be_pinned_by_digest(chart: helm.Chart, values: dict[str, Any],
+                                                   image: str):
+    """sidecar.image had no digest, and its repository could not hold one (the chart
+    appended `:<tag>` to whatever it was given)."""
+    chart.validate_schema(copy.deepcopy(values))
+    docs = render(chart, values)
+    config = injector_config(docs)
+    assert config.image == image
+    assert config.allow_image_override is False
+    pod = opted_in({"flux.io/image": "somebody.example/agent:latest"})
+    result = inject_pod(pod, config, "etl", ETL_NAMESPACE)
+    agent = next(c for c in result.pod["spec"]["initContainers"] if c["name"] == "flux-agent")
+    assert agent["image"] == image  # the pod's annotation does not override it
+    assert any("flux.io/image ignored" in w for w in result.outcome.warnings)
+    notes = chart.render(copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE)[
+        "flux-agent/templates/NOTES.txt"]
+    assert f"Injected agent image: {image} (pods cannot override it)" in notes
+
+
+def test_pods_choose_their_image_only_where_the_chart_allows_it(chart: helm.Chart):
+    values = {"sidecar": {"allowImageOverride": True}}
+    config = injector_config(render(chart, values))
+    assert config.allow_image_override is True
+    pod = opted_in({"flux.io/image": f"mirror.example/flux-agent@{DIGEST}"})
+    agent = next(c for c in mutate_pod(pod, config, "etl", ETL_NAMESPACE)["spec"][
+        "initContainers"] if c["name"] == "flux-agent")
+    assert agent["image"] == f"mirror.example/flux-agent@{DIGEST}"
+    notes = chart.render(values, name=RELEASE, namespace=NAMESPACE)[
+        "flux-agent/templates/NOTES.txt"]
+    assert "flux.io/image: ..." in notes and "pods cannot override it" not in notes
+
+
+def test_the_default_image_name_is_flagged(chart: helm.Chart):
+    """The default `flux-agent` is a short name each node's runtime resolves on its own
+    (containerd: docker.io/library/flux-agent, not this image): the chart says so."""
+    notes = chart.render({}, name=RELEASE, namespace=NAMESPACE)["flux-agent/templates/NOTES.txt"]
+    assert "WARNING: image.repository is the short name `flux-agent`" in notes
+    notes = chart.render({"image": {"repository": "registry.example/flux-agent"}}, name=RELEASE,
+                         namespace=NAMESPACE)["flux-agent/templates/NOTES.txt"]
+    assert "WARNING" not in notes
+
+
 def test_the_agent_accepts_the_configmap(chart: helm.Chart):
     """Every key is a real agent setting, and the agent's own loader accepts the values
     together with what the injector sets per pod."""
@@ -499,6 +561,14 @@ def test_notes_tell_how_to_opt_in(chart: helm.Chart):
     {"webhook": {"timeoutSeconds": 31}},
     {"sidecar": {"mode": "sidecar"}},
     {"sidecar": {"spoolSize": "lots"}},
+    {"sidecar": {"image": {"digest": "sha256:xyz"}}},
+    {"sidecar": {"image": {"digest": "a" * 64}}},
+    {"sidecar": {"image": {"repository": "registry.example/agent:0.1.0"}}},
+    {"sidecar": {"image": {"repository": "registry.example/agent@sha256:" + "a" * 64,
+                           "tag": "0.1.0"}}},
+    {"sidecar": {"image": {"repository": "registry.example/agent@sha256:" + "a" * 64,
+                           "digest": "sha256:" + "b" * 64}}},
+    {"sidecar": {"allowImageOverride": "no"}},
     {"agent": {"auth": "jwt"}},
     {"agent": {"agency": "NASA"}},
     {"agent": {"agencyBindings": {"etl": "NASA"}}},

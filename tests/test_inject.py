@@ -485,15 +485,52 @@ def test_ephemeral_spool_volume_and_jwks():
                                                   "configMap": {"name": "flux-jwks"}}
 
 
-def test_image_annotation_and_no_default_limits():
+PINNED = "registry.example/flux-agent@sha256:" + "e" * 64
+
+
+def test_a_pod_cannot_override_a_pinned_image_unless_allowed():
+    """flux.io/image once replaced the injector's image, pinned or not: any pod author could
+    run an image of their choosing as the agent, with the agent's database credentials. The
+    annotation is now ignored (the pod is injected, and warned) unless the injector allows
+    overrides."""
     pod = job_pod()
-    pod["metadata"]["annotations"] = {"flux.io/image": "mirror.example/flux-agent@sha256:"
-                                      + "a" * 64, "flux.io/memory": "200Mi"}
-    config = cfg(memory_limit="", cpu_request="", memory_request="64Mi")
-    mutated, _ = admit(pod, config, namespace="batch")
+    pod["metadata"]["annotations"] = {"flux.io/image": "mirror.example/flux-agent:evil",
+                                      "flux.io/memory": "200Mi"}
+    config = cfg(image=PINNED, memory_limit="", cpu_request="", memory_request="64Mi")
+    warning = ("flux-agent: annotation flux.io/image ignored: the injector's image "
+               f"{PINNED} is injected (the chart's sidecar.allowImageOverride is off)")
+    mutated, _ = admit(pod, config, namespace="batch", warnings=[warning])
     _, _, agent = the_agent(mutated)
-    assert agent["image"] == "mirror.example/flux-agent@sha256:" + "a" * 64
+    assert agent["image"] == PINNED
     assert agent["resources"] == {"requests": {"memory": "200Mi"}}
+    # Without the annotation: the image, and no warning.
+    del pod["metadata"]["annotations"]["flux.io/image"]
+    mutated, _ = admit(pod, config, namespace="batch")
+    assert the_agent(mutated)[2]["image"] == PINNED
+    # Allowed: the annotation chooses (a digest too).
+    allowed = cfg(image=PINNED, allow_image_override=True)
+    pod["metadata"]["annotations"]["flux.io/image"] = "mirror.example/flux-agent@sha256:" \
+        + "a" * 64
+    mutated, _ = admit(pod, allowed, namespace="batch")
+    assert the_agent(mutated)[2]["image"] == "mirror.example/flux-agent@sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize("image", ["has space:1", "repo@sha256:abc", "repo@md5:" + "a" * 32,
+                                   "@sha256:" + "a" * 64])
+def test_a_bad_image_annotation_fails_where_overrides_are_allowed(image: str):
+    pod = deployment_pod()
+    pod["metadata"]["annotations"]["flux.io/image"] = image
+    response, _ = answer(pod, cfg(allow_image_override=True))
+    assert response["allowed"] is True
+    assert response["warnings"][0].startswith("flux-agent not injected: annotation "
+                                              "flux.io/image")
+    response, _ = answer(pod, cfg(allow_image_override=True, fail_closed=True))
+    assert response["allowed"] is False
+    # Where they are not, the bad value is never used: ignored, with the warning.
+    mutated, _ = admit(pod, CONFIG, warnings=[
+        "flux-agent: annotation flux.io/image ignored: the injector's image "
+        f"{CONFIG.image} is injected (the chart's sidecar.allowImageOverride is off)"])
+    assert the_agent(mutated)[2]["image"] == CONFIG.image
 
 
 # --------------------------------------------------------------------------- errors
@@ -507,7 +544,6 @@ BAD_ANNOTATIONS = [
     ("flux.io/sidecar-mode", "sidecar", "flux.io/sidecar-mode"),
     ("flux.io/agency", "NASA!", "agency slug"),
     ("flux.io/spool-pvc", "Bad_Claim", "claim name"),
-    ("flux.io/image", "has space:1", "image"),
 ]
 
 
@@ -611,7 +647,8 @@ def test_quantities_and_config_checks():
     for bad_config in (InjectorConfig(sidecar_mode="x"), InjectorConfig(spool_size="1Mi"),
                        InjectorConfig(configmap="Bad Name"), InjectorConfig(image=""),
                        InjectorConfig(memory_limit="lots"), InjectorConfig(run_as_user=0),
-                       InjectorConfig(spool_volume="hostPath")):
+                       InjectorConfig(spool_volume="hostPath"),
+                       InjectorConfig(image="flux-agent@sha256:123")):
         with pytest.raises(ValueError):  # noqa: PT011 - each names its own option
             bad_config.check()
 

@@ -10,7 +10,9 @@ annotations:
                                agent's ``FLUX_AGENT_SPOOL_MAX_BYTES`` is that minus headroom
 ``flux.io/cpu``                ``REQUEST`` or ``REQUEST/LIMIT`` (``100m`` or ``100m/1``)
 ``flux.io/memory``             ``REQUEST`` or ``REQUEST/LIMIT`` (``128Mi/256Mi``)
-``flux.io/image``              the agent image
+``flux.io/image``              the agent image, only where the injector allows pods to choose
+                               it (``allow_image_override``, off by default: the annotation
+                               is then ignored with a warning)
 ``flux.io/spool-pvc``          keep the spool on this PersistentVolumeClaim (or on the pod's
                                volume of that name, e.g. a StatefulSet volumeClaimTemplate)
 ``flux.io/sidecar-mode``       ``native`` (default: an init container with ``restartPolicy:

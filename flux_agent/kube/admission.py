@@ -15,6 +15,7 @@ from .binding import BindingError
 from .config import (
     AGENT_UID,
     ANNOTATION_ERROR,
+    ANNOTATION_IMAGE,
     ANNOTATION_SPOOL_PVC,
     InjectionError,
     InjectorConfig,
@@ -74,14 +75,20 @@ def decide(pod: Any, config: InjectorConfig, namespace: str = "",
         return Outcome("failed_open", patch, [message[:250]], message)
     if not patch:
         return Outcome("skipped", [], [])
-    return Outcome("injected", patch, advice(pod))
+    return Outcome("injected", patch, advice(pod, config))
 
 
-def advice(pod: Mapping[str, Any]) -> list[str]:
-    """Warnings for an injected pod that will probably work, but not well."""
+def advice(pod: Mapping[str, Any], config: InjectorConfig | None = None) -> list[str]:
+    """Warnings for an injected pod that will probably work, but not as its author asked or
+    not well."""
     out = []
     metadata = pod.get("metadata") or {}
     annotations = metadata.get("annotations") or {}
+    if config is not None and not config.allow_image_override \
+            and annotations.get(ANNOTATION_IMAGE) is not None:
+        out.append(f"flux-agent: annotation {ANNOTATION_IMAGE} ignored: the injector's image "
+                   f"{config.image} is injected (the chart's sidecar.allowImageOverride is "
+                   "off)")
     spec = pod.get("spec") or {}
     security = spec.get("securityContext") or {}
     if annotations.get(ANNOTATION_SPOOL_PVC) and security.get("fsGroup") is None:

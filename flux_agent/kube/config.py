@@ -84,7 +84,13 @@ class InjectorConfig:
     """How the injector builds the sidecar. Flags ``--kebab-name``, environment
     ``FLUX_INJECTOR_UPPER_NAME`` (flag > environment > default)."""
 
-    image: str = _opt(f"flux-agent:{__version__}", "Agent image (flux.io/image overrides).")
+    image: str = _opt(f"flux-agent:{__version__}", "Agent image: REPOSITORY:TAG or, pinned, "
+                      "REPOSITORY@sha256:DIGEST. A short name such as the default resolves to "
+                      "whatever registry the node's container runtime is configured for.")
+    allow_image_override: bool = _opt(False, "Let a pod choose its agent image with the "
+                                      "annotation flux.io/image; off, the annotation is "
+                                      "ignored with a warning and the image above is "
+                                      "injected.", kind="bool")
     image_pull_policy: str = _opt("IfNotPresent", "Agent imagePullPolicy.")
     sidecar_mode: str = _opt("native", "native (init container, restartPolicy Always) or "
                              "legacy (regular container); flux.io/sidecar-mode overrides.")
@@ -201,10 +207,18 @@ def spool_bytes(size: str) -> tuple[int, int]:
     return total, total - max(total // 10, SPOOL_HEADROOM_MIN)
 
 
+_IMAGE_DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
+
+
 def _check_image(image: Any, what: str) -> str:
+    """An image reference: ``NAME[:TAG]`` or ``NAME[:TAG]@sha256:HEX``."""
     if not isinstance(image, str) or not image.strip() or any(c.isspace() for c in image) \
             or len(image) > 512:
         raise InjectionError(f"{what}: {image!r} is not an image reference")
+    name, at, digest = image.partition("@")
+    if not name or (at and not _IMAGE_DIGEST.match(digest)):
+        raise InjectionError(f"{what}: {image!r} is not an image reference (a digest is "
+                             "@sha256: and 64 hex digits)")
     return image
 
 

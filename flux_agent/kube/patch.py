@@ -177,7 +177,8 @@ def _plan(annotations: Mapping[str, Any], config: InjectorConfig, namespace: str
     if mode not in SIDECAR_MODES:
         raise InjectionError(f"annotation {ANNOTATION_SIDECAR_MODE}: expected native or "
                              f"legacy, got {mode!r}")
-    image = _check_image(get(ANNOTATION_IMAGE) or config.image, f"annotation {ANNOTATION_IMAGE}")
+    requested_image = get(ANNOTATION_IMAGE) if config.allow_image_override else None
+    image = _check_image(requested_image or config.image, f"annotation {ANNOTATION_IMAGE}")
     agency = get(ANNOTATION_AGENCY) or ""
     if agency and not AGENCY_SLUG.match(agency):
         raise InjectionError(f"annotation {ANNOTATION_AGENCY}: {agency!r} is not an agency slug")

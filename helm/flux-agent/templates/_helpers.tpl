@@ -65,11 +65,21 @@ app.kubernetes.io/component: injector
 {{- end }}
 {{- end }}
 
+{{/* The injected agent's image: sidecar.image, pinned by its digest (a field, or
+     REPOSITORY@sha256:... as the repository), else the chart's image. */}}
 {{- define "flux-agent.sidecarImage" -}}
-{{- if .Values.sidecar.image.repository }}
-{{- printf "%s:%s" .Values.sidecar.image.repository (default .Chart.AppVersion .Values.sidecar.image.tag) }}
-{{- else }}
+{{- $image := .Values.sidecar.image }}
+{{- if not (or $image.repository $image.tag $image.digest) }}
 {{- include "flux-agent.image" . }}
+{{- else }}
+{{- $repository := default .Values.image.repository $image.repository }}
+{{- if contains "@" $repository }}
+{{- $repository }}
+{{- else if $image.digest }}
+{{- printf "%s@%s" $repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion $image.tag) }}
+{{- end }}
 {{- end }}
 {{- end }}
 
