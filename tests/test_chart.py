@@ -192,6 +192,14 @@ def test_renders_lints_and_validates_strictly(chart: helm.Chart, name: str):
     agent = [c for c in mutated["spec"].get("initContainers", []) + mutated["spec"][
         "containers"] if c["name"] == "flux-agent"]
     assert len(agent) == 1
+    # No Secret in any container's environment, the chart's or an injected pod's (Checkov
+    # CKV_K8S_35): the database URL is a file the agent alone mounts.
+    workloads = [d["spec"]["template"]["spec"] for d in docs if "template" in d.get("spec", {})]
+    for spec in [*workloads, mutated["spec"]]:
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            for e in c.get("env", []):
+                assert "secretKeyRef" not in e.get("valueFrom", {}), (name, c["name"], e)
+            assert not any("secretRef" in f for f in c.get("envFrom", [])), (name, c["name"])
 
 
 # --------------------------------------------------------------------------- webhook and TLS
@@ -354,7 +362,20 @@ def test_the_default_image_name_is_flagged(chart: helm.Chart):
     assert "WARNING" not in notes
 
 
-def test_the_agent_accepts_the_configmap(chart: helm.Chart):
+DATABASE_URL = "postgresql://sidecar:pw@db.example:5432/flux"
+
+
+def with_database_file(environ: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """``environ`` with the database URL file where this test can write it: what the
+    Secret volume holds at the path the injector gave the agent."""
+    assert environ["FLUX_AGENT_DATABASE_URL_FILE"] == "/etc/flux-agent/database/url"
+    assert "FLUX_AGENT_DATABASE_URL" not in environ
+    url_file = tmp_path / "database-url"
+    url_file.write_text(DATABASE_URL + "\n")
+    return {**environ, "FLUX_AGENT_DATABASE_URL_FILE": str(url_file)}
+
+
+def test_the_agent_accepts_the_configmap(chart: helm.Chart, tmp_path: Path):
     """Every key is a real agent setting, and the agent's own loader accepts the values
     together with what the injector sets per pod."""
     known = {env_name(f.name) for f in SETTINGS}
@@ -373,9 +394,11 @@ def test_the_agent_accepts_the_configmap(chart: helm.Chart):
             assert set(cm["data"]) <= known, set(cm["data"]) - known
             environ = dict(cm["data"])
             for e in agent["env"]:  # env wins over envFrom, as in Kubernetes
-                environ[e["name"]] = e.get("value", "postgresql://u:p@db.example/flux")
-            loaded = load_config([], environ=environ)
+                assert set(e) == {"name", "value"}, e  # no Secret in the environment
+                environ[e["name"]] = e["value"]
+            loaded = load_config([], environ=with_database_file(environ, tmp_path))
             assert str(loaded.state_path) == STATE_DIR
+            assert str.__str__(loaded.database_url) == DATABASE_URL
     docs = render(chart, VALUE_SETS["namespaces-jwt"])
     assert {cm["metadata"]["namespace"] for cm in find(docs, "ConfigMap")} == {
         NAMESPACE, "etl", "batch"}
@@ -448,7 +471,7 @@ def test_the_webhook_binds_each_pod_to_its_namespaces_agency(chart: helm.Chart):
         mutate_pod(opted_in({"flux.io/agency": "nasa"}), config, "etl", {})
 
 
-def test_workload_identity_value_set(chart: helm.Chart):
+def test_workload_identity_value_set(chart: helm.Chart, tmp_path: Path):
     docs = render(chart, VALUE_SETS["workload-identity"])
     config = injector_config(docs)
     assert (config.agent_auth, config.jwks_configmap) == ("kubernetes", "cluster-sa-jwks")
@@ -464,8 +487,7 @@ def test_workload_identity_value_set(chart: helm.Chart):
     assert token["projected"]["sources"] == [{"serviceAccountToken": {
         "audience": "flux-agent", "path": "token", "expirationSeconds": 3600}}]
     cm = find(docs, "ConfigMap")[0]["data"]
-    environ = {**cm, **env, "FLUX_AGENT_DATABASE_URL": "postgresql://u@db.example/flux"}
-    loaded = load_config([], environ=environ)
+    loaded = load_config([], environ=with_database_file({**cm, **env}, tmp_path))
     assert loaded.auth == "kubernetes" and loaded.kube_bindings == ("etl=nasa",)
     assert loaded.jwt_jwks_file == "/etc/flux-agent/jwks/jwks.json"
 

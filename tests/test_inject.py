@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -261,13 +262,17 @@ def assert_agent_starts(container: dict[str, Any], defaults: dict[str, str] | No
     values, the ConfigMap's defaults, the database URL the Secret would supply)."""
     environ = {"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "nasa", **(defaults or {})}
     for e in container["env"]:
-        if "value" in e:
-            environ[e["name"]] = e["value"]
-        else:
-            assert e["valueFrom"]["secretKeyRef"] == {"name": "flux-agent-database",
-                                                      "key": "url"}
-            environ[e["name"]] = "postgresql://sidecar:pw@db.example:5432/flux"
-    config = load_config([], environ=environ)
+        assert set(e) == {"name", "value"}, f"{e['name']}: not a plain value (a Secret?)"
+        environ[e["name"]] = e["value"]
+    assert environ["FLUX_AGENT_DATABASE_URL_FILE"] == "/etc/flux-agent/database/url"
+    assert {"name": "flux-agent-database", "mountPath": "/etc/flux-agent/database",
+            "readOnly": True} in container["volumeMounts"]
+    with tempfile.TemporaryDirectory() as mounted:  # what the Secret volume holds
+        url_file = Path(mounted) / "url"
+        url_file.write_text("postgresql://sidecar:pw@db.example:5432/flux\n")
+        environ["FLUX_AGENT_DATABASE_URL_FILE"] = str(url_file)
+        config = load_config([], environ=environ)
+    assert str.__str__(config.database_url) == "postgresql://sidecar:pw@db.example:5432/flux"
     assert config.listen == "127.0.0.1:8787"
     assert config.admin_listen == "0.0.0.0:9464"
     assert str(config.socket_path) == "/var/run/flux-agent/agent.sock"
@@ -308,8 +313,14 @@ def test_deployment_pod_gets_a_native_sidecar():
     assert env["FLUX_AGENT_STATE_DIR"] == "/var/lib/flux-agent"
     assert env["FLUX_AGENT_ADMIN_LISTEN"] == "0.0.0.0:9464"
     assert env["FLUX_AGENT_LISTEN"] == "127.0.0.1:8787"
-    assert env["FLUX_AGENT_DATABASE_URL"] == {"secretKeyRef": {"name": "flux-agent-database",
-                                                               "key": "url"}}
+    # The database URL: a file from the Secret, in the agent container alone (CKV_K8S_35).
+    assert "FLUX_AGENT_DATABASE_URL" not in env
+    assert env["FLUX_AGENT_DATABASE_URL_FILE"] == "/etc/flux-agent/database/url"
+    assert volume(mutated, "flux-agent-database") == {"name": "flux-agent-database", "secret": {
+        "secretName": "flux-agent-database", "items": [{"key": "url", "path": "url"}],
+        "defaultMode": 0o444}}
+    for app in mutated["spec"]["containers"]:
+        assert all(m["name"] != "flux-agent-database" for m in app.get("volumeMounts", []))
     assert agent["envFrom"] == [{"configMapRef": {"name": "flux-agent-defaults"}}]
     assert agent["resources"] == {"requests": {"cpu": "50m", "memory": "128Mi"},
                                   "limits": {"memory": "256Mi"}}
@@ -360,7 +371,7 @@ def test_pod_with_init_containers_volumes_and_security_context():
     # The app's own FLUX_AGENT_URL wins; only the socket is added.
     assert [e["name"] for e in app["env"]] == ["FLUX_AGENT_URL", "FLUX_AGENT_SOCKET"]
     assert [v["name"] for v in mutated["spec"]["volumes"]] == [
-        "config", "flux-agent-socket", "flux-agent-state"]
+        "config", "flux-agent-socket", "flux-agent-state", "flux-agent-database"]
     assert_apps_wired(mutated)
 
 

@@ -32,8 +32,10 @@ What is injected (see :func:`build_patch`):
 * ``FLUX_AGENT_SOCKET`` and ``FLUX_AGENT_URL`` in every app container (existing values win);
 * the pod's ``supplementalGroups`` gain the agent's group (10001) so app containers, whatever
   their uid, may connect to the socket (mode 0660);
-* the agent's settings: fixed ones as ``env``, ``FLUX_AGENT_DATABASE_URL`` from a Secret, the
-  rest from a ConfigMap (``envFrom``); both must exist in the pod's namespace.
+* the agent's settings: fixed ones as ``env``, the rest from a ConfigMap (``envFrom``); the
+  database URL from a Secret mounted as a file into the agent container alone
+  (``FLUX_AGENT_DATABASE_URL_FILE=/etc/flux-agent/database/url``, never an environment
+  variable); the ConfigMap and the Secret must exist in the pod's namespace.
 
 Pods in excluded namespaces (kube-system, kube-public), pods without the label, and pods that
 already have a ``flux-agent`` container are left alone, so re-invocation

@@ -36,6 +36,9 @@ AGENT_CONTAINER = "flux-agent"
 SOCKET_VOLUME = "flux-agent-socket"
 STATE_VOLUME = "flux-agent-state"
 JWKS_VOLUME = "flux-agent-jwks"
+DATABASE_VOLUME = "flux-agent-database"
+DATABASE_DIR = "/etc/flux-agent/database"
+DATABASE_FILE = DATABASE_DIR + "/url"  # FLUX_AGENT_DATABASE_URL_FILE: never an env value
 TOKEN_VOLUME = "flux-agent-token"
 TOKEN_DIR = "/var/run/secrets/flux-agent"
 TOKEN_AUDIENCE = "flux-agent"  # what the sidecar requires in auth kubernetes (config's too)
@@ -97,7 +100,9 @@ class InjectorConfig:
     configmap: str = _opt("flux-agent-defaults", "ConfigMap (in the pod's namespace) with the "
                           "agent's FLUX_AGENT_* defaults, used as envFrom.")
     database_secret: str = _opt("flux-agent-database", "Secret (in the pod's namespace) "
-                                "holding FLUX_AGENT_DATABASE_URL.")
+                                "holding the database URL, mounted into the agent "
+                                "container only, as the file FLUX_AGENT_DATABASE_URL_FILE "
+                                "names (never an environment variable).")
     database_secret_key: str = _opt("url", "Key of the database URL in that Secret.")
     spool_size: str = _opt("1Gi", "Default spool volume size (flux.io/spool-size overrides).")
     spool_volume: str = _opt("emptyDir", "emptyDir (sizeLimit = spool size), or ephemeral: a "

@@ -26,6 +26,9 @@ from .config import (
     ANNOTATION_SIDECAR_MODE,
     ANNOTATION_SPOOL_PVC,
     ANNOTATION_SPOOL_SIZE,
+    DATABASE_DIR,
+    DATABASE_FILE,
+    DATABASE_VOLUME,
     DEFAULT_CONTAINER_ANNOTATION,
     EVENT_LISTEN,
     EVENT_URL,
@@ -205,8 +208,10 @@ def agent_container(plan: _Plan, config: InjectorConfig, state_volume: str,
     agency, the settings that decide who writes as what are plain ``env`` (which wins over
     the namespace's ConfigMap, which the pod's author may be able to edit)."""
     env: list[dict[str, Any]] = [
-        {"name": "FLUX_AGENT_DATABASE_URL", "valueFrom": {"secretKeyRef": {
-            "name": config.database_secret, "key": config.database_secret_key}}},
+        # The URL holds the password: a file from the Secret, read by the agent alone, never
+        # an environment variable (which `kubectl describe`, crash dumps and every child
+        # process see).
+        {"name": "FLUX_AGENT_DATABASE_URL_FILE", "value": DATABASE_FILE},
         {"name": "FLUX_AGENT_STATE_DIR", "value": STATE_DIR},
         {"name": "FLUX_AGENT_SOCKET", "value": SOCKET_PATH},
         {"name": "FLUX_AGENT_LISTEN", "value": EVENT_LISTEN},
@@ -226,6 +231,7 @@ def agent_container(plan: _Plan, config: InjectorConfig, state_volume: str,
     mounts: list[dict[str, Any]] = [
         {"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR},
         {"name": state_volume, "mountPath": STATE_DIR},
+        {"name": DATABASE_VOLUME, "mountPath": DATABASE_DIR, "readOnly": True},
     ]
     if config.jwks_configmap:
         env.append({"name": "FLUX_AGENT_JWT_JWKS_FILE", "value": f"{JWKS_DIR}/jwks.json"})
@@ -316,7 +322,7 @@ def build_patch(pod: Mapping[str, Any], config: InjectorConfig, namespace: str =
     plan = _plan(annotations, config, namespace, namespace_annotations)
 
     volume_names = {v["name"] for v in volumes}
-    for taken in (SOCKET_VOLUME, STATE_VOLUME, JWKS_VOLUME, TOKEN_VOLUME):
+    for taken in (SOCKET_VOLUME, STATE_VOLUME, JWKS_VOLUME, TOKEN_VOLUME, DATABASE_VOLUME):
         if taken in volume_names and not (taken == STATE_VOLUME and plan.pvc == STATE_VOLUME):
             raise InjectionError(f"the pod already has a volume named {taken}")
     ops: list[dict[str, Any]] = []
@@ -368,6 +374,13 @@ def build_patch(pod: Mapping[str, Any], config: InjectorConfig, namespace: str =
             "spec": claim}}})
     else:
         new_volumes.append({"name": STATE_VOLUME, "emptyDir": {"sizeLimit": plan.volume_size}})
+    # The database URL, as one file mounted into the agent container only. World-readable
+    # inside that container: a Secret volume's files belong to root (or to the pod's
+    # fsGroup, which is the app's to choose), and the agent runs as its own uid.
+    new_volumes.append({"name": DATABASE_VOLUME, "secret": {
+        "secretName": config.database_secret,
+        "items": [{"key": config.database_secret_key, "path": DATABASE_FILE.rsplit("/", 1)[1]}],
+        "defaultMode": 0o444}})
     if config.jwks_configmap:
         new_volumes.append({"name": JWKS_VOLUME,
                             "configMap": {"name": config.jwks_configmap}})
