@@ -496,6 +496,121 @@ def test_ephemeral_spool_volume_and_jwks():
                                                   "configMap": {"name": "flux-jwks"}}
 
 
+AGGREGATOR_URL = "https://flux-aggregator.flux-system.svc:8788"
+TIERED = {"upstream": "aggregator", "aggregator_url": AGGREGATOR_URL,
+          "aggregator_ca_configmap": "flux-agent-aggregator-ca"}
+UPSTREAM_TOKEN = {"name": "flux-agent-upstream-token", "projected": {
+    "sources": [{"serviceAccountToken": {"audience": "flux-aggregator", "path": "token",
+                                         "expirationSeconds": 3600}}],
+    "defaultMode": 0o444}}
+
+
+@pytest.mark.parametrize("mode", ["native", "legacy"])
+def test_a_sidecar_delivering_to_the_aggregators_holds_no_database_credentials(mode: str):
+    config = cfg(**TIERED, sidecar_mode=mode)
+    mutated, _ = admit(deployment_pod(), config)
+    _, _, agent = the_agent(mutated)
+    env = env_of(agent)
+    assert env["FLUX_AGENT_UPSTREAM"] == AGGREGATOR_URL
+    assert env["FLUX_AGENT_UPSTREAM_TOKEN_FILE"] == "/var/run/secrets/flux-agent/upstream/token"
+    assert env["FLUX_AGENT_UPSTREAM_CA_FILE"] == "/etc/flux-agent/upstream-ca/ca.crt"
+    assert not {"FLUX_AGENT_DATABASE_URL", "FLUX_AGENT_DATABASE_URL_FILE",
+                "FLUX_AGENT_HANDOFF"} & set(env)
+    assert all(set(e) == {"name", "value"} for e in agent["env"])
+    assert not [v for v in mutated["spec"]["volumes"] if "secret" in v]
+    assert volume(mutated, "flux-agent-upstream-token") == UPSTREAM_TOKEN
+    assert volume(mutated, "flux-agent-upstream-ca") == {
+        "name": "flux-agent-upstream-ca", "configMap": {
+            "name": "flux-agent-aggregator-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}
+    assert {"name": "flux-agent-upstream-token", "readOnly": True,
+            "mountPath": "/var/run/secrets/flux-agent/upstream"} in agent["volumeMounts"]
+    assert {"name": "flux-agent-upstream-ca", "readOnly": True,
+            "mountPath": "/etc/flux-agent/upstream-ca"} in agent["volumeMounts"]
+    # The app containers see neither the token nor the CA: they are the agent's.
+    for app in mutated["spec"]["containers"]:
+        if app["name"] != AGENT_CONTAINER:
+            assert not {m["name"] for m in app.get("volumeMounts", [])} & {
+                "flux-agent-upstream-token", "flux-agent-upstream-ca"}
+    assert_apps_wired(mutated)
+
+
+def test_workload_identity_and_the_aggregators_use_two_tokens():
+    """The app's token for its agent (audience flux-agent, in the app containers) and the
+    pod's token for the aggregators (audience flux-aggregator, in the agent container)."""
+    config = cfg(**TIERED, agent_auth="kubernetes", jwks_configmap="cluster-sa-jwks")
+    mutated, _ = admit(deployment_pod(), config)
+    _, _, agent = the_agent(mutated)
+    audiences = {v["name"]: v["projected"]["sources"][0]["serviceAccountToken"]["audience"]
+                 for v in mutated["spec"]["volumes"] if "projected" in v}
+    assert audiences == {"flux-agent-token": "flux-agent",
+                         "flux-agent-upstream-token": "flux-aggregator"}
+    assert "flux-agent-upstream-token" in {m["name"] for m in agent["volumeMounts"]}
+    assert "flux-agent-token" not in {m["name"] for m in agent["volumeMounts"]}
+    app = mutated["spec"]["containers"][0]
+    assert "flux-agent-token" in {m["name"] for m in app["volumeMounts"]}
+    assert env_of(agent)["FLUX_AGENT_KUBE_BINDINGS"] == "etl=nasa"
+
+
+def test_a_sidecar_on_postgresql_hands_off_to_the_aggregators():
+    config = cfg(**{**TIERED, "upstream": "database"})
+    mutated, _ = admit(job_pod(), config)
+    _, _, agent = the_agent(mutated)
+    env = env_of(agent)
+    assert env["FLUX_AGENT_HANDOFF"] == AGGREGATOR_URL
+    assert "FLUX_AGENT_UPSTREAM" not in env
+    assert env["FLUX_AGENT_DATABASE_URL_FILE"] == "/etc/flux-agent/database/url"
+    assert env["FLUX_AGENT_UPSTREAM_TOKEN_FILE"] == "/var/run/secrets/flux-agent/upstream/token"
+    assert volume(mutated, "flux-agent-upstream-token") == UPSTREAM_TOKEN
+    assert volume(mutated, "flux-agent-database")["secret"]["secretName"] == \
+        "flux-agent-database"
+    assert_agent_starts(agent)  # today's agent: the database, as before
+    # Plain HTTP aggregators: no CA.
+    mutated, _ = admit(job_pod(), cfg(upstream="database",
+                                      aggregator_url="http://flux-aggregator.flux-system.svc:8788"))
+    _, _, agent = the_agent(mutated)
+    assert env_of(agent)["FLUX_AGENT_HANDOFF"] == "http://flux-aggregator.flux-system.svc:8788"
+    assert "FLUX_AGENT_UPSTREAM_CA_FILE" not in env_of(agent)
+    assert "flux-agent-upstream-ca" not in {v["name"] for v in mutated["spec"]["volumes"]}
+    # No aggregator: nothing of it.
+    mutated, _ = admit(job_pod(), CONFIG)
+    assert not [e for e in env_of(the_agent(mutated)[2]) if "UPSTREAM" in e or "HANDOFF" in e]
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    ({"upstream": "aggregator"}, "aggregator_url: required"),
+    ({"upstream": "s3"}, "upstream: expected database or aggregator"),
+    ({"aggregator_url": "ftp://flux-aggregator:8788"}, "not an http"),
+    ({"aggregator_url": "https://Flux_Aggregator:8788"}, "not an http"),
+    ({"aggregator_url": "https://flux-aggregator:8788/v1/records"}, "not an http"),
+    ({"aggregator_url": "http://flux-aggregator:8788",
+      "aggregator_ca_configmap": "flux-agent-aggregator-ca"}, "only for an https://"),
+    ({**TIERED, "aggregator_ca_configmap": "Bad Name"}, "not a valid object name"),
+])
+def test_aggregator_configuration_checks(options: dict[str, Any], says: str):
+    with pytest.raises(ValueError, match=says):
+        InjectorConfig(**options).check()
+
+
+def test_a_pod_with_the_upstream_volumes_names_is_not_injected():
+    pod = deployment_pod()
+    pod["spec"]["volumes"].append({"name": "flux-agent-upstream-token", "emptyDir": {}})
+    response, _ = answer(pod, cfg(**TIERED))
+    assert response["allowed"] is True
+    assert "already has a volume named flux-agent-upstream-token" in response["warnings"][0]
+
+
+def test_cli_inject_with_an_aggregator():
+    code, out, err = run_inject(["-", "--upstream", "aggregator", "--aggregator-url",
+                                 AGGREGATOR_URL, "--aggregator-ca-configmap",
+                                 "flux-agent-aggregator-ca"], json.dumps(job_pod()))
+    assert code == 0, err
+    env = env_of(the_agent(json.loads(out))[2])
+    assert env["FLUX_AGENT_UPSTREAM"] == AGGREGATOR_URL
+    code, _, err = run_inject(["-", "--upstream", "aggregator"], json.dumps(job_pod()))
+    assert code == 78
+    assert "aggregator_url: required" in err
+
+
 PINNED = "registry.example/flux-agent@sha256:" + "e" * 64
 
 

@@ -35,7 +35,15 @@ What is injected (see :func:`build_patch`):
 * the agent's settings: fixed ones as ``env``, the rest from a ConfigMap (``envFrom``); the
   database URL from a Secret mounted as a file into the agent container alone
   (``FLUX_AGENT_DATABASE_URL_FILE=/etc/flux-agent/database/url``, never an environment
-  variable); the ConfigMap and the Secret must exist in the pod's namespace.
+  variable); the ConfigMap and the Secret must exist in the pod's namespace;
+* with an aggregator tier (``aggregator_url``): upstream ``aggregator`` replaces the database
+  Secret by ``FLUX_AGENT_UPSTREAM=<aggregator_url>``; upstream ``database`` keeps it and adds
+  ``FLUX_AGENT_HANDOFF=<aggregator_url>`` (where a draining sidecar hands what it could not
+  deliver). Both give the agent container the pod's projected service-account token for
+  the audience ``flux-aggregator`` (``FLUX_AGENT_UPSTREAM_TOKEN_FILE=/var/run/secrets/
+  flux-agent/upstream/token``, one hour, rotated by the kubelet) and, for ``https://``, the
+  CA of the aggregators' certificate from a ConfigMap in the pod's namespace
+  (``FLUX_AGENT_UPSTREAM_CA_FILE=/etc/flux-agent/upstream-ca/ca.crt``).
 
 Pods in excluded namespaces (kube-system, kube-public), pods without the label, and pods that
 already have a ``flux-agent`` container are left alone, so re-invocation

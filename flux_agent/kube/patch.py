@@ -45,6 +45,14 @@ from .config import (
     TOKEN_DIR,
     TOKEN_SECONDS,
     TOKEN_VOLUME,
+    UPSTREAM_AUDIENCE,
+    UPSTREAM_CA_DIR,
+    UPSTREAM_CA_FILE,
+    UPSTREAM_CA_KEY,
+    UPSTREAM_CA_VOLUME,
+    UPSTREAM_TOKEN_DIR,
+    UPSTREAM_TOKEN_FILE,
+    UPSTREAM_TOKEN_VOLUME,
     InjectionError,
     InjectorConfig,
     _check_image,
@@ -202,22 +210,37 @@ def _plan(annotations: Mapping[str, Any], config: InjectorConfig, namespace: str
     return _Plan(mode, image, agency, size, spool_max, pvc, cpu, memory)
 
 
+def uses_database(config: InjectorConfig) -> bool:
+    """Whether sidecars write to PostgreSQL themselves (and so hold its credentials)."""
+    return config.upstream == "database"
+
+
 def agent_container(plan: _Plan, config: InjectorConfig, state_volume: str,
                     namespace: str = "") -> dict[str, Any]:
     """The ``flux-agent`` container for this plan. Where pods are bound to their namespace's
     agency, the settings that decide who writes as what are plain ``env`` (which wins over
     the namespace's ConfigMap, which the pod's author may be able to edit)."""
-    env: list[dict[str, Any]] = [
+    env: list[dict[str, Any]] = []
+    if uses_database(config):
         # The URL holds the password: a file from the Secret, read by the agent alone, never
         # an environment variable (which `kubectl describe`, crash dumps and every child
         # process see).
-        {"name": "FLUX_AGENT_DATABASE_URL_FILE", "value": DATABASE_FILE},
+        env.append({"name": "FLUX_AGENT_DATABASE_URL_FILE", "value": DATABASE_FILE})
+    if config.aggregator_url:
+        # To the aggregators: every record (upstream aggregator), or at a pod's end what the
+        # drain could not deliver to PostgreSQL (handoff).
+        env.append({"name": "FLUX_AGENT_UPSTREAM" if config.upstream == "aggregator"
+                    else "FLUX_AGENT_HANDOFF", "value": config.aggregator_url})
+        env.append({"name": "FLUX_AGENT_UPSTREAM_TOKEN_FILE", "value": UPSTREAM_TOKEN_FILE})
+        if config.aggregator_ca_configmap:
+            env.append({"name": "FLUX_AGENT_UPSTREAM_CA_FILE", "value": UPSTREAM_CA_FILE})
+    env.extend([
         {"name": "FLUX_AGENT_STATE_DIR", "value": STATE_DIR},
         {"name": "FLUX_AGENT_SOCKET", "value": SOCKET_PATH},
         {"name": "FLUX_AGENT_LISTEN", "value": EVENT_LISTEN},
         {"name": "FLUX_AGENT_ADMIN_LISTEN", "value": f"0.0.0.0:{ADMIN_PORT}"},
         {"name": "FLUX_AGENT_SPOOL_MAX_BYTES", "value": str(plan.spool_max)},
-    ]
+    ])
     if binds(config):
         env.append({"name": "FLUX_AGENT_AUTH", "value": config.agent_auth})
     if config.agent_auth == "kubernetes":
@@ -231,8 +254,15 @@ def agent_container(plan: _Plan, config: InjectorConfig, state_volume: str,
     mounts: list[dict[str, Any]] = [
         {"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR},
         {"name": state_volume, "mountPath": STATE_DIR},
-        {"name": DATABASE_VOLUME, "mountPath": DATABASE_DIR, "readOnly": True},
     ]
+    if uses_database(config):
+        mounts.append({"name": DATABASE_VOLUME, "mountPath": DATABASE_DIR, "readOnly": True})
+    if config.aggregator_url:
+        mounts.append({"name": UPSTREAM_TOKEN_VOLUME, "mountPath": UPSTREAM_TOKEN_DIR,
+                       "readOnly": True})
+        if config.aggregator_ca_configmap:
+            mounts.append({"name": UPSTREAM_CA_VOLUME, "mountPath": UPSTREAM_CA_DIR,
+                           "readOnly": True})
     if config.jwks_configmap:
         env.append({"name": "FLUX_AGENT_JWT_JWKS_FILE", "value": f"{JWKS_DIR}/jwks.json"})
         mounts.append({"name": JWKS_VOLUME, "mountPath": JWKS_DIR, "readOnly": True})
@@ -322,7 +352,8 @@ def build_patch(pod: Mapping[str, Any], config: InjectorConfig, namespace: str =
     plan = _plan(annotations, config, namespace, namespace_annotations)
 
     volume_names = {v["name"] for v in volumes}
-    for taken in (SOCKET_VOLUME, STATE_VOLUME, JWKS_VOLUME, TOKEN_VOLUME, DATABASE_VOLUME):
+    for taken in (SOCKET_VOLUME, STATE_VOLUME, JWKS_VOLUME, TOKEN_VOLUME, DATABASE_VOLUME,
+                  UPSTREAM_TOKEN_VOLUME, UPSTREAM_CA_VOLUME):
         if taken in volume_names and not (taken == STATE_VOLUME and plan.pvc == STATE_VOLUME):
             raise InjectionError(f"the pod already has a volume named {taken}")
     ops: list[dict[str, Any]] = []
@@ -374,13 +405,27 @@ def build_patch(pod: Mapping[str, Any], config: InjectorConfig, namespace: str =
             "spec": claim}}})
     else:
         new_volumes.append({"name": STATE_VOLUME, "emptyDir": {"sizeLimit": plan.volume_size}})
-    # The database URL, as one file mounted into the agent container only. World-readable
-    # inside that container: a Secret volume's files belong to root (or to the pod's
-    # fsGroup, which is the app's to choose), and the agent runs as its own uid.
-    new_volumes.append({"name": DATABASE_VOLUME, "secret": {
-        "secretName": config.database_secret,
-        "items": [{"key": config.database_secret_key, "path": DATABASE_FILE.rsplit("/", 1)[1]}],
-        "defaultMode": 0o444}})
+    if uses_database(config):
+        # The database URL, as one file mounted into the agent container only.
+        # World-readable inside that container: a Secret volume's files belong to root (or to
+        # the pod's fsGroup, which is the app's to choose), and the agent runs as its own uid.
+        new_volumes.append({"name": DATABASE_VOLUME, "secret": {
+            "secretName": config.database_secret,
+            "items": [{"key": config.database_secret_key,
+                       "path": DATABASE_FILE.rsplit("/", 1)[1]}],
+            "defaultMode": 0o444}})
+    if config.aggregator_url:
+        # The pod's own service-account token for the aggregators' audience (the kubelet
+        # rotates it; the aggregator maps its namespace to the agencies it may write), and
+        # the CA that signed the aggregators' certificate.
+        new_volumes.append({"name": UPSTREAM_TOKEN_VOLUME, "projected": {
+            "sources": [{"serviceAccountToken": {"audience": UPSTREAM_AUDIENCE, "path": "token",
+                                                 "expirationSeconds": TOKEN_SECONDS}}],
+            "defaultMode": 0o444}})
+        if config.aggregator_ca_configmap:
+            new_volumes.append({"name": UPSTREAM_CA_VOLUME, "configMap": {
+                "name": config.aggregator_ca_configmap,
+                "items": [{"key": UPSTREAM_CA_KEY, "path": UPSTREAM_CA_KEY}]}})
     if config.jwks_configmap:
         new_volumes.append({"name": JWKS_VOLUME,
                             "configMap": {"name": config.jwks_configmap}})
