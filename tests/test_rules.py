@@ -31,6 +31,9 @@ README = CHART.parent.parent / "README.md"
 # What prometheus-operator attaches to a scraped series: a PodMonitor target has these, a
 # ServiceMonitor target `service` too. `endpoint` is the name of the scraped port.
 OPERATOR_TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "endpoint"}
+# Alerts about a whole tier rather than one pod: their cases prove them on series that all
+# carry the operator's labels.
+AGGREGATED = {"FluxAggregatorsUnavailable"}
 
 
 def alerts() -> dict[str, dict[str, Any]]:
@@ -111,17 +114,23 @@ def test_every_alert_fires_under_prometheus_operator_target_labels():
     proven: set[str] = set()
     for case in rule_tests()["tests"]:
         series_labels = [_labels(s["series"]) for s in case["input_series"]]
+        for s in series_labels:
+            if "endpoint" in s:
+                assert s["endpoint"] in chart_ports, \
+                    f"endpoint {s['endpoint']!r} is no port the chart's monitors scrape " \
+                    f"({sorted(chart_ports)})"
         for check in case["alert_rule_test"]:
+            name = check["alertname"]
             for alert in check["exp_alerts"]:
                 labels = alert["exp_labels"]
-                if not set(labels) >= OPERATOR_TARGET_LABELS:
-                    continue
-                assert labels["endpoint"] in chart_ports, \
-                    f"{check['alertname']}: endpoint {labels['endpoint']!r} is no port the " \
-                    f"chart's monitors scrape ({sorted(chart_ports)})"
-                assert any(set(s) >= OPERATOR_TARGET_LABELS and s["pod"] == labels["pod"]
-                           for s in series_labels), check["alertname"]
-                proven.add(check["alertname"])
+                if set(labels) >= OPERATOR_TARGET_LABELS:
+                    # One alert per pod: it names the pod its series came from.
+                    assert any(set(s) >= OPERATOR_TARGET_LABELS and s["pod"] == labels["pod"]
+                               for s in series_labels), name
+                    proven.add(name)
+                elif name in AGGREGATED and all(
+                        set(s) >= OPERATOR_TARGET_LABELS for s in series_labels):
+                    proven.add(name)
     # FluxAgentNotScraped is the one alert about kube-state-metrics' series (a pod that
     # Prometheus does not scrape has no target labels of its own): namespace and pod.
     missing = set(alerts()) - proven - {"FluxAgentNotScraped"}
@@ -132,25 +141,65 @@ def _labels(selector: str) -> dict[str, str]:
     return dict(re.findall(r'(\w+)="([^"]*)"', selector))
 
 
-def _monitor_ports() -> set[str]:
-    """The port names the chart's PodMonitor and ServiceMonitor scrape (the `endpoint`
-    label of their targets)."""
-    values = {"metrics": {"serviceMonitor": {"enabled": True},
-                          "podMonitor": {"enabled": True}}}
+MONITORED = {
+    "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
+                "prometheusRule": {"enabled": True}},
+    "aggregator": {"enabled": True},
+    "agent": {"namespaces": ["etl"], "namespaceBinding": False, "agencyBindings": {"etl": "nasa"},
+              "kubernetes": {"jwksConfigMap": "cluster-sa-jwks"}},
+}
+
+
+def _rendered(values: dict[str, Any]) -> list[dict[str, Any]]:
     with helm.Chart.load(str(CHART)) as chart:
         rendered = chart.render(copy.deepcopy(values), name="flux", namespace="flux-system",
                                 is_install=True)
+    return [doc for path, text in sorted(rendered.items()) if not path.endswith("NOTES.txt")
+            for doc in yaml.safe_load_all(text) if doc]
+
+
+def _monitor_ports() -> set[str]:
+    """The port names the chart's PodMonitors and ServiceMonitor scrape (the `endpoint`
+    label of their targets)."""
     ports: set[str] = set()
-    for path, text in rendered.items():
-        if path.endswith("NOTES.txt"):
-            continue
-        for doc in yaml.safe_load_all(text):
-            if doc and doc["kind"] == "PodMonitor":
-                ports |= {e["port"] for e in doc["spec"]["podMetricsEndpoints"]}
-            if doc and doc["kind"] == "ServiceMonitor":
-                ports |= {e["port"] for e in doc["spec"]["endpoints"]}
+    for doc in _rendered(MONITORED):
+        if doc["kind"] == "PodMonitor":
+            ports |= {e["port"] for e in doc["spec"]["podMetricsEndpoints"]}
+        if doc["kind"] == "ServiceMonitor":
+            ports |= {e["port"] for e in doc["spec"]["endpoints"]}
     assert ports, "the chart renders no monitors"
     return ports
+
+
+def test_the_aggregator_rules_select_the_charts_aggregator_container():
+    """The aggregator alerts and the sidecar rules that leave aggregators to them tell the two
+    apart by the `container` target label: the name of the StatefulSet's container, which
+    the chart's aggregator PodMonitor scrapes on a port of that container."""
+    docs = _rendered(MONITORED)
+    (statefulset,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    monitors = [d for d in docs if d["kind"] == "PodMonitor"
+                and d["spec"]["selector"]["matchLabels"].items()
+                <= statefulset["spec"]["template"]["metadata"]["labels"].items()]
+    assert len(monitors) == 1
+    assert {e["port"] for e in monitors[0]["spec"]["podMetricsEndpoints"]} <= {
+        p["name"] for p in container["ports"]}
+    matchers: set[str] = set()
+    for name, rule in alerts().items():
+        # (kube-state-metrics' container="flux-agent" of FluxAgentNotScraped is the
+        # sidecar's name in pods, not a target label.)
+        found = set(re.findall(r'\b(?:flux_\w+|up)\{[^}]*\bcontainer\s*(?:!=|=)\s*"([^"]*)"',
+                               rule["expr"]))
+        if rule["__file"] == "flux-aggregator.rules.yaml":
+            assert found, f"{name} does not select the aggregators"
+        matchers |= found
+    assert matchers == {container["name"]}
+    # The PrometheusRule carries the aggregator's rules only with the aggregator.
+    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    assert "flux-agent.aggregator" in {g["name"] for g in rule["spec"]["groups"]}
+    (rule,) = [d for d in _rendered({"metrics": {"prometheusRule": {"enabled": True}}})
+               if d["kind"] == "PrometheusRule"]
+    assert "flux-agent.aggregator" not in {g["name"] for g in rule["spec"]["groups"]}
 
 
 def test_no_rule_matches_the_agents_request_label_by_the_target_labels_name():
