@@ -36,7 +36,13 @@ from cryptography.x509.oid import NameOID
 
 from flux_agent.core.settings import load_config
 from flux_agent.kube import patch as kube_patch
-from flux_agent.kube.admission import MalformedReview, admission_response, advice, mutate_pod
+from flux_agent.kube.admission import (
+    MalformedReview,
+    _apply_patch,
+    admission_response,
+    advice,
+    mutate_pod,
+)
 from flux_agent.kube.cli import cli_inject, prepare_webhook
 from flux_agent.kube.config import (
     AGENT_CONTAINER,
@@ -45,7 +51,7 @@ from flux_agent.kube.config import (
     parse_quantity,
     spool_bytes,
 )
-from flux_agent.kube.patch import _apply_patch, build_patch
+from flux_agent.kube.patch import build_patch
 from flux_agent.kube.webhook import NamespaceReader, WebhookServer
 
 KUBE_VERSIONS = ("1.29.0", "1.33.0")

@@ -65,7 +65,7 @@ arguments).
 
 from __future__ import annotations
 
-from .admission import MalformedReview, admission_response, mutate_pod
+from .admission import MalformedReview, admission_response, apply_patch, mutate_pod
 from .cli import WebhookPlan, cli_inject, prepare_webhook
 from .config import (
     ANNOTATION_AGENCY,
@@ -79,7 +79,7 @@ from .config import (
     InjectionError,
     InjectorConfig,
 )
-from .patch import apply_patch, build_patch
+from .patch import build_patch
 from .webhook import WebhookServer, serve_webhook
 
 __all__ = [

@@ -1,10 +1,8 @@
 """The pod patch: a pure function from a pod and the injector's configuration to the RFC
-6902 JSON Patch that adds the agent (:func:`build_patch`), and applying such a patch."""
+6902 JSON Patch that adds the agent (:func:`build_patch`); ``admission`` applies it."""
 
 from __future__ import annotations
 
-import copy
-import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -481,55 +479,3 @@ def _append(path: str, exists: bool, items: Sequence[Any]) -> list[dict[str, Any
     if not exists:
         return [{"op": "add", "path": path, "value": list(items)}]
     return [{"op": "add", "path": path + "/-", "value": item} for item in items]
-
-
-# --------------------------------------------------------------------------- applying a patch
-
-
-def apply_patch(document: Any, patch: Sequence[Mapping[str, Any]]) -> Any:
-    """Apply an RFC 6902 patch (with the ``jsonpatch`` library when installed)."""
-    try:
-        jsonpatch: Any = importlib.import_module("jsonpatch")
-    except ImportError:
-        return _apply_patch(document, patch)
-    return jsonpatch.apply_patch(document, list(patch), in_place=False)
-
-
-def _apply_patch(document: Any, patch: Sequence[Mapping[str, Any]]) -> Any:
-    """The subset of RFC 6902 this module emits: ``add``, ``remove``, ``replace``."""
-    doc = copy.deepcopy(document)
-    for op in patch:
-        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
-        if not parts:
-            if op["op"] in ("add", "replace"):
-                doc = copy.deepcopy(op["value"])
-                continue
-            raise ValueError("cannot remove the whole document")
-        parent = doc
-        for part in parts[:-1]:
-            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
-        last = parts[-1]
-        if op["op"] == "add":
-            value = copy.deepcopy(op["value"])
-            if isinstance(parent, list):
-                index = len(parent) if last == "-" else int(last)
-                if not 0 <= index <= len(parent):
-                    raise ValueError(f"index out of range: {op['path']}")
-                parent.insert(index, value)
-            else:
-                parent[last] = value
-        elif op["op"] == "replace":
-            if isinstance(parent, list):
-                parent[int(last)] = copy.deepcopy(op["value"])
-            else:
-                if last not in parent:
-                    raise ValueError(f"nothing to replace at {op['path']}")
-                parent[last] = copy.deepcopy(op["value"])
-        elif op["op"] == "remove":
-            if isinstance(parent, list):
-                del parent[int(last)]
-            else:
-                del parent[last]
-        else:
-            raise ValueError(f"unsupported patch operation {op['op']!r}")
-    return doc
