@@ -129,9 +129,9 @@ async def test_scripted_scenario_counts_exactly(database: Database, proxy: TcpPr
         s1 = await scrape(agent)
         assert delta(base, s1, "flux_events_accepted_total", agency="nasa") == n
         assert delta(base, s1, "flux_events_flushed_total") == n
-        assert delta(base, s1, "flux_requests_total", endpoint="/v1/events", status="200",
+        assert delta(base, s1, "flux_requests_total", route="/v1/events", status="200",
                      agency="nasa") == 1
-        assert delta(base, s1, "flux_request_duration_seconds_count", endpoint="/v1/events") == 1
+        assert delta(base, s1, "flux_request_duration_seconds_count", route="/v1/events") == 1
         assert delta(base, s1, "flux_flush_batch_size_events_sum") == n
         assert delta(base, s1, "flux_flush_batch_size_events_count") == \
             delta(base, s1, "flux_flush_batches_total") == \
@@ -146,7 +146,7 @@ async def test_scripted_scenario_counts_exactly(database: Database, proxy: TcpPr
         assert delta(s1, s2, "flux_events_duplicates_total", detected_by="database") == 0
         assert delta(s1, s2, "flux_events_accepted_total") == 0
         assert delta(s1, s2, "flux_events_flushed_total") == 0
-        assert delta(s1, s2, "flux_requests_total", endpoint="/v1/events", status="202",
+        assert delta(s1, s2, "flux_requests_total", route="/v1/events", status="202",
                      agency="nasa") == 1
         assert value(s2, "flux_spool_backlog_records") == 0
 
@@ -160,7 +160,7 @@ async def test_scripted_scenario_counts_exactly(database: Database, proxy: TcpPr
         assert delta(s2, s3, "flux_errors_total", error_class="VALIDATION_ERROR",
                      agency="nasa") == 1
         assert delta(s2, s3, "flux_errors_total") == 1
-        assert delta(s2, s3, "flux_requests_total", endpoint="/v1/events", status="422",
+        assert delta(s2, s3, "flux_requests_total", route="/v1/events", status="422",
                      agency="nasa") == 1
         assert delta(s2, s3, "flux_events_accepted_total") == 0
 
@@ -256,7 +256,7 @@ async def test_readiness_fails_while_draining(agent: Agent):
     after = await scrape(agent)
     assert delta(before, after, "flux_errors_total", error_class="TRANSIENT_ERROR",
                  agency="nasa") == 1
-    assert delta(before, after, "flux_requests_total", endpoint="/v1/events", status="503",
+    assert delta(before, after, "flux_requests_total", route="/v1/events", status="503",
                  agency="nasa") == 1
     assert delta(before, after, "flux_events_accepted_total") == 0
 
