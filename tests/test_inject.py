@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -35,7 +36,13 @@ from cryptography.x509.oid import NameOID
 
 from flux_agent.core.settings import load_config
 from flux_agent.kube import patch as kube_patch
-from flux_agent.kube.admission import MalformedReview, admission_response, advice, mutate_pod
+from flux_agent.kube.admission import (
+    MalformedReview,
+    _apply_patch,
+    admission_response,
+    advice,
+    mutate_pod,
+)
 from flux_agent.kube.cli import cli_inject, prepare_webhook
 from flux_agent.kube.config import (
     AGENT_CONTAINER,
@@ -44,7 +51,7 @@ from flux_agent.kube.config import (
     parse_quantity,
     spool_bytes,
 )
-from flux_agent.kube.patch import _apply_patch, build_patch
+from flux_agent.kube.patch import build_patch
 from flux_agent.kube.webhook import NamespaceReader, WebhookServer
 
 KUBE_VERSIONS = ("1.29.0", "1.33.0")
@@ -261,13 +268,17 @@ def assert_agent_starts(container: dict[str, Any], defaults: dict[str, str] | No
     values, the ConfigMap's defaults, the database URL the Secret would supply)."""
     environ = {"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "nasa", **(defaults or {})}
     for e in container["env"]:
-        if "value" in e:
-            environ[e["name"]] = e["value"]
-        else:
-            assert e["valueFrom"]["secretKeyRef"] == {"name": "flux-agent-database",
-                                                      "key": "url"}
-            environ[e["name"]] = "postgresql://sidecar:pw@db.example:5432/flux"
-    config = load_config([], environ=environ)
+        assert set(e) == {"name", "value"}, f"{e['name']}: not a plain value (a Secret?)"
+        environ[e["name"]] = e["value"]
+    assert environ["FLUX_AGENT_DATABASE_URL_FILE"] == "/etc/flux-agent/database/url"
+    assert {"name": "flux-agent-database", "mountPath": "/etc/flux-agent/database",
+            "readOnly": True} in container["volumeMounts"]
+    with tempfile.TemporaryDirectory() as mounted:  # what the Secret volume holds
+        url_file = Path(mounted) / "url"
+        url_file.write_text("postgresql://sidecar:pw@db.example:5432/flux\n")
+        environ["FLUX_AGENT_DATABASE_URL_FILE"] = str(url_file)
+        config = load_config([], environ=environ)
+    assert str.__str__(config.database_url) == "postgresql://sidecar:pw@db.example:5432/flux"
     assert config.listen == "127.0.0.1:8787"
     assert config.admin_listen == "0.0.0.0:9464"
     assert str(config.socket_path) == "/var/run/flux-agent/agent.sock"
@@ -308,8 +319,14 @@ def test_deployment_pod_gets_a_native_sidecar():
     assert env["FLUX_AGENT_STATE_DIR"] == "/var/lib/flux-agent"
     assert env["FLUX_AGENT_ADMIN_LISTEN"] == "0.0.0.0:9464"
     assert env["FLUX_AGENT_LISTEN"] == "127.0.0.1:8787"
-    assert env["FLUX_AGENT_DATABASE_URL"] == {"secretKeyRef": {"name": "flux-agent-database",
-                                                               "key": "url"}}
+    # The database URL: a file from the Secret, in the agent container alone (CKV_K8S_35).
+    assert "FLUX_AGENT_DATABASE_URL" not in env
+    assert env["FLUX_AGENT_DATABASE_URL_FILE"] == "/etc/flux-agent/database/url"
+    assert volume(mutated, "flux-agent-database") == {"name": "flux-agent-database", "secret": {
+        "secretName": "flux-agent-database", "items": [{"key": "url", "path": "url"}],
+        "defaultMode": 0o444}}
+    for app in mutated["spec"]["containers"]:
+        assert all(m["name"] != "flux-agent-database" for m in app.get("volumeMounts", []))
     assert agent["envFrom"] == [{"configMapRef": {"name": "flux-agent-defaults"}}]
     assert agent["resources"] == {"requests": {"cpu": "50m", "memory": "128Mi"},
                                   "limits": {"memory": "256Mi"}}
@@ -360,7 +377,7 @@ def test_pod_with_init_containers_volumes_and_security_context():
     # The app's own FLUX_AGENT_URL wins; only the socket is added.
     assert [e["name"] for e in app["env"]] == ["FLUX_AGENT_URL", "FLUX_AGENT_SOCKET"]
     assert [v["name"] for v in mutated["spec"]["volumes"]] == [
-        "config", "flux-agent-socket", "flux-agent-state"]
+        "config", "flux-agent-socket", "flux-agent-state", "flux-agent-database"]
     assert_apps_wired(mutated)
 
 
@@ -485,15 +502,167 @@ def test_ephemeral_spool_volume_and_jwks():
                                                   "configMap": {"name": "flux-jwks"}}
 
 
-def test_image_annotation_and_no_default_limits():
-    pod = job_pod()
-    pod["metadata"]["annotations"] = {"flux.io/image": "mirror.example/flux-agent@sha256:"
-                                      + "a" * 64, "flux.io/memory": "200Mi"}
-    config = cfg(memory_limit="", cpu_request="", memory_request="64Mi")
-    mutated, _ = admit(pod, config, namespace="batch")
+AGGREGATOR_URL = "https://flux-aggregator.flux-system.svc:8788"
+TIERED = {"upstream": "aggregator", "aggregator_url": AGGREGATOR_URL,
+          "aggregator_ca_configmap": "flux-agent-aggregator-ca"}
+UPSTREAM_TOKEN = {"name": "flux-agent-upstream-token", "projected": {
+    "sources": [{"serviceAccountToken": {"audience": "flux-aggregator", "path": "token",
+                                         "expirationSeconds": 3600}}],
+    "defaultMode": 0o444}}
+
+
+@pytest.mark.parametrize("mode", ["native", "legacy"])
+def test_a_sidecar_delivering_to_the_aggregators_holds_no_database_credentials(mode: str):
+    config = cfg(**TIERED, sidecar_mode=mode)
+    mutated, _ = admit(deployment_pod(), config)
     _, _, agent = the_agent(mutated)
-    assert agent["image"] == "mirror.example/flux-agent@sha256:" + "a" * 64
+    env = env_of(agent)
+    assert env["FLUX_AGENT_UPSTREAM"] == AGGREGATOR_URL
+    assert env["FLUX_AGENT_UPSTREAM_TOKEN_FILE"] == "/var/run/secrets/flux-agent/upstream/token"
+    assert env["FLUX_AGENT_UPSTREAM_CA_FILE"] == "/etc/flux-agent/upstream-ca/ca.crt"
+    assert not {"FLUX_AGENT_DATABASE_URL", "FLUX_AGENT_DATABASE_URL_FILE",
+                "FLUX_AGENT_HANDOFF"} & set(env)
+    assert all(set(e) == {"name", "value"} for e in agent["env"])
+    assert not [v for v in mutated["spec"]["volumes"] if "secret" in v]
+    assert volume(mutated, "flux-agent-upstream-token") == UPSTREAM_TOKEN
+    assert volume(mutated, "flux-agent-upstream-ca") == {
+        "name": "flux-agent-upstream-ca", "configMap": {
+            "name": "flux-agent-aggregator-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}
+    assert {"name": "flux-agent-upstream-token", "readOnly": True,
+            "mountPath": "/var/run/secrets/flux-agent/upstream"} in agent["volumeMounts"]
+    assert {"name": "flux-agent-upstream-ca", "readOnly": True,
+            "mountPath": "/etc/flux-agent/upstream-ca"} in agent["volumeMounts"]
+    # The app containers see neither the token nor the CA: they are the agent's.
+    for app in mutated["spec"]["containers"]:
+        if app["name"] != AGENT_CONTAINER:
+            assert not {m["name"] for m in app.get("volumeMounts", [])} & {
+                "flux-agent-upstream-token", "flux-agent-upstream-ca"}
+    assert_apps_wired(mutated)
+
+
+def test_workload_identity_and_the_aggregators_use_two_tokens():
+    """The app's token for its agent (audience flux-agent, in the app containers) and the
+    pod's token for the aggregators (audience flux-aggregator, in the agent container)."""
+    config = cfg(**TIERED, agent_auth="kubernetes", jwks_configmap="cluster-sa-jwks")
+    mutated, _ = admit(deployment_pod(), config)
+    _, _, agent = the_agent(mutated)
+    audiences = {v["name"]: v["projected"]["sources"][0]["serviceAccountToken"]["audience"]
+                 for v in mutated["spec"]["volumes"] if "projected" in v}
+    assert audiences == {"flux-agent-token": "flux-agent",
+                         "flux-agent-upstream-token": "flux-aggregator"}
+    assert "flux-agent-upstream-token" in {m["name"] for m in agent["volumeMounts"]}
+    assert "flux-agent-token" not in {m["name"] for m in agent["volumeMounts"]}
+    app = mutated["spec"]["containers"][0]
+    assert "flux-agent-token" in {m["name"] for m in app["volumeMounts"]}
+    assert env_of(agent)["FLUX_AGENT_KUBE_BINDINGS"] == "etl=nasa"
+
+
+def test_a_sidecar_on_postgresql_hands_off_to_the_aggregators():
+    config = cfg(**{**TIERED, "upstream": "database"})
+    mutated, _ = admit(job_pod(), config)
+    _, _, agent = the_agent(mutated)
+    env = env_of(agent)
+    assert env["FLUX_AGENT_HANDOFF"] == AGGREGATOR_URL
+    assert "FLUX_AGENT_UPSTREAM" not in env
+    assert env["FLUX_AGENT_DATABASE_URL_FILE"] == "/etc/flux-agent/database/url"
+    assert env["FLUX_AGENT_UPSTREAM_TOKEN_FILE"] == "/var/run/secrets/flux-agent/upstream/token"
+    assert volume(mutated, "flux-agent-upstream-token") == UPSTREAM_TOKEN
+    assert volume(mutated, "flux-agent-database")["secret"]["secretName"] == \
+        "flux-agent-database"
+    assert_agent_starts(agent)  # today's agent: the database, as before
+    # Plain HTTP aggregators: no CA.
+    mutated, _ = admit(job_pod(), cfg(upstream="database",
+                                      aggregator_url="http://flux-aggregator.flux-system.svc:8788"))
+    _, _, agent = the_agent(mutated)
+    assert env_of(agent)["FLUX_AGENT_HANDOFF"] == "http://flux-aggregator.flux-system.svc:8788"
+    assert "FLUX_AGENT_UPSTREAM_CA_FILE" not in env_of(agent)
+    assert "flux-agent-upstream-ca" not in {v["name"] for v in mutated["spec"]["volumes"]}
+    # No aggregator: nothing of it.
+    mutated, _ = admit(job_pod(), CONFIG)
+    assert not [e for e in env_of(the_agent(mutated)[2]) if "UPSTREAM" in e or "HANDOFF" in e]
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    ({"upstream": "aggregator"}, "aggregator_url: required"),
+    ({"upstream": "s3"}, "upstream: expected database or aggregator"),
+    ({"aggregator_url": "ftp://flux-aggregator:8788"}, "not an http"),
+    ({"aggregator_url": "https://Flux_Aggregator:8788"}, "not an http"),
+    ({"aggregator_url": "https://flux-aggregator:8788/v1/records"}, "not an http"),
+    ({"aggregator_url": "http://flux-aggregator:8788",
+      "aggregator_ca_configmap": "flux-agent-aggregator-ca"}, "only for an https://"),
+    ({**TIERED, "aggregator_ca_configmap": "Bad Name"}, "not a valid object name"),
+])
+def test_aggregator_configuration_checks(options: dict[str, Any], says: str):
+    with pytest.raises(ValueError, match=says):
+        InjectorConfig(**options).check()
+
+
+def test_a_pod_with_the_upstream_volumes_names_is_not_injected():
+    pod = deployment_pod()
+    pod["spec"]["volumes"].append({"name": "flux-agent-upstream-token", "emptyDir": {}})
+    response, _ = answer(pod, cfg(**TIERED))
+    assert response["allowed"] is True
+    assert "already has a volume named flux-agent-upstream-token" in response["warnings"][0]
+
+
+def test_cli_inject_with_an_aggregator():
+    code, out, err = run_inject(["-", "--upstream", "aggregator", "--aggregator-url",
+                                 AGGREGATOR_URL, "--aggregator-ca-configmap",
+                                 "flux-agent-aggregator-ca"], json.dumps(job_pod()))
+    assert code == 0, err
+    env = env_of(the_agent(json.loads(out))[2])
+    assert env["FLUX_AGENT_UPSTREAM"] == AGGREGATOR_URL
+    code, _, err = run_inject(["-", "--upstream", "aggregator"], json.dumps(job_pod()))
+    assert code == 78
+    assert "aggregator_url: required" in err
+
+
+PINNED = "registry.example/flux-agent@sha256:" + "e" * 64
+
+
+def test_a_pod_cannot_override_a_pinned_image_unless_allowed():
+    """flux.io/image once replaced the injector's image, pinned or not: any pod author could
+    run an image of their choosing as the agent, with the agent's database credentials. The
+    annotation is now ignored (the pod is injected, and warned) unless the injector allows
+    overrides."""
+    pod = job_pod()
+    pod["metadata"]["annotations"] = {"flux.io/image": "mirror.example/flux-agent:evil",
+                                      "flux.io/memory": "200Mi"}
+    config = cfg(image=PINNED, memory_limit="", cpu_request="", memory_request="64Mi")
+    warning = ("flux-agent: annotation flux.io/image ignored: the injector's image "
+               f"{PINNED} is injected (the chart's sidecar.allowImageOverride is off)")
+    mutated, _ = admit(pod, config, namespace="batch", warnings=[warning])
+    _, _, agent = the_agent(mutated)
+    assert agent["image"] == PINNED
     assert agent["resources"] == {"requests": {"memory": "200Mi"}}
+    # Without the annotation: the image, and no warning.
+    del pod["metadata"]["annotations"]["flux.io/image"]
+    mutated, _ = admit(pod, config, namespace="batch")
+    assert the_agent(mutated)[2]["image"] == PINNED
+    # Allowed: the annotation chooses (a digest too).
+    allowed = cfg(image=PINNED, allow_image_override=True)
+    pod["metadata"]["annotations"]["flux.io/image"] = "mirror.example/flux-agent@sha256:" \
+        + "a" * 64
+    mutated, _ = admit(pod, allowed, namespace="batch")
+    assert the_agent(mutated)[2]["image"] == "mirror.example/flux-agent@sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize("image", ["has space:1", "repo@sha256:abc", "repo@md5:" + "a" * 32,
+                                   "@sha256:" + "a" * 64])
+def test_a_bad_image_annotation_fails_where_overrides_are_allowed(image: str):
+    pod = deployment_pod()
+    pod["metadata"]["annotations"]["flux.io/image"] = image
+    response, _ = answer(pod, cfg(allow_image_override=True))
+    assert response["allowed"] is True
+    assert response["warnings"][0].startswith("flux-agent not injected: annotation "
+                                              "flux.io/image")
+    response, _ = answer(pod, cfg(allow_image_override=True, fail_closed=True))
+    assert response["allowed"] is False
+    # Where they are not, the bad value is never used: ignored, with the warning.
+    mutated, _ = admit(pod, CONFIG, warnings=[
+        "flux-agent: annotation flux.io/image ignored: the injector's image "
+        f"{CONFIG.image} is injected (the chart's sidecar.allowImageOverride is off)"])
+    assert the_agent(mutated)[2]["image"] == CONFIG.image
 
 
 # --------------------------------------------------------------------------- errors
@@ -507,7 +676,6 @@ BAD_ANNOTATIONS = [
     ("flux.io/sidecar-mode", "sidecar", "flux.io/sidecar-mode"),
     ("flux.io/agency", "NASA!", "agency slug"),
     ("flux.io/spool-pvc", "Bad_Claim", "claim name"),
-    ("flux.io/image", "has space:1", "image"),
 ]
 
 
@@ -611,7 +779,8 @@ def test_quantities_and_config_checks():
     for bad_config in (InjectorConfig(sidecar_mode="x"), InjectorConfig(spool_size="1Mi"),
                        InjectorConfig(configmap="Bad Name"), InjectorConfig(image=""),
                        InjectorConfig(memory_limit="lots"), InjectorConfig(run_as_user=0),
-                       InjectorConfig(spool_volume="hostPath")):
+                       InjectorConfig(spool_volume="hostPath"),
+                       InjectorConfig(image="flux-agent@sha256:123")):
         with pytest.raises(ValueError):  # noqa: PT011 - each names its own option
             bad_config.check()
 

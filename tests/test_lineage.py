@@ -664,7 +664,7 @@ async def test_invalid_run_events_get_problem_details(jwt_agent: Agent, rsa_key)
 
 def lineage_answers(agent: Agent, status: int) -> float:
     value = agent.metrics.registry.get_sample_value(
-        "flux_requests_total", {"endpoint": "/api/v1/lineage", "status": str(status),
+        "flux_requests_total", {"route": "/api/v1/lineage", "status": str(status),
                                 "agency": "nasa"})
     return value or 0.0
 

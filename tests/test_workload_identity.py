@@ -147,7 +147,7 @@ async def test_projected_service_account_tokens(database: Database, state_dir: P
 
 
 async def test_the_injected_sidecar_takes_its_namespaces_tokens_only(
-        database: Database, state_dir: Path, cluster_key: Any):
+        database: Database, state_dir: Path, cluster_key: Any, tmp_path: Path):
     """The injector binds the pod's namespace to its agency and hands that binding to the
     sidecar: the agent, configured from exactly the injected env, accepts the pod's own
     service-account tokens and refuses those of any other namespace."""
@@ -161,7 +161,10 @@ async def test_the_injected_sidecar_takes_its_namespaces_tokens_only(
     jwks_file = state_dir / "jwks.json"
     jwks_file.write_text(jwks(("sa-key-1", cluster_key)))
     # Where this test runs, not where the pod would: paths, ports and the database.
-    environ.update({"FLUX_AGENT_DATABASE_URL": database.login_dsn,
+    assert environ["FLUX_AGENT_DATABASE_URL_FILE"] == "/etc/flux-agent/database/url"
+    url_file = tmp_path / "url"  # what the mounted Secret holds
+    url_file.write_text(database.login_dsn + "\n")
+    environ.update({"FLUX_AGENT_DATABASE_URL_FILE": str(url_file),
                     "FLUX_AGENT_STATE_DIR": str(state_dir), "FLUX_AGENT_SOCKET": "off",
                     "FLUX_AGENT_LISTEN": "127.0.0.1:0", "FLUX_AGENT_ADMIN_LISTEN": "off",
                     "FLUX_AGENT_JWT_JWKS_FILE": str(jwks_file), "FLUX_AGENT_MIGRATE": "false"})

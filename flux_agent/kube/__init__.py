@@ -10,7 +10,9 @@ annotations:
                                agent's ``FLUX_AGENT_SPOOL_MAX_BYTES`` is that minus headroom
 ``flux.io/cpu``                ``REQUEST`` or ``REQUEST/LIMIT`` (``100m`` or ``100m/1``)
 ``flux.io/memory``             ``REQUEST`` or ``REQUEST/LIMIT`` (``128Mi/256Mi``)
-``flux.io/image``              the agent image
+``flux.io/image``              the agent image, only where the injector allows pods to choose
+                               it (``allow_image_override``, off by default: the annotation
+                               is then ignored with a warning)
 ``flux.io/spool-pvc``          keep the spool on this PersistentVolumeClaim (or on the pod's
                                volume of that name, e.g. a StatefulSet volumeClaimTemplate)
 ``flux.io/sidecar-mode``       ``native`` (default: an init container with ``restartPolicy:
@@ -30,8 +32,18 @@ What is injected (see :func:`build_patch`):
 * ``FLUX_AGENT_SOCKET`` and ``FLUX_AGENT_URL`` in every app container (existing values win);
 * the pod's ``supplementalGroups`` gain the agent's group (10001) so app containers, whatever
   their uid, may connect to the socket (mode 0660);
-* the agent's settings: fixed ones as ``env``, ``FLUX_AGENT_DATABASE_URL`` from a Secret, the
-  rest from a ConfigMap (``envFrom``); both must exist in the pod's namespace.
+* the agent's settings: fixed ones as ``env``, the rest from a ConfigMap (``envFrom``); the
+  database URL from a Secret mounted as a file into the agent container alone
+  (``FLUX_AGENT_DATABASE_URL_FILE=/etc/flux-agent/database/url``, never an environment
+  variable); the ConfigMap and the Secret must exist in the pod's namespace;
+* with an aggregator tier (``aggregator_url``): upstream ``aggregator`` replaces the database
+  Secret by ``FLUX_AGENT_UPSTREAM=<aggregator_url>``; upstream ``database`` keeps it and adds
+  ``FLUX_AGENT_HANDOFF=<aggregator_url>`` (where a draining sidecar hands what it could not
+  deliver). Both give the agent container the pod's projected service-account token for
+  the audience ``flux-aggregator`` (``FLUX_AGENT_UPSTREAM_TOKEN_FILE=/var/run/secrets/
+  flux-agent/upstream/token``, one hour, rotated by the kubelet) and, for ``https://``, the
+  CA of the aggregators' certificate from a ConfigMap in the pod's namespace
+  (``FLUX_AGENT_UPSTREAM_CA_FILE=/etc/flux-agent/upstream-ca/ca.crt``).
 
 Pods in excluded namespaces (kube-system, kube-public), pods without the label, and pods that
 already have a ``flux-agent`` container are left alone, so re-invocation
@@ -53,7 +65,7 @@ arguments).
 
 from __future__ import annotations
 
-from .admission import MalformedReview, admission_response, mutate_pod
+from .admission import MalformedReview, admission_response, apply_patch, mutate_pod
 from .cli import WebhookPlan, cli_inject, prepare_webhook
 from .config import (
     ANNOTATION_AGENCY,
@@ -67,7 +79,7 @@ from .config import (
     InjectionError,
     InjectorConfig,
 )
-from .patch import apply_patch, build_patch
+from .patch import build_patch
 from .webhook import WebhookServer, serve_webhook
 
 __all__ = [

@@ -1,13 +1,15 @@
 """AdmissionReview in, AdmissionReview out: the webhook's answer for a pod, with the
-fail-open / fail-closed policy applied to pods that cannot be injected (pure)."""
+fail-open / fail-closed policy applied to pods that cannot be injected (pure), and the pod as
+admitted (the answer's patch applied)."""
 
 from __future__ import annotations
 
 import base64
 import copy
+import importlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,11 +17,12 @@ from .binding import BindingError
 from .config import (
     AGENT_UID,
     ANNOTATION_ERROR,
+    ANNOTATION_IMAGE,
     ANNOTATION_SPOOL_PVC,
     InjectionError,
     InjectorConfig,
 )
-from .patch import _pointer, apply_patch, build_patch
+from .patch import _pointer, build_patch
 
 log = logging.getLogger("flux_agent.inject")  # the name operators filter on, as before
 
@@ -74,14 +77,20 @@ def decide(pod: Any, config: InjectorConfig, namespace: str = "",
         return Outcome("failed_open", patch, [message[:250]], message)
     if not patch:
         return Outcome("skipped", [], [])
-    return Outcome("injected", patch, advice(pod))
+    return Outcome("injected", patch, advice(pod, config))
 
 
-def advice(pod: Mapping[str, Any]) -> list[str]:
-    """Warnings for an injected pod that will probably work, but not well."""
+def advice(pod: Mapping[str, Any], config: InjectorConfig | None = None) -> list[str]:
+    """Warnings for an injected pod that will probably work, but not as its author asked or
+    not well."""
     out = []
     metadata = pod.get("metadata") or {}
     annotations = metadata.get("annotations") or {}
+    if config is not None and not config.allow_image_override \
+            and annotations.get(ANNOTATION_IMAGE) is not None:
+        out.append(f"flux-agent: annotation {ANNOTATION_IMAGE} ignored: the injector's image "
+                   f"{config.image} is injected (the chart's sidecar.allowImageOverride is "
+                   "off)")
     spec = pod.get("spec") or {}
     security = spec.get("securityContext") or {}
     if annotations.get(ANNOTATION_SPOOL_PVC) and security.get("fsGroup") is None:
@@ -187,3 +196,55 @@ def mutate_pod(pod: dict[str, Any], config: InjectorConfig, namespace: str = "",
     if not result.outcome.allowed:
         raise InjectionError(result.outcome.message)
     return result.pod
+
+
+# --------------------------------------------------------------------------- applying a patch
+
+
+def apply_patch(document: Any, patch: Sequence[Mapping[str, Any]]) -> Any:
+    """Apply an RFC 6902 patch (with the ``jsonpatch`` library when installed)."""
+    try:
+        jsonpatch: Any = importlib.import_module("jsonpatch")
+    except ImportError:
+        return _apply_patch(document, patch)
+    return jsonpatch.apply_patch(document, list(patch), in_place=False)
+
+
+def _apply_patch(document: Any, patch: Sequence[Mapping[str, Any]]) -> Any:
+    """The subset of RFC 6902 this module emits: ``add``, ``remove``, ``replace``."""
+    doc = copy.deepcopy(document)
+    for op in patch:
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        if not parts:
+            if op["op"] in ("add", "replace"):
+                doc = copy.deepcopy(op["value"])
+                continue
+            raise ValueError("cannot remove the whole document")
+        parent = doc
+        for part in parts[:-1]:
+            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+        last = parts[-1]
+        if op["op"] == "add":
+            value = copy.deepcopy(op["value"])
+            if isinstance(parent, list):
+                index = len(parent) if last == "-" else int(last)
+                if not 0 <= index <= len(parent):
+                    raise ValueError(f"index out of range: {op['path']}")
+                parent.insert(index, value)
+            else:
+                parent[last] = value
+        elif op["op"] == "replace":
+            if isinstance(parent, list):
+                parent[int(last)] = copy.deepcopy(op["value"])
+            else:
+                if last not in parent:
+                    raise ValueError(f"nothing to replace at {op['path']}")
+                parent[last] = copy.deepcopy(op["value"])
+        elif op["op"] == "remove":
+            if isinstance(parent, list):
+                del parent[int(last)]
+            else:
+                del parent[last]
+        else:
+            raise ValueError(f"unsupported patch operation {op['op']!r}")
+    return doc

@@ -36,6 +36,20 @@ AGENT_CONTAINER = "flux-agent"
 SOCKET_VOLUME = "flux-agent-socket"
 STATE_VOLUME = "flux-agent-state"
 JWKS_VOLUME = "flux-agent-jwks"
+DATABASE_VOLUME = "flux-agent-database"
+DATABASE_DIR = "/etc/flux-agent/database"
+DATABASE_FILE = DATABASE_DIR + "/url"  # FLUX_AGENT_DATABASE_URL_FILE: never an env value
+# Tiered topology: the sidecar's own credential and trust for the aggregator, in the agent
+# container only (the app's token for the agent, TOKEN_DIR, is a different one).
+UPSTREAM_TOKEN_VOLUME = "flux-agent-upstream-token"
+UPSTREAM_TOKEN_DIR = "/var/run/secrets/flux-agent/upstream"
+UPSTREAM_TOKEN_FILE = UPSTREAM_TOKEN_DIR + "/token"  # FLUX_AGENT_UPSTREAM_TOKEN_FILE
+UPSTREAM_AUDIENCE = "flux-aggregator"  # the aggregator's FLUX_AGENT_JWT_AUDIENCE
+UPSTREAM_CA_VOLUME = "flux-agent-upstream-ca"
+UPSTREAM_CA_DIR = "/etc/flux-agent/upstream-ca"
+UPSTREAM_CA_KEY = "ca.crt"
+UPSTREAM_CA_FILE = UPSTREAM_CA_DIR + "/" + UPSTREAM_CA_KEY  # FLUX_AGENT_UPSTREAM_CA_FILE
+UPSTREAMS = ("database", "aggregator")
 TOKEN_VOLUME = "flux-agent-token"
 TOKEN_DIR = "/var/run/secrets/flux-agent"
 TOKEN_AUDIENCE = "flux-agent"  # what the sidecar requires in auth kubernetes (config's too)
@@ -61,6 +75,7 @@ SPOOL_HEADROOM_MIN = 32 * 1024**2  # seen-ids snapshot, cursor, the segment bein
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_AGGREGATOR_URL = re.compile(r"^https?://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(:[0-9]{1,5})?/?$")
 _QUANTITY = re.compile(
     r"^(?P<num>[+]?(?:\d+(?:\.\d*)?|\.\d+))"
     r"(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?\d+)?$"
@@ -84,14 +99,22 @@ class InjectorConfig:
     """How the injector builds the sidecar. Flags ``--kebab-name``, environment
     ``FLUX_INJECTOR_UPPER_NAME`` (flag > environment > default)."""
 
-    image: str = _opt(f"flux-agent:{__version__}", "Agent image (flux.io/image overrides).")
+    image: str = _opt(f"flux-agent:{__version__}", "Agent image: REPOSITORY:TAG or, pinned, "
+                      "REPOSITORY@sha256:DIGEST. A short name such as the default resolves to "
+                      "whatever registry the node's container runtime is configured for.")
+    allow_image_override: bool = _opt(False, "Let a pod choose its agent image with the "
+                                      "annotation flux.io/image; off, the annotation is "
+                                      "ignored with a warning and the image above is "
+                                      "injected.", kind="bool")
     image_pull_policy: str = _opt("IfNotPresent", "Agent imagePullPolicy.")
     sidecar_mode: str = _opt("native", "native (init container, restartPolicy Always) or "
                              "legacy (regular container); flux.io/sidecar-mode overrides.")
     configmap: str = _opt("flux-agent-defaults", "ConfigMap (in the pod's namespace) with the "
                           "agent's FLUX_AGENT_* defaults, used as envFrom.")
     database_secret: str = _opt("flux-agent-database", "Secret (in the pod's namespace) "
-                                "holding FLUX_AGENT_DATABASE_URL.")
+                                "holding the database URL, mounted into the agent "
+                                "container only, as the file FLUX_AGENT_DATABASE_URL_FILE "
+                                "names (never an environment variable).")
     database_secret_key: str = _opt("url", "Key of the database URL in that Secret.")
     spool_size: str = _opt("1Gi", "Default spool volume size (flux.io/spool-size overrides).")
     spool_volume: str = _opt("emptyDir", "emptyDir (sizeLimit = spool size), or ephemeral: a "
@@ -123,6 +146,18 @@ class InjectorConfig:
                             "kubernetes): the sidecar's FLUX_AGENT_JWT_ISSUERS.")
     jwks_configmap: str = _opt("", "ConfigMap with jwks.json for FLUX_AGENT_AUTH=jwt, mounted "
                                "at /etc/flux-agent/jwks (empty: none).")
+    upstream: str = _opt("database", "Where sidecars deliver: database (PostgreSQL, with the "
+                         "database Secret mounted as a file) or aggregator (aggregator_url; no "
+                         "database credentials in the pod).")
+    aggregator_url: str = _opt("", "The aggregators' URL (https://SERVICE.NAMESPACE.svc:8788; "
+                               "http:// only where the aggregators run without TLS): the "
+                               "sidecars' FLUX_AGENT_UPSTREAM with upstream aggregator, else "
+                               "their FLUX_AGENT_HANDOFF (where a draining sidecar hands what "
+                               "it could not deliver). Empty: no aggregator.")
+    aggregator_ca_configmap: str = _opt("", "ConfigMap (in the pod's namespace) whose ca.crt "
+                                        "signed the aggregators' certificate, mounted as "
+                                        "FLUX_AGENT_UPSTREAM_CA_FILE (empty: the image's "
+                                        "trust store).")
     run_as_user: int = _opt(AGENT_UID, "The agent's uid.", kind="int")
     run_as_group: int = _opt(AGENT_UID, "The agent's gid; added to the pod's "
                              "supplementalGroups so app containers can use the socket.",
@@ -150,6 +185,19 @@ class InjectorConfig:
                 raise ValueError(f"{name}: not a valid object name")
         if self.jwks_configmap and not _DNS_SUBDOMAIN.match(self.jwks_configmap):
             raise ValueError("jwks_configmap: not a valid object name")
+        if self.upstream not in UPSTREAMS:
+            raise ValueError(f"upstream: expected database or aggregator, got "
+                             f"{self.upstream!r}")
+        if self.upstream == "aggregator" and not self.aggregator_url:
+            raise ValueError("aggregator_url: required by upstream aggregator")
+        if self.aggregator_url and not _AGGREGATOR_URL.match(self.aggregator_url):
+            raise ValueError(f"aggregator_url: {self.aggregator_url!r} is not an http(s)://HOST"
+                             "[:PORT] URL")
+        if self.aggregator_ca_configmap and not _DNS_SUBDOMAIN.match(
+                self.aggregator_ca_configmap):
+            raise ValueError("aggregator_ca_configmap: not a valid object name")
+        if self.aggregator_ca_configmap and not self.aggregator_url.startswith("https://"):
+            raise ValueError("aggregator_ca_configmap: only for an https:// aggregator_url")
         if not _SECRET_KEY.match(self.database_secret_key):
             raise ValueError("database_secret_key: not a valid Secret key")
         _check_image(self.image, "image")
@@ -201,10 +249,18 @@ def spool_bytes(size: str) -> tuple[int, int]:
     return total, total - max(total // 10, SPOOL_HEADROOM_MIN)
 
 
+_IMAGE_DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
+
+
 def _check_image(image: Any, what: str) -> str:
+    """An image reference: ``NAME[:TAG]`` or ``NAME[:TAG]@sha256:HEX``."""
     if not isinstance(image, str) or not image.strip() or any(c.isspace() for c in image) \
             or len(image) > 512:
         raise InjectionError(f"{what}: {image!r} is not an image reference")
+    name, at, digest = image.partition("@")
+    if not name or (at and not _IMAGE_DIGEST.match(digest)):
+        raise InjectionError(f"{what}: {image!r} is not an image reference (a digest is "
+                             "@sha256: and 64 hex digits)")
     return image
 
 

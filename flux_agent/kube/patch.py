@@ -1,10 +1,8 @@
 """The pod patch: a pure function from a pod and the injector's configuration to the RFC
-6902 JSON Patch that adds the agent (:func:`build_patch`), and applying such a patch."""
+6902 JSON Patch that adds the agent (:func:`build_patch`); ``admission`` applies it."""
 
 from __future__ import annotations
 
-import copy
-import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +24,9 @@ from .config import (
     ANNOTATION_SIDECAR_MODE,
     ANNOTATION_SPOOL_PVC,
     ANNOTATION_SPOOL_SIZE,
+    DATABASE_DIR,
+    DATABASE_FILE,
+    DATABASE_VOLUME,
     DEFAULT_CONTAINER_ANNOTATION,
     EVENT_LISTEN,
     EVENT_URL,
@@ -42,6 +43,14 @@ from .config import (
     TOKEN_DIR,
     TOKEN_SECONDS,
     TOKEN_VOLUME,
+    UPSTREAM_AUDIENCE,
+    UPSTREAM_CA_DIR,
+    UPSTREAM_CA_FILE,
+    UPSTREAM_CA_KEY,
+    UPSTREAM_CA_VOLUME,
+    UPSTREAM_TOKEN_DIR,
+    UPSTREAM_TOKEN_FILE,
+    UPSTREAM_TOKEN_VOLUME,
     InjectionError,
     InjectorConfig,
     _check_image,
@@ -177,7 +186,8 @@ def _plan(annotations: Mapping[str, Any], config: InjectorConfig, namespace: str
     if mode not in SIDECAR_MODES:
         raise InjectionError(f"annotation {ANNOTATION_SIDECAR_MODE}: expected native or "
                              f"legacy, got {mode!r}")
-    image = _check_image(get(ANNOTATION_IMAGE) or config.image, f"annotation {ANNOTATION_IMAGE}")
+    requested_image = get(ANNOTATION_IMAGE) if config.allow_image_override else None
+    image = _check_image(requested_image or config.image, f"annotation {ANNOTATION_IMAGE}")
     agency = get(ANNOTATION_AGENCY) or ""
     if agency and not AGENCY_SLUG.match(agency):
         raise InjectionError(f"annotation {ANNOTATION_AGENCY}: {agency!r} is not an agency slug")
@@ -198,20 +208,37 @@ def _plan(annotations: Mapping[str, Any], config: InjectorConfig, namespace: str
     return _Plan(mode, image, agency, size, spool_max, pvc, cpu, memory)
 
 
+def uses_database(config: InjectorConfig) -> bool:
+    """Whether sidecars write to PostgreSQL themselves (and so hold its credentials)."""
+    return config.upstream == "database"
+
+
 def agent_container(plan: _Plan, config: InjectorConfig, state_volume: str,
                     namespace: str = "") -> dict[str, Any]:
     """The ``flux-agent`` container for this plan. Where pods are bound to their namespace's
     agency, the settings that decide who writes as what are plain ``env`` (which wins over
     the namespace's ConfigMap, which the pod's author may be able to edit)."""
-    env: list[dict[str, Any]] = [
-        {"name": "FLUX_AGENT_DATABASE_URL", "valueFrom": {"secretKeyRef": {
-            "name": config.database_secret, "key": config.database_secret_key}}},
+    env: list[dict[str, Any]] = []
+    if uses_database(config):
+        # The URL holds the password: a file from the Secret, read by the agent alone, never
+        # an environment variable (which `kubectl describe`, crash dumps and every child
+        # process see).
+        env.append({"name": "FLUX_AGENT_DATABASE_URL_FILE", "value": DATABASE_FILE})
+    if config.aggregator_url:
+        # To the aggregators: every record (upstream aggregator), or at a pod's end what the
+        # drain could not deliver to PostgreSQL (handoff).
+        env.append({"name": "FLUX_AGENT_UPSTREAM" if config.upstream == "aggregator"
+                    else "FLUX_AGENT_HANDOFF", "value": config.aggregator_url})
+        env.append({"name": "FLUX_AGENT_UPSTREAM_TOKEN_FILE", "value": UPSTREAM_TOKEN_FILE})
+        if config.aggregator_ca_configmap:
+            env.append({"name": "FLUX_AGENT_UPSTREAM_CA_FILE", "value": UPSTREAM_CA_FILE})
+    env.extend([
         {"name": "FLUX_AGENT_STATE_DIR", "value": STATE_DIR},
         {"name": "FLUX_AGENT_SOCKET", "value": SOCKET_PATH},
         {"name": "FLUX_AGENT_LISTEN", "value": EVENT_LISTEN},
         {"name": "FLUX_AGENT_ADMIN_LISTEN", "value": f"0.0.0.0:{ADMIN_PORT}"},
         {"name": "FLUX_AGENT_SPOOL_MAX_BYTES", "value": str(plan.spool_max)},
-    ]
+    ])
     if binds(config):
         env.append({"name": "FLUX_AGENT_AUTH", "value": config.agent_auth})
     if config.agent_auth == "kubernetes":
@@ -226,6 +253,14 @@ def agent_container(plan: _Plan, config: InjectorConfig, state_volume: str,
         {"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR},
         {"name": state_volume, "mountPath": STATE_DIR},
     ]
+    if uses_database(config):
+        mounts.append({"name": DATABASE_VOLUME, "mountPath": DATABASE_DIR, "readOnly": True})
+    if config.aggregator_url:
+        mounts.append({"name": UPSTREAM_TOKEN_VOLUME, "mountPath": UPSTREAM_TOKEN_DIR,
+                       "readOnly": True})
+        if config.aggregator_ca_configmap:
+            mounts.append({"name": UPSTREAM_CA_VOLUME, "mountPath": UPSTREAM_CA_DIR,
+                           "readOnly": True})
     if config.jwks_configmap:
         env.append({"name": "FLUX_AGENT_JWT_JWKS_FILE", "value": f"{JWKS_DIR}/jwks.json"})
         mounts.append({"name": JWKS_VOLUME, "mountPath": JWKS_DIR, "readOnly": True})
@@ -315,7 +350,8 @@ def build_patch(pod: Mapping[str, Any], config: InjectorConfig, namespace: str =
     plan = _plan(annotations, config, namespace, namespace_annotations)
 
     volume_names = {v["name"] for v in volumes}
-    for taken in (SOCKET_VOLUME, STATE_VOLUME, JWKS_VOLUME, TOKEN_VOLUME):
+    for taken in (SOCKET_VOLUME, STATE_VOLUME, JWKS_VOLUME, TOKEN_VOLUME, DATABASE_VOLUME,
+                  UPSTREAM_TOKEN_VOLUME, UPSTREAM_CA_VOLUME):
         if taken in volume_names and not (taken == STATE_VOLUME and plan.pvc == STATE_VOLUME):
             raise InjectionError(f"the pod already has a volume named {taken}")
     ops: list[dict[str, Any]] = []
@@ -367,6 +403,27 @@ def build_patch(pod: Mapping[str, Any], config: InjectorConfig, namespace: str =
             "spec": claim}}})
     else:
         new_volumes.append({"name": STATE_VOLUME, "emptyDir": {"sizeLimit": plan.volume_size}})
+    if uses_database(config):
+        # The database URL, as one file mounted into the agent container only.
+        # World-readable inside that container: a Secret volume's files belong to root (or to
+        # the pod's fsGroup, which is the app's to choose), and the agent runs as its own uid.
+        new_volumes.append({"name": DATABASE_VOLUME, "secret": {
+            "secretName": config.database_secret,
+            "items": [{"key": config.database_secret_key,
+                       "path": DATABASE_FILE.rsplit("/", 1)[1]}],
+            "defaultMode": 0o444}})
+    if config.aggregator_url:
+        # The pod's own service-account token for the aggregators' audience (the kubelet
+        # rotates it; the aggregator maps its namespace to the agencies it may write), and
+        # the CA that signed the aggregators' certificate.
+        new_volumes.append({"name": UPSTREAM_TOKEN_VOLUME, "projected": {
+            "sources": [{"serviceAccountToken": {"audience": UPSTREAM_AUDIENCE, "path": "token",
+                                                 "expirationSeconds": TOKEN_SECONDS}}],
+            "defaultMode": 0o444}})
+        if config.aggregator_ca_configmap:
+            new_volumes.append({"name": UPSTREAM_CA_VOLUME, "configMap": {
+                "name": config.aggregator_ca_configmap,
+                "items": [{"key": UPSTREAM_CA_KEY, "path": UPSTREAM_CA_KEY}]}})
     if config.jwks_configmap:
         new_volumes.append({"name": JWKS_VOLUME,
                             "configMap": {"name": config.jwks_configmap}})
@@ -422,55 +479,3 @@ def _append(path: str, exists: bool, items: Sequence[Any]) -> list[dict[str, Any
     if not exists:
         return [{"op": "add", "path": path, "value": list(items)}]
     return [{"op": "add", "path": path + "/-", "value": item} for item in items]
-
-
-# --------------------------------------------------------------------------- applying a patch
-
-
-def apply_patch(document: Any, patch: Sequence[Mapping[str, Any]]) -> Any:
-    """Apply an RFC 6902 patch (with the ``jsonpatch`` library when installed)."""
-    try:
-        jsonpatch: Any = importlib.import_module("jsonpatch")
-    except ImportError:
-        return _apply_patch(document, patch)
-    return jsonpatch.apply_patch(document, list(patch), in_place=False)
-
-
-def _apply_patch(document: Any, patch: Sequence[Mapping[str, Any]]) -> Any:
-    """The subset of RFC 6902 this module emits: ``add``, ``remove``, ``replace``."""
-    doc = copy.deepcopy(document)
-    for op in patch:
-        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
-        if not parts:
-            if op["op"] in ("add", "replace"):
-                doc = copy.deepcopy(op["value"])
-                continue
-            raise ValueError("cannot remove the whole document")
-        parent = doc
-        for part in parts[:-1]:
-            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
-        last = parts[-1]
-        if op["op"] == "add":
-            value = copy.deepcopy(op["value"])
-            if isinstance(parent, list):
-                index = len(parent) if last == "-" else int(last)
-                if not 0 <= index <= len(parent):
-                    raise ValueError(f"index out of range: {op['path']}")
-                parent.insert(index, value)
-            else:
-                parent[last] = value
-        elif op["op"] == "replace":
-            if isinstance(parent, list):
-                parent[int(last)] = copy.deepcopy(op["value"])
-            else:
-                if last not in parent:
-                    raise ValueError(f"nothing to replace at {op['path']}")
-                parent[last] = copy.deepcopy(op["value"])
-        elif op["op"] == "remove":
-            if isinstance(parent, list):
-                del parent[int(last)]
-            else:
-                del parent[last]
-        else:
-            raise ValueError(f"unsupported patch operation {op['op']!r}")
-    return doc

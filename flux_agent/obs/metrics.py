@@ -2,8 +2,11 @@
 
 Things that happen (requests, rejections) are counted where they happen. Things that *are*
 (spool depth, backlog, flusher totals, PostgreSQL up) are read at scrape time by a collector,
-so the hot path pays nothing for them. Label values are bounded: endpoints are route
-templates, agencies come from the manifest, reasons are error codes.
+so the hot path pays nothing for them. Label values are bounded: routes are route
+templates, agencies come from the manifest, reasons are error codes. No label is named as one
+Prometheus gives a scrape target (`endpoint`, `job`, `instance`, `namespace`, `pod`,
+`container`, `service`): under prometheus-operator such a label would be renamed
+`exported_<name>` and the rules would match the target's instead.
 """
 
 from __future__ import annotations
@@ -133,14 +136,14 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "flux_requests", "HTTP requests by route, status and agency.",
-            ["endpoint", "status", "agency"], registry=r,
+            ["route", "status", "agency"], registry=r,
         )
         self.errors = Counter(
             "flux_errors", "Error answers by class and agency.", ["error_class", "agency"],
             registry=r,
         )
         self.request_duration = Histogram(
-            "flux_request_duration_seconds", "Time to answer a request.", ["endpoint"],
+            "flux_request_duration_seconds", "Time to answer a request.", ["route"],
             buckets=REQUEST_BUCKETS, registry=r,
         )
         self.events_accepted = Counter(
@@ -211,16 +214,17 @@ class Metrics:
         for task in Task:
             self.task_failures.labels(task.value)
 
-    def answered(self, endpoint: str, status: int, agency: str, seconds: float) -> None:
-        """One HTTP answer. Label children are cached: ``labels()`` costs microseconds."""
-        key = (endpoint, status, agency)
+    def answered(self, route: str, status: int, agency: str, seconds: float) -> None:
+        """One HTTP answer on ``route`` (a route template). Label children are cached:
+        ``labels()`` costs microseconds."""
+        key = (route, status, agency)
         child = self._answered.get(key)
         if child is None:
-            child = self._answered[key] = self.requests.labels(endpoint, str(status), agency)
+            child = self._answered[key] = self.requests.labels(route, str(status), agency)
         child.inc()
-        hist = self._durations.get(endpoint)
+        hist = self._durations.get(route)
         if hist is None:
-            hist = self._durations[endpoint] = self.request_duration.labels(endpoint)
+            hist = self._durations[route] = self.request_duration.labels(route)
         hist.observe(seconds)
 
     def add_state(self, read: Callable[[], Mapping[str, Any]]) -> None:
