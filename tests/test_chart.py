@@ -683,12 +683,6 @@ AGGREGATOR_URL = f"https://{AGGREGATOR}.{NAMESPACE}.svc:8788"
 # Settings of the tiered topology that the agent's configuration may not know yet (the agent
 # side is built to the same contract); every other FLUX_AGENT_* name the chart or the
 # injector sets must be one of the agent's settings today.
-TIERED_SETTINGS = {"FLUX_AGENT_UPSTREAM", "FLUX_AGENT_UPSTREAM_TOKEN_FILE",
-                   "FLUX_AGENT_UPSTREAM_CA_FILE", "FLUX_AGENT_HANDOFF",
-                   "FLUX_AGENT_TLS_CERT_FILE", "FLUX_AGENT_TLS_KEY_FILE",
-                   "FLUX_AGENT_ALLOW_PLAINTEXT"}
-
-
 def agent_settings() -> set[str]:
     """The FLUX_AGENT_* names the agent reads today (secrets also as NAME_FILE)."""
     names = {env_name(f.name) for f in SETTINGS}
@@ -822,7 +816,7 @@ def test_the_agent_accepts_the_aggregators_settings(chart: helm.Chart, tmp_path:
     known = agent_settings()
     for name in ("aggregator", "aggregator-plaintext", "aggregator-handoff"):
         env = aggregator_env(render(chart, VALUE_SETS[name]))
-        assert set(env) - known <= TIERED_SETTINGS, set(env) - known - TIERED_SETTINGS
+        assert set(env) <= known, set(env) - known
         jwks_file = tmp_path / "jwks.json"
         jwks_file.write_text(jwks(("k", private_key())))
         environ = {**with_database_file(env, tmp_path),
@@ -1059,7 +1053,7 @@ def test_sidecars_deliver_to_the_aggregators_without_database_credentials(chart:
     assert env["FLUX_AGENT_UPSTREAM_CA_FILE"] == "/etc/flux-agent/upstream-ca/ca.crt"
     assert not {"FLUX_AGENT_DATABASE_URL", "FLUX_AGENT_DATABASE_URL_FILE",
                 "FLUX_AGENT_HANDOFF"} & set(env)
-    assert set(env) - agent_settings() <= TIERED_SETTINGS
+    assert set(env) <= agent_settings(), set(env) - agent_settings()
     # No Secret at all in the pod: nothing of the database reaches an app namespace.
     assert not [v for v in pod["spec"]["volumes"] if "secret" in v]
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}

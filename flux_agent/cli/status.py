@@ -38,10 +38,11 @@ class Report:
         """Why the agent is not healthy (empty when it is)."""
         out = [f"not ready: {', '.join(self.body.get('reasons') or ['?'])}"] if not self.ready \
             else []
-        database = self.body.get("database")
-        status = database.get("status") if isinstance(database, dict) else database
+        key = _upstream_key(self.body)
+        upstream = self.body.get(key)
+        status = upstream.get("status") if isinstance(upstream, dict) else upstream
         if status != "up":
-            out.append(f"database {status or 'unknown'}")
+            out.append(f"{key} {status or 'unknown'}")
         out += [f"task {name} failing" for name, task in _tasks(self.body).items()
                 if task.get("failing")]
         return out
@@ -99,7 +100,8 @@ def render(report: Report) -> str:
         lines.append(f"  {name:<11} {text}")
 
     row("ready", "yes" if report.ready else f"no ({', '.join(body.get('reasons') or [])})")
-    row("database", _database(body.get("database")))
+    key = _upstream_key(body)
+    row(key, _database(body.get(key)))
     spool = body.get("spool")
     if isinstance(spool, dict):
         row("spool", _spool(spool))
@@ -116,6 +118,11 @@ def render(report: Report) -> str:
     if isinstance(body.get("uptime_s"), int | float):
         row("uptime", _duration(float(body["uptime_s"])))
     return "\n".join(lines)
+
+
+def _upstream_key(body: dict[str, Any]) -> str:
+    """``database`` (PostgreSQL), or ``upstream`` for a sidecar forwarding to aggregators."""
+    return "upstream" if "upstream" in body and "database" not in body else "database"
 
 
 def _tasks(body: dict[str, Any]) -> dict[str, dict[str, Any]]:

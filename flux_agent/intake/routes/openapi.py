@@ -74,11 +74,12 @@ def _errors(*codes: str) -> dict[str, Any]:
     return {code: _problem(_ERRORS[code]) for code in codes}
 
 
-def document(servers: list[str] | None = None, admin_servers: list[str] | None = None
-             ) -> dict[str, Any]:
+def document(servers: list[str] | None = None, admin_servers: list[str] | None = None,
+             *, aggregator: bool = False) -> dict[str, Any]:
     """The OpenAPI document; ``servers`` are the URLs this agent's event API answers on,
     ``admin_servers`` its admin listener's (``/health/*`` and ``/metrics``; ``[]``: off, and
-    those paths are left out). ``None``: the defaults."""
+    those paths are left out). ``None``: the defaults. ``aggregator``: an aggregator's API
+    (sealed records from sidecars, and the reads)."""
     event = _rewrite_refs(_load("step-event.schema.json"),
                           {"payload.schema.json": _REF + "Payload"})
     payload = _load("payload.schema.json")
@@ -207,6 +208,8 @@ def document(servers: list[str] | None = None, admin_servers: list[str] | None =
             "responses": {"200": _json("OpenAPI 3.1.", {"type": "object"})},
         }},
     }
+    if aggregator:
+        paths = _aggregator_paths(paths, request_headers)
     admin = [{"url": url, "description": "The admin listener (FLUX_AGENT_ADMIN_LISTEN)."}
              for url in (["http://127.0.0.1:9464"] if admin_servers is None else admin_servers)]
     for path, summary in () if not admin else (
@@ -228,8 +231,11 @@ def document(servers: list[str] | None = None, admin_servers: list[str] | None =
     return {
         "openapi": "3.1.0",
         "info": {"title": "flux-agent", "version": __version__,
-                 "description": "The event API of the flux-agent sidecar (localhost TCP and "
-                                "Unix socket). Every error is application/problem+json."},
+                 "description": (
+                     "The API of a flux-agent aggregator: sealed records from sidecars, and "
+                     "reads for the agencies their identity is bound to."
+                     if aggregator else "The event API of the flux-agent sidecar (localhost "
+                     "TCP and Unix socket).") + " Every error is application/problem+json."},
         "servers": [{"url": url} for url in (servers or ["http://127.0.0.1:8787"])],
         "security": [{"bearer": []}],
         "paths": paths,
@@ -260,6 +266,55 @@ def document(servers: list[str] | None = None, admin_servers: list[str] | None =
             },
         },
     }
+
+
+def _aggregator_paths(paths: dict[str, Any], request_headers: list[dict[str, Any]]
+                      ) -> dict[str, Any]:
+    """An aggregator serves the reads (GET) and the records of sidecars."""
+    out: dict[str, Any] = {}
+    for path, item in paths.items():
+        kept = {k: v for k, v in item.items() if k in ("get", "parameters")}
+        if "get" in kept:
+            out[path] = kept
+    agency = {"name": "X-Flux-Agency", "in": "header", "required": False,
+              "schema": {"type": "string", "pattern": "^[a-z0-9]+(-[a-z0-9]+)*$"},
+              "description": "Which of the caller's agencies a request acts for (a namespace "
+                             "may be bound to several); the first by default."}
+    for item in out.values():
+        item["get"] = {**item["get"],
+                       "parameters": [*item["get"].get("parameters", []), agency]}
+    receipt = {"type": "object", "required": ["events", "checkpoints", "audits"],
+               "properties": {"events": {"type": "integer"},
+                              "checkpoints": {"type": "integer"},
+                              "audits": {"type": "integer"},
+                              "committed": {"type": "boolean"},
+                              "new_event_ids": {"type": ["array", "null"],
+                                                "items": {"type": "string"}}}}
+    out["/v1/records"] = {
+        "post": {
+            "operationId": "postRecords",
+            "summary": "Sealed records of one sidecar's flush window (msgpack), answered once "
+                       "durable on this aggregator's spool. Every item must be of an agency "
+                       "the caller is bound to (else 403, nothing accepted).",
+            "parameters": [*request_headers, {
+                "name": "Prefer", "in": "header", "required": False,
+                "schema": {"type": "string", "enum": ["wait=committed"]},
+                "description": "Answer once the records are in PostgreSQL."}],
+            "requestBody": {"required": True, "content": {
+                "application/vnd.flux.records+msgpack": {"schema": {"type": "string"}}}},
+            "responses": {"200": _json("Durably spooled.", receipt),
+                          **_errors("400", "401", "403", "413", "415", "422", "500", "503")},
+        },
+        "get": {
+            "operationId": "recordsReady",
+            "summary": "Whether this aggregator takes records now (and the caller's "
+                       "credentials are good).",
+            "parameters": request_headers,
+            "responses": {"200": _json("Taking records.", {"type": "object"}),
+                          **_errors("401", "403", "503")},
+        },
+    }
+    return out
 
 
 def _limit() -> dict[str, Any]:
@@ -302,12 +357,15 @@ def _problem_schema() -> dict[str, Any]:
 class OpenAPIRoutes:
     """``GET /openapi.json``, built on first request and kept."""
 
-    def __init__(self, servers: list[str], admin_servers: list[str]) -> None:
+    def __init__(self, servers: list[str], admin_servers: list[str], *,
+                 aggregator: bool = False) -> None:
         self.servers = servers
         self.admin_servers = admin_servers
+        self.aggregator = aggregator
         self._document: bytes | None = None
 
     async def get_openapi(self, request: web.Request) -> web.Response:
         if self._document is None:
-            self._document = msgspec.json.encode(document(self.servers, self.admin_servers))
+            self._document = msgspec.json.encode(document(self.servers, self.admin_servers,
+                                                          aggregator=self.aggregator))
         return web.Response(body=self._document, content_type="application/json")
