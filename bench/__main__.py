@@ -81,6 +81,7 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
         for rate in ((100.0,) if ctx.quick else (10.0, 100.0)):
             await trickle(ctx, rate)
         await fleet(ctx, 8 if ctx.quick else 32, 30.0, pgbouncer=False)
+        await fleet(ctx, 8 if ctx.quick else 32, 30.0, aggregator=True)
         if not ctx.quick:
             await fleet(ctx, 32, 30.0, pgbouncer=True)
         print("latency, faults, footprint", flush=True)

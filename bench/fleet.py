@@ -218,14 +218,24 @@ async def trickle(ctx: Any, rate: float) -> dict[str, Any]:
     return row
 
 
-async def fleet(ctx: Any, agents: int, rate: float, *, pgbouncer: bool,
-                env: dict[str, str] | None = None, label: str = "") -> dict[str, Any]:
-    """``agents`` agent processes, each taking single events at ``rate``/s."""
+async def fleet(ctx: Any, agents: int, rate: float, *, pgbouncer: bool = False,
+                aggregator: bool = False, env: dict[str, str] | None = None,
+                aggregator_env: dict[str, str] | None = None,
+                label: str = "") -> dict[str, Any]:
+    """``agents`` agent processes, each taking single events at ``rate``/s; directly to
+    PostgreSQL, through PgBouncer, or through one aggregator (the sidecars then hold no
+    database connection: the aggregator's pool is all PostgreSQL sees)."""
     seconds = 10.0 if ctx.quick else 20.0
     await ctx.db.reset()
     front = None
+    hub = None
     target = ctx.db
     env = {"FLUX_AGENT_LOG_LEVEL": "warning", **(env or {})}
+    if aggregator:
+        hub = AgentProc(ctx.db, ctx.state("aggregator"), command="aggregate",
+                        FLUX_AGENT_SOCKET="off", **(aggregator_env or {}))
+        await asyncio.to_thread(hub.start)
+        env = {**env, "FLUX_AGENT_UPSTREAM": hub.url, "FLUX_AGENT_DATABASE_URL": ""}
     if pgbouncer:
         from tests.pgbouncer import PgBouncer
 
@@ -246,6 +256,7 @@ async def fleet(ctx: Any, agents: int, rate: float, *, pgbouncer: bool,
         counters0 = await db_counters(ctx.db)
         pg0 = postgres_cpu_split(ctx.db)
         cpu0 = [p.cpu_seconds() for p in procs]
+        hub_cpu0 = hub.cpu_seconds() if hub is not None else 0.0
         conns = Connections(ctx.db)
         conns.start()
         since = time.time()
@@ -258,6 +269,7 @@ async def fleet(ctx: Any, agents: int, rate: float, *, pgbouncer: bool,
         await asyncio.sleep(2.0)
         connections = conns.stop()
         cpu = sum(p.cpu_seconds() - c for p, c in zip(procs, cpu0, strict=True))
+        hub_cpu = hub.cpu_seconds() - hub_cpu0 if hub is not None else 0.0
         pg1 = postgres_cpu_split(ctx.db)
         pg_by = {k: pg1[k] - pg0[k] for k in pg1}
         pg = sum(pg_by.values())
@@ -267,17 +279,21 @@ async def fleet(ctx: Any, agents: int, rate: float, *, pgbouncer: bool,
     finally:
         for p in procs:
             p.stop()
+        if hub is not None:
+            hub.stop()
         if front is not None:
             await asyncio.to_thread(front.stop)
     events = max(1, load["events_acked"])
     peak = [(p.sampler.peak_rss if p.sampler else 0) / MiB for p in procs]
     row = {
         "name": f"fleet: {agents} agents x {rate:.0f} single events/s"
-                + (", through PgBouncer (transaction mode)" if pgbouncer else ", direct")
+                + (", through PgBouncer (transaction mode)" if pgbouncer
+                   else ", through one aggregator" if aggregator else ", direct")
                 + label,
         "events_per_s": load["events_acked"] / load["elapsed_s"],
         "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"],
         "cpu_us_per_event": cpu / events * 1e6,
+        **({"aggregator_cpu_us_per_event": hub_cpu / events * 1e6} if hub is not None else {}),
         "pg_cpu_us_per_event": pg / events * 1e6,
         **{f"pg_{k}_cpu_us_per_event": v / events * 1e6 for k, v in pg_by.items()},
         "pg_xacts_per_s": (counters1["xacts"] - counters0["xacts"]) / seconds,
@@ -298,7 +314,8 @@ async def fleet(ctx: Any, agents: int, rate: float, *, pgbouncer: bool,
 # --------------------------------------------------------------------------- alone
 
 
-async def _alone(agents: int, rate: float, ages: list[str], pgbouncer: bool) -> None:
+async def _alone(agents: int, rate: float, ages: list[str], pgbouncer: bool,
+                 aggregator: bool) -> None:
     from .scenarios import Ctx, measure_baselines, throughput
 
     db = Database()
@@ -315,6 +332,8 @@ async def _alone(agents: int, rate: float, ages: list[str], pgbouncer: bool) -> 
             await fleet(ctx, agents, rate, pgbouncer=False, env=env, label=label)
             if pgbouncer:
                 await fleet(ctx, agents, rate, pgbouncer=True, env=env, label=label)
+            if aggregator:
+                await fleet(ctx, agents, rate, aggregator=True, env=env, label=label)
     finally:
         await asyncio.to_thread(db.destroy)
 
@@ -329,8 +348,10 @@ def main() -> None:
     p.add_argument("--age", action="append", default=[],
                    help="FLUX_AGENT_BATCH_MAX_AGE to run with (repeat; default: the default)")
     p.add_argument("--pgbouncer", action="store_true", help="also through PgBouncer")
+    p.add_argument("--aggregator", action="store_true", help="also through one aggregator")
     args = p.parse_args()
-    asyncio.run(_alone(args.agents, args.rate, args.age or [""], args.pgbouncer))
+    asyncio.run(_alone(args.agents, args.rate, args.age or [""], args.pgbouncer,
+                       args.aggregator))
 
 
 if __name__ == "__main__":

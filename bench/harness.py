@@ -163,9 +163,10 @@ class PortTaken(RuntimeError):
 class AgentProc:
     """``flux-agent run`` as a separate process, as in production."""
 
-    def __init__(self, db: Database, state: Path, **env: str) -> None:
+    def __init__(self, db: Database, state: Path, *, command: str = "run", **env: str) -> None:
         self.db = db
         self.state = state
+        self.command = command  # run (a sidecar) or aggregate
         self.port = free_port()
         self.admin_port = free_port()
         self.socket = state / "agent.sock"
@@ -213,8 +214,8 @@ class AgentProc:
         self.state.mkdir(parents=True, exist_ok=True)
         log = (self.state / "agent.log").open("ab")
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "flux_agent", "run"], env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "flux_agent", self.command],
+                                     env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.sampler = Sampler(self.proc.pid)
         self.sampler.start()

@@ -40,7 +40,7 @@ FENCE = re.compile(r"^```(?P<lang>\S*)")
 MARK = "@@readme-example@@"
 # What the first example defines, and what the walk puts there instead.
 DEFAULTS = {"state_dir": "/tmp/flux-agent-demo", "listen": "127.0.0.1:8787",
-            "admin": "127.0.0.1:9464"}
+            "admin": "127.0.0.1:9464", "aggregator": "127.0.0.1:8788"}
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def test_the_readme_runs_top_to_bottom():
     tmp = short_tempdir("fa-readme-")
     state = tmp / "state"
     values = {"state_dir": str(state), "listen": f"127.0.0.1:{free_port()}",
-              "admin": f"127.0.0.1:{free_port()}"}
+              "admin": f"127.0.0.1:{free_port()}", "aggregator": f"127.0.0.1:{free_port()}"}
     _walk_dir(tmp)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("FLUX_AGENT_", "OPENLINEAGE_", "PG"))}
