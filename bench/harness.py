@@ -223,7 +223,7 @@ class AgentProc:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 log_text = (self.state / "agent.log").read_text()[-2000:]
-                if "address already in use" in log_text:
+                if "address already in use" in log_text or "cannot listen on" in log_text:
                     (self.state / "agent.log").unlink()
                     raise PortTaken(log_text)
                 raise RuntimeError(f"agent exited: {log_text}")

@@ -296,8 +296,11 @@ async def test_poison_rows_become_dead_letters_and_the_rest_lands(database: Data
 # --------------------------------------------------------------------------- drain
 
 
-async def test_sigterm_drains_exits_0_and_the_rest_is_replayed(
+async def test_sigterm_with_database_away_exits_75_and_the_rest_is_replayed(
         database: Database, proxy: TcpProxy, state_dir: Path):
+    """Nothing can be delivered by the drain deadline and no aggregator takes a handoff: the
+    agent says what it keeps (ERROR, exit 75: in Kubernetes there may be no next start), and
+    the same state dir started again delivers it."""
     env = agent_env(proxied(database, proxy), state_dir, FLUX_AGENT_DRAIN_TIMEOUT="2s",
                     FLUX_AGENT_FLUSH_RETRY_MAX="0.2s")
     proc = AgentProcess(env, state_dir / "agent.log")
@@ -309,9 +312,13 @@ async def test_sigterm_drains_exits_0_and_the_rest_is_replayed(
     assert await wait_until(lambda: _acked_at_least(ledger, 50), 15)
     await load.stop()
     started = asyncio.get_running_loop().time()
-    assert await asyncio.to_thread(proc.terminate, 30) == 0
+    assert await asyncio.to_thread(proc.terminate, 30) == 75
     assert asyncio.get_running_loop().time() - started < 10
     assert set(await stored_ids(database)) == set()  # nothing could be flushed
+    kept = [json.loads(line) for line in proc.log_path.read_text().splitlines()
+            if '"events acknowledged but not delivered' in line]
+    assert kept and kept[0]["level"] == "ERROR", proc.log_path.read_text()[-2000:]
+    assert kept[0]["fields"]["events"] == len(ledger.acked)
     # The stopped agent's spool holds them, and the CLI can see it.
     inspect = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "flux_agent", "spool", "inspect"],

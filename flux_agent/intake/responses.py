@@ -29,9 +29,14 @@ _HTTP_CODES: Mapping[int, str] = {
 }
 
 
+def json_bytes(body: Any) -> bytes:
+    """A JSON answer's bytes, ending with a newline (as curl and shells expect a line)."""
+    return msgspec.json.encode(body) + b"\n"
+
+
 def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None
                   ) -> web.Response:
-    return web.Response(body=msgspec.json.encode(body), status=status,
+    return web.Response(body=json_bytes(body), status=status,
                         content_type="application/json", headers=headers)
 
 
@@ -39,7 +44,7 @@ def problem_response(request: web.Request, err: FluxError) -> web.Response:
     trace = request.get(TRACE, ("", ""))
     body = err.problem(instance=request.path, request_id=request.get(REQUEST_ID, ""),
                        trace_id=trace[0], span_id=trace[1])
-    return web.Response(body=msgspec.json.encode(body), status=err.status,
+    return web.Response(body=json_bytes(body), status=err.status,
                         content_type=PROBLEM_CONTENT_TYPE, headers=dict(err.headers))
 
 
@@ -56,8 +61,7 @@ def http_error(exc: web.HTTPException) -> FluxError:
 def problem_bytes(err: FluxError) -> bytes:
     """A whole HTTP/1.1 answer in problem+json that closes the connection (for answers
     written below aiohttp: a refused connection, a request that never reached it)."""
-    body = msgspec.json.encode(err.problem(instance="", request_id="", trace_id="",
-                                           span_id=""))
+    body = json_bytes(err.problem(instance="", request_id="", trace_id="", span_id=""))
     extra = "".join(f"{k}: {v}\r\n" for k, v in err.headers.items())
     head = (f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\n"
             f"Content-Type: {PROBLEM_CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n"

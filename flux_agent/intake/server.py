@@ -30,7 +30,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import msgspec
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
 from aiohttp.http_exceptions import ContentEncodingError
@@ -45,7 +44,7 @@ from ..core.errors import (
 )
 from .framing import Framing, Refusal
 from .middleware import AccessLogger
-from .responses import write_problem
+from .responses import json_bytes, write_problem
 
 log = logging.getLogger("flux_agent.intake")
 
@@ -110,7 +109,7 @@ class ProblemRequestHandler(web.RequestHandler):
                 err = ValidationError("BAD_REQUEST", f"the request is not valid HTTP ({what})",
                                       status=status)
         body = err.problem(instance="", request_id="", trace_id="", span_id="")
-        response = web.Response(body=msgspec.json.encode(body), status=status,
+        response = web.Response(body=json_bytes(body), status=status,
                                 content_type=PROBLEM_CONTENT_TYPE)
         response.force_close()
         return response

@@ -12,11 +12,11 @@ import copy
 import json
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
 from ..._version import __version__
 from ...core.resources import data_dir
+from ..responses import json_bytes
 
 PROBLEM = "application/problem+json"
 _REF = "#/components/schemas/"
@@ -366,6 +366,6 @@ class OpenAPIRoutes:
 
     async def get_openapi(self, request: web.Request) -> web.Response:
         if self._document is None:
-            self._document = msgspec.json.encode(document(self.servers, self.admin_servers,
-                                                          aggregator=self.aggregator))
+            self._document = json_bytes(document(self.servers, self.admin_servers,
+                                                 aggregator=self.aggregator))
         return web.Response(body=self._document, content_type="application/json")
