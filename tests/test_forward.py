@@ -310,5 +310,9 @@ def test_the_tiers_configuration_rules(tmp_path: Path):
         "FLUX_AGENT_API_KEYS_FILE": str(tmp_path / "keys.json"),
         "FLUX_AGENT_LISTEN": "0.0.0.0:8788", "FLUX_AGENT_ALLOW_PLAINTEXT": "true"})
     assert plain.role == "aggregator"
+    assert plain.batch_max_age == 0.5  # an aggregator's windows wait half as long...
+    slower = load_config(["--batch-max-age", "2s"], environ={
+        **base, "FLUX_AGENT_ROLE": "aggregator"})
+    assert slower.batch_max_age == 2.0  # ...unless set
     assert json.loads(json.dumps({"secret": str(Secret("x"))}))  # Secret stays a str
     assert record_encoder.encode(ForwardedRecord([], [], [])) == wire.encode(Work())
