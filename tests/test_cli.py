@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -30,7 +31,7 @@ from flux_agent.core.settings import (
 from flux_agent.postgres.embedded import free_port
 from flux_agent.testing import make_event
 
-from .conftest import PgServer, agent_config, proxied
+from .conftest import PgServer, agent_config, proxied, short_tempdir
 from .faults import TcpProxy
 from .helpers import post
 
@@ -142,6 +143,37 @@ async def test_status_of_an_agent_whose_database_is_down(database, proxy: TcpPro
         assert human.returncode == 1
         assert "NOT HEALTHY" in human.stdout
         assert "database    down" in human.stdout or "database    timeout" in human.stdout
+
+
+async def test_status_of_a_sidecar_forwarding_to_aggregators(database, state_dir: Path):
+    """A sidecar whose upstream is aggregators has no database: status shows the
+    aggregators instead, healthy while one answers and not once none does."""
+    sidecar_state = short_tempdir("fa-fwd-")
+    aggregator = Agent(agent_config(database, state_dir, role="aggregator", socket="off"))
+    await aggregator.start()
+    try:
+        url = aggregator.endpoints.event_url
+        assert url is not None
+        config = agent_config(database, sidecar_state, database_url=None, socket="off",
+                              drain_timeout=0.5, upstream=(url,))
+        async with Agent(config) as sidecar:
+            human = await asyncio.to_thread(status, sidecar, "--wait", "10s")
+            assert human.returncode == 0, human.stdout + human.stderr
+            assert ": healthy" in human.stdout
+            assert "  aggregators up, " in human.stdout and f"({url})" in human.stdout
+            assert "  database " not in human.stdout
+            await aggregator.stop()
+            result = await asyncio.to_thread(status, sidecar, "--json")
+            assert result.returncode == 1, result.stdout + result.stderr
+            report = json.loads(result.stdout)
+            assert "aggregators down" in report["problems"], report
+            assert report["health"]["upstream"]["aggregators"] == [url]
+            human = await asyncio.to_thread(status, sidecar)
+            assert human.returncode == 1
+            assert f"  aggregators down ({url}): " in human.stdout, human.stdout
+    finally:
+        await aggregator.stop()
+        shutil.rmtree(sidecar_state, ignore_errors=True)
 
 
 async def test_status_with_no_agent_at_all(state_dir: Path):

@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from flux_agent import Agent
 from flux_agent.kube.config import InjectorConfig
 from flux_agent.kube.webhook import WebhookServer
+from flux_agent.obs.metrics import STATE
 from flux_agent.postgres.embedded import free_port
 from flux_agent.testing import make_event, make_events
 
@@ -40,6 +41,7 @@ from .tools import require_tool
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "flux-agent"
 AGENT_RULES = CHART / "rules" / "flux-agent.rules.yaml"
+AGGREGATOR_RULES = CHART / "rules" / "flux-aggregator.rules.yaml"
 INJECTOR_RULES = CHART / "rules" / "flux-injector.rules.yaml"
 RULE_FILES = sorted((CHART / "rules").glob("*.rules.yaml"))
 DASHBOARD = CHART / "dashboards" / "flux-agent.json"
@@ -431,6 +433,20 @@ async def test_rules_and_dashboard_name_only_exported_metrics(database: Database
                  "flux_events_rejected_total", "flux_events_duplicates_total",
                  "flux_retention_purged_rows_total", "flux_errors_total"):
         assert name in exported, name
+    # Some values exist in one mode only: a sidecar forwarding to aggregators reports
+    # flux_upstream_up instead of flux_postgres_up. Such a sidecar's exposition counts too
+    # (no aggregator answers it: the gauge is there all the same, at 0).
+    forwarding = await _forwarding_sidecar_metrics(database)
+    assert "flux_upstream_up" in forwarding and "flux_postgres_up" not in forwarding
+    assert "flux_postgres_up" in exported and "flux_upstream_up" not in exported
+    for name, labels in forwarding.items():
+        exported.setdefault(name, set()).update(labels)
+    # Every value metrics.py declares is exported, with its label, by one of the two.
+    declared = _declared_state()
+    assert set(declared) <= set(exported), \
+        f"declared but exported in neither mode: {sorted(set(declared) - set(exported))}"
+    for name, labels in declared.items():
+        assert labels <= exported[name], name
     exported.update(_injector_metrics())
 
     # No label of the agent's own is one a scrape attaches to the target: Prometheus would
@@ -463,6 +479,25 @@ async def test_rules_and_dashboard_name_only_exported_metrics(database: Database
     unused = {_family(n) for n in exported if n.startswith("flux_")
               and not n.startswith("flux_injector_")} - {_family(n) for n in used}
     assert not unused, f"exported but neither alerted on nor on the dashboard: {unused}"
+
+
+async def _forwarding_sidecar_metrics(database: Database) -> dict[str, set[str]]:
+    """The exposition of a sidecar whose upstream is aggregators (none answers)."""
+    state = short_tempdir("fa-fwd-")
+    try:
+        config = agent_config(database, state, database_url=None, drain_timeout=0.2,
+                              upstream=(f"http://127.0.0.1:{free_port()}",))
+        async with Agent(config) as sidecar:
+            return sample_names(await exposition(sidecar))
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _declared_state() -> dict[str, set[str]]:
+    """The scrape-time values flux_agent/obs/metrics.py declares, as sample names with
+    their labels. An agent reports those of its mode only."""
+    return {g.name + ("_total" if g.kind == "counter" else ""): {g.label} - {""}
+            for g in STATE}
 
 
 def _family(name: str) -> str:
@@ -523,6 +558,34 @@ def dashboard() -> dict[str, Any]:
 
 def panels() -> list[dict[str, Any]]:
     return [p for p in dashboard()["panels"] if p["type"] != "row"]
+
+
+# The dashboard's row of the aggregator tier: its panels read the aggregators
+# (container="flux-aggregator", the chart's PodMonitor target label) and the sidecars that
+# forward to them, so they find data where those run (an agent writing to PostgreSQL
+# itself exports flux_records_received_total at zero, and no flux_upstream_up).
+AGGREGATOR_ROW = "Aggregator tier"
+AGGREGATOR_TIER = re.compile(r'container="flux-aggregator"|\bflux_upstream_up\b'
+                             r'|\bflux_records_received_total\b')
+
+
+def row_of() -> dict[int, str]:
+    """Panel id -> the title of the row it sits under."""
+    out: dict[int, str] = {}
+    row = ""
+    for p in sorted(dashboard()["panels"], key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"])):
+        if p["type"] == "row":
+            row = p["title"]
+        else:
+            out[p["id"]] = row
+    return out
+
+
+def panel_exprs(*, aggregator_tier: bool) -> list[tuple[str, str]]:
+    """The panels' queries: of the aggregator tier's row, or of the others."""
+    rows = row_of()
+    return [(f"dashboard: {p['title']}", t["expr"]) for p in panels() for t in p["targets"]
+            if (rows[p["id"]] == AGGREGATOR_ROW) == aggregator_tier]
 
 
 def dashboard_exprs() -> list[tuple[str, str]]:
@@ -623,16 +686,30 @@ def test_dashboard_is_well_formed():
                   "spool bytes vs capacity", "backlog and oldest unflushed age",
                   "postgresql up", "readiness", "request rate", "latency", "error ratio",
                   "checkpoint saves", "checkpoint sizes", "active runs", "dead letters",
-                  "retention"):
+                  "retention", "aggregators reachable", "records received / s by agency",
+                  "upstream up", "aggregator backlog", "aggregator spool use"):
         assert topic in titles, topic
+    # The aggregator tier's panels, and only they, read what the aggregators and the
+    # sidecars forwarding to them export: the real-Prometheus tests check each row against
+    # the agents that feed it.
+    rows = row_of()
+    assert AGGREGATOR_ROW in rows.values()
+    for p in panels():
+        tier = [bool(AGGREGATOR_TIER.search(t["expr"])) for t in p["targets"]]
+        if rows[p["id"]] == AGGREGATOR_ROW:
+            assert all(tier), f"{p['title']}: not about the aggregator tier"
+        else:
+            assert not any(tier), f"{p['title']}: belongs in the row {AGGREGATOR_ROW!r}"
 
 
 # --------------------------------------------------------------------------- real Prometheus
 
 
 @contextlib.asynccontextmanager
-async def prometheus(scrape_target: str, rule_files: list[Path]) -> AsyncIterator[str]:
-    """A real Prometheus scraping one target every second and evaluating ``rule_files``.
+async def prometheus(targets: dict[str, dict[str, str]],
+                     rule_files: list[Path]) -> AsyncIterator[str]:
+    """A real Prometheus scraping ``targets`` (address -> the labels it gives the target,
+    as prometheus-operator's monitors do) every second and evaluating ``rule_files``.
 
     Prometheus (2.42, Debian) runs as root without complaint, unlike PgBouncer, so it runs
     as whoever runs the tests."""
@@ -642,8 +719,9 @@ async def prometheus(scrape_target: str, rule_files: list[Path]) -> AsyncIterato
     (root / "prometheus.yml").write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(p) for p in rule_files],
-        "scrape_configs": [{"job_name": "flux-agent",
-                            "static_configs": [{"targets": [scrape_target]}]}],
+        "scrape_configs": [{"job_name": "flux-agent", "static_configs": [
+            {"targets": [target], **({"labels": labels} if labels else {})}
+            for target, labels in targets.items()]}],
     }))
     log = (root / "prometheus.log").open("wb")
     proc = subprocess.Popen([str(binary), f"--config.file={root / 'prometheus.yml'}",
@@ -694,13 +772,23 @@ def grafana_to_promql(expr: str) -> str:
     return re.sub(r"\$(\w+)", lambda m: values[m.group(1)], expr)
 
 
+async def without_data(base: str, exprs: list[tuple[str, str]]) -> list[str]:
+    """The dashboard queries among ``exprs`` that Prometheus answers with nothing."""
+    empty = []
+    for where, expr in exprs:
+        result = (await api(base, "/api/v1/query", query=grafana_to_promql(expr)))["result"]
+        if not result:
+            empty.append(where)
+    return empty
+
+
 async def test_real_prometheus_scrapes_the_agent_and_evaluates_the_rules(database: Database,
                                                                         state_dir: Path):
     agent = Agent(agent_config(database, state_dir, retention_interval=0.2))
     await agent.start()
     try:
         target = agent.endpoints.admin_url.removeprefix("http://")
-        async with prometheus(target, [AGENT_RULES]) as base:
+        async with prometheus({target: {}}, [AGENT_RULES]) as base:
             url = agent.endpoints.event_url + "/v1/events"
             status, _, _ = await post(url, make_events(5), headers={"Prefer": "wait=committed"})
             assert status == 200
@@ -769,18 +857,12 @@ async def test_real_prometheus_scrapes_the_agent_and_evaluates_the_rules(databas
                     assert a["labels"]["error_class"] == "DATA_ISOLATION_ERROR"
 
             # Every dashboard query is valid PromQL and finds data (once Prometheus holds
-            # two samples of the series born during the work: rate() needs two).
+            # two samples of the series born during the work: rate() needs two); the
+            # aggregator tier's row, on an aggregator and a forwarding sidecar, below.
             empty: list[str] = []
 
             async def all_found() -> bool:
-                empty.clear()
-                for where, expr in dashboard_exprs():
-                    if where.startswith("dashboard variable"):
-                        continue
-                    result = (await api(base, "/api/v1/query",
-                                        query=grafana_to_promql(expr)))["result"]
-                    if not result:
-                        empty.append(where)
+                empty[:] = await without_data(base, panel_exprs(aggregator_tier=False))
                 return not empty
 
             assert await wait_until(all_found, 10, 0.5), \
@@ -811,3 +893,91 @@ async def test_real_prometheus_scrapes_the_agent_and_evaluates_the_rules(databas
             assert gone["annotations"]["summary"] == f"flux-agent {target} cannot be scraped"
     finally:
         await agent.stop()
+
+
+# The target labels of the chart's PodMonitors: the aggregators' and a sidecar's.
+AGGREGATOR_TARGET = {"namespace": "flux-system", "pod": "flux-flux-agent-aggregator-0",
+                     "container": "flux-aggregator", "endpoint": "flux-admin"}
+SIDECAR_TARGET = {"namespace": "etl", "pod": "etl-1", "container": "flux-agent",
+                  "endpoint": "flux-admin"}
+
+
+async def test_real_prometheus_sees_the_aggregator_tier(database: Database, state_dir: Path):
+    """An aggregator and a sidecar forwarding to it, scraped with the PodMonitors' target
+    labels: the dashboard's aggregator tier finds data, the sidecar counts as reaching its
+    aggregators, and once the aggregator is gone FluxAgentUpstreamDown is pending for that
+    sidecar (and the dashboard counts it)."""
+    sidecar_state = short_tempdir("fa-fwd-")
+    aggregator = Agent(agent_config(database, state_dir, role="aggregator", socket="off"))
+    sidecar: Agent | None = None
+    await aggregator.start()
+    try:
+        sidecar = Agent(agent_config(
+            database, sidecar_state, database_url=None, socket="off", drain_timeout=0.5,
+            upstream=(aggregator.endpoints.event_url,), database_ping_interval=0.5))
+        await sidecar.start()
+        at_aggregator = aggregator.endpoints.admin_url.removeprefix("http://")
+        at_sidecar = sidecar.endpoints.admin_url.removeprefix("http://")
+        async with prometheus({at_aggregator: AGGREGATOR_TARGET, at_sidecar: SIDECAR_TARGET},
+                              [AGENT_RULES, AGGREGATOR_RULES]) as base:
+            status, _, _ = await post(sidecar.endpoints.event_url + "/v1/events",
+                                      make_events(5), headers={"Prefer": "wait=committed"})
+            assert status == 200
+
+            async def seen(query: str, want: float) -> bool:
+                return await prom_value(base, query) == want
+
+            # The aggregator took the sidecar's records and wrote them.
+            final = await scrape_until(aggregator, lambda s: value(
+                s, "flux_events_flushed_total") >= 5 and value(
+                s, "flux_spool_backlog_records") == 0)
+            received = value(final, "flux_records_received_total", agency="nasa")
+            assert received >= 1
+            assert await wait_until(lambda: seen(
+                'flux_records_received_total{container="flux-aggregator", agency="nasa"}',
+                received), 20, 0.2)
+
+            # Every query of the aggregator tier's row finds data.
+            exprs = panel_exprs(aggregator_tier=True)
+            assert exprs
+            empty: list[str] = []
+
+            async def all_found() -> bool:
+                empty[:] = await without_data(base, exprs)
+                return not empty
+
+            assert await wait_until(all_found, 15, 0.5), \
+                f"dashboard queries without data: {empty}"
+            (reachable,) = [p for p in panels()
+                            if p["title"] == "Aggregators reachable (sidecars)"]
+            queries = {t["legendFormat"]: grafana_to_promql(t["expr"])
+                       for t in reachable["targets"]}
+            assert await prom_value(base, queries["reachable"]) == 1
+            assert await prom_value(base, queries["unreachable"]) == 0
+
+            # The aggregator goes away: the sidecar's next check fails.
+            await aggregator.stop()
+            assert await wait_until(lambda: seen(queries["unreachable"], 1), 15, 0.2)
+            alerts: list[dict[str, Any]] = []
+
+            async def pending() -> bool:
+                nonlocal alerts
+                alerts = (await api(base, "/api/v1/alerts"))["alerts"]
+                return any(a["labels"]["alertname"] == "FluxAgentUpstreamDown"
+                           and a["state"] == "pending" for a in alerts)
+
+            assert await wait_until(pending, 10, 0.2), alerts
+            (down,) = [a for a in alerts if a["labels"]["alertname"] == "FluxAgentUpstreamDown"]
+            assert down["labels"] == {"alertname": "FluxAgentUpstreamDown", "job": "flux-agent",
+                                      "instance": at_sidecar, **SIDECAR_TARGET,
+                                      "severity": "critical"}
+            assert down["annotations"]["summary"] == \
+                "flux-agent etl/etl-1 cannot reach its aggregators"
+            groups = (await api(base, "/api/v1/rules"))["groups"]
+            for rule in (r for g in groups for r in g["rules"]):
+                assert rule["health"] == "ok" and not rule.get("lastError"), rule
+    finally:
+        if sidecar is not None:
+            await sidecar.stop()
+        await aggregator.stop()
+        shutil.rmtree(sidecar_state, ignore_errors=True)

@@ -1,8 +1,9 @@
 """``flux-agent status``: ask a running agent how it is, through its admin listener.
 
-Reads ``/health/deep`` (readiness, database, spool, last flush, background tasks) with the
-standard library only, and says it in a few lines for a person, or as JSON. Healthy means
-ready, PostgreSQL up and no background task failing; an agent that is ready while PostgreSQL
+Reads ``/health/deep`` (readiness, where the agent delivers, spool, last flush, background
+tasks) with the standard library only, and says it in a few lines for a person, or as JSON.
+Healthy means ready, its upstream up (PostgreSQL, or for a sidecar forwarding to aggregators
+the aggregators) and no background task failing; an agent that is ready while its upstream
 is away still accepts events (they wait on the spool) but is not healthy.
 """
 
@@ -38,11 +39,10 @@ class Report:
         """Why the agent is not healthy (empty when it is)."""
         out = [f"not ready: {', '.join(self.body.get('reasons') or ['?'])}"] if not self.ready \
             else []
-        key = _upstream_key(self.body)
-        upstream = self.body.get(key)
+        kind, upstream = _upstream(self.body)
         status = upstream.get("status") if isinstance(upstream, dict) else upstream
         if status != "up":
-            out.append(f"{key} {status or 'unknown'}")
+            out.append(f"{kind} {status or 'unknown'}")
         out += [f"task {name} failing" for name, task in _tasks(self.body).items()
                 if task.get("failing")]
         return out
@@ -100,8 +100,8 @@ def render(report: Report) -> str:
         lines.append(f"  {name:<11} {text}")
 
     row("ready", "yes" if report.ready else f"no ({', '.join(body.get('reasons') or [])})")
-    key = _upstream_key(body)
-    row(key, _database(body.get(key)))
+    upstream_name, upstream = _upstream(body)
+    row(upstream_name, _reach(upstream))
     spool = body.get("spool")
     if isinstance(spool, dict):
         row("spool", _spool(spool))
@@ -120,29 +120,33 @@ def render(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _upstream_key(body: dict[str, Any]) -> str:
-    """``database`` (PostgreSQL), or ``upstream`` for a sidecar forwarding to aggregators."""
-    return "upstream" if "upstream" in body and "database" not in body else "database"
-
-
 def _tasks(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
     tasks = body.get("tasks")
     return {k: v for k, v in tasks.items() if isinstance(v, dict)} \
         if isinstance(tasks, dict) else {}
 
 
-def _database(database: Any) -> str:
-    if not isinstance(database, dict):
-        return str(database or "unknown")
-    status = str(database.get("status", "unknown"))
+def _upstream(body: dict[str, Any]) -> tuple[str, Any]:
+    """Where the agent delivers, as /health/deep names it: ``upstream`` on a sidecar that
+    forwards to aggregators, ``database`` elsewhere."""
+    if "upstream" in body:
+        return "aggregators", body["upstream"]
+    return "database", body.get("database")
+
+
+def _reach(part: Any) -> str:
+    if not isinstance(part, dict):
+        return str(part or "unknown")
+    status = str(part.get("status", "unknown"))
+    where = f" ({part['current']})" if part.get("current") else ""
     if status != "up":
-        return f"{status}: {database.get('error') or 'no detail'}"
+        return f"{status}{where}: {part.get('error') or 'no detail'}"
     parts = [status]
-    if database.get("latency_ms") is not None:
-        parts.append(f"{database['latency_ms']:g} ms")
-    if database.get("schema_version"):
-        parts.append(f"schema {database['schema_version']}")
-    return ", ".join(parts)
+    if part.get("latency_ms") is not None:
+        parts.append(f"{part['latency_ms']:g} ms")
+    if part.get("schema_version"):
+        parts.append(f"schema {part['schema_version']}")
+    return ", ".join(parts) + where
 
 
 def _spool(spool: dict[str, Any]) -> str:
