@@ -16,8 +16,15 @@ from typing import Any
 
 import jsonschema_rs
 
-from ..core.digest import NUL_ESCAPE, canonical_json, sha256_hex
-from ..core.errors import DataIsolationError, ValidationError, violation
+from ..core.digest import (
+    MAX_DEPTH,
+    NUL_ESCAPE,
+    TooDeep,
+    canonical_json,
+    check_depth,
+    sha256_hex,
+)
+from ..core.errors import DataIsolationError, ValidationError, too_deep, violation
 from ..core.event import Row, Seal
 from ..core.resources import data_dir
 
@@ -112,14 +119,25 @@ class Schemas:
             default,
         )
 
-    def explain(self, event: Any, prefix: list[str | int]) -> list[dict[str, str]]:
+    def explain(self, event: Any, prefix: list[str | int], max_depth: int = MAX_DEPTH + 1
+                ) -> list[dict[str, str]]:
         """Every violation of one event, with a JSON pointer into the request body."""
-        return self.explain_with(self.event, event, prefix)
+        return self.explain_with(self.event, event, prefix, max_depth)
 
     @staticmethod
-    def explain_with(validator: Any, doc: Any, prefix: list[str | int] | None = None
-                     ) -> list[dict[str, str]]:
-        """Every violation of ``doc`` against ``validator``, with JSON pointers and codes."""
+    def explain_with(validator: Any, doc: Any, prefix: list[str | int] | None = None,
+                     max_depth: int = MAX_DEPTH + 1) -> list[dict[str, str]]:
+        """Every violation of ``doc`` against ``validator``, with JSON pointers and codes.
+
+        The validator converts the document it explains (only up to 255 levels), so a
+        document deeper than ``max_depth`` (a payload or state at the limit, plus its
+        envelope) is refused first, as too deep (400); a valid one is not walked at all."""
+        if validator.is_valid(doc):
+            return []
+        try:
+            check_depth(doc, max_depth)
+        except TooDeep as exc:
+            raise too_deep(pointer([*(prefix or []), *exc.path]), MAX_DEPTH) from None
         out = []
         for err in validator.iter_errors(doc):
             path: list[str | int] = [*(prefix or []), *err.instance_path]
@@ -193,7 +211,10 @@ class EventChecker:
         self.event_max_bytes = event_max_bytes
         self._is_valid = schemas.event.is_valid
 
-    def rows(self, events: Sequence[Any], seal: Seal, *, batch: bool) -> list[Row]:
+    def rows(self, events: Sequence[Any], seal: Seal, *, batch: bool,
+             payload_depth: int = MAX_DEPTH) -> list[Row]:
+        """``payload_depth``: how deep a payload may nest (one more for an OpenLineage
+        RunEvent's, which holds the RunEvent one level down)."""
         rows: list[Row] = []
         invalid, foreign, too_large = _Listed(), _Listed(), _Listed()
         agency = seal.agency
@@ -208,7 +229,7 @@ class EventChecker:
                 elif len(invalid) >= MAX_LISTED:
                     invalid.omitted = True  # not worth explaining
                 else:
-                    for v in self.schemas.explain(ev, prefix):
+                    for v in self.schemas.explain(ev, prefix, payload_depth + 1):
                         invalid.add(v)
                 continue
             payload = ev["payload"]
@@ -222,7 +243,10 @@ class EventChecker:
                 foreign.add(violation(at + "/payload/agency",
                                          "payload agency differs from the caller's",
                                          "AGENCY_MISMATCH"))
-            canonical = canonical_json(payload)
+            try:
+                canonical = canonical_json(payload, max_depth=payload_depth)
+            except TooDeep as exc:
+                raise too_deep(at + "/payload" + pointer(exc.path), MAX_DEPTH) from None
             if len(canonical) > self.event_max_bytes:
                 too_large.add(violation(
                     at + "/payload",
