@@ -26,6 +26,7 @@ from ..core.digest import (
 )
 from ..core.errors import DataIsolationError, ValidationError, too_deep, violation
 from ..core.event import Row, Seal
+from ..core.jcs import Unrepresentable, jcs
 from ..core.resources import data_dir
 
 SCHEMA_VERSION = "v1"
@@ -42,6 +43,7 @@ _CODES: Mapping[tuple[str, str], str] = {
     ("event_id", "format"): "INVALID_EVENT_ID",
     ("occurred_at", "format"): "INVALID_TIMESTAMP",
     ("payload_sha256", "pattern"): "INVALID_PAYLOAD_SHA256",
+    ("payload_jcs_sha256", "pattern"): "INVALID_PAYLOAD_SHA256",
 }
 KEYWORD_CODES: Mapping[str, str] = {
     "required": "MISSING_FIELD",
@@ -267,10 +269,18 @@ class EventChecker:
             if sent_digest is not None and sent_digest != digest:
                 invalid.add(violation(
                     at + "/payload_sha256",
-                    f"payload_sha256 does not match the canonical JSON hash {digest}",
+                    f"payload_sha256 does not match the canonical JSON hash {digest} (of "
+                    "Python's json.dumps(payload, sort_keys=True, separators=(',', ':'))); "
+                    "an RFC 8785 (JCS) hash goes in payload_jcs_sha256",
                     "PAYLOAD_HASH_MISMATCH",
                 ))
                 continue
+            sent_jcs = ev.get("payload_jcs_sha256")
+            if sent_jcs is not None:  # only when asked: JCS is slower than the form above
+                problem = _jcs_problem(payload, sent_jcs, at)
+                if problem is not None:
+                    invalid.add(problem)
+                    continue
             try:
                 occurred_at = parse_timestamp(ev["occurred_at"])
             except ValueError:
@@ -303,6 +313,21 @@ class EventChecker:
                 errors=invalid, context=invalid.context(),
             )
         return rows
+
+
+def _jcs_problem(payload: Any, sent: str, at: str) -> dict[str, str] | None:
+    """Why ``sent`` is not the RFC 8785 (JCS) hash of ``payload``, or None when it is."""
+    try:
+        digest = sha256_hex(jcs(payload))
+    except Unrepresentable as exc:
+        return violation(at + "/payload" + pointer(exc.path),
+                         f"{exc.reason}; an RFC 8785 hash cannot cover this payload: send the "
+                         "value as a string, or hash the payload's canonical form into "
+                         "payload_sha256 instead", "JCS_UNREPRESENTABLE")
+    if sent != digest:
+        return violation(at + "/payload_jcs_sha256", "payload_jcs_sha256 does not match "
+                         f"the payload's RFC 8785 (JCS) hash {digest}", "PAYLOAD_HASH_MISMATCH")
+    return None
 
 
 def utcnow() -> datetime:
