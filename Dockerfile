@@ -9,7 +9,8 @@
 # probes). Needs BuildKit (Docker 23 and later by default) or buildah, for RUN --mount; no
 # `# syntax=` line, so no frontend image is fetched and air-gapped builds work.
 #
-# Stage 1 builds wheels for the package and its dependencies at the versions pinned in
+# Stage 1 builds wheels for the package (the distribution flux-etl-agent: on the public index
+# the name flux-agent is an unrelated project's) and its dependencies at the versions pinned in
 # constraints.txt (refresh: .ci/constraints.py); stage 2 installs only those wheels (no
 # compiler, no build tools, no pip cache). The `embedded` extra (a bundled PostgreSQL) is
 # deliberately not installed: in Kubernetes the agent writes to a real database named by
@@ -60,7 +61,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # imported at run time, are left out), and create the unprivileged user and its dirs (a
 # regular uid: 10001 is above SYS_UID_MAX, so not --system).
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/flux_agent-*.whl \
+    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/flux_etl_agent-*.whl \
     && python -c 'import compileall, os, re, sys; skip = re.compile("/(pip|setuptools|pkg_resources|wheel)/"); sys.exit(not all([compileall.compile_dir(p, quiet=1, workers=0, rx=skip) for p in sys.path if os.path.isdir(p)]))' \
     && groupadd --gid 10001 flux \
     && useradd --uid 10001 --gid 10001 --no-create-home --no-log-init \

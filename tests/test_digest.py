@@ -7,10 +7,11 @@ import json
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from flux_agent.core.digest import canonical_json, payload_digest
+from flux_agent.core.digest import MAX_DEPTH, TooDeep, canonical_json, floats_plain, payload_digest
 
 json_values = st.recursive(
     st.none()
@@ -62,3 +63,48 @@ def test_digest_is_sha256_of_canonical_bytes():
     data, digest = payload_digest({"b": 1, "a": [1.5, "x"]})
     assert data == b'{"a":[1.5,"x"],"b":1}'
     assert digest == hashlib.sha256(b'{"a":[1.5,"x"],"b":1}').hexdigest()
+
+
+def nested(levels: int, kind: type = list) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = [value] if kind is list else {"k": value}
+    return value
+
+
+def test_the_depth_limit_is_exact_and_names_the_path():
+    for kind in (list, dict):
+        assert canonical_json(nested(MAX_DEPTH, kind)) == reference(nested(MAX_DEPTH, kind))
+        with pytest.raises(TooDeep) as caught:
+            canonical_json(nested(MAX_DEPTH + 1, kind))
+        assert caught.value.limit == MAX_DEPTH
+        assert caught.value.path == [0 if kind is list else "k"] * MAX_DEPTH
+    # The first branch too deep, wherever it is; the others are not reported.
+    value = {"a": [1, {"b": 2.5}], "z": [1, nested(MAX_DEPTH + 5)]}
+    with pytest.raises(TooDeep) as caught:
+        canonical_json(value)
+    assert caught.value.path[:3] == ["z", 1, 0] and len(caught.value.path) == MAX_DEPTH
+    for limit in (1, 2, 3):
+        for depth in range(6):
+            if depth <= limit:
+                floats_plain(nested(depth), limit)
+            else:
+                with pytest.raises(TooDeep):
+                    floats_plain(nested(depth), limit)
+
+
+def test_no_depth_costs_a_frame_and_the_limit_leaves_room_for_any_caller():
+    """The walk is iterative: 100,000 levels cost it no recursion (it stops at the limit
+    without a RecursionError). At the limit, both encoders (which do recurse, in C) still
+    work from a caller already 600 frames deep, far more than a request handler's stack."""
+    with pytest.raises(TooDeep):
+        canonical_json(nested(100_000))
+
+    def deep_caller(frames: int) -> bytes:
+        if frames:
+            return deep_caller(frames - 1)
+        out = canonical_json([*nested(MAX_DEPTH - 1), 1e-7])  # json.dumps' path too
+        assert out == reference([*nested(MAX_DEPTH - 1), 1e-7])
+        return canonical_json(nested(MAX_DEPTH, dict))
+
+    assert deep_caller(600).startswith(b'{"k":')

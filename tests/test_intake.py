@@ -424,8 +424,8 @@ async def test_hostile_input_gets_a_precise_answer_never_a_500(agent: Agent, dat
     assert_problem(status, body, headers, 400, "MALFORMED_JSON")
     deep = b"[" * 5000 + b"]" * 5000
     status, body, headers = await post(events, None, raw=deep)
-    assert_problem(status, body, headers, 400, "MALFORMED_JSON")
-    assert "nested" in body["detail"]
+    assert_problem(status, body, headers, 400, "NESTING_TOO_DEEP")
+    assert "nests" in body["detail"] and body["context"]["max_depth"] == 200
 
     # Valid RFC 3339, but before year 1 once converted to UTC.
     for edge in ("0001-01-01T00:00:00+14:00",

@@ -336,7 +336,8 @@ async def test_the_migration_keeps_every_row_of_a_populated_database(pg_template
                   "(SELECT count(*) FROM flux.checkpoint_history)")
         others_before = await conn.fetchrow(others)
 
-        assert await migrate(conn) == ["006_event_id_time", "007_partitions"]
+        assert await migrate(conn) == ["006_event_id_time", "007_partitions",
+                                       "008_payload_hints"]
         assert await conn.fetchrow(snapshot) == before
         assert await conn.fetchrow(others) == others_before
         parts = {r["event_id"]: r["part"] for r in await conn.fetch(
@@ -386,7 +387,8 @@ async def test_a_validated_cutoff_constraint_spares_the_migration_its_scans(
         said: list[str] = []
         conn.add_log_listener(lambda _c, message: said.append(message.message))
         await conn.execute("SET client_min_messages = debug1")
-        assert await migrate(conn) == ["006_event_id_time", "007_partitions"]
+        assert await migrate(conn) == ["006_event_id_time", "007_partitions",
+                                       "008_payload_hints"]
         await conn.execute("RESET client_min_messages")
         assert any('"events_unkeyed" is implied by existing constraints' in m for m in said), said
         assert not any('verifying table "events_unkeyed"' in m for m in said), said

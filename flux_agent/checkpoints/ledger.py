@@ -25,13 +25,14 @@ from typing import Any
 
 import msgspec
 
-from ..core.digest import NUL_ESCAPE, canonical_json, sha256_hex
+from ..core.digest import MAX_DEPTH, NUL_ESCAPE, TooDeep, canonical_json, sha256_hex
 from ..core.errors import (
     CheckpointError,
     PermissionDenied,
     StoreUnavailable,
     TransientError,
     ValidationError,
+    too_deep,
     violation,
 )
 from ..core.event import CheckpointRecord, CheckpointRow, Row, Seal, decode_record, record_encoder
@@ -181,7 +182,10 @@ class Checkpoints:
             raise ValidationError(codes.pop() if len(codes) == 1 else "SCHEMA_VIOLATION",
                                   f"{len(problems)} violation(s); the checkpoint was not saved",
                                   errors=problems)
-        state = canonical_json(body["state"])
+        try:
+            state = canonical_json(body["state"])
+        except TooDeep as exc:
+            raise too_deep("/state" + exc.pointer, MAX_DEPTH) from None
         if len(state) > self.max_bytes:
             raise ValidationError(
                 "CHECKPOINT_TOO_LARGE",

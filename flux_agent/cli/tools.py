@@ -62,6 +62,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise ConfigError("FLUX_AGENT_AGENCY",
                           f"{config.agency!r} is not in the agency manifest")
     agencies = [config.agency] if config.agency else list(manifest.retention_days)
+    # Payloads stored before the nesting limit may nest up to ~1,000 levels (what the decoder
+    # took then); re-canonicalising them recurses in C once per level.
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
 
     async def run() -> int:
         # An auditor's role may bypass row-level security: verify only reads, by agency.

@@ -152,6 +152,18 @@ def violation(pointer: str, message: str, code: str) -> dict[str, str]:
     return {"pointer": pointer, "message": message, "code": code}
 
 
+def too_deep(where: str, limit: int) -> ValidationError:
+    """400 NESTING_TOO_DEEP: ``where`` (a JSON pointer into the request body) is the first
+    array or object beyond ``limit`` levels."""
+    return ValidationError(
+        "NESTING_TOO_DEEP", f"the body nests arrays and objects deeper than {limit} levels "
+        "(the limit for a payload, a checkpoint state or a RunEvent); nothing was accepted",
+        status=400, context={"max_depth": limit},
+        errors=[violation(where, f"more than {limit} levels of arrays and objects",
+                          "NESTING_TOO_DEEP")],
+    )
+
+
 # --------------------------------------------------------------------------- upstreams
 
 

@@ -13,7 +13,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ..core.errors import TransientError, ValidationError
+from ..core.digest import MAX_DEPTH
+from ..core.errors import TransientError, ValidationError, too_deep
 from .responses import problem_response
 
 _BYTE_POS = re.compile(r"\(byte (\d+)\)")
@@ -136,12 +137,13 @@ class BodyReader:
             events = []  # find the bad line, to name it
             for n, line in enumerate(body.split(b"\n"), start=1):
                 if line.strip():
-                    events.append(self.decode_one(line, f" on line {n}"))
+                    events.append(self.decode_one(line, f" on line {n}", f"/{len(events)}"))
         if not events:
             raise ValidationError("EMPTY_REQUEST", "the body holds no events")
         return events, True
 
-    def decode_one(self, data: bytes, where: str) -> Any:
+    def decode_one(self, data: bytes, where: str, place: str = "") -> Any:
+        """``place``: the JSON pointer of this document in the request (an NDJSON line's)."""
         try:
             return self._decode_json(data)
         except _DECODE_ERRORS as exc:
@@ -156,7 +158,8 @@ class BodyReader:
                 text = f"invalid UTF-8 at byte {at}"
                 context["position"] = at
             elif isinstance(exc, RecursionError):
-                text = "nested deeper than the decoder allows (about 1,000 levels)"
+                # Far beyond the limit on nesting: the same answer as just beyond it.
+                raise too_deep(place, MAX_DEPTH) from None
             else:
                 text = str(exc)
             m = _BYTE_POS.search(text)

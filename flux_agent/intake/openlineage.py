@@ -41,8 +41,8 @@ from typing import Any, Final
 
 import jsonschema_rs
 
-from ..core.digest import NUL_ESCAPE, canonical_json
-from ..core.errors import ValidationError, violation
+from ..core.digest import MAX_DEPTH, NUL_ESCAPE, TooDeep, canonical_json, check_depth
+from ..core.errors import ValidationError, too_deep, violation
 from ..core.ids import uuid7_at
 from ..core.resources import data_dir
 from .validate import (
@@ -116,19 +116,24 @@ def bounded_step(name: str) -> str:
     return f"{name[:STEP_MAX - 17]}~{tail}"
 
 
-def _find_nul(value: Any, path: list[str | int]) -> Iterator[list[str | int]]:
-    if isinstance(value, str):
-        if "\x00" in value:
-            yield path
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if "\x00" in key:
-                yield [*path, key]
-            else:
-                yield from _find_nul(item, [*path, key])
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            yield from _find_nul(item, [*path, i])
+def _find_nul(value: Any) -> Iterator[list[str | int]]:
+    """The paths of the strings (and member names) holding NUL, in document order; a stack
+    of its own, not recursion, however deep the value."""
+    stack: list[tuple[list[str | int], Any]] = [([], value)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                yield path
+        elif isinstance(node, dict):
+            for key, item in reversed(list(node.items())):
+                if "\x00" in key:
+                    stack.append(([*path, key], "\x00"))  # the name itself
+                else:
+                    stack.append(([*path, key], item))
+        elif isinstance(node, list):
+            for i in range(len(node) - 1, -1, -1):
+                stack.append(([*path, i], node[i]))
 
 
 def _datasets(items: Any) -> list[dict[str, Any]]:
@@ -164,7 +169,13 @@ class Lineage:
     # ------------------------------------------------------------------ validation
 
     def explain(self, doc: Any) -> list[dict[str, str]]:
-        """Every schema violation of a RunEvent, with JSON pointers into it."""
+        """Every schema violation of a RunEvent, with JSON pointers into it. The validator
+        converts what it explains only up to 255 levels: a deeper RunEvent is refused as too
+        deep first (400)."""
+        try:
+            check_depth(doc, MAX_DEPTH)
+        except TooDeep as exc:
+            raise too_deep(pointer(exc.path), MAX_DEPTH) from None
         out: list[dict[str, str]] = []
         seen: set[tuple[str, str]] = set()
         for err in self.schema.iter_errors(doc):
@@ -215,10 +226,13 @@ class Lineage:
                                           "date-time with an offset", "INVALID_TIMESTAMP"))
         else:
             problems = self.explain(doc)
-        canonical = canonical_json(doc) if not problems else b""
+        try:
+            canonical = canonical_json(doc) if not problems else b""
+        except TooDeep as exc:
+            raise too_deep(pointer(exc.path), MAX_DEPTH) from None
         if NUL_ESCAPE in canonical:
             problems = [violation(pointer(p), "NUL characters (\\u0000) cannot be stored",
-                                  "NUL_CHARACTER") for p in _find_nul(doc, [])]
+                                  "NUL_CHARACTER") for p in _find_nul(doc)]
         if problems:
             codes = {p["code"] for p in problems}
             code = codes.pop() if len(codes) == 1 else "SCHEMA_VIOLATION"

@@ -16,9 +16,17 @@ from typing import Any
 
 import jsonschema_rs
 
-from ..core.digest import NUL_ESCAPE, canonical_json, sha256_hex
-from ..core.errors import DataIsolationError, ValidationError, violation
+from ..core.digest import (
+    MAX_DEPTH,
+    NUL_ESCAPE,
+    TooDeep,
+    canonical_json,
+    check_depth,
+    sha256_hex,
+)
+from ..core.errors import DataIsolationError, ValidationError, too_deep, violation
 from ..core.event import Row, Seal
+from ..core.jcs import Unrepresentable, jcs
 from ..core.resources import data_dir
 
 SCHEMA_VERSION = "v1"
@@ -35,6 +43,7 @@ _CODES: Mapping[tuple[str, str], str] = {
     ("event_id", "format"): "INVALID_EVENT_ID",
     ("occurred_at", "format"): "INVALID_TIMESTAMP",
     ("payload_sha256", "pattern"): "INVALID_PAYLOAD_SHA256",
+    ("payload_jcs_sha256", "pattern"): "INVALID_PAYLOAD_SHA256",
 }
 KEYWORD_CODES: Mapping[str, str] = {
     "required": "MISSING_FIELD",
@@ -112,14 +121,25 @@ class Schemas:
             default,
         )
 
-    def explain(self, event: Any, prefix: list[str | int]) -> list[dict[str, str]]:
+    def explain(self, event: Any, prefix: list[str | int], max_depth: int = MAX_DEPTH + 1
+                ) -> list[dict[str, str]]:
         """Every violation of one event, with a JSON pointer into the request body."""
-        return self.explain_with(self.event, event, prefix)
+        return self.explain_with(self.event, event, prefix, max_depth)
 
     @staticmethod
-    def explain_with(validator: Any, doc: Any, prefix: list[str | int] | None = None
-                     ) -> list[dict[str, str]]:
-        """Every violation of ``doc`` against ``validator``, with JSON pointers and codes."""
+    def explain_with(validator: Any, doc: Any, prefix: list[str | int] | None = None,
+                     max_depth: int = MAX_DEPTH + 1) -> list[dict[str, str]]:
+        """Every violation of ``doc`` against ``validator``, with JSON pointers and codes.
+
+        The validator converts the document it explains (only up to 255 levels), so a
+        document deeper than ``max_depth`` (a payload or state at the limit, plus its
+        envelope) is refused first, as too deep (400); a valid one is not walked at all."""
+        if validator.is_valid(doc):
+            return []
+        try:
+            check_depth(doc, max_depth)
+        except TooDeep as exc:
+            raise too_deep(pointer([*(prefix or []), *exc.path]), MAX_DEPTH) from None
         out = []
         for err in validator.iter_errors(doc):
             path: list[str | int] = [*(prefix or []), *err.instance_path]
@@ -193,7 +213,10 @@ class EventChecker:
         self.event_max_bytes = event_max_bytes
         self._is_valid = schemas.event.is_valid
 
-    def rows(self, events: Sequence[Any], seal: Seal, *, batch: bool) -> list[Row]:
+    def rows(self, events: Sequence[Any], seal: Seal, *, batch: bool,
+             payload_depth: int = MAX_DEPTH) -> list[Row]:
+        """``payload_depth``: how deep a payload may nest (one more for an OpenLineage
+        RunEvent's, which holds the RunEvent one level down)."""
         rows: list[Row] = []
         invalid, foreign, too_large = _Listed(), _Listed(), _Listed()
         agency = seal.agency
@@ -208,7 +231,7 @@ class EventChecker:
                 elif len(invalid) >= MAX_LISTED:
                     invalid.omitted = True  # not worth explaining
                 else:
-                    for v in self.schemas.explain(ev, prefix):
+                    for v in self.schemas.explain(ev, prefix, payload_depth + 1):
                         invalid.add(v)
                 continue
             payload = ev["payload"]
@@ -222,7 +245,10 @@ class EventChecker:
                 foreign.add(violation(at + "/payload/agency",
                                          "payload agency differs from the caller's",
                                          "AGENCY_MISMATCH"))
-            canonical = canonical_json(payload)
+            try:
+                canonical = canonical_json(payload, max_depth=payload_depth)
+            except TooDeep as exc:
+                raise too_deep(at + "/payload" + pointer(exc.path), MAX_DEPTH) from None
             if len(canonical) > self.event_max_bytes:
                 too_large.add(violation(
                     at + "/payload",
@@ -243,10 +269,18 @@ class EventChecker:
             if sent_digest is not None and sent_digest != digest:
                 invalid.add(violation(
                     at + "/payload_sha256",
-                    f"payload_sha256 does not match the canonical JSON hash {digest}",
+                    f"payload_sha256 does not match the canonical JSON hash {digest} (of "
+                    "Python's json.dumps(payload, sort_keys=True, separators=(',', ':'))); "
+                    "an RFC 8785 (JCS) hash goes in payload_jcs_sha256",
                     "PAYLOAD_HASH_MISMATCH",
                 ))
                 continue
+            sent_jcs = ev.get("payload_jcs_sha256")
+            if sent_jcs is not None:  # only when asked: JCS is slower than the form above
+                problem = _jcs_problem(payload, sent_jcs, at)
+                if problem is not None:
+                    invalid.add(problem)
+                    continue
             try:
                 occurred_at = parse_timestamp(ev["occurred_at"])
             except ValueError:
@@ -279,6 +313,21 @@ class EventChecker:
                 errors=invalid, context=invalid.context(),
             )
         return rows
+
+
+def _jcs_problem(payload: Any, sent: str, at: str) -> dict[str, str] | None:
+    """Why ``sent`` is not the RFC 8785 (JCS) hash of ``payload``, or None when it is."""
+    try:
+        digest = sha256_hex(jcs(payload))
+    except Unrepresentable as exc:
+        return violation(at + "/payload" + pointer(exc.path),
+                         f"{exc.reason}; an RFC 8785 hash cannot cover this payload: send the "
+                         "value as a string, or hash the payload's canonical form into "
+                         "payload_sha256 instead", "JCS_UNREPRESENTABLE")
+    if sent != digest:
+        return violation(at + "/payload_jcs_sha256", "payload_jcs_sha256 does not match "
+                         f"the payload's RFC 8785 (JCS) hash {digest}", "PAYLOAD_HASH_MISMATCH")
+    return None
 
 
 def utcnow() -> datetime:

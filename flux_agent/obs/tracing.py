@@ -139,7 +139,8 @@ def make_exporter(name: str) -> Any:
     except ImportError:
         raise RuntimeError(
             "tracing is on but the OTLP exporter is not installed: "
-            "pip install 'flux-agent[otlp]' (or set OTEL_TRACES_EXPORTER=console)"
+            "pip install 'flux-etl-agent[otlp]' (in a checkout: pip install -e '.[otlp]'; or set "
+            "OTEL_TRACES_EXPORTER=console)"
         ) from None
     return OTLPSpanExporter()
 

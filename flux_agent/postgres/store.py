@@ -20,13 +20,14 @@ from ..core.event import CheckpointRow
 from ..core.ids import UUID_TEXT
 from ..core.reads import BadCursor
 from ..core.timefmt import rfc3339
+from .jsonb import UNRECORDED, Unrestorable, matches, restore
 from .pool import Postgres
 
 _SET_AGENCY = "SELECT set_config('flux.current_agency_id', $1, true)"
 _EVENT_COLUMNS = (
     "agency_id, event_id::text AS event_id, run_id, kind, step, occurred_at, received_at, "
     "provider, model, payload::text AS payload, payload_sha256, correlation_id, agent_id, "
-    "trace_id, span_id, expires_at"
+    "trace_id, span_id, expires_at, payload_hint::text AS payload_hint"
 )
 _CHECKPOINT_COLUMNS = (  # in CheckpointRow's order
     "agency_id, run_id, version, step, state::text AS state, checkpoint_hash, provider, model, "
@@ -56,19 +57,37 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise BadCursor("the cursor is not one this agent issued") from None
 
 
-def _hash_matches(kind: str, body: str, digest: str) -> bool:
+# Stored payloads may predate the nesting limit (the decoder once let ~1,000 levels in).
+_ANY_DEPTH = 100_000
+
+
+def _canonical(value: Any) -> bytes:
+    return canonical_json(value, max_depth=_ANY_DEPTH)
+
+
+def _hash(value: Any) -> str:
+    return sha256_hex(_canonical(value))
+
+
+def _hash_matches(kind: str, body: str, digest: str, hint: str | None) -> bool | None:
     """Checkpoint states are stored as exact text (json): hash the text. Event payloads are
-    jsonb, which keeps values, not spelling: re-canonicalise. jsonb writes a float such as
-    1e+16 as the integer 10000000000000000, so a second reading treats integers of 17 or
-    more digits as the floats they may have been before concluding a mismatch."""
+    jsonb, which keeps values, not spellings: re-canonicalise, with the numbers jsonb
+    respelled put back as the hint says (``jsonb``). None: a payload stored before hints
+    were recorded whose ambiguous numbers are too many to try every spelling."""
     if kind == "checkpoint":
         return sha256_hex(body.encode()) == digest
-    value = msgspec.json.decode(body)
-    if sha256_hex(canonical_json(value)) == digest:
-        return True
-    widened = json.loads(body, parse_int=lambda s: float(s) if len(s.lstrip("-")) > 16
-                         else int(s))
-    return sha256_hex(canonical_json(widened)) == digest
+    return matches(body, None if hint is None else json.loads(hint), digest, _hash)
+
+
+def _payload(text: str, hint: str | None) -> msgspec.Raw:
+    """A stored payload as it was hashed: jsonb's text, or where jsonb respelled numbers
+    (the hint names them), the canonical JSON with them put back."""
+    if hint is None or not hint.startswith("["):
+        return msgspec.Raw(text.encode())
+    try:
+        return msgspec.Raw(_canonical(restore(json.loads(text), json.loads(hint))))
+    except Unrestorable:
+        return msgspec.Raw(text.encode())  # `flux-agent verify` names such a row
 
 
 def event_json(r: Any) -> dict[str, Any]:
@@ -77,7 +96,7 @@ def event_json(r: Any) -> dict[str, Any]:
         "event_id": r["event_id"], "run_id": r["run_id"], "kind": r["kind"],
         "step": r["step"], "occurred_at": rfc3339(r["occurred_at"]),
         "received_at": rfc3339(r["received_at"]), "provider": r["provider"],
-        "model": r["model"], "payload": msgspec.Raw(r["payload"].encode()),
+        "model": r["model"], "payload": _payload(r["payload"], r["payload_hint"]),
         "payload_sha256": r["payload_sha256"], "agency": r["agency_id"],
         "correlation_id": r["correlation_id"], "agent_id": r["agent_id"],
         "trace_id": r["trace_id"], "span_id": r["span_id"],
@@ -206,17 +225,25 @@ class Store:
 
     async def verify(self, agency: str, run_id: str | None = None
                      ) -> AsyncIterator[dict[str, Any]]:
-        """Re-hash stored events and checkpoints; yields one report per mismatch, then a
-        summary (``{"agency", "events", "checkpoints", "mismatches"}``)."""
-        counts = {"events": 0, "checkpoints": 0, "mismatches": 0}
+        """Re-hash stored events and checkpoints; yields one report per mismatch (and per
+        event that cannot be checked exactly), then a summary (``{"agency", "events",
+        "checkpoints", "mismatches", "unverifiable"}``)."""
+        counts = {"events": 0, "checkpoints": 0, "mismatches": 0, "unverifiable": 0}
+        async with self.pg.connection() as conn, conn.transaction(readonly=True):
+            hinted = await conn.fetchval(
+                "SELECT true FROM pg_attribute WHERE attrelid = 'flux.events'::regclass "
+                "AND attname = 'payload_hint' AND NOT attisdropped")
+        # Before sql/008 no hint was recorded: every row is as one stored before it.
+        hint_column = "payload_hint::text" if hinted else f"'\"{UNRECORDED}\"'"
         queries = (
             ("event", "SELECT event_id::text AS id, run_id, payload::text AS body, "
-                      "payload_sha256 AS digest FROM flux.events WHERE agency_id = $1"),
+                      f"payload_sha256 AS digest, {hint_column} AS hint "
+                      "FROM flux.events WHERE agency_id = $1"),
             ("checkpoint", "SELECT run_id || ' v' || version AS id, run_id, "
-                           "state::text AS body, checkpoint_hash AS digest "
+                           "state::text AS body, checkpoint_hash AS digest, NULL AS hint "
                            "FROM flux.checkpoint_history WHERE agency_id = $1"),
             ("checkpoint", "SELECT run_id || ' v' || version || ' (latest)' AS id, run_id, "
-                           "state::text AS body, checkpoint_hash AS digest "
+                           "state::text AS body, checkpoint_hash AS digest, NULL AS hint "
                            "FROM flux.checkpoints WHERE agency_id = $1"),
         )
         for kind, query in queries:
@@ -229,12 +256,19 @@ class Store:
                 await conn.execute(_SET_AGENCY, agency)
                 async for r in conn.cursor(query, *args, prefetch=500, timeout=60):
                     counts["events" if kind == "event" else "checkpoints"] += 1
-                    if _hash_matches(kind, r["body"], r["digest"]):
+                    verdict = _hash_matches(kind, r["body"], r["digest"], r["hint"])
+                    if verdict:
+                        continue
+                    report = {"kind": kind, "agency": agency, "run_id": r["run_id"],
+                              "id": r["id"]}
+                    if verdict is None:
+                        counts["unverifiable"] += 1
+                        yield {**report, "unverifiable": "stored before the agent recorded "
+                               "what jsonb respells (sql/008), with too many numbers that "
+                               "may have been respelled to try every spelling"}
                         continue
                     counts["mismatches"] += 1
-                    yield {"kind": kind, "agency": agency, "run_id": r["run_id"],
-                           "id": r["id"], "stored_hash": r["digest"],
+                    yield {**report, "stored_hash": r["digest"],
                            "computed_hash": sha256_hex(r["body"].encode())
-                           if kind == "checkpoint" else
-                           sha256_hex(canonical_json(msgspec.json.decode(r["body"])))}
+                           if kind == "checkpoint" else _hash(json.loads(r["body"]))}
         yield {"agency": agency, **counts}

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ...core.digest import MAX_DEPTH
 from ...core.errors import FluxError, ValidationError
 from ...core.event import EventsRecord, Row, record_encoder
 from ...obs.metrics import Metrics
@@ -61,8 +62,9 @@ class Ingest:
     def _read_events(self, request: web.Request, body: bytes) -> tuple[list[Any], bool]:
         return self.bodies.decode(body, media_type(request))
 
-    async def ingest(self, request: web.Request, read: Reader, created: int = 202
-                     ) -> web.Response:
+    async def ingest(self, request: web.Request, read: Reader, created: int = 202,
+                     payload_depth: int = MAX_DEPTH) -> web.Response:
+        """``payload_depth``: how deep a payload may nest (see EventChecker.rows)."""
         claims: Claims = request[CLAIMS]
         require(claims, "write")
         wait = prefers_committed(request)
@@ -73,7 +75,7 @@ class Ingest:
                 async with self.bodies.read(request) as body:
                     events, batch = read(request, body)
                 rows = self.checker.rows(events, self.sealer.seal(request, claims),
-                                         batch=batch)
+                                         batch=batch, payload_depth=payload_depth)
                 del events
                 result = await self.accept(rows, claims.agency, wait=wait)
         except FluxError as err:

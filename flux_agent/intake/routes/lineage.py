@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ...core.digest import MAX_DEPTH
 from ..body import BodyReader, media_type
 from ..openlineage import Lineage
 from .ingest import Ingest
@@ -40,4 +41,6 @@ class LineageRoutes:
             media_type(request)
             return lineage.to_events(self.bodies.decode_one(body, "")), False
 
-        return await self.ingest.ingest(request, read, created=201)
+        # The RunEvent (at most MAX_DEPTH levels) is stored one level down in the payload.
+        return await self.ingest.ingest(request, read, created=201,
+                                        payload_depth=MAX_DEPTH + 1)

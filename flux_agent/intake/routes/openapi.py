@@ -54,7 +54,8 @@ def _json(description: str, schema: dict[str, Any], headers: dict[str, Any] | No
 
 
 _ERRORS = {
-    "400": "Malformed request (bad JSON, body, cursor, limit or If-Match).",
+    "400": "Malformed request (bad JSON, JSON nested too deep, body, cursor, limit or "
+           "If-Match).",
     "401": "No valid bearer token (see WWW-Authenticate).",
     "403": "The role may not do this, or the request names another agency.",
     "404": "Not found for the caller's agency (another agency's data is 404 too).",
