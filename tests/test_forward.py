@@ -119,6 +119,10 @@ async def test_the_client_classifies_each_failure_once(replica: dict[str, Any], 
         with pytest.raises(StoreUnavailable):
             await upstream.request("GET", "/x")
         assert asyncio.get_running_loop().time() - started < 5
+        started = asyncio.get_running_loop().time()  # a call's own, longer deadline holds too
+        with pytest.raises(StoreUnavailable):
+            await upstream.request("GET", "/x", timeout=1.5)
+        assert asyncio.get_running_loop().time() - started < 5
     finally:
         await upstream.close()
 

@@ -140,7 +140,8 @@ def new_dir(dirs: list[Path]) -> Path:
 def aggregator_env(database: Database, **extra: str) -> dict[str, str]:
     env = agent_env(database, Path("/nonexistent"), FLUX_AGENT_SOCKET="off",
                     FLUX_AGENT_BATCH_MAX_AGE="50ms", FLUX_AGENT_DRAIN_TIMEOUT="10s",
-                    FLUX_AGENT_DATABASE_PING_INTERVAL="1s")
+                    FLUX_AGENT_DATABASE_PING_INTERVAL="1s",
+                    FLUX_AGENT_COMMIT_WAIT_TIMEOUT="2s")
     env.update(extra)
     return env
 
@@ -149,7 +150,8 @@ def sidecar_env(database: Database, upstream: list[Flux] | None = None, **extra:
                 ) -> dict[str, str]:
     env = agent_env(database, Path("/nonexistent"), FLUX_AGENT_BATCH_MAX_AGE="50ms",
                     FLUX_AGENT_DRAIN_TIMEOUT="20s", FLUX_AGENT_HANDOFF_TIMEOUT="10s",
-                    FLUX_AGENT_UPSTREAM_TIMEOUT="3s", FLUX_AGENT_DATABASE_PING_INTERVAL="1s")
+                    FLUX_AGENT_UPSTREAM_TIMEOUT="3s", FLUX_AGENT_DATABASE_PING_INTERVAL="1s",
+                    FLUX_AGENT_COMMIT_WAIT_TIMEOUT="4s")
     if upstream is not None:  # aggregators: no database credentials at all
         del env["FLUX_AGENT_DATABASE_URL"]
         env["FLUX_AGENT_UPSTREAM"] = ",".join(a.url for a in upstream)
@@ -197,6 +199,20 @@ async def test_a_pod_ended_during_an_outage_loses_nothing_through_an_aggregator(
     fleet.append(sidecar)
     proxy.cut()  # the outage
     acked = await post_all(sidecar, 200)
+    # A caller that needs its event in PostgreSQL is told it is not there yet (it is durable
+    # at the aggregator), and that does not hold up the sidecar's delivery.
+    waiting = make_event(run_id="tiered-run")
+    async with aiohttp.ClientSession() as session, session.post(
+            sidecar.url + "/v1/events", json=waiting,
+            headers={"Prefer": "wait=committed"}) as resp:
+        problem = await resp.json(content_type=None)
+    assert resp.status == 503 and problem["code"] == "COMMIT_TIMEOUT", problem
+    acked.add(waiting["event_id"])
+
+    async def delivered() -> bool:
+        return (await sidecar.ready())[1]["spool"]["backlog_records"] == 0
+
+    assert await wait_until(delivered, 20, interval=0.2)
     sidecar.signal(signal.SIGTERM)
     assert sidecar.wait(30) == 0, sidecar.log_path.read_text()[-3000:]
     shutil.rmtree(sidecar.state_dir)  # the emptyDir goes with the pod

@@ -62,7 +62,8 @@ def aggregators(config: AgentConfig, supervisor: Supervisor, on_stop: OnStop) ->
     on_stop("close the connections to aggregators", upstream.close)
     health = UpstreamHealth(upstream, ping_interval=config.database_ping_interval,
                             on_progress=functools.partial(supervisor.ok, Task.PING))
-    delivery = Delivery(Forwarder(upstream), UpstreamReader(upstream), health)
+    delivery = Delivery(Forwarder(upstream, commit_wait=config.commit_wait_timeout),
+                        UpstreamReader(upstream), health)
     if config.database_ping_interval > 0:
         delivery.tasks.append((Task.PING, health.run, False))
     return delivery

@@ -49,6 +49,10 @@ log = logging.getLogger("flux_agent.flush")
 LANE_SPLIT_MIN = 512
 
 
+class CommitPending(Exception):
+    """Delivered to an aggregator, which holds it durably, but not yet in PostgreSQL."""
+
+
 @dataclass(slots=True)
 class FlushStats:
     """Counters read by the metrics collector at scrape time."""
@@ -106,7 +110,8 @@ class Flusher:
         self._delivering = False
         self._offered = 0  # items offered since the gatherer last looked
         self._wake_after = 1  # ...and how many it waits for before it wants to look again
-        self._waiters: list[tuple[int, int, asyncio.Future[set[str] | None]]] = []
+        # (seq, serial, future, wants the ids and PostgreSQL itself)
+        self._waiters: list[tuple[int, int, asyncio.Future[set[str] | None], bool]] = []
         self._waiter_serial = 0
         self._task: asyncio.Task[None] | None = None
         self.stats = FlushStats()
@@ -117,6 +122,7 @@ class Flusher:
         self._window_ids: set[str] = set()
         self._window_dead = 0
         self._window_returning = False
+        self._window_pending = False  # the upstream holds the window, not yet PostgreSQL
 
     # ---------------------------------------------------------------- intake side
 
@@ -151,15 +157,18 @@ class Flusher:
             self._urgent_until = target
         self._data.set()
 
-    async def wait_committed(self, seq: int) -> set[str] | None:
-        """Wait until ``seq`` is in PostgreSQL, flushing now rather than at the window's age.
-        Returns the ids that were new in its window, when the flusher tracked them for this
-        waiter; None if it was committed earlier."""
+    async def wait_committed(self, seq: int, *, in_database: bool = False) -> set[str] | None:
+        """Wait until ``seq`` is delivered upstream, flushing now rather than at the window's
+        age. ``in_database`` (``Prefer: wait=committed``): in PostgreSQL itself, also when
+        the upstream is an aggregator, and the ids new in its window returned when the
+        flusher tracked them for this waiter (None if it was committed earlier); an
+        aggregator that holds the window but could not commit it in time raises
+        :class:`CommitPending`. Drains and reads need only the upstream's durability."""
         if seq <= self.committed_seq:
             return None
         fut: asyncio.Future[set[str] | None] = asyncio.get_running_loop().create_future()
         self._waiter_serial += 1
-        heapq.heappush(self._waiters, (seq, self._waiter_serial, fut))
+        heapq.heappush(self._waiters, (seq, self._waiter_serial, fut, in_database))
         self.flush_now(seq)
         return await fut
 
@@ -201,7 +210,7 @@ class Flusher:
         self.cancel_waiters()
 
     def cancel_waiters(self) -> None:
-        for _, _, fut in self._waiters:
+        for _, _, fut, _ in self._waiters:
             if not fut.done():
                 fut.cancel()
         self._waiters.clear()
@@ -341,11 +350,12 @@ class Flusher:
     async def _deliver(self, batch: Batch) -> int:
         n_lanes = self.lanes if batch.events >= LANE_SPLIT_MIN else 1
         lanes = [work for work in split_lanes(batch, n_lanes) if len(work)]
-        returning = bool(self._waiters) and self._waiters[0][0] <= batch.last_seq
+        returning = any(w[3] and w[0] <= batch.last_seq for w in self._waiters)
         inserted = 0
         self._window_ids = set()
         self._window_dead = 0
         self._window_returning = returning
+        self._window_pending = False
         attempt = 0
         while lanes:
             results = await asyncio.gather(
@@ -399,6 +409,7 @@ class Flusher:
 
     def _wrote(self, written: Written) -> int:
         self._window_ids |= written.new_ids
+        self._window_pending |= written.pending
         if written.new_primary:
             self._new_primary()
         return written.inserted
@@ -463,8 +474,12 @@ class Flusher:
         ids = self._window_ids if self._window_returning else None
         first = batch.first_seq
         while self._waiters and self._waiters[0][0] <= batch.last_seq:
-            seq, _, fut = heapq.heappop(self._waiters)
-            if not fut.done():
+            seq, _, fut, in_database = heapq.heappop(self._waiters)
+            if fut.done():
+                continue
+            if in_database and self._window_pending and seq >= first:
+                fut.set_exception(CommitPending())
+            else:
                 fut.set_result(ids if seq >= first else None)
 
 

@@ -18,6 +18,9 @@ class Written:
     inserted: int
     new_ids: set[str] = field(default_factory=set)
     new_primary: bool = False
+    # An aggregator holds the items durably but has not committed them to PostgreSQL
+    # within the wait a ``Prefer: wait=committed`` caller asked for.
+    pending: bool = False
 
 
 class Writer(Protocol):

@@ -90,11 +90,14 @@ class Upstream:
         return self._session
 
     async def request(self, method: str, path: str, *, body: bytes | None = None,
-                      headers: Mapping[str, str] | None = None) -> Answer:
+                      headers: Mapping[str, str] | None = None, timeout: float | None = None,
+                      answer_codes: frozenset[str] = frozenset()) -> Answer:
         """One call to the current replica. An answer the caller must handle (2xx, 404, a
         4xx it can explain) comes back; the rest raises an :class:`UpstreamError`: the
         replica or the path away (StoreUnavailable, and the next replica is tried next),
-        credentials refused (PermissionDenied), anything else (UpstreamError)."""
+        credentials refused (PermissionDenied), anything else (UpstreamError). A problem
+        whose code is in ``answer_codes`` is an answer too. ``timeout``: this call's own
+        deadline (a ``Prefer: wait=committed`` call waits for PostgreSQL as well)."""
         url = self.current + path
         sent = dict(headers or {})
         if self._token is not None:
@@ -103,8 +106,12 @@ class Upstream:
         self._inflight[token] = time.monotonic()
         try:
             try:
-                async with self._client().request(method, url, data=body,
-                                                  headers=sent) as resp:
+                # aiohttp reads timeout=None as "no deadline": the session's is the default.
+                extra: dict[str, Any] = {} if timeout is None else {
+                    "timeout": aiohttp.ClientTimeout(total=timeout,
+                                                     connect=self.connect_timeout)}
+                async with self._client().request(method, url, data=body, headers=sent,
+                                                  **extra) as resp:
                     data = await resp.read()
                     answer = Answer(resp.status, dict(resp.headers), data)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -112,6 +119,9 @@ class Upstream:
                                                       code=type(exc).__name__)
                 self._failed(err, rotate=True)
                 raise err from exc
+            if answer.status >= 400 and _code(answer) in answer_codes:
+                self.last_ok = time.monotonic()
+                return answer
             if answer.status in _TRANSIENT_STATUS:
                 err = StoreUnavailable(f"{url}: {answer.status} {_code(answer)}",
                                        code=str(answer.status))

@@ -24,7 +24,7 @@ from ...core.errors import (
     ValidationError,
 )
 from ...core.event import Seal
-from ...flush.flusher import Flusher
+from ...flush.flusher import CommitPending, Flusher
 from ...spool import Spool
 from ..audit import Auditor
 from ..auth import Claims
@@ -101,8 +101,9 @@ class Commits:
         when it takes longer than the timeout (it is durably spooled all the same). Returns
         the ids new in the window, when the flusher knew them."""
         try:
-            return await asyncio.wait_for(self.flusher.wait_committed(seq), self.timeout)
-        except TimeoutError:
+            return await asyncio.wait_for(
+                self.flusher.wait_committed(seq, in_database=True), self.timeout)
+        except (TimeoutError, CommitPending):
             raise TransientError(
                 "COMMIT_TIMEOUT", "durably spooled but not yet in PostgreSQL; a retry with the "
                 "same event ids is safe", retry_after=max(1, int(self.timeout)),
