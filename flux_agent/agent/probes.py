@@ -31,6 +31,7 @@ class UpstreamHealth(Protocol):
     def state(self) -> str: ...  # up | down | unknown
     def up(self) -> bool: ...
     def unready(self) -> list[str]: ...
+    def reason(self) -> str | None: ...  # why it is down, when an operator must act
     async def diagnostics(self) -> dict[str, Any]: ...
 
 
@@ -68,6 +69,12 @@ class Probes:
             reasons.append(state)
         spool, flusher = self.spool, self.flusher
         body: dict[str, Any] = {self.upstream.key: self.upstream.state()}
+        # Down because PostgreSQL refuses the login or a privilege: said here, though the
+        # agent stays ready (it still takes events onto the spool), and listed among the
+        # reasons once it is not ready for another (events waiting with no progress).
+        why = self.upstream.reason()
+        if why is not None:
+            body[f"{self.upstream.key}_reason"] = why
         reasons += self.upstream.unready()
         if flusher.stalled_for() > self.settings.ready_stall_after:
             reasons.append("flush_stalled")
@@ -82,6 +89,8 @@ class Probes:
             body["spool"]["error"] = spool.broken
         if used + self.settings.request_max_bytes > spool.max_bytes:
             reasons.append("spool_full")
+        if reasons and why is not None:
+            reasons.append(why)
         if reasons:
             body["reasons"] = reasons
         return not reasons, body
@@ -95,6 +104,9 @@ class Probes:
     async def diagnostics(self) -> dict[str, Any]:
         spool, flusher = self.spool, self.flusher
         upstream = await self.upstream.diagnostics()
+        why = self.upstream.reason()
+        if why is not None:
+            upstream["reason"] = why
         if "error" in upstream:
             upstream["error"] = logs.scrub(str(upstream["error"]))
         return {

@@ -208,10 +208,13 @@ class Checkpoints:
         try:
             stored = await self.store.latest_checkpoint(agency, run_id)
         except (StoreUnavailable, PermissionDenied) as exc:
+            refused = isinstance(exc, PermissionDenied)
             raise TransientError(
                 "CHECKPOINT_VERSION_UNKNOWN",
-                "PostgreSQL is unreachable and this agent has not seen this run's checkpoints; "
-                "retry shortly", retry_after=2,
+                ("PostgreSQL refuses this agent's login or a privilege it needs (an operator "
+                 "must grant it)" if refused else "PostgreSQL is unreachable") + ", and this "
+                "agent has not seen this run's checkpoints; retry shortly",
+                retry_after=30 if refused else 2,
                 context={"reason": type(exc.__cause__ or exc).__name__},
             ) from None
         known = self.known.get(key)  # another request may have saved meanwhile
@@ -290,6 +293,8 @@ class Checkpoints:
                 stored = await self.store.latest_checkpoint(agency, run_id)
             except (StoreUnavailable, PermissionDenied) as exc:
                 if known is None or (not known.held and known.seq <= self.spool.cursor):
+                    if isinstance(exc, PermissionDenied):
+                        raise  # the reads' own answer: 503 DATABASE_PERMISSION_DENIED
                     raise TransientError(
                         "CHECKPOINT_UNAVAILABLE",
                         "PostgreSQL is unreachable; this checkpoint is not held locally",

@@ -38,6 +38,9 @@ class UpstreamHealth:
     def unready(self) -> list[str]:
         return []
 
+    def reason(self) -> str | None:
+        return None
+
     async def _ping(self) -> float:
         started = time.perf_counter()
         answer = await self.upstream.request("GET", wire.RECORDS_PATH)

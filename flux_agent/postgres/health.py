@@ -43,6 +43,11 @@ class DatabaseHealth:
         role = self.pg.role
         return ["database_role_unsafe"] if role is not None and role.privileged else []
 
+    def reason(self) -> str | None:
+        """Why PostgreSQL is down, when an operator must act (``database_login_refused``,
+        ``database_permission_denied``); None otherwise."""
+        return self.pg.refusal if self.state() == "down" else None
+
     def last_error(self) -> str | None:
         return self.pg.last_error if self.state() == "down" else None
 
@@ -69,7 +74,10 @@ class DatabaseHealth:
                     and pg.state(interval) == "up":
                 continue  # something else talked to PostgreSQL recently
             with contextlib.suppress(UpstreamError):  # recorded by the pool: probes say so
-                await pg.ping()
+                if pg.refusal is not None:
+                    await self.sink.schema_version()  # needs the privileges a ping does not
+                else:
+                    await pg.ping()
             now = pg.state(interval * 2)
             if now != was:
                 if now == "down":

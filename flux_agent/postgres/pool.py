@@ -30,7 +30,7 @@ from typing import Any
 
 import asyncpg
 
-from ..core.errors import Fault, UnsafeRole
+from ..core.errors import Fault, PermissionDenied, UnsafeRole
 from ..core.files import write_atomic
 from ..core.net import tune_socket
 from .errors import describe, translate
@@ -83,6 +83,9 @@ class Postgres:
         self.last_ok: float | None = None  # monotonic
         self.last_failure: float | None = None
         self.last_error: str | None = None
+        # Why the last failure happened, when an operator must act: a login or a privilege
+        # PostgreSQL refuses (None otherwise, and once an operation succeeds again).
+        self.refusal: str | None = None
         self.connections_opened = 0
         self._inflight: dict[object, float] = {}  # unit of work -> when it began
 
@@ -159,8 +162,11 @@ class Postgres:
         return previous is not None
 
     @contextlib.asynccontextmanager
-    async def connection(self, timeout: float | None = None) -> AsyncIterator[Any]:
+    async def connection(self, timeout: float | None = None, *,
+                         probe: bool = False) -> AsyncIterator[Any]:
         """A connection for one unit of work, within ``timeout`` (default: a statement's).
+        ``probe``: a bare round trip (a ping), which proves the server answers but not that
+        a refused privilege is back.
 
         A failure that may have left the connection unusable (a timeout, a lost line, a
         cancelled task) terminates it, so the pool never hands it out again."""
@@ -190,14 +196,20 @@ class Postgres:
                     raise
                 raise err from exc
             else:
-                self.ok()
+                self.ok(probe)
             finally:
                 await pool.release(conn, timeout=1)
         finally:
             del self._inflight[token]
 
-    def ok(self) -> None:
+    def ok(self, probe: bool = False) -> None:
+        if probe and self.refusal is not None:
+            return  # still refused until work that needs the privilege succeeds
         self.last_ok = time.monotonic()
+        if self.refusal is not None:
+            log.info("PostgreSQL accepts this agent's login and privileges again",
+                     extra={"fields": {"was": self.refusal}})
+            self.refusal = None
 
     def failed(self, exc: BaseException) -> None:
         """The last operation failed: the probes and ``flux_postgres_up`` say so, whatever
@@ -207,6 +219,28 @@ class Postgres:
             return
         self.last_failure = time.monotonic()
         self.last_error = describe(exc)
+        if isinstance(exc, PermissionDenied) and not isinstance(exc, UnsafeRole):
+            self._refused(exc)
+
+    def _refused(self, exc: PermissionDenied) -> None:
+        """A login or a privilege refused: the probes say which (``refusal``), and one ERROR
+        line per episode names what PostgreSQL refused and what an operator grants."""
+        login = (exc.code or "").startswith("28")
+        refusal = "database_login_refused" if login else "database_permission_denied"
+        if refusal == self.refusal:
+            return
+        self.refusal = refusal
+        role = self.role.name if self.role is not None else "the login role"
+        if login:
+            log.error("PostgreSQL refuses this agent's login: %s; check the login role's "
+                      "password and LOGIN attribute (FLUX_AGENT_DATABASE_URL)", exc.detail,
+                      extra={"fields": {"sqlstate": exc.code, "role": role}})
+        else:
+            log.error("PostgreSQL refuses this agent a privilege it needs: %s; the login "
+                      "role %s needs the role flux_agent (GRANT flux_agent TO %s)",
+                      exc.detail, role, role, extra={"fields": {
+                          "sqlstate": exc.code, "role": role,
+                          "missing_privilege": exc.detail}})
 
     def state(self, window: float) -> str:
         """``up`` when a round trip worked within ``window`` seconds and nothing failed
@@ -229,7 +263,7 @@ class Postgres:
     async def ping(self) -> float:
         """Round-trip latency in seconds."""
         start = time.perf_counter()
-        async with self.connection() as conn, self.single(conn):
+        async with self.connection(probe=True) as conn, self.single(conn):
             await conn.fetchval("SELECT 1")
         return time.perf_counter() - start
 

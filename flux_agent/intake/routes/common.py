@@ -155,7 +155,8 @@ def read_error(exc: UpstreamError) -> FluxError | UpstreamError:
     if isinstance(exc, PermissionDenied):
         return TransientError("DATABASE_PERMISSION_DENIED", "PostgreSQL refuses this agent's "
                               "login or a privilege it needs; an operator must grant it "
-                              "(events are still accepted)", retry_after=30, context=reason)
+                              "(events are still accepted)", retry_after=30,
+                              context={**reason, "sqlstate": exc.code})
     if isinstance(exc, StoreUnavailable):
         return TransientError("DATABASE_UNAVAILABLE", "PostgreSQL is unreachable; reads need "
                               "it (events are still accepted)", retry_after=2, context=reason)
