@@ -35,6 +35,7 @@ DESCRIPTOR_SPARE = 64
 MIN_CONNECTIONS = 4
 ADMIN_MAX_CONNECTIONS = 64
 AUTO_MAX_CONNECTIONS = 1024
+AGENT_FILE = "agent.json"  # where a running agent says where it listens (flux-agent status)
 SUPERUSER_NOTE = ("the superuser bypasses row-level security and can UPDATE and DELETE the "
                   "append-only tables")
 
@@ -197,10 +198,33 @@ def claim_state_dir(config: AgentConfig) -> int:
     state_dir = config.state_path
     _private_dir(state_dir, state_dir_mode(config))
     try:
-        return lock_exclusive(state_dir / "agent.lock",
+        lock = lock_exclusive(state_dir / "agent.lock",
                               f"the state dir {state_dir} ({env_name('state_dir')})")
     except RuntimeError as exc:
         raise ConfigError(env_name("state_dir"), str(exc)) from None
+    for path in unrelated_files(config):
+        log.warning("state dir: a file that is not the agent's is ignored",
+                    extra={"fields": {"path": str(path)}})
+    return lock
+
+
+# What the agent keeps in its state dir (and the temporary copies of the files it rewrites
+# atomically); the spool checks its own directory.
+STATE_FILES = frozenset({"agent.lock", AGENT_FILE, "spool", "postgres", "seen.idx",
+                         "checkpoints.idx", "primary"})
+
+
+def unrelated_files(config: AgentConfig) -> list[Path]:
+    """Entries of the state dir the agent neither made nor uses (each is left alone)."""
+    own = set(STATE_FILES) | {name + ".tmp" for name in STATE_FILES}
+    for path in (config.socket_path, config.spool_sync_log):
+        if path:
+            own.add(Path(path).name if Path(path).parent == config.state_path else "")
+    try:
+        entries = sorted(config.state_path.iterdir())
+    except OSError:
+        return []
+    return [p for p in entries if p.name not in own]
 
 
 def _private_dir(path: Path, mode: int) -> None:

@@ -62,6 +62,9 @@ def recover(
     segments: list[Segment] = []
     last_seq = 0
     paths = list_segments(directory)
+    for path in unrelated(directory, paths):
+        log.warning("spool: a file that is not the spool's is ignored", extra={"fields": {
+            "path": str(path), "bytes": _size(path)}})
     for path in paths:
         rec.segments += 1
         try:
@@ -80,6 +83,9 @@ def recover(
             path.unlink(missing_ok=True)
             if scan.size:
                 rec.torn_tails += 1
+            log.warning("spool: the newest segment holds no record; removed (a crash between "
+                        "creating it and its first append)", extra={"fields": {
+                            "path": str(path), "bytes": scan.size}})
             continue
         # Only the newest segment can end in an interrupted append; damage anywhere else
         # is corruption, and the file is kept aside for forensics.
@@ -96,6 +102,8 @@ def recover(
             path = directory / segment_name(scan.first_seq)
         if not scan.records:
             path.unlink(missing_ok=True)
+            log.warning("spool: a segment without any intact record removed",
+                        extra={"fields": {"path": str(path), "bytes": scan.size}})
             continue
         pending = [(seq, payload) for seq, payload in iter_records(scan, data)
                    if seq > rec.cursor]
@@ -110,6 +118,7 @@ def recover(
                                 scan.created_ms / 1000 or st.st_mtime))
     now = time.time()
     kept: list[Segment] = []
+    delivered: list[str] = []
     for seg in segments:
         if seg.last_seq > rec.cursor:
             kept.append(seg)
@@ -118,8 +127,35 @@ def recover(
             kept.append(seg)
         else:
             seg.path.unlink(missing_ok=True)
+            delivered.append(seg.path.name)
+    if delivered:  # the spool's own housekeeping, as at run time: not a warning
+        log.info("spool: delivered segments removed", extra={"fields": {
+            "directory": str(directory), "segments": delivered[:20],
+            "count": len(delivered)}})
     rec.next_seq = max(last_seq, rec.cursor) + 1
     return rec, kept
+
+
+# What the spool keeps beside its segments: the cursor (and its temporary copy while it is
+# rewritten), the quarantine, the writability probe.
+OWN_FILES = frozenset({"cursor", "cursor.tmp", "quarantine", ".probe"})
+
+
+def unrelated(directory: Path, segments: list[Path]) -> list[Path]:
+    """Everything in the spool directory that is neither a segment nor the spool's own."""
+    names = {p.name for p in segments} | OWN_FILES
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError:
+        return []
+    return [p for p in entries if p.name not in names]
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.lstat().st_size
+    except OSError:
+        return None
 
 
 async def _deliver(on_record: Callable[[int, bytes], None],
