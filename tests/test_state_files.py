@@ -49,6 +49,6 @@ async def test_skipped_and_removed_files_each_get_one_warning(
         said = warnings_naming(caplog, stray)
         assert len(said) == 1 and "ignored" in said[0], (stray, said)
     # The agent's own files are not among them.
-    for own in ("agent.lock", "seen.idx", "spool", "cursor"):
+    for own in ("agent.lock", "seen.idx", "spool", "cursor", "LOCK", "quarantine"):
         assert not any(own == Path(str((getattr(r, "fields", None) or {}).get("path"))).name
                        for r in caplog.records if r.levelno >= logging.WARNING), own

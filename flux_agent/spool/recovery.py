@@ -137,8 +137,8 @@ def recover(
 
 
 # What the spool keeps beside its segments: the cursor (and its temporary copy while it is
-# rewritten), the quarantine, the writability probe.
-OWN_FILES = frozenset({"cursor", "cursor.tmp", "quarantine", ".probe"})
+# rewritten), the quarantine, the lock, the writability probe.
+OWN_FILES = frozenset({"cursor", "cursor.tmp", "quarantine", "LOCK", ".probe"})
 
 
 def unrelated(directory: Path, segments: list[Path]) -> list[Path]:
