@@ -286,11 +286,26 @@ async def test_cross_agency_write_is_refused_and_audited(jwt_agent: Agent, datab
     assert await database.fetchval("SELECT count(*) FROM flux.events") == 0
 
 
-async def test_token_for_an_unknown_agency_is_refused(jwt_agent: Agent, rsa_key):
-    status, body, headers = await post(jwt_agent.endpoints.event_url + "/v1/events",
-                                       make_event(), headers=bearer(token(rsa_key,
-                                                                          agency="cia")))
-    assert_problem(status, body, headers, 403, "UNKNOWN_AGENCY")
+async def test_token_for_an_unknown_agency_is_refused(jwt_agent: Agent, database: Database,
+                                                     rsa_key, tmp_path: Path):
+    # By default every agency is served...
+    status, body, _ = await post(jwt_agent.endpoints.event_url + "/v1/events", make_event(),
+                                 headers=bearer(token(rsa_key, agency="cia")))
+    assert status == 202, body
+    await jwt_agent.stop()
+    # ... unless a manifest lists them: then the refusal names the setting.
+    manifest = tmp_path / "agencies.json"
+    manifest.write_text(json.dumps({"version": 1, "agencies": [
+        {"slug": "nasa", "name": "NASA"}]}))
+    config = jwt_agent.config.replace(agency_manifest=str(manifest))
+    async with Agent(config) as restricted:
+        status, body, headers = await post(restricted.endpoints.event_url + "/v1/events",
+                                           make_event(), headers=bearer(token(rsa_key,
+                                                                              agency="cia")))
+        assert_problem(status, body, headers, 403, "UNKNOWN_AGENCY")
+        assert "FLUX_AGENT_AGENCY_MANIFEST" in body["detail"]
+        assert (await post(restricted.endpoints.event_url + "/v1/events", make_event(),
+                           headers=bearer(token(rsa_key))))[0] == 202
 
 
 async def test_bad_tokens_are_audited_but_rate_limited(jwt_agent: Agent, database: Database):

@@ -40,7 +40,8 @@ AUTH_MODES = next(f for f in SETTINGS if f.name == "auth").metadata["parse"].opt
 # What each command takes besides its own options: only the settings it uses.
 SETTINGS_OF = {
     "migrate": {"--database-url", "--database-url-file"},
-    "verify": {"--database-url", "--database-url-file", "--agency", "--agency-manifest", "--run"},
+    "verify": {"--database-url", "--database-url-file", "--agency", "--agency-manifest",
+               "--schema-profile", "--run"},
     "spool": {"--state-dir"},
     "status": {"--admin-listen", "--state-dir", "--agency", "--url", "--token", "--token-file",
                "--wait", "--timeout", "--json"},
@@ -81,7 +82,8 @@ def test_run_and_validate_take_every_setting_with_its_default_and_variable():
 
 def test_help_says_what_verify_and_migrate_need():
     verify = " ".join(cli("verify", "--help").stdout.split())
-    assert "Only this agency. [default: every agency in the manifest" in verify
+    assert "Only this agency (required when no agency manifest lists them). [default: every " \
+        "agency in the manifest" in verify
     assert "fixed agency" not in verify
     for command in ("verify", "migrate"):
         text = " ".join(cli(command, "--help").stdout.split())
@@ -232,7 +234,8 @@ def test_validate_prints_the_effective_configuration_secrets_redacted(tmp_path: 
 
 
 @pytest.mark.parametrize(("env", "setting"), [
-    ({"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "cia"}, "FLUX_AGENT_AGENCY"),
+    ({"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "cia",
+      "FLUX_AGENT_SCHEMA_PROFILE": "flux"}, "FLUX_AGENT_AGENCY"),
     ({"FLUX_AGENT_JWT_ISSUERS": "idp", "FLUX_AGENT_JWT_PUBLIC_KEY_FILE": "/nonexistent.pem"},
      "FLUX_AGENT_JWT_PUBLIC_KEY_FILE"),
     ({"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "nasa",
@@ -301,11 +304,15 @@ async def test_emit_without_a_token_says_how_to_give_one(database, state_dir: Pa
 
 
 def test_token_warns_about_an_agency_the_manifest_does_not_know():
-    unknown = cli("token", "--api-key", "--agency", "cia")
+    unknown = cli("token", "--api-key", "--agency", "cia", "--schema-profile", "flux")
     assert unknown.returncode == 0
     assert "'cia' is not in the agency manifest" in unknown.stderr
-    known = cli("token", "--api-key", "--agency", "noaa")
+    known = cli("token", "--api-key", "--agency", "noaa", "--schema-profile", "flux")
     assert "not in the agency manifest" not in known.stderr
+    # The neutral default serves every agency: nothing to warn about.
+    anyone = cli("token", "--api-key", "--agency", "cia")
+    assert anyone.returncode == 0 and "not in the agency manifest" not in anyone.stderr
+    assert cli("token", "--api-key").returncode == 78  # but it must name one
 
 
 # --------------------------------------------------------------------------- completion

@@ -510,7 +510,13 @@ async def test_a_failed_flush_keeps_the_events(state_dir: Path):
 # --------------------------------------------------------------------------- errors, auth
 
 
-async def test_agent_errors_carry_the_problem(agent: Agent):
+async def test_agent_errors_carry_the_problem(database: Database, state_dir: Path):
+    # The flux profile: its payload schema refuses this content_type.
+    async with Agent(agent_config(database, state_dir, schema_profile="flux")) as agent:
+        await _errors_carry_the_problem(agent)
+
+
+async def _errors_carry_the_problem(agent: Agent) -> None:
     client = FluxClient(agent.endpoints.event_url, retry=FAST)
     with client:
         with pytest.raises(FluxRequestError) as caught:
@@ -538,10 +544,12 @@ def test_events_are_checked_before_sending():
         with pytest.raises(ValueError, match=says):
             make_event(**kwargs)
     client = FluxClient(environ={})
-    with pytest.raises(ValueError, match="content_type"):
-        client.run("r", content_type="videos", use_case="vr")
-    with pytest.raises(ValueError, match="use_case"):
-        client.run("r", content_type="text", use_case="fun")
+    # The payload is the agent's payload schema's business: the client takes any fields.
+    run = client.run("r", {"source": "s3://x"}, content_type="videos", rows=3)
+    assert run._started_payload == {"source": "s3://x", "content_type": "videos", "rows": 3}
+    assert client.run("r")._started_payload == {}
+    with pytest.raises(ValueError, match="payload must be a mapping"):
+        client.run("r", ["not", "a", "mapping"])  # type: ignore[arg-type]
     event = make_event("step.started", "r", step="s", provider="openai", model="gpt")
     assert event["occurred_at"].endswith("Z") and event["provider"] == "openai"
 

@@ -164,10 +164,13 @@ def test_cli_exits_78_naming_the_setting_and_binds_nothing(tmp_path: Path):
 
 
 def test_cli_rejects_unknown_agency_with_78(tmp_path: Path):
+    """The flux profile serves its five agencies only; the refusal says which manifest and
+    the setting that replaces it."""
     env = {"PATH": "/usr/bin:/bin", "FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "cia",
-           "FLUX_AGENT_STATE_DIR": str(tmp_path),
+           "FLUX_AGENT_SCHEMA_PROFILE": "flux", "FLUX_AGENT_STATE_DIR": str(tmp_path),
            "FLUX_AGENT_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
     result = subprocess.run([sys.executable, "-m", "flux_agent", "run"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 78, result.stderr
-    assert re.search(r"FLUX_AGENT_AGENCY: 'cia' is not in the agency manifest", result.stderr)
+    assert re.search(r"FLUX_AGENT_AGENCY: 'cia' is not in the agency manifest \(the flux "
+                     r"profile's\).*FLUX_AGENT_AGENCY_MANIFEST", result.stderr)

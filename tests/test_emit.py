@@ -13,7 +13,7 @@ from pathlib import Path
 from flux_agent import Agent, FluxClient
 from flux_agent.postgres.embedded import free_port
 
-from .conftest import Database
+from .conftest import Database, agent_config
 
 
 def emit(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -22,7 +22,13 @@ def emit(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
                           env=env, capture_output=True, text=True, timeout=60)
 
 
-async def test_emit_exit_codes(agent: Agent, database: Database, tmp_path: Path):
+async def test_emit_exit_codes(database: Database, state_dir: Path, tmp_path: Path):
+    # The flux profile: its payload schema refuses a content_type it does not list.
+    async with Agent(agent_config(database, state_dir, schema_profile="flux")) as agent:
+        await _exit_codes(agent, database, tmp_path)
+
+
+async def _exit_codes(agent: Agent, database: Database, tmp_path: Path) -> None:
     url = agent.endpoints.event_url
     payload = tmp_path / "p.json"
     payload.write_text('{"items_processed": 12}')

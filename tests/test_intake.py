@@ -22,6 +22,13 @@ from .faults import wait_until
 from .helpers import assert_problem, get, post
 
 
+@pytest.fixture
+async def flux_profile_agent(database: Database, state_dir: Path):
+    """An agent under the flux profile: its payload schema and five agencies."""
+    async with Agent(agent_config(database, state_dir, schema_profile="flux")) as running:
+        yield running
+
+
 async def wait_rows(database: Database, count: int, timeout: float = 10.0) -> int:
     deadline = time.monotonic() + timeout
     n = 0
@@ -179,7 +186,9 @@ async def test_reused_event_id_with_other_payload_is_a_conflict(agent: Agent):
     assert body["errors"][0]["pointer"] == "/event_id"
 
 
-async def test_batch_with_one_bad_event_stores_nothing(agent: Agent, database: Database):
+async def test_batch_with_one_bad_event_stores_nothing(flux_profile_agent: Agent,
+                                                      database: Database):
+    agent = flux_profile_agent
     events = make_events(5)
     events[3]["payload"]["content_type"] = "video"
     events[3]["kind"] = "run.started"
@@ -224,7 +233,8 @@ async def test_batch_with_one_bad_event_stores_nothing(agent: Agent, database: D
     ],
 )
 async def test_each_validation_error_has_status_code_and_pointer(
-        agent: Agent, database: Database, mutate, status, code, pointer):
+        flux_profile_agent: Agent, database: Database, mutate, status, code, pointer):
+    agent = flux_profile_agent
     event = make_event()
     mutate(event)
     got, body, headers = await post(agent.endpoints.event_url + "/v1/events", event)
@@ -234,7 +244,8 @@ async def test_each_validation_error_has_status_code_and_pointer(
     assert body["retryable"] is False
 
 
-async def test_run_started_requires_content_type_and_use_case(agent: Agent):
+async def test_run_started_requires_content_type_and_use_case(flux_profile_agent: Agent):
+    agent = flux_profile_agent
     event = make_event("run.started", payload={"agency": "nasa"})
     status, body, headers = await post(agent.endpoints.event_url + "/v1/events", [event])
     assert_problem(status, body, headers, 422, "MISSING_FIELD")

@@ -41,6 +41,7 @@ from flux_agent.core.event import Seal
 from flux_agent.core.ids import id_time
 from flux_agent.intake.openlineage import (
     FLUX_FACET_REF,
+    FLUX_STARTED_DEFAULTS,
     Lineage,
     bounded_step,
     event_id_for,
@@ -122,7 +123,8 @@ def lineage() -> Lineage:
 
 @pytest.fixture(scope="module")
 def checker() -> EventChecker:
-    return EventChecker(Schemas(), event_max_bytes=256 * 1024)
+    """The flux profile's validation: the contract these mappings were written for."""
+    return EventChecker(Schemas(profile="flux"), event_max_bytes=256 * 1024)
 
 
 def seal() -> Seal:
@@ -155,7 +157,10 @@ def problems(lineage: Lineage, doc: Any) -> ValidationError:
 def test_every_event_type_maps_to_one_flux_event(lineage: Lineage, checker: EventChecker,
                                                  event_type: str | None, kind: str):
     doc = run_event(event_type)
-    events = lineage.to_events(doc)
+    neutral = lineage.to_events(doc)  # the default profile adds nothing to run.started
+    assert "content_type" not in neutral[0]["payload"]
+    assert EventChecker(Schemas(), 256 * 1024).rows(neutral, seal(), batch=False)
+    events = lineage.to_events(doc, FLUX_STARTED_DEFAULTS)
     assert len(events) == 1
     event = events[0]
     assert set(event) <= {"event_id", "run_id", "kind", "step", "occurred_at", "provider",
@@ -514,7 +519,9 @@ def jwt_config(database: Database, state_dir: Path, key: rsa.RSAPrivateKey,
 
 @pytest.fixture
 async def jwt_agent(database: Database, state_dir: Path, rsa_key) -> AsyncIterator[Agent]:
-    async with Agent(jwt_config(database, state_dir, rsa_key)) as running:
+    # The flux profile: run.started events get its content_type and use_case defaults.
+    async with Agent(jwt_config(database, state_dir, rsa_key,
+                                schema_profile="flux")) as running:
         yield running
 
 

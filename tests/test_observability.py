@@ -152,8 +152,9 @@ async def test_scripted_scenario_counts_exactly(database: Database, proxy: TcpPr
                      agency="nasa") == 1
         assert value(s2, "flux_spool_backlog_records") == 0
 
-        # A refused request: run.started must declare its content_type.
-        bad = make_event("run.started", payload={"use_case": "research"})
+        # A refused request: an event must say when it happened.
+        bad = make_event("run.started")
+        del bad["occurred_at"]
         status, body, _ = await post(url, [bad])
         assert status == 422 and body["code"] == "MISSING_FIELD", body
         s3 = await scrape(agent)
@@ -389,7 +390,9 @@ async def do_everything(agent: Agent) -> None:
     status, _, _ = await post(url + "/v1/events", events, headers={"Prefer": "wait=committed"})
     assert status == 200
     assert (await post(url + "/v1/events", events))[0] == 202
-    assert (await post(url + "/v1/events", [make_event("run.started", payload={})]))[0] == 422
+    undated = make_event("run.started")
+    del undated["occurred_at"]
+    assert (await post(url + "/v1/events", [undated]))[0] == 422
     for _ in range(25):
         status, _, _ = await post(url + "/v1/events", [make_event(agency="noaa")])
         assert status == 403

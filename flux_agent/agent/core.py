@@ -44,8 +44,9 @@ from ..intake.routes.openapi import OpenAPIRoutes
 from ..intake.routes.reads import ReadRoutes
 from ..intake.routes.records import RecordsRoutes
 from ..intake.runs import RunTracker
+from ..intake.schemas import Contract
 from ..intake.seen import SeenIndex
-from ..intake.validate import EventChecker, Schemas
+from ..intake.validate import EventChecker
 from ..obs.metrics import Metrics
 from ..obs.supervise import Supervisor, Task
 from ..obs.tracing import Tracing, make_tracing
@@ -53,8 +54,8 @@ from ..spool import Recovery, Spool
 from . import listeners, upstreams
 from .listeners import Endpoints
 from .probes import Probes, ProbeSettings
-from .reload import JwksWatcher
-from .setup import claim_state_dir, load_keys, preflight
+from .reload import JwksWatcher, Reloader
+from .setup import bound_agencies, claim_state_dir, load_keys, preflight
 from .snapshots import Snapshots
 
 if TYPE_CHECKING:
@@ -92,6 +93,8 @@ class Agent:
         self.api: EventApi | AggregatorApi | None = None
         self.probes: Probes | None = None
         self.authenticator: Authenticator | None = None
+        self.contract: Contract | None = None  # the schemas in force (a reload swaps them)
+        self.reloader: Reloader | None = None
         self.event_app: web.Application | None = None
         self._authenticator = authenticator
         self._span_exporter = span_exporter
@@ -156,6 +159,10 @@ class Agent:
         schemas, authenticator = await loop.run_in_executor(None, preflight, config,
                                                             self._authenticator)
         self.authenticator = authenticator
+        contract = self.contract = Contract(schemas)
+        for agency in (config.agency, *bound_agencies(config)):
+            if agency:
+                contract.serve(agency)
         # The state dir is this agent's alone, the embedded PostgreSQL under it included:
         # lock it before touching anything in it, so that a second agent started on the
         # same dir fails here instead of stopping the first one's database on its way out.
@@ -173,7 +180,8 @@ class Agent:
         if config.aggregators:
             delivery = upstreams.aggregators(config, self.supervisor, self._on_stop)
         else:
-            delivery = await upstreams.database(config, schemas, self.supervisor, self._on_stop)
+            delivery = await upstreams.database(config, contract, self.supervisor,
+                                                self._on_stop)
         self.delivery = delivery
         spool = self.spool = Spool(
             config.spool_dir, max_bytes=config.spool_max_bytes,
@@ -215,7 +223,7 @@ class Agent:
             checkpoints=self.checkpoints, runs=self.runs, extra_metrics=delivery.metrics)
         self.metrics.add_state(self.probes.metric_values)
         self.metrics.known_labels(schemas.manifest.retention_days)
-        events = self._event_api(schemas, authenticator, auditor)
+        events = self._event_api(contract, authenticator, auditor)
         admin = admin_app(self.probes, self.metrics, authenticator)
         for server in await listeners.serve(config, sockets, events, admin, tls):
             self._on_stop("close a listener", server.close)
@@ -226,7 +234,7 @@ class Agent:
         auditor.record("agent.start", success=True, detail={
             "auth": config.auth, "agent_id": config.effective_agent_id})
 
-    def _event_api(self, schemas: Schemas, authenticator: Authenticator,
+    def _event_api(self, contract: Contract, authenticator: Authenticator,
                    auditor: Auditor) -> web.Application:
         config = self.config
         assert self.spool is not None
@@ -239,10 +247,10 @@ class Agent:
             max_bytes = max(max_bytes, wire.MAX_BYTES)
         bodies = BodyReader(memory_bytes=max(config.request_memory_bytes, max_bytes),
                             timeout=config.request_body_timeout, max_bytes=max_bytes)
-        sealer = Sealer(schemas.manifest, config.effective_agent_id)
+        sealer = Sealer(contract.retention, config.effective_agent_id)
         commits = Commits(self.spool, self.flusher, timeout=config.commit_wait_timeout)
         audit = RequestAudit(auditor)
-        auth = Authentication(authenticator, schemas.manifest.knows, audit,
+        auth = Authentication(authenticator, contract.knows, audit,
                               [int(u) for u in config.socket_allowed_uids])
         endpoints = self.endpoints
         openapi = OpenAPIRoutes([u for u in (endpoints.event_url,) if u],
@@ -262,12 +270,13 @@ class Agent:
             self.event_app = api.app(auth=auth, metrics=self.metrics, tracing=self.tracing,
                                      max_bytes=max_bytes)
             return self.event_app
-        ingest = Ingest(checker=EventChecker(schemas, config.event_max_bytes), sealer=sealer,
+        ingest = Ingest(checker=EventChecker(contract, config.event_max_bytes), sealer=sealer,
                         spool=self.spool, seen=self.seen, commits=commits, gate=self.gate,
                         bodies=bodies, metrics=self.metrics, runs=self.runs,
                         tracing=self.tracing)
         self.api = EventApi(
-            ingest=ingest, lineage=LineageRoutes(ingest, bodies), checkpoints=checkpoint_routes,
+            ingest=ingest, lineage=LineageRoutes(ingest, bodies, contract),
+            checkpoints=checkpoint_routes,
             reads=ReadRoutes(reader, commits), openapi=openapi,
             drain=DrainRoutes(self._drain_request, audit))
         self.event_app = self.api.app(auth=auth, metrics=self.metrics, tracing=self.tracing,
@@ -278,7 +287,11 @@ class Agent:
         """The supervised loops besides the flusher (each stops before the stages it uses)."""
         config = self.config
         assert self.snapshots is not None
+        assert self.contract is not None
         self._supervise(Task.SNAPSHOTS, self.snapshots.run, critical=False)
+        self.reloader = Reloader(config, self.contract, authenticator)
+        if config.schema_dir or config.agency_manifest or config.api_keys_file:
+            self._supervise(Task.RELOAD, self.reloader.run, critical=False)
         for task, run, critical in delivery.tasks:
             self._supervise(task, run, critical=critical)
         if config.auth in ("jwt", "kubernetes") and config.jwt_jwks_file:
@@ -365,6 +378,15 @@ class Agent:
     async def _teardown(self) -> None:
         stack, self._stack = self._stack, contextlib.AsyncExitStack()
         await stack.aclose()
+
+    async def reload(self, config: AgentConfig | None = None, *, trigger: str = "SIGHUP",
+                     also: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Re-read the payload schemas, the agency manifest and the API keys (from
+        ``config``, default the one in force); what fails keeps what is in force. See
+        :mod:`.reload`."""
+        if self.reloader is None:
+            raise RuntimeError("the agent is not running")
+        return await self.reloader.reload(config, trigger=trigger, also=also)
 
     async def _drain_request(self) -> dict[str, Any]:
         """``POST /v1/drain``: flush now, then ask the process to exit."""

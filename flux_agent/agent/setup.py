@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.errors import ConfigError
 from ..core.files import lock_exclusive, reason
-from ..core.settings import KUBE_AUDIENCE, AgentConfig, env_name
+from ..core.settings import KUBE_AUDIENCE, KUBE_BINDING, AgentConfig, env_name
 from ..intake.auth import ApiKeyAuthenticator, Authenticator, FixedAgency, load_api_keys
-from ..intake.validate import Schemas
+from ..intake.schemas import SchemaError, Schemas
 from ..obs import logs
 
 if TYPE_CHECKING:
@@ -57,8 +57,7 @@ def make_authenticator(config: AgentConfig, schemas: Schemas) -> Authenticator:
             raise ConfigError(env_name("kube_bindings"), str(exc)) from None
         for agency in sorted(bindings.agencies()):
             if not schemas.manifest.knows(agency):
-                raise ConfigError(env_name("kube_bindings"),
-                                  f"{agency!r} is not in the agency manifest")
+                raise ConfigError(env_name("kube_bindings"), schemas.manifest.refusal(agency))
         return JwtAuthenticator(
             load_keys(config), algorithms=config.jwt_algorithms,
             issuers=config.jwt_issuers, audience=config.jwt_audience or KUBE_AUDIENCE,
@@ -95,18 +94,33 @@ def embedded_connect(pg: LocalPostgres, agency: str) -> dict[str, str]:
     }
 
 
+def bound_agencies(config: AgentConfig) -> list[str]:
+    """The agencies ``FLUX_AGENT_KUBE_BINDINGS`` names."""
+    return [m.group(3) for entry in config.kube_bindings if (m := KUBE_BINDING.match(entry))]
+
+
+def load_schemas(config: AgentConfig) -> Schemas:
+    """The schemas and agency manifest the configuration names (reads files: call it off
+    the loop), checked against what must stay served: the fixed agency, the bound ones. A
+    ConfigError names the setting and the file at fault."""
+    try:
+        schemas = Schemas(Path(config.schema_dir) if config.schema_dir else None,
+                          Path(config.agency_manifest) if config.agency_manifest else None,
+                          profile=config.schema_profile)
+    except SchemaError as exc:
+        raise ConfigError(exc.setting, exc.message) from None
+    if config.auth == "none" and not schemas.manifest.knows(config.agency):
+        raise ConfigError(env_name("agency"), schemas.manifest.refusal(config.agency))
+    return schemas
+
+
 def preflight(config: AgentConfig, authenticator: Authenticator | None = None
               ) -> tuple[Schemas, Authenticator]:
     """What the agent checks before it touches its state dir, and all that ``flux-agent
-    validate`` checks without a database: the agency manifest, the fixed agency, the keys.
-    Reads files (call it from a worker thread); raises :class:`ConfigError`."""
-    try:
-        schemas = Schemas(manifest_path=Path(config.agency_manifest) if config.agency_manifest
-                          else None)
-    except ValueError as exc:
-        raise ConfigError(env_name("agency_manifest"), str(exc)) from None
-    if config.auth == "none" and not schemas.manifest.knows(config.agency):
-        raise ConfigError(env_name("agency"), f"{config.agency!r} is not in the agency manifest")
+    validate`` checks without a database: the payload schemas, the agency manifest, the
+    fixed agency, the keys. Reads files (call it from a worker thread); raises
+    :class:`ConfigError`."""
+    schemas = load_schemas(config)
     if authenticator is None:
         authenticator = make_authenticator(config, schemas)
     return schemas, authenticator

@@ -28,7 +28,7 @@ from ..forward.health import UpstreamHealth
 from ..forward.reader import UpstreamReader
 from ..forward.upstream import Upstream
 from ..forward.writer import Forwarder
-from ..intake.validate import Schemas
+from ..intake.schemas import Contract
 from ..obs.supervise import Supervisor, Task
 from ..spool import Spool
 from .probes import MetricSource
@@ -76,7 +76,7 @@ def _upstream(config: AgentConfig, urls: tuple[str, ...]) -> Upstream:
                     user_agent=f"flux-agent/{__version__} ({config.effective_agent_id})")
 
 
-async def database(config: AgentConfig, schemas: Schemas, supervisor: Supervisor,
+async def database(config: AgentConfig, contract: Contract, supervisor: Supervisor,
                    on_stop: OnStop) -> Delivery:
     from ..postgres.health import DatabaseHealth
     from ..postgres.pool import Postgres, Timeouts
@@ -113,7 +113,7 @@ async def database(config: AgentConfig, schemas: Schemas, supervisor: Supervisor
             partition_premake=config.partition_premake,
             partition_lock_timeout=config.partition_lock_timeout,
             dead_letter_retention=config.dead_letter_retention),
-            schemas.manifest.retention_days, holder=config.effective_agent_id,
+            contract.retention_days, holder=config.effective_agent_id,
             on_progress=functools.partial(supervisor.ok, Task.RETENTION))
         delivery.tasks.append((Task.RETENTION, retention.run, False))
         delivery.metrics = (retention,)

@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate-key", metavar="PATH",
                    help="write a new ES256 private key to PATH and its public key to PATH.pub")
     p.add_argument("--key", help="PEM private key (RSA, P-256 or Ed25519)")
-    p.add_argument("--agency", default="nasa", help="[default: nasa]")
+    p.add_argument("--agency", default=None, help="the agency the credential writes and "
+                   "reads as (required with --key and --api-key)")
     p.add_argument("--role", default="operator",
                    help="admin, operator, viewer or analyzer [default: operator]")
     p.add_argument("--sub", default="developer@localhost", help="[default: %(default)s]")
@@ -172,8 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kid", default=None)
     p.add_argument("--ttl", default="1h", help="lifetime, e.g. 15m or 8h [default: 1h]")
     p.add_argument("--agency-manifest", default=None, metavar="FILE", help="the manifest "
-                   "--agency is checked against [default: bundled manifest; env "
+                   "--agency is checked against [default: the profile's; env "
                    "FLUX_AGENT_AGENCY_MANIFEST]")
+    p.add_argument("--schema-profile", default=None, choices=["neutral", "flux"],
+                   help="whose manifest, without --agency-manifest [default: neutral, which "
+                   "serves every agency; env FLUX_AGENT_SCHEMA_PROFILE]")
     p.set_defaults(func=cmd_token)
 
     for name, text in (
@@ -187,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "Re-hash stored events and checkpoints. Exit 0 when all match, 1 naming "
                 "those that do not, 78 on bad configuration.")
     p.add_argument("--run", default=None, help="only this run [default: every run]")
-    add_flags(p, ("database_url", "agency", "agency_manifest"), {
-        **REQUIRED_URL, "agency": ("Only this agency.", "every agency in the manifest")})
+    add_flags(p, ("database_url", "agency", "agency_manifest", "schema_profile"), {
+        **REQUIRED_URL, "agency": ("Only this agency (required when no agency manifest lists "
+                                   "them).", "every agency in the manifest")})
     p.set_defaults(func=cmd_verify)
 
     p = command("spool", "inspect or verify a stopped agent's spool",

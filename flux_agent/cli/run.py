@@ -12,7 +12,9 @@ import os
 import resource
 import signal
 import sys
+from typing import Any
 
+from ..core.errors import ConfigError
 from ..core.settings import AgentConfig, load_config
 from ..obs import logs
 from .common import EXIT_FAILURE, EXIT_OK, EXIT_UNDELIVERED, _run_async
@@ -20,7 +22,7 @@ from .common import EXIT_FAILURE, EXIT_OK, EXIT_UNDELIVERED, _run_async
 log = logging.getLogger("flux_agent.cli")
 
 
-async def _serve(config: AgentConfig) -> int:
+async def _serve(config: AgentConfig, args: argparse.Namespace | None = None) -> int:
     from ..agent import Agent
 
     agent = Agent(config)
@@ -40,8 +42,16 @@ async def _serve(config: AgentConfig) -> int:
             os._exit(EXIT_FAILURE)
         stop.set()
 
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hangup() -> None:
+        task = asyncio.create_task(_reload(agent, args))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await agent.start()
         # Everything built so far (modules, schemas, the app) lives as long as the process:
@@ -55,6 +65,24 @@ async def _serve(config: AgentConfig) -> int:
     finally:
         delivered = await agent.stop()
     return EXIT_OK if delivered else EXIT_UNDELIVERED
+
+
+async def _reload(agent: Any, args: argparse.Namespace | None) -> None:
+    """SIGHUP: read the configuration again (flags, environment, the TOML file) and apply
+    what can be applied running: the log level here, the payload schemas, the agency
+    manifest and the API keys in the agent. A configuration that does not load keeps the
+    one in force."""
+    if agent.state != "running":
+        log.warning("SIGHUP ignored: the agent is %s", agent.state)
+        return
+    try:
+        config = load_config(args) if args is not None else agent.config
+    except ConfigError as exc:
+        log.error("reload failed; what was in force stays in force", extra={"fields": {
+            "trigger": "SIGHUP", "failed": {exc.setting: exc.message}}})
+        return
+    logs.set_level(config.log_level, access_log=config.access_log)
+    await agent.reload(config, trigger="SIGHUP", also={"log_level": config.log_level})
 
 
 def _tune_process() -> None:
@@ -89,4 +117,4 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
     logs.setup(config.log_level, fmt=config.log_format, access_log=config.access_log)
     _tune_process()
-    return _run_async(lambda: _serve(config))
+    return _run_async(lambda: _serve(config, args))

@@ -47,7 +47,7 @@ def _wrap(coro: Coroutine[Any, Any, Any]) -> Callable[[], Coroutine[Any, Any, An
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Re-hash stored events and checkpoints; exit 1 if any does not match its hash."""
-    from ..intake.validate import Schemas
+    from ..intake.schemas import SchemaError, profile_manifest
     from ..postgres.pool import Postgres
     from ..postgres.store import Store
 
@@ -56,11 +56,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise ConfigError("FLUX_AGENT_DATABASE_URL",
                           "required by verify (for the embedded default, the url that "
                           "'flux-agent run' logs at start)")
-    manifest = Schemas(manifest_path=Path(config.agency_manifest) if config.agency_manifest
-                       else None).manifest
+    try:
+        manifest = profile_manifest(config.schema_profile, Path(config.agency_manifest)
+                                    if config.agency_manifest else None)
+    except SchemaError as exc:
+        raise ConfigError(exc.setting, exc.message) from None
     if config.agency and not manifest.knows(config.agency):
-        raise ConfigError("FLUX_AGENT_AGENCY",
-                          f"{config.agency!r} is not in the agency manifest")
+        raise ConfigError("FLUX_AGENT_AGENCY", manifest.refusal(config.agency))
+    if not config.agency and not manifest.restricted:
+        raise ConfigError("FLUX_AGENT_AGENCY", "required: no agency manifest lists the "
+                          "agencies to verify (or set FLUX_AGENT_AGENCY_MANIFEST)")
     agencies = [config.agency] if config.agency else list(manifest.retention_days)
     # Payloads stored before the nesting limit may nest up to ~1,000 levels (what the decoder
     # took then); re-canonicalising them recurses in C once per level.
@@ -124,6 +129,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 
     from ..intake.tokens import mint
 
+    if not args.generate_key and not args.agency:
+        raise ConfigError("--agency", "required: the agency the credential acts for")
     if args.api_key:
         import secrets
 
@@ -178,17 +185,18 @@ def cmd_token(args: argparse.Namespace) -> int:
 def _warn_unknown_agency(args: argparse.Namespace) -> None:
     """A token for an agency the manifest does not know is refused by the agent
     (UNKNOWN_AGENCY); say so now rather than at the first request."""
-    from ..intake.validate import Schemas
+    from ..intake.schemas import SchemaError, profile_manifest
 
     manifest = args.agency_manifest or os.environ.get(env_name("agency_manifest"))
+    profile = args.schema_profile or os.environ.get(env_name("schema_profile")) or "neutral"
     try:
-        known = Schemas(manifest_path=Path(manifest) if manifest else None).manifest
-    except ValueError as exc:
-        raise ConfigError(env_name("agency_manifest"), str(exc)) from None
+        known = profile_manifest(profile, Path(manifest) if manifest else None)
+    except SchemaError as exc:
+        raise ConfigError(exc.setting, exc.message) from None
     if not known.knows(args.agency):
         print(f"flux-agent token: warning: agency {args.agency!r} is not in the agency "
-              f"manifest ({manifest or 'the bundled one'}): an agent using it refuses this "
-              "credential (403 UNKNOWN_AGENCY)", file=sys.stderr)
+              f"manifest ({known.source}): an agent using it refuses this credential (403 "
+              "UNKNOWN_AGENCY)", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- emit

@@ -10,7 +10,7 @@ Quick start::
     from flux_agent.client import FluxClient
 
     with FluxClient() as flux:
-        with flux.run("nightly-2026-11-23", content_type="images", use_case="research") as run:
+        with flux.run("nightly-2026-11-23", source="s3://bucket/raw") as run:
             with run.step("extract") as step:
                 rows = extract()
                 step.payload["items_processed"] = len(rows)
@@ -18,7 +18,7 @@ Quick start::
 
     # async
     async with AsyncFluxClient() as flux:
-        async with flux.run("nightly", content_type="text", use_case="search") as run:
+        async with flux.run("nightly") as run:
             async with run.step("index"):
                 ...
 
@@ -45,7 +45,9 @@ Events
     comes once the events are in PostgreSQL.
 
 Runs
-    ``with client.run(run_id, content_type=..., use_case=...) as run:`` emits ``run.started``;
+    ``with client.run(run_id, payload=None, **fields) as run:`` emits ``run.started`` with
+    ``payload`` and ``fields`` as its payload (whatever the agent's payload schema for
+    run.started asks; under the ``flux`` profile, ``content_type=`` and ``use_case=``);
     on normal exit ``run.completed`` (payload: ``duration_ms`` plus whatever was put in
     ``run.payload``), on an exception ``run.failed`` (payload ``error``: ``{"type",
     "message"}``) and the exception propagates; on KeyboardInterrupt, SystemExit or

@@ -128,9 +128,11 @@ class AsyncFluxClient:
         return AsyncEventBatch(self, max_events=max_events, max_bytes=max_bytes,
                                wait_committed=wait_committed)
 
-    def run(self, run_id: str, *, content_type: str, use_case: str,
-            payload: Mapping[str, Any] | None = None) -> AsyncRun:
-        return AsyncRun(self, run_id, _started_payload(content_type, use_case, payload))
+    def run(self, run_id: str, payload: Mapping[str, Any] | None = None,
+            **fields: Any) -> AsyncRun:
+        """``async with client.run(run_id, ...) as run:``; ``payload`` and keyword ``fields``
+        make the run.started payload."""
+        return AsyncRun(self, run_id, _started_payload(payload, fields))
 
     async def checkpoint(self, run_id: str, step: str, state: Any) -> dict[str, Any]:
         body = self._core.checkpoint_body(step, state)

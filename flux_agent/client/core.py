@@ -31,8 +31,6 @@ USER_AGENT = f"flux-agent-client/{__version__}"
 KINDS = frozenset({"run.started", "step.started", "step.completed", "step.failed",
                    "checkpoint.saved", "run.completed", "run.failed", "run.aborted"})
 STEP_KINDS = frozenset({"step.started", "step.completed", "step.failed", "checkpoint.saved"})
-CONTENT_TYPES = ("images", "documents", "text", "mixed")
-USE_CASES = ("vr", "ai-training", "research", "archival", "search", "analytics")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")  # \Z: "$" allows a final "\n"
 
 
@@ -123,13 +121,13 @@ def _complete(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _started_payload(content_type: str, use_case: str, payload: Mapping[str, Any] | None
+def _started_payload(payload: Mapping[str, Any] | None, fields: Mapping[str, Any]
                      ) -> dict[str, Any]:
-    if content_type not in CONTENT_TYPES:
-        raise ValueError(f"content_type must be one of {', '.join(CONTENT_TYPES)}")
-    if use_case not in USE_CASES:
-        raise ValueError(f"use_case must be one of {', '.join(USE_CASES)}")
-    return {**(payload or {}), "content_type": content_type, "use_case": use_case}
+    """The run.started payload: ``payload`` and keyword fields, whatever the agent's payload
+    schema asks for (it checks them; the client knows no schema)."""
+    if payload is not None and not isinstance(payload, Mapping):
+        raise ValueError("payload must be a mapping")
+    return {**(payload or {}), **fields}
 
 
 def _error_payload(exc: BaseException, started: float) -> dict[str, Any]:

@@ -167,9 +167,11 @@ class FluxClient:
         return EventBatch(self, max_events=max_events, max_bytes=max_bytes,
                           wait_committed=wait_committed)
 
-    def run(self, run_id: str, *, content_type: str, use_case: str,
-            payload: Mapping[str, Any] | None = None) -> Run:
-        return Run(self, run_id, _started_payload(content_type, use_case, payload))
+    def run(self, run_id: str, payload: Mapping[str, Any] | None = None,
+            **fields: Any) -> Run:
+        """``with client.run(run_id, ...) as run:``; ``payload`` and keyword ``fields`` make
+        the run.started payload (what the agent's payload schema asks for, if anything)."""
+        return Run(self, run_id, _started_payload(payload, fields))
 
     def checkpoint(self, run_id: str, step: str, state: Any) -> dict[str, Any]:
         """Save the run's checkpoint; the agent's answer (``{"version": N, ...}``)."""

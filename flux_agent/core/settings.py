@@ -363,7 +363,21 @@ class AgentConfig:
         shown_default="unset",
     )
     agency_manifest: str = setting(
-        "", "JSON file of known agencies (and their retention).", shown_default="bundled manifest"
+        "", "JSON file of the agencies this agent serves, and their retention (others are "
+        "refused, 403 UNKNOWN_AGENCY); unset: the profile's (`neutral`: every agency, 30 "
+        "days). Reloaded when it changes and on SIGHUP.", shown_default="the profile's",
+    )
+    schema_profile: str = setting(
+        "neutral", "`neutral`: any agency slug, any JSON object as payload (unless "
+        "`FLUX_AGENT_AGENCY_MANIFEST` and `FLUX_AGENT_SCHEMA_DIR` say otherwise). `flux`: the "
+        "Flux contract the project grew from (five agencies, `run.started` declares "
+        "`content_type` and `use_case`).", choice("neutral", "flux"),
+    )
+    schema_dir: str = setting(
+        "", "Directory of payload schemas (JSON Schema 2020-12), one per event kind: "
+        "`<kind>.json` (e.g. `run.started.json`), else `payload.json`; other `.json` files "
+        "may be referenced. Replaces the profile's; checked at start, reloaded when a file "
+        "changes and on SIGHUP.", shown_default="the profile's",
     )
     agent_id: str = setting("", "Identifies this agent in stored rows.", shown_default="hostname")
     tracing: str = setting(

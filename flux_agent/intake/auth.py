@@ -89,11 +89,14 @@ class FixedAgency:
 
 
 def check_agency(claims: Claims, known: Callable[[str], bool]) -> None:
-    """A valid token for an agency this deployment does not serve is refused."""
+    """A valid token for an agency this deployment does not serve is refused, naming the
+    setting that decides it."""
     if not known(claims.agency):
         raise DataIsolationError("UNKNOWN_AGENCY",
-                                 f"agency {claims.agency!r} is not served by this agent",
-                                 context={"agency": claims.agency})
+                                 f"agency {claims.agency!r} is not served by this agent: it "
+                                 "is not in the agency manifest (FLUX_AGENT_AGENCY_MANIFEST)",
+                                 context={"agency": claims.agency,
+                                          "setting": "FLUX_AGENT_AGENCY_MANIFEST"})
 
 
 # --------------------------------------------------------------------------- API keys
@@ -139,6 +142,10 @@ class ApiKeyAuthenticator:
     def __init__(self, keys: Mapping[str, Claims], tokens: Authenticator | None = None) -> None:
         self.keys = dict(keys)
         self.tokens = tokens
+
+    def set_keys(self, keys: Mapping[str, Claims]) -> None:
+        """The keys file was re-read (a reload): these keys from now on."""
+        self.keys = dict(keys)
 
     def authenticate(self, headers: Mapping[str, str], local: bool) -> Claims:
         raw = authorization(headers)

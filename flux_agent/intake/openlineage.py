@@ -23,8 +23,9 @@ Mapping (one RunEvent -> one flux event):
   ``openlineage_sha256``; extracted ``event_type``, ``job``, ``producer``, ``inputs``,
   ``outputs`` (namespace and name of each dataset), ``parent_run_id`` (the ``parent`` run
   facet) and ``error`` (the ``errorMessage`` run facet's message); ``content_type`` and
-  ``use_case`` from the ``flux`` facet, for run.started defaulting to ``mixed`` and
-  ``analytics``; ``items_processed`` and ``duration_ms`` from the ``flux`` facet.
+  ``use_case`` from the ``flux`` facet (under the flux profile, run.started defaults to
+  ``mixed`` and ``analytics``, which that profile requires); ``items_processed`` and
+  ``duration_ms`` from the ``flux`` facet.
 
 Nothing is reordered: the agent keeps a run's events in arrival order.
 """
@@ -45,13 +46,8 @@ from ..core.digest import MAX_DEPTH, NUL_ESCAPE, TooDeep, canonical_json, check_
 from ..core.errors import ValidationError, too_deep, violation
 from ..core.ids import uuid7_at
 from ..core.resources import data_dir
-from .validate import (
-    KEYWORD_CODES,
-    SCHEMA_VERSION,
-    load_json,
-    parse_timestamp,
-    pointer,
-)
+from .schemas import KEYWORD_CODES, SCHEMA_VERSION, load_json, pointer
+from .validate import parse_timestamp
 
 OPENLINEAGE_DIR: Final = "openlineage"
 # What the bundled RunEvent schema is known as; every *.json file in schemas/openlineage/ (and
@@ -63,8 +59,8 @@ RUN_EVENT_REF: Final = (
 FLUX_FACET_REF: Final = "https://flux-agent.invalid/schemas/openlineage/FluxRunFacet.json"
 FLUX_FACET: Final = "flux"  # the key of flux's own run facet in run.facets
 
-DEFAULT_CONTENT_TYPE: Final = "mixed"
-DEFAULT_USE_CASE: Final = "analytics"
+# The flux profile requires these of run.started; OpenLineage has nothing to say about them.
+FLUX_STARTED_DEFAULTS: Final = {"content_type": "mixed", "use_case": "analytics"}
 STEP_MAX: Final = 128
 
 KINDS: Final[Mapping[str, str]] = {
@@ -244,8 +240,11 @@ class Lineage:
 
     # ------------------------------------------------------------------ mapping
 
-    def to_events(self, doc: Any) -> list[dict[str, Any]]:
-        """One RunEvent (decoded JSON) -> one flux event dict, or a ValidationError."""
+    def to_events(self, doc: Any, started_defaults: Mapping[str, Any] | None = None
+                  ) -> list[dict[str, Any]]:
+        """One RunEvent (decoded JSON) -> one flux event dict, or a ValidationError.
+        ``started_defaults``: what a run.started payload gets when the ``flux`` facet does
+        not say (the flux profile: :data:`FLUX_STARTED_DEFAULTS`)."""
         canonical = self.check(doc)
         run: dict[str, Any] = doc["run"]
         job: dict[str, Any] = doc["job"]
@@ -275,8 +274,8 @@ class Lineage:
             if key in flux:
                 payload[key] = flux[key]
         if kind == "run.started":
-            payload.setdefault("content_type", DEFAULT_CONTENT_TYPE)
-            payload.setdefault("use_case", DEFAULT_USE_CASE)
+            for key, value in (started_defaults or {}).items():
+                payload.setdefault(key, value)
 
         event: dict[str, Any] = {
             "event_id": event_id_for(digest, parse_timestamp(doc["eventTime"])),

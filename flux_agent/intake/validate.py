@@ -1,156 +1,29 @@
-"""Compiled schemas; decoded events -> sealed rows, or precise violations (pure).
+"""Decoded events -> sealed rows, or precise violations (pure).
 
-Each schema is compiled once. The hot path asks jsonschema-rs only "is it valid?"; the slow,
-detailed walk (every violation with its JSON pointer) runs only for events that failed.
+The schemas are compiled once (:mod:`.schemas`). The hot path asks jsonschema-rs only "is
+it valid?"; the slow, detailed walk (every violation with its JSON pointer) runs only for
+events that failed.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
-
-import jsonschema_rs
 
 from ..core.digest import (
     MAX_DEPTH,
     NUL_ESCAPE,
     TooDeep,
     canonical_json,
-    check_depth,
     sha256_hex,
 )
 from ..core.errors import DataIsolationError, ValidationError, too_deep, violation
 from ..core.event import Row, Seal
 from ..core.jcs import Unrepresentable, jcs
-from ..core.resources import data_dir
-
-SCHEMA_VERSION = "v1"
-_BASE_URI = "https://flux-agent.invalid/schemas/v1/"
-
-# (last property name, failed keyword) -> error code. Keyword alone as a fallback.
-_CODES: Mapping[tuple[str, str], str] = {
-    ("agency", "pattern"): "INVALID_AGENCY_SLUG",
-    ("agency", "maxLength"): "INVALID_AGENCY_SLUG",
-    ("content_type", "enum"): "INVALID_CONTENT_TYPE",
-    ("use_case", "enum"): "INVALID_USE_CASE",
-    ("kind", "enum"): "INVALID_KIND",
-    ("run_id", "pattern"): "INVALID_RUN_ID",
-    ("event_id", "format"): "INVALID_EVENT_ID",
-    ("occurred_at", "format"): "INVALID_TIMESTAMP",
-    ("payload_sha256", "pattern"): "INVALID_PAYLOAD_SHA256",
-    ("payload_jcs_sha256", "pattern"): "INVALID_PAYLOAD_SHA256",
-}
-KEYWORD_CODES: Mapping[str, str] = {
-    "required": "MISSING_FIELD",
-    "additionalProperties": "UNKNOWN_FIELD",
-    "type": "WRONG_TYPE",
-    "format": "INVALID_FORMAT",
-    "enum": "INVALID_VALUE",
-    "const": "INVALID_VALUE",
-    "minimum": "OUT_OF_RANGE",
-    "maximum": "OUT_OF_RANGE",
-    "pattern": "INVALID_FORMAT",
-    "minLength": "INVALID_LENGTH",
-    "maxLength": "INVALID_LENGTH",
-}
-
-
-def pointer(parts: Sequence[str | int]) -> str:
-    """A JSON pointer (RFC 6901) from path parts."""
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
-
-
-def load_json(path: Path) -> Any:
-    with path.open("rb") as fh:
-        return json.load(fh)
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    """Known agencies and their retention (days)."""
-
-    retention_days: Mapping[str, int]
-    default_retention_days: int
-
-    def knows(self, agency: str) -> bool:
-        return agency in self.retention_days
-
-    def retention(self, agency: str) -> timedelta:
-        return timedelta(days=self.retention_days.get(agency, self.default_retention_days))
-
-
-class Schemas:
-    """The compiled v1 schemas and the agency manifest."""
-
-    def __init__(self, schema_dir: Path | None = None, manifest_path: Path | None = None) -> None:
-        root = (schema_dir or data_dir("schemas")) / SCHEMA_VERSION
-        envelope = load_json(root / "step-event.schema.json")
-        payload = load_json(root / "payload.schema.json")
-        registry = jsonschema_rs.Registry([(_BASE_URI + "payload.schema.json", payload)])
-        self.event = jsonschema_rs.validator_for(
-            envelope, registry=registry, validate_formats=True
-        )
-        self.payload = jsonschema_rs.validator_for(payload, validate_formats=True)
-        self.checkpoint = jsonschema_rs.validator_for(
-            load_json(root / "checkpoint.schema.json"), validate_formats=True
-        )
-        self.manifest_schema = jsonschema_rs.validator_for(
-            load_json(root / "agency-manifest.schema.json"), validate_formats=True
-        )
-        self.manifest = self.load_manifest(manifest_path or root / "agencies.json")
-
-    def load_manifest(self, path: Path) -> Manifest:
-        try:
-            data = load_json(path)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read agency manifest {path}: {exc}") from None
-        problems = [
-            f"{pointer(list(e.instance_path)) or '/'}: {e.message}"
-            for e in self.manifest_schema.iter_errors(data)
-        ]
-        if problems:
-            raise ValueError(f"agency manifest {path} is invalid: {'; '.join(problems)}")
-        default = int(data.get("default_retention_days", 30))
-        return Manifest(
-            {a["slug"]: int(a.get("retention_days", default)) for a in data["agencies"]},
-            default,
-        )
-
-    def explain(self, event: Any, prefix: list[str | int], max_depth: int = MAX_DEPTH + 1
-                ) -> list[dict[str, str]]:
-        """Every violation of one event, with a JSON pointer into the request body."""
-        return self.explain_with(self.event, event, prefix, max_depth)
-
-    @staticmethod
-    def explain_with(validator: Any, doc: Any, prefix: list[str | int] | None = None,
-                     max_depth: int = MAX_DEPTH + 1) -> list[dict[str, str]]:
-        """Every violation of ``doc`` against ``validator``, with JSON pointers and codes.
-
-        The validator converts the document it explains (only up to 255 levels), so a
-        document deeper than ``max_depth`` (a payload or state at the limit, plus its
-        envelope) is refused first, as too deep (400); a valid one is not walked at all."""
-        if validator.is_valid(doc):
-            return []
-        try:
-            check_depth(doc, max_depth)
-        except TooDeep as exc:
-            raise too_deep(pointer([*(prefix or []), *exc.path]), MAX_DEPTH) from None
-        out = []
-        for err in validator.iter_errors(doc):
-            path: list[str | int] = [*(prefix or []), *err.instance_path]
-            keyword = err.kind.name
-            if keyword == "required":
-                path.append(err.kind.property)
-            last = next((p for p in reversed(path) if isinstance(p, str)), "")
-            code = _CODES.get((last, keyword)) or KEYWORD_CODES.get(keyword, "SCHEMA_VIOLATION")
-            out.append(violation(pointer(path), err.message, code))
-        return out
-
+from .schemas import Contract, pointer
+from .schemas import Schemas as Schemas  # where it was before the schemas had a module
 
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
@@ -208,10 +81,11 @@ class EventChecker:
     before schema and content violations (422); all violations of the winning kind are listed.
     """
 
-    def __init__(self, schemas: Schemas, event_max_bytes: int) -> None:
-        self.schemas = schemas
+    def __init__(self, schemas: Schemas | Contract, event_max_bytes: int) -> None:
+        # A Contract is swapped whole by a reload; each request uses the schemas in force
+        # when it began.
+        self.contract = schemas if isinstance(schemas, Contract) else Contract(schemas)
         self.event_max_bytes = event_max_bytes
-        self._is_valid = schemas.event.is_valid
 
     def rows(self, events: Sequence[Any], seal: Seal, *, batch: bool,
              payload_depth: int = MAX_DEPTH) -> list[Row]:
@@ -220,9 +94,15 @@ class EventChecker:
         rows: list[Row] = []
         invalid, foreign, too_large = _Listed(), _Listed(), _Listed()
         agency = seal.agency
-        is_valid = self._is_valid
+        schemas = self.contract.schemas
+        is_valid = schemas.event.is_valid
+        payloads = schemas.payloads
         for i, ev in enumerate(events):
-            if not is_valid(ev):
+            valid = is_valid(ev)
+            if valid and payloads:  # the envelope holds: a known kind, an object payload
+                check = payloads.get(ev["kind"])
+                valid = check is None or check.is_valid(ev["payload"])
+            if not valid:
                 prefix: list[str | int] = [i] if batch else []
                 if not isinstance(ev, dict):
                     invalid.add(
@@ -231,7 +111,7 @@ class EventChecker:
                 elif len(invalid) >= MAX_LISTED:
                     invalid.omitted = True  # not worth explaining
                 else:
-                    for v in self.schemas.explain(ev, prefix, payload_depth + 1):
+                    for v in schemas.explain(ev, prefix, payload_depth + 1):
                         invalid.add(v)
                 continue
             payload = ev["payload"]

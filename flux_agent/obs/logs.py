@@ -159,9 +159,14 @@ def setup(level: str = "info", stream: IO[str] | None = None, *, fmt: str = "aut
     for old in [h for h in root.handlers if isinstance(h, AgentHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    set_level(level, access_log=access_log)
+    return handler
+
+
+def set_level(level: str, *, access_log: bool = False) -> None:
+    """The agent's log level (at start, and again on SIGHUP)."""
+    logging.getLogger().setLevel(level.upper())
     # One line per request (at info), when asked for and at debug level.
     logging.getLogger("aiohttp.access").setLevel(
         logging.INFO if access_log or level == "debug" else logging.WARNING
     )
-    return handler

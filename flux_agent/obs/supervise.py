@@ -41,6 +41,7 @@ class Task(enum.StrEnum):
     JWKS = "jwks"
     EMBEDDED_DB = "embedded-db"
     TLS = "tls"
+    RELOAD = "reload"
 
 
 @dataclass(slots=True)

@@ -34,11 +34,14 @@ class RetentionSettings:
 
 
 class Retention:
-    def __init__(self, sink: Sink, settings: RetentionSettings, agencies: Mapping[str, int],
-                 *, holder: str, on_progress: Callable[[], None]) -> None:
+    def __init__(self, sink: Sink, settings: RetentionSettings,
+                 agencies: Callable[[], Mapping[str, int]], *, holder: str,
+                 on_progress: Callable[[], None]) -> None:
         self.sink = sink
         self.settings = settings
-        self.agencies = agencies  # agency -> retention days
+        # agency -> retention days: the manifest's agencies and those served (asked each
+        # round: a reload of the manifest changes them)
+        self.agencies = agencies
         self.holder = f"{holder}/{os.getpid()}/{os.urandom(4).hex()}"
         self.on_progress = on_progress
         self.rounds = 0
@@ -75,10 +78,11 @@ class Retention:
         """Partitions of ``flux.events`` (sql/007): create the missing ones up to the premake
         horizon, then drop the expired ones, one short step (one transaction) at a time."""
         sink, settings, counts = self.sink, self.settings, self.counts
+        agencies = self.agencies()
         try:
             for _ in range(PARTITION_STEPS_PER_ROUND):
                 made = await sink.prepare_partition(
-                    sorted(self.agencies), settings.partition_interval,
+                    sorted(agencies), settings.partition_interval,
                     settings.partition_premake, settings.partition_lock_timeout)
                 if made is None:
                     break
@@ -87,7 +91,7 @@ class Retention:
                 log.info("partition created", extra={"fields": {
                     "partition": made[0], "moved_rows": made[1]}})
             for _ in range(PARTITION_STEPS_PER_ROUND):
-                gone = await sink.drop_expired_partition(self.agencies,
+                gone = await sink.drop_expired_partition(agencies,
                                                          settings.partition_lock_timeout)
                 if gone is None:
                     break
@@ -106,7 +110,7 @@ class Retention:
     async def _purge_expired(self) -> None:
         """Expired rows that do not leave with a partition, in small batches per agency."""
         sink, batch = self.sink, self.settings.batch
-        for agency, days in self.agencies.items():
+        for agency, days in self.agencies().items():
             await self._purge_batches(functools.partial(sink.purge, agency, batch),
                                       ("events", "checkpoint_history", "checkpoints"))
             keep = self.settings.dead_letter_retention or days * 86400.0

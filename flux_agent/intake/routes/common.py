@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
@@ -30,7 +31,7 @@ from ..audit import Auditor
 from ..auth import Claims
 from ..middleware import source_of
 from ..responses import REQUEST_ID, TRACE
-from ..validate import Manifest, utcnow
+from ..validate import utcnow
 
 READ_YOUR_WRITES_WAIT = 2.0  # seconds a read waits for the agent's own pending writes
 _SMALL_INT = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²".isdigit() is True
@@ -75,8 +76,8 @@ class Gate:
 class Sealer:
     """What the agent adds to every event of a request: agency, times, ids, trace."""
 
-    def __init__(self, manifest: Manifest, agent_id: str) -> None:
-        self.manifest = manifest
+    def __init__(self, retention: Callable[[str], timedelta], agent_id: str) -> None:
+        self.retention = retention  # agency -> how long its rows are kept (the manifest's)
         self.agent_id = agent_id
 
     def seal(self, request: web.Request, claims: Claims) -> Seal:
@@ -85,7 +86,7 @@ class Sealer:
         return Seal(agency=claims.agency, received_at=received,
                     correlation_id=request[REQUEST_ID], agent_id=self.agent_id,
                     trace_id=trace_id, span_id=span_id,
-                    expires_at=received + self.manifest.retention(claims.agency))
+                    expires_at=received + self.retention(claims.agency))
 
 
 class Commits:

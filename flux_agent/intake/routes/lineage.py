@@ -10,16 +10,19 @@ from aiohttp import web
 
 from ...core.digest import MAX_DEPTH
 from ..body import BodyReader, media_type
-from ..openlineage import Lineage
+from ..openlineage import FLUX_STARTED_DEFAULTS, Lineage
+from ..schemas import Contract
 from .ingest import Ingest
 
 
 class LineageRoutes:
     """``POST /api/v1/lineage``: the intake path of events, with another reader."""
 
-    def __init__(self, ingest: Ingest, bodies: BodyReader) -> None:
+    def __init__(self, ingest: Ingest, bodies: BodyReader, contract: Contract | None = None
+                 ) -> None:
         self.ingest = ingest
         self.bodies = bodies
+        self.contract = contract  # the profile in force decides run.started's defaults
         # Built on the first OpenLineage request, in a worker thread (its schemas are files):
         # an agent that never sees one never pays for them.
         self.lineage: Lineage | None = None
@@ -37,9 +40,12 @@ class LineageRoutes:
         """An OpenLineage RunEvent, as its HTTP transport sends it."""
         lineage = await self._mapping()
 
+        flux = self.contract is not None and self.contract.schemas.profile == "flux"
+        defaults = FLUX_STARTED_DEFAULTS if flux else None
+
         def read(request: web.Request, body: bytes) -> tuple[list[Any], bool]:
             media_type(request)
-            return lineage.to_events(self.bodies.decode_one(body, "")), False
+            return lineage.to_events(self.bodies.decode_one(body, ""), defaults), False
 
         # The RunEvent (at most MAX_DEPTH levels) is stored one level down in the payload.
         return await self.ingest.ingest(request, read, created=201,
