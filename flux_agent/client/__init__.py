@@ -2,8 +2,8 @@
 
 The synchronous :class:`FluxClient` uses only the standard library (``http.client``, over the
 agent's Unix socket or TCP), so an ETL script needs nothing else installed. The asynchronous
-:class:`AsyncFluxClient` has the same API with ``await``; it imports aiohttp when it is first
-used.
+:class:`AsyncFluxClient` has the same API with ``await``; it imports aiohttp when one is made
+(a client-only install without aiohttp gets an ImportError saying what to install).
 
 Quick start::
 
@@ -66,11 +66,20 @@ Checkpoints
     ``client.resume(run_id)`` is ``GET`` of the same path and returns a :class:`Checkpoint`
     (``step``, ``state``, ``version``, ``checkpoint_hash``) or None when there is none (404).
 
+Fail-open (events only)
+    ``FluxClient(fail_open=True)`` (or ``FLUX_AGENT_CLIENT_FAIL_OPEN=true``): when the agent
+    cannot take events (unreachable, or 503/5xx after the retries), posting them logs a
+    warning and drops them instead of raising (the result says ``dropped=True``;
+    ``client.dropped`` counts them), and for 10 s after a failure drops further events at
+    once. Checkpoints, resumes and drains still raise, as does a 4xx (a bug in the job). See
+    :mod:`flux_agent.client.failopen` for why events are dropped rather than buffered.
+
 Retries
     Connection failures and answers 429/502/503/504 (or any problem with ``retryable:
     true``) are retried with exponential backoff and jitter, waiting at least the agent's
     ``Retry-After``; :class:`RetryPolicy` sets the attempts and delays. Other errors are not
-    retried.
+    retried, nor is ``503 COMMIT_TIMEOUT`` (the events are accepted; asking again only
+    waits again).
 
 Errors (all carry ``status``, ``code``, ``retryable``, ``problem`` - the problem+json body -
 ``errors`` and ``request_id``)::
@@ -82,6 +91,8 @@ Errors (all carry ``status``, ``code``, ``retryable``, ``problem`` - the problem
         |   +-- FluxAuthError    401, 403
         |   +-- FluxNotFoundError 404
         +-- FluxUnavailableError 503 still after the retries (spool full, draining)
+        |   +-- FluxNotCommittedError  503 COMMIT_TIMEOUT to wait_committed: accepted and
+        |                            durable, not yet in PostgreSQL (not retried; event_ids)
         +-- FluxServerError      other 5xx
 
 Events are checked here for what makes them unacceptable whatever the payload (kind,
@@ -101,6 +112,7 @@ from .errors import (
     FluxClientError,
     FluxConnectionError,
     FluxHTTPError,
+    FluxNotCommittedError,
     FluxNotFoundError,
     FluxRequestError,
     FluxServerError,
@@ -121,6 +133,7 @@ __all__ = [
     "FluxClientError",
     "FluxConnectionError",
     "FluxHTTPError",
+    "FluxNotCommittedError",
     "FluxNotFoundError",
     "FluxRequestError",
     "FluxServerError",

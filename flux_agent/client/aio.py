@@ -26,7 +26,8 @@ from .core import (
     _started_payload,
     make_event,
 )
-from .errors import FluxClientError, FluxConnectionError, error_from
+from .errors import FluxClientError, FluxNotCommittedError, error_from
+from .failopen import FailOpen, enabled, unavailable
 
 if TYPE_CHECKING:  # pragma: no cover
     import aiohttp
@@ -41,15 +42,22 @@ class AsyncFluxClient:
                  token_file: str | os.PathLike[str] | None = None, timeout: float = 30.0,
                  retry: RetryPolicy | None = None, wait_committed: bool = False,
                  environ: Mapping[str, str] | None = None,
-                 user_agent: str | None = None) -> None:
+                 user_agent: str | None = None, fail_open: bool | None = None) -> None:
+        _aiohttp()  # now, not at the first request: say what a client-only install lacks
         self._core = _Core(url, socket_path, token, token_file, timeout, retry,
                            wait_committed, environ, user_agent)
+        self._fail_open = FailOpen(enabled(fail_open, environ))
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
     @property
     def endpoint(self) -> Endpoint:
         return self._core.endpoint
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped because the agent could not take them (``fail_open``)."""
+        return self._fail_open.dropped
 
     def __repr__(self) -> str:
         return f"AsyncFluxClient({self.endpoint.display!r})"
@@ -58,16 +66,15 @@ class AsyncFluxClient:
         if self._closed:
             raise FluxClientError("the client is closed", code="CLOSED")
         if self._session is None:
-            import aiohttp
-
+            lib = _aiohttp()
             ep = self._core.endpoint
             connector: aiohttp.BaseConnector
             if ep.socket_path:
-                connector = aiohttp.UnixConnector(path=ep.socket_path)
+                connector = lib.UnixConnector(path=ep.socket_path)
             else:
-                connector = aiohttp.TCPConnector(limit=32)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=self._core.timeout))
+                connector = lib.TCPConnector(limit=32)
+            self._session = lib.ClientSession(
+                connector=connector, timeout=lib.ClientTimeout(total=self._core.timeout))
         return self._session
 
     def _url(self, path: str) -> str:
@@ -80,8 +87,7 @@ class AsyncFluxClient:
     async def request(self, method: str, path: str, body: bytes | None = None,
                       headers: Mapping[str, str] | None = None
                       ) -> tuple[int, bytes, dict[str, str]]:
-        import aiohttp
-
+        lib = _aiohttp()
         policy = self._core.retry
         session = self._get_session()
         all_headers = self._core.headers(body is not None, headers)
@@ -92,12 +98,9 @@ class AsyncFluxClient:
                 async with session.request(method, url, data=body, headers=all_headers) as resp:
                     data = await resp.read()
                     status, hdrs = resp.status, dict(resp.headers)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except (lib.ClientError, OSError, TimeoutError) as exc:
                 if last:
-                    raise FluxConnectionError(
-                        f"cannot reach the agent at {self.endpoint.display} after "
-                        f"{policy.attempts} attempts: {exc or type(exc).__name__}",
-                        code="CONNECTION_FAILED", retryable=True) from exc
+                    raise self._core.unreachable(exc) from exc
                 await asyncio.sleep(policy.delay(attempt, None))
                 continue
             if not last and self._core.should_retry(status, data):
@@ -108,9 +111,7 @@ class AsyncFluxClient:
 
     async def post_events(self, events: Iterable[Mapping[str, Any]], *,
                           wait_committed: bool | None = None) -> PostResult:
-        _, body, extra = self._core.events_request(events, wait_committed)
-        status, data, headers = await self.request("POST", "/v1/events", body, extra)
-        return self._core.post_result(status, data, headers)
+        return await self._post_events(*self._core.events_request(events, wait_committed))
 
     async def emit(self, kind: str, run_id: str, *, step: str | None = None,
                    payload: Mapping[str, Any] | None = None, provider: str | None = None,
@@ -119,9 +120,29 @@ class AsyncFluxClient:
                    ) -> PostResult:
         event = make_event(kind, run_id, step=step, payload=payload, provider=provider,
                            model=model, occurred_at=occurred_at, event_id=event_id)
-        _, body, extra = self._core.events_request([event], wait_committed, single=True)
-        status, data, headers = await self.request("POST", "/v1/events", body, extra)
-        return self._core.post_result(status, data, headers)
+        return await self._post_events(*self._core.events_request([event], wait_committed,
+                                                                  single=True))
+
+    async def _post_events(self, events: list[dict[str, Any]], body: bytes,
+                           extra: dict[str, str]) -> PostResult:
+        ids = [str(e["event_id"]) for e in events]
+        fail_open = self._fail_open
+        if fail_open.skip():
+            return fail_open.drop(ids, None)
+        try:
+            status, data, headers = await self.request("POST", "/v1/events", body, extra)
+            result = self._core.post_result(status, data, headers, ids)
+        except FluxNotCommittedError as exc:
+            if not fail_open.on:
+                raise
+            fail_open.delivered()  # accepted, durable on the spool: not dropped
+            return PostResult(exc.accepted, exc.duplicates, ids, request_id=exc.request_id)
+        except FluxClientError as exc:
+            if not (fail_open.on and unavailable(exc)):
+                raise
+            return fail_open.drop(ids, exc)
+        fail_open.delivered()
+        return result
 
     def batch(self, *, max_events: int = 500, max_bytes: int = 1024**2,
               wait_committed: bool | None = None) -> AsyncEventBatch:
@@ -162,6 +183,21 @@ class AsyncFluxClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _aiohttp() -> Any:
+    """aiohttp, or an ImportError that says what to install: a client-only install (``pip
+    install --no-deps``, as the README's ETL image does) has the standard-library
+    FluxClient but not aiohttp."""
+    try:
+        import aiohttp
+    except ImportError as exc:
+        raise ImportError(
+            "AsyncFluxClient needs aiohttp, which a client-only install (pip install "
+            "--no-deps) leaves out: add it to the image with pip install 'aiohttp>=3.14' (or "
+            "install the package with its dependencies); FluxClient needs nothing beyond the "
+            "standard library", name="aiohttp") from exc
+    return aiohttp
 
 
 class AsyncEventBatch(_Pending):

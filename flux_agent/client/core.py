@@ -3,6 +3,7 @@ agent is and who calls it, request building and answer decoding, batching."""
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import os
@@ -11,14 +12,14 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from .errors import RETRY_STATUSES, FluxClientError, _header, error_from
+from .errors import RETRY_STATUSES, FluxClientError, FluxConnectionError, _header, error_from
 
 try:
     from .._version import __version__
@@ -26,6 +27,7 @@ except ImportError:  # loaded on its own, outside the flux_agent package
     __version__ = "0"
 
 DEFAULT_URL = "http://127.0.0.1:8787"
+NOT_COMMITTED = b"COMMIT_TIMEOUT"
 USER_AGENT = f"flux-agent-client/{__version__}"
 
 KINDS = frozenset({"run.started", "step.started", "step.completed", "step.failed",
@@ -149,6 +151,7 @@ class PostResult:
     event_ids: list[str]
     committed: bool = False
     request_id: str = ""
+    dropped: bool = False  # fail_open: the agent could not take them, and they were dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +293,16 @@ class _Core:
         self.wait_committed = wait_committed
         self.user_agent = user_agent or USER_AGENT
 
+    def unreachable(self, exc: BaseException) -> FluxConnectionError:
+        """The error when no attempt reached the agent: where it was looked for, and the
+        settings that say where it is."""
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return FluxConnectionError(
+            f"cannot reach the agent at {self.endpoint.display} after {self.retry.attempts} "
+            f"attempts: {why or type(exc).__name__} (where it listens: FLUX_AGENT_SOCKET or "
+            "FLUX_AGENT_URL, or the client's socket_path / url)",
+            code="CONNECTION_FAILED", retryable=True)
+
     def path(self, path: str) -> str:
         return self.endpoint.base_path + path
 
@@ -318,6 +331,12 @@ class _Core:
 
     @staticmethod
     def should_retry(status: int, body: bytes) -> bool:
+        if status == 503 and NOT_COMMITTED in body:
+            # Durable on the spool, not yet in PostgreSQL: asking again waits again. The
+            # caller decides (FluxNotCommittedError).
+            with contextlib.suppress(ValueError, AttributeError):
+                if json.loads(body).get("code") == "COMMIT_TIMEOUT":
+                    return False
         if status in RETRY_STATUSES:
             return True
         if status >= 400 and body[:1] == b"{":
@@ -328,9 +347,10 @@ class _Core:
         return False
 
     @staticmethod
-    def post_result(status: int, body: bytes, headers: Mapping[str, str]) -> PostResult:
+    def post_result(status: int, body: bytes, headers: Mapping[str, str],
+                    event_ids: Sequence[str] = ()) -> PostResult:
         if status >= 400:
-            raise error_from(status, body, headers)
+            raise error_from(status, body, headers, event_ids)
         data = _json(body)
         return PostResult(int(data.get("accepted", 0)), int(data.get("duplicates", 0)),
                           list(data.get("event_ids", [])), bool(data.get("committed", False)),

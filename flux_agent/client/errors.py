@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -48,12 +48,26 @@ class FluxUnavailableError(FluxHTTPError):
     """503 (spool full, draining, commit timeout) still after the retries."""
 
 
+class FluxNotCommittedError(FluxUnavailableError):
+    """503 COMMIT_TIMEOUT to ``wait_committed``: the events are accepted and durable on the
+    agent's spool, not yet in PostgreSQL (a retry with the same ids is safe, and waits
+    again). Not retried by the client; ``event_ids`` are the events posted."""
+
+    def __init__(self, message: str, *, event_ids: list[str], **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.event_ids = event_ids
+        self.accepted = int(self.problem.get("context", {}).get("accepted", 0) or 0)
+        self.duplicates = int(self.problem.get("context", {}).get("duplicates", 0) or 0)
+
+
 class FluxServerError(FluxHTTPError):
     """Any other 5xx."""
 
 
-def error_from(status: int, body: bytes, headers: Mapping[str, str]) -> FluxHTTPError:
-    """The exception for an error answer, carrying its problem+json body."""
+def error_from(status: int, body: bytes, headers: Mapping[str, str],
+               event_ids: Sequence[str] = ()) -> FluxHTTPError:
+    """The exception for an error answer, carrying its problem+json body (and, for a commit
+    that did not come in time, the ids of the events posted)."""
     problem: dict[str, Any] = {}
     try:
         decoded = json.loads(body) if body else {}
@@ -65,6 +79,11 @@ def error_from(status: int, body: bytes, headers: Mapping[str, str]) -> FluxHTTP
     detail = str(problem.get("detail") or problem.get("title") or f"HTTP {status}")
     retryable = bool(problem.get("retryable", status in RETRY_STATUSES))
     request_id = _header(headers, "X-Request-ID")
+    message = f"{status} {code}: {detail}"
+    if status == 503 and code == "COMMIT_TIMEOUT":
+        return FluxNotCommittedError(message, event_ids=list(event_ids), status=status,
+                                     code=code, retryable=retryable, problem=problem,
+                                     request_id=request_id)
     cls: type[FluxHTTPError]
     if status in (401, 403):
         cls = FluxAuthError
@@ -76,8 +95,8 @@ def error_from(status: int, body: bytes, headers: Mapping[str, str]) -> FluxHTTP
         cls = FluxUnavailableError
     else:
         cls = FluxServerError
-    return cls(f"{status} {code}: {detail}", status=status, code=code, retryable=retryable,
-               problem=problem, request_id=request_id)
+    return cls(message, status=status, code=code, retryable=retryable, problem=problem,
+               request_id=request_id)
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:

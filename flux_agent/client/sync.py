@@ -28,7 +28,8 @@ from .core import (
     _started_payload,
     make_event,
 )
-from .errors import FluxClientError, FluxConnectionError, error_from
+from .errors import FluxClientError, FluxNotCommittedError, error_from
+from .failopen import FailOpen, enabled, unavailable
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -60,9 +61,12 @@ class FluxClient:
                  token_file: str | os.PathLike[str] | None = None, timeout: float = 30.0,
                  retry: RetryPolicy | None = None, wait_committed: bool = False,
                  environ: Mapping[str, str] | None = None, user_agent: str | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 fail_open: bool | None = None) -> None:
         self._core = _Core(url, socket_path, token, token_file, timeout, retry,
                            wait_committed, environ, user_agent)
+        # Events only: see flux_agent.client.failopen (FLUX_AGENT_CLIENT_FAIL_OPEN).
+        self._fail_open = FailOpen(enabled(fail_open, environ))
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._sleep = sleep
@@ -71,6 +75,11 @@ class FluxClient:
     @property
     def endpoint(self) -> Endpoint:
         return self._core.endpoint
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped because the agent could not take them (``fail_open``)."""
+        return self._fail_open.dropped
 
     def __repr__(self) -> str:
         return f"FluxClient({self.endpoint.display!r})"
@@ -131,10 +140,7 @@ class FluxClient:
                 status, data, hdrs = self._once(method, full, body, all_headers)
             except (OSError, http.client.HTTPException) as exc:
                 if last:
-                    raise FluxConnectionError(
-                        f"cannot reach the agent at {self.endpoint.display} after "
-                        f"{policy.attempts} attempts: {exc or type(exc).__name__}",
-                        code="CONNECTION_FAILED", retryable=True) from exc
+                    raise self._core.unreachable(exc) from exc
                 self._sleep(policy.delay(attempt, None))
                 continue
             if not last and self._core.should_retry(status, data):
@@ -148,9 +154,7 @@ class FluxClient:
     def post_events(self, events: Iterable[Mapping[str, Any]], *,
                     wait_committed: bool | None = None) -> PostResult:
         """Post events atomically (ids fixed before the first attempt)."""
-        _, body, extra = self._core.events_request(events, wait_committed)
-        status, data, headers = self.request("POST", "/v1/events", body, extra)
-        return self._core.post_result(status, data, headers)
+        return self._post_events(*self._core.events_request(events, wait_committed))
 
     def emit(self, kind: str, run_id: str, *, step: str | None = None,
              payload: Mapping[str, Any] | None = None, provider: str | None = None,
@@ -158,9 +162,29 @@ class FluxClient:
              event_id: str | None = None, wait_committed: bool | None = None) -> PostResult:
         event = make_event(kind, run_id, step=step, payload=payload, provider=provider,
                            model=model, occurred_at=occurred_at, event_id=event_id)
-        _, body, extra = self._core.events_request([event], wait_committed, single=True)
-        status, data, headers = self.request("POST", "/v1/events", body, extra)
-        return self._core.post_result(status, data, headers)
+        return self._post_events(*self._core.events_request([event], wait_committed,
+                                                            single=True))
+
+    def _post_events(self, events: list[dict[str, Any]], body: bytes, extra: dict[str, str]
+                     ) -> PostResult:
+        ids = [str(e["event_id"]) for e in events]
+        fail_open = self._fail_open
+        if fail_open.skip():
+            return fail_open.drop(ids, None)
+        try:
+            status, data, headers = self.request("POST", "/v1/events", body, extra)
+            result = self._core.post_result(status, data, headers, ids)
+        except FluxNotCommittedError as exc:
+            if not fail_open.on:
+                raise
+            fail_open.delivered()  # accepted, durable on the spool: not dropped
+            return PostResult(exc.accepted, exc.duplicates, ids, request_id=exc.request_id)
+        except FluxClientError as exc:
+            if not (fail_open.on and unavailable(exc)):
+                raise
+            return fail_open.drop(ids, exc)
+        fail_open.delivered()
+        return result
 
     def batch(self, *, max_events: int = 500, max_bytes: int = 1024**2,
               wait_committed: bool | None = None) -> EventBatch:
