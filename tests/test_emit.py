@@ -52,18 +52,29 @@ async def _exit_codes(agent: Agent, database: Database, tmp_path: Path) -> None:
                                       "step.exploded")
     assert refused.returncode == 65
     assert "kind must be one of" in refused.stderr
+    assert len(json.loads(refused.stdout)["event_ids"]) == 1  # the id, whatever happens
     server_refused = await asyncio.to_thread(emit, "--url", url, "--run", "sh-1", "--kind",
                                              "run.started", "--payload",
                                              '{"content_type": "video", "use_case": "vr"}')
     assert server_refused.returncode == 65
     assert "INVALID_CONTENT_TYPE" in server_refused.stderr
+    # The violations, by JSON pointer, for the person (stderr) and the script (stdout).
+    assert "/payload/content_type: " in server_refused.stderr
+    out = json.loads(server_refused.stdout)
+    assert out["accepted"] == 0 and len(out["event_ids"]) == 1
+    assert out["error"]["status"] == 422
+    assert [e["pointer"] for e in out["error"]["errors"]] == ["/payload/content_type"]
     unreachable = await asyncio.to_thread(emit, "--url", f"http://127.0.0.1:{free_port()}",
                                           "--run", "sh-1", "--kind", "run.aborted",
                                           "--attempts", "2")
     assert unreachable.returncode == 69
+    assert len(json.loads(unreachable.stdout)["event_ids"]) == 1
+    # Where it looked, and the settings that say where the agent is.
+    assert "127.0.0.1:" in unreachable.stderr and "FLUX_AGENT_URL" in unreachable.stderr
     bad_json = await asyncio.to_thread(emit, "--url", url, "--run", "x", "--kind",
                                        "run.aborted", "--payload", "[1]")
     assert bad_json.returncode == 65
+    assert len(json.loads(bad_json.stdout)["event_ids"]) == 1
 
 
 async def test_client_checkpoint_and_resume_against_a_real_agent(agent: Agent):

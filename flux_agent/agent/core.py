@@ -55,7 +55,7 @@ from . import listeners, upstreams
 from .listeners import Endpoints
 from .probes import Probes, ProbeSettings
 from .reload import JwksWatcher, Reloader
-from .setup import bound_agencies, claim_state_dir, load_keys, preflight
+from .setup import bound_agencies, claim_state_dir, load_keys, preflight, record_endpoints
 from .snapshots import Snapshots
 
 if TYPE_CHECKING:
@@ -175,6 +175,12 @@ class Agent:
         if self.endpoints.socket_path is not None:
             self._on_stop("remove the socket", functools.partial(
                 self.endpoints.socket_path.unlink, missing_ok=True))
+        endpoints = self.endpoints
+        recorded = await loop.run_in_executor(None, record_endpoints, config,
+                                              endpoints.event_url, endpoints.socket_path,
+                                              endpoints.admin_url)
+        self._on_stop("remove the endpoints file", functools.partial(recorded.unlink,
+                                                                     missing_ok=True))
         self.tracing = make_tracing(config.tracing, self._span_exporter)
         self._on_stop("flush the traces", self.tracing.shutdown)
         if config.aggregators:

@@ -77,6 +77,15 @@ def bind(config: AgentConfig) -> Sockets:
     return out
 
 
+def check_addresses(config: AgentConfig) -> None:
+    """Bind each TCP address the configuration asks for, and let go (``flux-agent
+    validate``): a taken one is a ConfigError naming its setting, as at start."""
+    for setting in ("listen", "admin_listen"):
+        address = getattr(config, setting)
+        if address:
+            _bind_tcp(address, setting).close()
+
+
 def _bind_tcp(address: str, setting: str) -> socket.socket:
     host, port = split_hostport(address)
     try:

@@ -6,6 +6,7 @@ cancellation."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import resource
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.errors import ConfigError
-from ..core.files import lock_exclusive, reason
+from ..core.files import lock_exclusive, reason, write_atomic
 from ..core.settings import KUBE_AUDIENCE, KUBE_BINDING, AgentConfig, env_name
 from ..intake.auth import ApiKeyAuthenticator, Authenticator, FixedAgency, load_api_keys
 from ..intake.schemas import SchemaError, Schemas
@@ -239,6 +240,20 @@ def unrelated_files(config: AgentConfig) -> list[Path]:
     except OSError:
         return []
     return [p for p in entries if p.name not in own]
+
+
+def record_endpoints(config: AgentConfig, event_url: str | None, socket_path: Path | None,
+                     admin_url: str | None) -> Path:
+    """Worker thread: say in the state dir where this agent listens and whom it writes as,
+    so that ``flux-agent status`` finds it wherever it listens. Returns the file."""
+    path = config.state_path / AGENT_FILE
+    write_atomic(path, json.dumps({
+        "pid": os.getpid(), "admin_url": admin_url, "event_url": event_url,
+        "socket": str(socket_path) if socket_path else None, "role": config.role,
+        "auth": config.auth, "agency": config.agency if config.auth == "none" else None,
+        "embedded_database": not config.database_url and not config.aggregators,
+    }).encode())
+    return path
 
 
 def _private_dir(path: Path, mode: int) -> None:

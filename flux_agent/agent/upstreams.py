@@ -97,7 +97,9 @@ async def database(config: AgentConfig, contract: Contract, supervisor: Supervis
         timeouts=Timeouts(connect=config.database_connect_timeout,
                           statement=config.database_statement_timeout,
                           flush=config.flush_timeout, idle=config.database_idle_timeout),
-        identity_path=config.state_path / "primary")
+        identity_path=config.state_path / "primary",
+        setting="FLUX_AGENT_DATABASE_URL" if config.database_url
+        else f"the embedded PostgreSQL under {config.state_path / 'postgres'}")
     on_stop("close the database pool", pg.close)
     sink = Sink(pg, migrate_on_connect=config.migrate)
     await db.check_schema(sink)

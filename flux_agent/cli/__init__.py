@@ -100,12 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = command("status", "ask the running agent how it is",
-                "Ask the running agent (its admin listener, FLUX_AGENT_ADMIN_LISTEN) for "
-                "readiness, database, spool, last flush and background tasks. Exit 0 "
+                "Ask the running agent (the admin listener it recorded in its state dir, else "
+                "FLUX_AGENT_ADMIN_LISTEN) for readiness, database, spool, last flush and "
+                "background tasks. Exit 0 "
                 "healthy (ready, PostgreSQL up, no task failing), 1 not healthy, 69 no agent "
                 "answers, 77 a token is needed, 78 bad configuration.")
-    p.add_argument("--url", default=None, help="the admin listener's URL [default: from "
-                   "FLUX_AGENT_ADMIN_LISTEN, a wildcard address asked on loopback]")
+    p.add_argument("--url", default=None, help="the admin listener's URL [default: where "
+                   "the agent on the state dir listens, else FLUX_AGENT_ADMIN_LISTEN; a "
+                   "wildcard address asked on loopback]")
     p.add_argument("--token", default=None,
                    help="bearer token (an operator's, for remote agents) [env FLUX_AGENT_TOKEN]")
     p.add_argument("--token-file", default=None, help="[env FLUX_AGENT_TOKEN_FILE]")
@@ -116,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for an answer [default: 10]")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_flags(p, ("admin_listen", "state_dir", "agency"), {
-        "agency": ("The agency the embedded database's psql line is for (the agent's fixed "
-                   "agency).", "unset")})
+        "agency": ("The agency the embedded database's psql line is for, when the running "
+                   "agent does not say (it has no fixed agency).", "the agent's")})
     p.set_defaults(func=cmd_status)
 
     p = command("migrate", "apply pending schema migrations",
@@ -127,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_migrate)
 
     p = command("emit", "post one event (for shell scripts)",
-                "Post one event. Exit 0 when accepted (or a duplicate), 65 when the agent "
-                "refused the event, 69 when it could not be reached, 77 when "
-                "authentication failed, 1 otherwise.")
+                "Post one event; stdout gets one JSON object with its id (event_ids), "
+                "whatever happens. Exit 0 when accepted (or a duplicate), 65 when the agent "
+                "refused the event (its violations on stderr), 69 when it could not be "
+                "reached, 75 with --wait-committed when it was accepted but is not yet in "
+                "PostgreSQL, 77 when authentication failed, 1 otherwise.")
     p.add_argument("--run", required=True, help="run id")
     p.add_argument("--kind", required=True, help="run.started, step.completed, ...")
     p.add_argument("--step", default=None, help="required for step.* and checkpoint.saved")

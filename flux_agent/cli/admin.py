@@ -28,11 +28,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Ask the running agent (its admin listener) how it is: 0 healthy, 1 not healthy, 69 no
     agent answers, 77 a token is needed."""
     from ..client import TokenSource
-    from .status import Refused, Report, Unreachable, admin_url, fetch, render
+    from .status import (
+        Refused,
+        Report,
+        Unreachable,
+        admin_url,
+        fetch,
+        loopback,
+        render,
+        running_agent,
+    )
 
     config = load_config(args, serving=False)
+    # The agent on this state dir says where it listens, wherever that is.
+    running = running_agent(config.state_path) or {}
     if args.url:
         url = args.url
+    elif running.get("admin_url"):
+        url = loopback(str(running["admin_url"]))
     elif config.admin_listen:
         url = admin_url(config.admin_listen)
     else:
@@ -55,15 +68,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             break
         time.sleep(0.25)
     if report is None:
-        print(f"flux-agent status: {failure}", file=sys.stderr)
+        print(f"flux-agent status: {failure}; the admin listener is "
+              f"{env_name('admin_listen')} (or --url)", file=sys.stderr)
         holder = lock_holder(config.state_path / "agent.lock")
         print(f"flux-agent status: an agent (pid {holder}) holds the state dir "
-              f"{config.state_path}: it may be starting, or listen elsewhere "
-              f"({env_name('admin_listen')}, --url)" if holder is not None else
+              f"{config.state_path}: it may be starting, or have its admin listener off"
+              if holder is not None else
               f"flux-agent status: no agent runs on the state dir {config.state_path} "
               f"({env_name('state_dir')})", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    embedded = _embedded_connect(config)
+    # The psql line is for the agency the running agent writes as (its fixed agency).
+    embedded = _embedded_connect(config, str(running.get("agency") or config.agency))
     if args.json:
         print(json.dumps({**report.as_json(), **({"embedded": embedded} if embedded else {})},
                          indent=2))
@@ -79,7 +94,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if report.healthy else EXIT_FAILURE
 
 
-def _embedded_connect(config: AgentConfig) -> dict[str, str]:
+def _embedded_connect(config: AgentConfig, agency: str) -> dict[str, str]:
     """psql commands for the embedded PostgreSQL running under the state dir, if one is."""
     data_dir = config.state_path / "postgres"
     if not (data_dir / "postmaster.pid").exists():
@@ -91,7 +106,7 @@ def _embedded_connect(config: AgentConfig) -> dict[str, str]:
         pg = LocalPostgres(data_dir)
     except EmbeddedError:  # no binaries here to connect with
         return {}
-    return embedded_connect(pg, config.agency) if pg.running_pid() is not None else {}
+    return embedded_connect(pg, agency) if pg.running_pid() is not None else {}
 
 
 # --------------------------------------------------------------------------- validate
@@ -145,6 +160,10 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, list[str]]:
     if holder is not None:
         notes.append(f"an agent (pid {holder}) is running on the state dir "
                      f"{config.state_path}: a second one would be refused")
+    else:
+        from ..agent.listeners import check_addresses
+
+        check_addresses(config)  # a taken port: 78 naming FLUX_AGENT_LISTEN, as `run` says
     return config, notes
 
 

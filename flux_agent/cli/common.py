@@ -13,7 +13,11 @@ EXIT_FAILURE = 1
 # sysexits.h, so shell scripts can tell what went wrong.
 EXIT_DATAERR = 65  # the agent refused the event (4xx): fix the event, do not retry
 EXIT_UNAVAILABLE = 69  # the agent could not be reached or stayed unavailable: retry later
-EXIT_UNDELIVERED = 75  # EX_TEMPFAIL: a drain left acknowledged events on the spool
+# EX_TEMPFAIL: acknowledged, durable on the spool, not (yet) upstream: `run` after a drain
+# that left events on the spool; `emit --wait-committed` when PostgreSQL did not take the
+# event within the agent's wait.
+EXIT_UNDELIVERED = 75
+EXIT_NOT_COMMITTED = 75
 EXIT_NOPERM = 77  # authentication or authorisation refused
 EXIT_CONFIG = 78  # EX_CONFIG: a bad setting
 

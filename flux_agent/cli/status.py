@@ -15,9 +15,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+from ..core.files import lock_holder
 from ..core.settings import split_hostport
+
+AGENT_FILE = "agent.json"  # what a running agent writes in its state dir (agent.setup)
 
 
 class Unreachable(Exception):
@@ -56,6 +60,25 @@ class Report:
                 "problems": self.problems, "health": self.body}
 
 
+def running_agent(state_dir: Path) -> dict[str, Any] | None:
+    """What the agent running on ``state_dir`` says about itself (where it listens, the
+    agency it writes as): its file, if the process holding the state dir wrote it."""
+    try:
+        data = json.loads((state_dir / AGENT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("pid") != lock_holder(state_dir / "agent.lock"):
+        return None  # left by an agent that is gone
+    return data
+
+
+def loopback(url: str) -> str:
+    """An admin URL on a wildcard address, asked on loopback instead."""
+    for wildcard, local in (("//0.0.0.0:", "//127.0.0.1:"), ("//[::]:", "//[::1]:")):
+        url = url.replace(wildcard, local)
+    return url
+
+
 def admin_url(admin_listen: str) -> str:
     """The admin listener's URL from ``FLUX_AGENT_ADMIN_LISTEN``; a wildcard address is asked
     on loopback (where the diagnostic detail is served)."""
@@ -77,7 +100,8 @@ def fetch(url: str, *, token: str | None = None, timeout: float = 10.0) -> Repor
         status, raw = exc.code, exc.read()
     except (OSError, ValueError) as exc:  # refused, timed out, no such host, bad URL
         reason = getattr(exc, "reason", None) or exc
-        raise Unreachable(f"no agent answers at {url} ({reason})") from None
+        why = getattr(reason, "strerror", None) or reason
+        raise Unreachable(f"no agent answers at {url} ({why})") from None
     if status in (401, 403):
         raise Refused(f"{url} refused the request ({status}); pass an operator token with "
                       "--token or FLUX_AGENT_TOKEN")

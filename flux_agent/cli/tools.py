@@ -17,6 +17,7 @@ from .common import (
     EXIT_DATAERR,
     EXIT_FAILURE,
     EXIT_NOPERM,
+    EXIT_NOT_COMMITTED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     _run_async,
@@ -203,22 +204,40 @@ def _warn_unknown_agency(args: argparse.Namespace) -> None:
 
 
 def cmd_emit(args: argparse.Namespace) -> int:
-    """Post one event from a shell script, through the workload client."""
+    """Post one event from a shell script, through the workload client. Whatever happens,
+    stdout gets one JSON object with the event's id (``event_ids``); a failure adds
+    ``error`` (status, code, the violations' pointers) and says it on stderr too."""
     from ..client import (
         FluxAuthError,
         FluxClient,
         FluxClientError,
         FluxConnectionError,
+        FluxNotCommittedError,
         FluxRequestError,
         FluxUnavailableError,
         RetryPolicy,
+        uuid7,
     )
+
+    event_id = args.event_id or uuid7()
+
+    def answer(accepted: int = 0, duplicates: int = 0, committed: bool = False,
+               error: dict[str, Any] | None = None) -> None:
+        out: dict[str, Any] = {"accepted": accepted, "duplicates": duplicates,
+                               "event_ids": [event_id], "committed": committed}
+        if error is not None:
+            out["error"] = error
+        print(json.dumps(out))
+
+    def refused(message: str) -> int:  # here, before the agent could say anything
+        print(f"flux-agent emit: {message}", file=sys.stderr)
+        answer(error={"detail": message})
+        return EXIT_DATAERR
 
     try:
         payload = _read_payload(args.payload)
     except ValueError as exc:
-        print(f"flux-agent emit: --payload: {exc}", file=sys.stderr)
-        return EXIT_DATAERR
+        return refused(f"--payload: {exc}")
     client = FluxClient(args.url, socket_path=args.socket, token=args.token,
                         token_file=args.token_file, timeout=args.timeout,
                         retry=RetryPolicy(attempts=args.attempts))
@@ -226,13 +245,23 @@ def cmd_emit(args: argparse.Namespace) -> int:
         with client:
             result = client.emit(args.kind, args.run, step=args.step, payload=payload,
                                  provider=args.provider, model=args.model,
-                                 occurred_at=args.occurred_at, event_id=args.event_id,
+                                 occurred_at=args.occurred_at, event_id=event_id,
                                  wait_committed=args.wait_committed)
     except ValueError as exc:  # the client refuses what the agent would refuse anyway
-        print(f"flux-agent emit: {exc}", file=sys.stderr)
-        return EXIT_DATAERR
+        return refused(str(exc))
+    except FluxNotCommittedError as exc:
+        print(f"flux-agent emit: accepted (durable on the agent's spool) but not yet in "
+              f"PostgreSQL within the agent's wait ({exc.code}); it will be delivered, and "
+              "posting the same event id again is safe", file=sys.stderr)
+        answer(exc.accepted, exc.duplicates, error={"status": exc.status, "code": exc.code})
+        return EXIT_NOT_COMMITTED
     except FluxClientError as exc:
         print(f"flux-agent emit: {exc}", file=sys.stderr)
+        for v in exc.errors[:20]:
+            if isinstance(v, dict):
+                print(f"flux-agent emit:   {v.get('pointer') or '/'}: {v.get('message')} "
+                      f"[{v.get('code')}]", file=sys.stderr)
+        answer(error={"status": exc.status, "code": exc.code, "errors": exc.errors})
         if isinstance(exc, FluxAuthError):
             given = args.token or args.token_file or os.environ.get("FLUX_AGENT_TOKEN") \
                 or os.environ.get("FLUX_AGENT_TOKEN_FILE")
@@ -246,8 +275,7 @@ def cmd_emit(args: argparse.Namespace) -> int:
         if isinstance(exc, FluxConnectionError | FluxUnavailableError):
             return EXIT_UNAVAILABLE
         return EXIT_FAILURE
-    print(json.dumps({"accepted": result.accepted, "duplicates": result.duplicates,
-                      "event_ids": result.event_ids, "committed": result.committed}))
+    answer(result.accepted, result.duplicates, result.committed)
     return EXIT_OK
 
 

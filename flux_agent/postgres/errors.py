@@ -7,6 +7,8 @@ translates every failure of a unit of work once, where it happens.
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs, unquote, urlsplit
+
 import asyncpg
 
 from ..core.errors import (
@@ -60,6 +62,47 @@ def describe(exc: BaseException) -> str:
     state = sqlstate(exc)
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return f"{state}: {text}" if state else f"{type(exc).__name__}: {text}"
+
+
+DATABASE_SETTING = "FLUX_AGENT_DATABASE_URL"
+
+
+def target(dsn: str) -> str:
+    """Where a PostgreSQL URL connects, without its credentials: ``host:port`` (each of a
+    multi-host URL), or the Unix socket's path."""
+    try:
+        parts = urlsplit(dsn)
+        query = parse_qs(parts.query)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    hosts = (query.get("host") or [unquote(netloc)])[0].split(",")
+    port = (query.get("port") or [""])[0]
+    out = []
+    for entry in hosts:
+        host, _, entry_port = entry.rpartition(":") if not entry.startswith("/") \
+            and entry.count(":") == 1 else (entry, "", "")
+        if entry.startswith("[") and "]:" in entry:
+            host, entry_port = entry.rsplit(":", 1)
+        chosen = entry_port or port or "5432"
+        if host.startswith("/"):
+            out.append(f"{host.rstrip('/')}/.s.PGSQL.{chosen}")
+        else:
+            out.append(f"{host}:{chosen}" if host else f"the default Unix socket, port {chosen}")
+    return ", ".join(out)
+
+
+def unreachable(exc: BaseException, dsn: str, setting: str = DATABASE_SETTING
+                ) -> StoreUnavailable:
+    """A connection that could not be made, naming where to and the setting that says so
+    (``FileNotFoundError: [Errno 2]`` alone names neither)."""
+    if isinstance(exc, TimeoutError):
+        why = "no answer within the connect timeout"
+    else:
+        why = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) \
+            or type(exc).__name__
+    return StoreUnavailable(f"cannot connect to PostgreSQL at {target(dsn)} ({setting}): "
+                            f"{why}")
 
 
 def translate(exc: BaseException) -> BaseException:

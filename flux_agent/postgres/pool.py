@@ -33,7 +33,7 @@ import asyncpg
 from ..core.errors import Fault, PermissionDenied, UnsafeRole
 from ..core.files import write_atomic
 from ..core.net import tune_socket
-from .errors import describe, translate
+from .errors import DATABASE_SETTING, describe, translate, unreachable
 
 log = logging.getLogger("flux_agent.postgres")
 
@@ -67,8 +67,10 @@ class Postgres:
         identity_path: Path | None = None,
         name: str = "flux-agent",
         require_safe_role: bool = True,
+        setting: str = DATABASE_SETTING,
     ) -> None:
         self._dsn = dsn
+        self._setting = setting  # what says where it is, named when it cannot be reached
         self._max = max_connections
         self._pgbouncer = pgbouncer
         self.timeouts = timeouts
@@ -178,7 +180,8 @@ class Postgres:
                 pool = await self._get_pool()
                 conn = await pool.acquire(timeout=min(budget, self.timeouts.connect + 1))
             except BaseException as exc:
-                err = translate(exc)
+                err = unreachable(exc, self._dsn, self._setting) \
+                    if isinstance(exc, OSError) else translate(exc)
                 self.failed(err)
                 if err is exc:
                     raise
@@ -307,8 +310,12 @@ def _server_settings(name: str) -> dict[str, str]:
     return {"client_encoding": "UTF8", "application_name": name}
 
 
-async def connect_once(dsn: str, timeout: float = 10.0, *, pgbouncer: bool = False) -> Any:
+async def connect_once(dsn: str, timeout: float = 10.0, *, pgbouncer: bool = False,
+                       setting: str = DATABASE_SETTING) -> Any:
     """A connection outside the pool (migrations, CLI tools)."""
-    return await asyncpg.connect(dsn, timeout=timeout,
-                                 statement_cache_size=0 if pgbouncer else 100,
-                                 server_settings=_server_settings("flux-agent"))
+    try:
+        return await asyncpg.connect(dsn, timeout=timeout,
+                                     statement_cache_size=0 if pgbouncer else 100,
+                                     server_settings=_server_settings("flux-agent"))
+    except OSError as exc:
+        raise unreachable(exc, dsn, setting) from exc
