@@ -161,12 +161,19 @@ async def test_verify_accepts_what_jsonb_normalises(agent: Agent, database: Data
         env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert event["event_id"] in result.stdout
-    # An agency the manifest does not know is a mistake to name, not a clean bill of health.
+    # An agency the manifest does not know is a mistake to name, not a clean bill of health
+    # (the flux profile's manifest here; by default no manifest restricts them).
     result = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "flux_agent", "verify", "--agency", "nope"],
+        subprocess.run, [sys.executable, "-m", "flux_agent", "verify", "--agency", "nope",
+                         "--schema-profile", "flux"],
         env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 78, result.stdout
     assert "FLUX_AGENT_AGENCY" in result.stderr and "nope" in result.stderr
+    # Without a manifest there is no list of agencies to verify: name one.
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "flux_agent", "verify"], env=env,
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78 and "FLUX_AGENT_AGENCY" in result.stderr, result.stderr
 
 
 async def test_read_your_writes_while_postgres_is_down_across_a_restart(

@@ -184,7 +184,8 @@ async def test_the_injected_sidecar_takes_its_namespaces_tokens_only(
 @pytest.mark.parametrize(("change", "setting"), [
     ({"kube_bindings": ()}, "FLUX_AGENT_KUBE_BINDINGS"),
     ({"kube_bindings": ("etl=nasa:root",)}, "FLUX_AGENT_KUBE_BINDINGS"),
-    ({"kube_bindings": ("etl=cia",)}, "FLUX_AGENT_KUBE_BINDINGS"),
+    # an agency the manifest does not list (the flux profile's five)
+    ({"kube_bindings": ("etl=cia",), "schema_profile": "flux"}, "FLUX_AGENT_KUBE_BINDINGS"),
     ({"jwt_issuers": ()}, "FLUX_AGENT_JWT_ISSUERS"),
 ])
 async def test_kubernetes_mode_configuration_errors(database: Database, state_dir: Path,
