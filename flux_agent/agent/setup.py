@@ -245,14 +245,21 @@ def unrelated_files(config: AgentConfig) -> list[Path]:
 def record_endpoints(config: AgentConfig, event_url: str | None, socket_path: Path | None,
                      admin_url: str | None) -> Path:
     """Worker thread: say in the state dir where this agent listens and whom it writes as,
-    so that ``flux-agent status`` finds it wherever it listens. Returns the file."""
+    so that ``flux-agent status`` finds it wherever it listens. Returns the file. A disk
+    that refuses it (full) does not stop the agent: status then needs its listen address."""
     path = config.state_path / AGENT_FILE
-    write_atomic(path, json.dumps({
-        "pid": os.getpid(), "admin_url": admin_url, "event_url": event_url,
-        "socket": str(socket_path) if socket_path else None, "role": config.role,
-        "auth": config.auth, "agency": config.agency if config.auth == "none" else None,
-        "embedded_database": not config.database_url and not config.aggregators,
-    }).encode())
+    try:
+        write_atomic(path, json.dumps({
+            "pid": os.getpid(), "admin_url": admin_url, "event_url": event_url,
+            "socket": str(socket_path) if socket_path else None, "role": config.role,
+            "auth": config.auth, "agency": config.agency if config.auth == "none" else None,
+            "embedded_database": not config.database_url and not config.aggregators,
+        }).encode())
+    except OSError as exc:
+        log.warning("cannot record where the agent listens; flux-agent status needs "
+                    "FLUX_AGENT_ADMIN_LISTEN or --url", extra={"fields": {
+                        "path": str(path), "error": reason(exc)}})
+        path.unlink(missing_ok=True)
     return path
 
 
