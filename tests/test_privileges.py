@@ -7,8 +7,11 @@ here and dropped at the end; the agent connects to PostgreSQL directly, as that 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -148,6 +151,12 @@ async def test_a_revoked_role_reads_503_permission_denied_and_readiness_says_why
         assert await postgres_up(agent) == 0.0
         deep = (await get(agent.endpoints.admin_url + "/health/deep"))[1]
         assert deep["database"]["reason"] == "database_permission_denied"
+        said = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "flux_agent", "status", "--url",
+                             agent.endpoints.admin_url], capture_output=True, text=True,
+            timeout=60)
+        assert said.returncode == 1, said.stderr  # not healthy
+        assert "down (database_permission_denied): 42501" in said.stdout, said.stdout
 
         # One ERROR line names the refused privilege and the grant, however often it failed.
         named = [r for r in caplog.records if r.levelno == logging.ERROR

@@ -137,13 +137,15 @@ def _validate(args: argparse.Namespace) -> tuple[AgentConfig, list[str]]:
     from ..postgres.embedded import EmbeddedError, find_bin_dir
 
     config = load_config(args)
-    preflight(config)
+    schemas, _ = preflight(config)
     if config.tracing != "off":
         try:
             make_exporter(config.tracing)
         except RuntimeError as exc:
             raise ConfigError(env_name("tracing"), str(exc)) from None
-    notes = []
+    kinds = f" (kinds: {', '.join(sorted(schemas.payloads))})" if schemas.payloads else ""
+    notes = [f"payload schemas: {schemas.payload_source}{kinds}; agency manifest: "
+             f"{schemas.manifest.source}"]
     if config.database_url:
         if args.check_database:
             notes.append(_run_async(lambda: _check_database(config)))

@@ -164,7 +164,8 @@ def _reach(part: Any) -> str:
     status = str(part.get("status", "unknown"))
     where = f" ({part['current']})" if part.get("current") else ""
     if status != "up":
-        return f"{status}{where}: {part.get('error') or 'no detail'}"
+        why = f" ({part['reason']})" if part.get("reason") else ""
+        return f"{status}{why}{where}: {part.get('error') or 'no detail'}"
     parts = [status]
     if part.get("latency_ms") is not None:
         parts.append(f"{part['latency_ms']:g} ms")
