@@ -228,7 +228,8 @@ class Agent:
             supervisor=self.supervisor, spool=spool, flusher=flusher, upstream=delivery.health,
             checkpoints=self.checkpoints, runs=self.runs, extra_metrics=delivery.metrics)
         self.metrics.add_state(self.probes.metric_values)
-        self.metrics.known_labels(schemas.manifest.retention_days)
+        # The manifest's agencies, and those served for certain: the fixed one, the bound.
+        self.metrics.known_labels(contract.retention_days())
         events = self._event_api(contract, authenticator, auditor)
         admin = admin_app(self.probes, self.metrics, authenticator)
         for server in await listeners.serve(config, sockets, events, admin, tls):
