@@ -320,3 +320,20 @@ def test_the_tiers_configuration_rules(tmp_path: Path):
     assert slower.batch_max_age == 2.0  # ...unless set
     assert json.loads(json.dumps({"secret": str(Secret("x"))}))  # Secret stays a str
     assert record_encoder.encode(ForwardedRecord([], [], [])) == wire.encode(Work())
+
+
+def test_an_upstreams_state_follows_its_last_calls():
+    from flux_agent.core.health import path_state
+
+    now = 1000.0
+    state = {"connect_timeout": 5.0, "window": 30.0, "now": now}
+    assert path_state(None, None, [], **state) == "unknown"
+    assert path_state(now - 1, None, [], **state) == "up"
+    assert path_state(now - 60, None, [], **state) == "unknown"  # idle: not proven either way
+    assert path_state(now - 2, now - 1, [], **state) == "down"
+    assert path_state(now - 1, now - 2, [], **state) == "up"  # recovered since
+    # A call waiting longer than a connection may take, with nothing working since it began:
+    # a black hole is down before the call's own deadline.
+    assert path_state(now - 20, None, [now - 6], **state) == "down"
+    assert path_state(now - 1, None, [now - 6], **state) == "up"
+    assert path_state(now - 20, None, [now - 2], **state) == "up"

@@ -24,6 +24,7 @@ import aiohttp
 import msgspec
 
 from ..core.errors import PermissionDenied, StoreUnavailable, UpstreamError
+from ..core.health import path_state
 from ..core.net import tune_socket
 
 log = logging.getLogger("flux_agent.forward")
@@ -149,19 +150,9 @@ class Upstream:
             self._rotate()
 
     def state(self, window: float) -> str:
-        """``up``, ``down`` or ``unknown``, as PostgreSQL's pool reports its own."""
-        now = time.monotonic()
-        if self.last_failure is not None and (self.last_ok is None
-                                              or self.last_failure > self.last_ok):
-            return "down"
-        if self._inflight:
-            oldest = min(self._inflight.values())
-            if now - oldest > self.connect_timeout and (self.last_ok is None
-                                                        or self.last_ok < oldest):
-                return "down"
-        if self.last_ok is not None and now - self.last_ok <= window:
-            return "up"
-        return "unknown"
+        """``up``, ``down`` or ``unknown``, by the rule PostgreSQL's pool follows too."""
+        return path_state(self.last_ok, self.last_failure, self._inflight.values(),
+                          connect_timeout=self.connect_timeout, window=window)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -32,6 +32,7 @@ import asyncpg
 
 from ..core.errors import Fault, PermissionDenied, UnsafeRole
 from ..core.files import write_atomic
+from ..core.health import path_state
 from ..core.net import tune_socket
 from .errors import DATABASE_SETTING, describe, translate, unreachable
 
@@ -246,22 +247,10 @@ class Postgres:
                           "missing_privilege": exc.detail}})
 
     def state(self, window: float) -> str:
-        """``up`` when a round trip worked within ``window`` seconds and nothing failed
-        since; ``down`` when the last attempt failed, or when one has waited longer than a
-        connection may take with nothing succeeding since it began (a black-holed path
-        is down before the statement's deadline says so); ``unknown`` otherwise (idle)."""
-        now = time.monotonic()
-        if self.last_failure is not None and (self.last_ok is None
-                                              or self.last_failure > self.last_ok):
-            return "down"
-        if self._inflight:
-            oldest = min(self._inflight.values())
-            if now - oldest > self.timeouts.connect and (self.last_ok is None
-                                                         or self.last_ok < oldest):
-                return "down"
-        if self.last_ok is not None and now - self.last_ok <= window:
-            return "up"
-        return "unknown"
+        """``up``, ``down`` or ``unknown`` from the last operations (see
+        :func:`~flux_agent.core.health.path_state`)."""
+        return path_state(self.last_ok, self.last_failure, self._inflight.values(),
+                          connect_timeout=self.timeouts.connect, window=window)
 
     async def ping(self) -> float:
         """Round-trip latency in seconds."""
