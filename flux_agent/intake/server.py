@@ -101,10 +101,14 @@ class ProblemRequestHandler(web.RequestHandler):
                         extra={"fields": {"status": status, "error": what}})
             if request.writer.output_size > 0:
                 raise ConnectionError("response already started; cannot answer the error")
-            if isinstance(exc, ContentEncodingError):  # br or zstd without their codec
-                status = 415
+            if isinstance(exc, ContentEncodingError) and "install" in str(exc):
+                status = 415  # br or zstd without their codec
                 err = ValidationError("UNSUPPORTED_MEDIA_TYPE", "this Content-Encoding is not "
                                       "accepted; send gzip, deflate or none", status=415)
+            elif isinstance(exc, ContentEncodingError):  # gzip or deflate that does not decode
+                status = 400
+                err = ValidationError("INVALID_BODY", "the request body could not be read: "
+                                      f"{exc.message}", status=400)
             else:
                 err = ValidationError("BAD_REQUEST", f"the request is not valid HTTP ({what})",
                                       status=status)
@@ -112,6 +116,9 @@ class ProblemRequestHandler(web.RequestHandler):
         response = web.Response(body=json_bytes(body), status=status,
                                 content_type=PROBLEM_CONTENT_TYPE)
         response.force_close()
+        # Said in words too: the answer to a request aiohttp could not parse is HTTP/1.0,
+        # where closing is only implied (RFC 9112 section 9.6).
+        response.headers["Connection"] = "close"
         return response
 
 
