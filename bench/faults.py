@@ -90,6 +90,7 @@ async def run_fault(name: str, db: Database, tmp: Path, seconds: float) -> dict[
         mount = state
         env["FLUX_AGENT_SPOOL_SEGMENT_BYTES"] = "4MiB"
         env["FLUX_AGENT_REQUEST_MAX_BYTES"] = "1MiB"
+        env["FLUX_AGENT_LINEAGE_MAX_BYTES"] = "1MiB"
         env["FLUX_AGENT_REQUEST_MEMORY_BYTES"] = "4MiB"
     agent = AgentProc(_via(db, proxy), state, **env)
     row: dict[str, Any] = {"fault": name, "fault_seconds": seconds}

@@ -31,10 +31,12 @@ from ..flush.batch import Limits
 from ..flush.flusher import Flusher
 from ..forward import wire
 from ..intake.admin import admin_app
+from ..intake.answers import Answers
 from ..intake.app import AggregatorApi, Authentication, EventApi
 from ..intake.audit import Auditor
 from ..intake.auth import Authenticator
 from ..intake.body import BodyReader
+from ..intake.memory import RequestMemory, records_cost
 from ..intake.routes.checkpoint import CheckpointRoutes
 from ..intake.routes.common import Commits, Gate, RequestAudit, Sealer
 from ..intake.routes.drain import DrainRoutes
@@ -96,6 +98,7 @@ class Agent:
         self.contract: Contract | None = None  # the schemas in force (a reload swaps them)
         self.reloader: Reloader | None = None
         self.event_app: web.Application | None = None
+        self.request_memory: RequestMemory | None = None
         self._authenticator = authenticator
         self._span_exporter = span_exporter
         self._stack = contextlib.AsyncExitStack()
@@ -252,8 +255,14 @@ class Agent:
         max_bytes = config.request_max_bytes
         if config.role == "aggregator":  # a window of a sidecar's flusher, whole
             max_bytes = max(max_bytes, wire.MAX_BYTES)
-        bodies = BodyReader(memory_bytes=max(config.request_memory_bytes, max_bytes),
-                            timeout=config.request_body_timeout, max_bytes=max_bytes)
+        largest = max(max_bytes, config.lineage_max_bytes)
+        memory = RequestMemory(config.request_memory_bytes, largest,
+                               timeout=config.request_body_timeout)
+        self.request_memory = memory
+        answers = Answers(memory, page_bytes=config.read_page_max_bytes,
+                          send_timeout=config.request_body_timeout)
+        bodies = BodyReader(memory, timeout=config.request_body_timeout, max_bytes=max_bytes,
+                            cost=records_cost if config.role == "aggregator" else None)
         sealer = Sealer(contract.retention, config.effective_agent_id)
         commits = Commits(self.spool, self.flusher, timeout=config.commit_wait_timeout)
         audit = RequestAudit(auditor)
@@ -265,13 +274,14 @@ class Agent:
                                 aggregator=config.role == "aggregator")
         checkpoint_routes = CheckpointRoutes(
             checkpoints=self.checkpoints, reader=reader, sealer=sealer, spool=self.spool,
-            commits=commits, gate=self.gate, bodies=bodies, metrics=self.metrics, audit=audit)
+            commits=commits, gate=self.gate, bodies=bodies, metrics=self.metrics, audit=audit,
+            answers=answers)
         if config.role == "aggregator":
             api = AggregatorApi(
                 records=RecordsRoutes(spool=self.spool, gate=self.gate, bodies=bodies,
                                       commits=commits, checkpoints=self.checkpoints,
                                       metrics=self.metrics, audit=audit),
-                checkpoints=checkpoint_routes, reads=ReadRoutes(reader, commits),
+                checkpoints=checkpoint_routes, reads=ReadRoutes(reader, commits, answers),
                 openapi=openapi)
             self.api = api
             self.event_app = api.app(auth=auth, metrics=self.metrics, tracing=self.tracing,
@@ -281,10 +291,16 @@ class Agent:
                         spool=self.spool, seen=self.seen, commits=commits, gate=self.gate,
                         bodies=bodies, metrics=self.metrics, runs=self.runs,
                         tracing=self.tracing)
+        # OpenLineage has its own limit (RunEvents with Spark plans are large), in the same
+        # request memory as every other route.
+        lineage_ingest = ingest.with_limit(EventChecker(contract, config.lineage_max_bytes),
+                                           bodies.with_limit(config.lineage_max_bytes,
+                                                             copies=4))
         self.api = EventApi(
-            ingest=ingest, lineage=LineageRoutes(ingest, bodies, contract),
+            ingest=ingest,
+            lineage=LineageRoutes(lineage_ingest, lineage_ingest.bodies, contract),
             checkpoints=checkpoint_routes,
-            reads=ReadRoutes(reader, commits), openapi=openapi,
+            reads=ReadRoutes(reader, commits, answers), openapi=openapi,
             drain=DrainRoutes(self._drain_request, audit))
         self.event_app = self.api.app(auth=auth, metrics=self.metrics, tracing=self.tracing,
                                       max_bytes=max_bytes)

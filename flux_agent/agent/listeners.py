@@ -155,7 +155,7 @@ async def serve(config: AgentConfig, sockets: Sockets, events: web.Application,
     limits = HttpLimits(idle_timeout=config.http_idle_timeout,
                         header_timeout=config.http_header_timeout,
                         max_connections={"tcp": caps["tcp"], "unix": caps["unix"]},
-                        max_chunk=config.request_max_bytes)
+                        max_chunk=max(config.request_max_bytes, config.lineage_max_bytes))
     log.info("HTTP connection limits", extra={"fields": caps})
     servers: list[HttpServer] = []
     bound = sockets.bound

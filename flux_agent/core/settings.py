@@ -290,15 +290,23 @@ class AgentConfig:
         shown_default="4MiB",
     )
     request_memory_bytes: int = setting(
-        8 * 1024**2,
-        "Request bodies processed at once; further requests wait (TCP backpressure).",
+        64 * 1024**2,
+        "Memory for everything requests hold: an eighth for bodies being read, an eighth "
+        "for read answers not yet taken by their clients, the rest for the work on admitted "
+        "requests (body, decoded objects, sealed rows, spool record; estimated from the "
+        "body before it is decoded). A request that does not fit waits (TCP backpressure; "
+        "503 `INTAKE_BUSY` after `FLUX_AGENT_REQUEST_BODY_TIMEOUT`), a read gets a shorter "
+        "page or 503 `ANSWERS_BUSY`, a body estimated beyond the working share 413 "
+        "`REQUEST_TOO_COMPLEX`. At least four largest request bodies.",
         parse_bytes,
-        shown_default="8MiB",
+        shown_default="64MiB",
     )
     request_body_timeout: float = setting(
         30.0,
-        "A request body must arrive within this (else 408), and a request waits at most this "
-        "long for request memory (else 503): a stalled upload cannot hold intake.",
+        "A request body must arrive within this (else 408), a request waits at most this "
+        "long for request memory (else 503), and a client must take each part of an answer "
+        "within this (else the connection is closed): a stalled upload or a client that "
+        "does not read cannot hold the agent's memory.",
         parse_duration,
         shown_default="30s",
     )
@@ -404,6 +412,16 @@ class AgentConfig:
     event_max_bytes: int = setting(
         256 * 1024, "Largest payload of one event (canonical JSON).", parse_bytes,
         shown_default="256KiB",
+    )
+    lineage_max_bytes: int = setting(
+        4 * 1024**2, "Largest OpenLineage RunEvent on `POST /api/v1/lineage`: the request "
+        "body (after gzip decoding) and the stored payload (canonical JSON) it becomes; "
+        "beyond it 413 (the RunEvent is not stored).", parse_bytes, shown_default="4MiB",
+    )
+    read_page_max_bytes: int = setting(
+        1024**2, "A page of `GET /v1/runs/{run_id}/events` (and `GET /v1/runs`) ends before "
+        "it would exceed this many bytes of JSON (it always holds at least one item); its "
+        "`next_cursor` continues where it stopped.", parse_bytes, shown_default="1MiB",
     )
     batch_max_events: int = setting(
         500, "A flush transaction closes at this many events (per lane): as fast as larger "
@@ -811,9 +829,11 @@ def _check(config: AgentConfig, serving: bool = True) -> None:
     sock = config.socket_path
     if sock is not None and len(os.fsencode(sock)) > 100:
         raise ConfigError(env_name("socket"), f"path too long for a Unix socket: {sock}")
-    if config.request_memory_bytes < config.request_max_bytes:
+    largest = max(config.request_max_bytes, config.lineage_max_bytes)
+    if config.request_memory_bytes < 4 * largest:
         raise ConfigError(env_name("request_memory_bytes"),
-                          "must hold at least one largest request (FLUX_AGENT_REQUEST_MAX_BYTES)")
+                          "must hold at least four largest request bodies "
+                          "(FLUX_AGENT_REQUEST_MAX_BYTES, FLUX_AGENT_LINEAGE_MAX_BYTES)")
     if config.event_max_bytes > config.request_max_bytes:
         raise ConfigError(env_name("event_max_bytes"),
                           "must not exceed FLUX_AGENT_REQUEST_MAX_BYTES")

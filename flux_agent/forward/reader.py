@@ -12,7 +12,13 @@ import msgspec
 
 from ..core.errors import BadParameter, UpstreamError
 from ..core.event import CheckpointRow
-from ..core.reads import BadCursor
+from ..core.reads import (
+    RUN_ITEM_BYTES,
+    BadCursor,
+    Page,
+    encode_cursor,
+    encode_runs_cursor,
+)
 from . import wire
 from .upstream import Answer, Upstream
 
@@ -31,7 +37,16 @@ class _Checkpoint(msgspec.Struct):
     status: str | None = None
 
 
+class _Page(msgspec.Struct):
+    """A page as an aggregator answers it; its items kept as the raw JSON they came as."""
+
+    events: list[msgspec.Raw] | None = None
+    runs: list[msgspec.Raw] | None = None
+    next_cursor: str | None = None
+
+
 _checkpoint = msgspec.json.Decoder(_Checkpoint)
+_page_decoder = msgspec.json.Decoder(_Page)
 _json = msgspec.json.Decoder()
 
 
@@ -79,21 +94,57 @@ class UpstreamReader:
         answer = await self._get(agency, f"/v1/runs/{quote(run_id)}")
         return None if answer is None else dict(_decode(answer))
 
+    async def runs(self, agency: str, *, cursor: str | None, limit: int, max_bytes: int
+                   ) -> Page:
+        query = {k: v for k, v in (("cursor", cursor), ("limit", str(limit))) if v is not None}
+        answer = await self._get(agency, f"/v1/runs?{urlencode(query)}")
+        if answer is None:
+            return Page([], None, 0)
+        page = _page(answer)
+        items = page.runs or []
+        kept = max(1, min(len(items), max_bytes // RUN_ITEM_BYTES)) if items else 0
+        if kept < len(items):  # the aggregator's pages may be larger than this agent's
+            last = msgspec.json.decode(items[kept - 1])
+            following: str | None = encode_runs_cursor(
+                datetime.fromisoformat(last["first_event_at"]), last["run_id"])
+        else:
+            following = page.next_cursor
+        return Page(items[:kept], following, kept * RUN_ITEM_BYTES)
+
     async def run_events(self, agency: str, run_id: str, *, kind: str | None,
-                         step: str | None, cursor: str | None, limit: int
-                         ) -> tuple[list[dict[str, Any]], str | None]:
+                         step: str | None, cursor: str | None, limit: int, max_bytes: int
+                         ) -> Page:
         query = {k: v for k, v in (("kind", kind), ("step", step), ("cursor", cursor),
                                    ("limit", str(limit))) if v is not None}
         answer = await self._get(agency,
                                  f"/v1/runs/{quote(run_id)}/events?{urlencode(query)}")
         if answer is None:
-            return [], None
-        page = _decode(answer)
-        return list(page.get("events", [])), page.get("next_cursor")
+            return Page([], None, 0)
+        page = _page(answer)
+        events = page.events or []  # each event's JSON as the aggregator sent it
+        total, kept = 0, 0
+        for raw in events:
+            if kept and total + len(raw) > max_bytes:
+                break
+            total += len(raw)
+            kept += 1
+        following = page.next_cursor
+        if kept < len(events):  # cut to this agent's page budget: continue after the last
+            last = msgspec.json.decode(events[kept - 1])
+            following = encode_cursor(datetime.fromisoformat(last["occurred_at"]),
+                                      last["event_id"])
+        return Page(events[:kept], following, total)
 
     async def event(self, agency: str, event_id: str) -> dict[str, Any] | None:
         answer = await self._get(agency, f"/v1/events/{quote(event_id)}")
         return None if answer is None else dict(_decode(answer))
+
+
+def _page(answer: Answer) -> _Page:
+    try:
+        return _page_decoder.decode(answer.body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise UpstreamError("an aggregator's page that is not one") from None
 
 
 def _decode(answer: Answer) -> Any:

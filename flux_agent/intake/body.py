@@ -1,20 +1,22 @@
-"""Request bodies: read within their deadline and the request-memory budget, their media
-type checked, decoded as JSON or NDJSON with errors that name the byte or line at fault."""
+"""Request bodies: read within their deadline and request memory (:mod:`.memory`), their
+media type checked, decoded as JSON or NDJSON with errors that name the byte or line at
+fault."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
-from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from ..core.digest import MAX_DEPTH
-from ..core.errors import TransientError, ValidationError, too_deep
+from ..core.errors import ValidationError, too_deep
+from .memory import ByteBudget, RequestMemory, body_cost
 from .responses import problem_response
 
 _BYTE_POS = re.compile(r"\(byte (\d+)\)")
@@ -26,103 +28,104 @@ _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeErr
                   RecursionError)
 
 
-class ByteBudget:
-    """Bounds the request bodies processed at once. A request that does not fit waits, in
-    arrival order; while it waits its body stays in the kernel's socket buffers (TCP
-    backpressure)."""
+class Admitted:
+    """A request body read in full, and the working memory reserved for what it becomes;
+    :meth:`release` (at the latest when the ``admit`` block ends) gives the memory back."""
 
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.free = total
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+    __slots__ = ("_memory", "body", "nbytes")
 
-    def try_acquire(self, nbytes: int) -> int:
-        """Take ``nbytes`` now if they are free and nobody waits; 0 otherwise."""
-        nbytes = min(nbytes, self.total)
-        if self.free >= nbytes and not self._waiters:
-            self.free -= nbytes
-            return nbytes
-        return 0
+    def __init__(self, body: bytearray, memory: ByteBudget, nbytes: int) -> None:
+        self.body = body
+        self._memory = memory
+        self.nbytes = nbytes
 
-    async def acquire(self, nbytes: int) -> int:
-        nbytes = min(nbytes, self.total)
-        if self.free >= nbytes and not self._waiters:
-            self.free -= nbytes
-            return nbytes
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((nbytes, fut))
-        try:
-            await fut
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                self.release(nbytes)  # granted just as we were cancelled: give it back
-            else:
-                self._waiters.remove((nbytes, fut))
-            raise
-        return nbytes
+    def drop_body(self) -> None:
+        """The body is decoded: let it go (its share of the estimate stays reserved)."""
+        self.body = bytearray()
 
-    def release(self, nbytes: int) -> None:
-        self.free += nbytes
-        while self._waiters and self._waiters[0][0] <= self.free:
-            wanted, fut = self._waiters.popleft()
-            if not fut.done():
-                self.free -= wanted
-                fut.set_result(None)
+    def release(self) -> None:
+        self.body = bytearray()
+        if self.nbytes:
+            self._memory.release(self.nbytes)
+            self.nbytes = 0
 
 
 class BodyReader:
-    """Every route that reads a body goes through here: a stalled upload can neither hold
-    memory (``memory_bytes``, shared by the bodies in process) nor wait forever
-    (``timeout``)."""
+    """Every route that reads a body goes through here: a body is read within request
+    memory (:mod:`.memory`: its reading share while it arrives, then the working share for
+    all it will become) and within its deadline (``timeout``), and is at most ``max_bytes``
+    once decoded from gzip. ``cost`` estimates the working memory of a body; ``copies`` is
+    how many copies of its canonical form the route makes (rows, record, spool frame)."""
 
-    def __init__(self, *, memory_bytes: int, timeout: float, max_bytes: int) -> None:
-        self.budget = ByteBudget(memory_bytes)
+    def __init__(self, memory: RequestMemory, *, timeout: float, max_bytes: int,
+                 copies: int = 3, cost: Callable[[bytearray], int] | None = None) -> None:
+        self.memory = memory
         self.timeout = timeout
         self.max_bytes = max_bytes
+        self.cost = cost or functools.partial(body_cost, copies=copies)
         decoder = msgspec.json.Decoder()
         self._decode_json = decoder.decode
         self._decode_lines = decoder.decode_lines
 
-    @contextlib.asynccontextmanager
-    async def read(self, request: web.Request) -> AsyncIterator[bytes]:
-        """The body, counted against the memory budget until the block ends."""
-        reserved = await self.reserve(request)
-        try:
-            yield await self._read_within_deadline(request)
-        finally:
-            self.budget.release(reserved)
+    @property
+    def budget(self) -> ByteBudget:
+        """The reading share (bodies arriving)."""
+        return self.memory.reading
 
-    async def reserve(self, request: web.Request) -> int:
-        # A compressed or chunked body may decode to the largest request allowed.
+    def with_limit(self, max_bytes: int, copies: int = 3) -> BodyReader:
+        """A reader of the same memory for a route with its own body limit."""
+        return BodyReader(self.memory, timeout=self.timeout, max_bytes=max_bytes,
+                          copies=copies)
+
+    @contextlib.asynccontextmanager
+    async def admit(self, request: web.Request) -> AsyncIterator[Admitted]:
+        """The body, read, with working memory reserved for it until the block ends."""
         size = request.content_length
+        if size is not None and size > self.max_bytes and \
+                "Content-Encoding" not in request.headers:
+            raise too_large(self.max_bytes)
+        # A compressed or chunked body may decode to the largest one allowed.
         if size is None or "Content-Encoding" in request.headers:
             size = self.max_bytes
-        reserved = self.budget.try_acquire(size)  # the common case: no wait, no timer
-        if reserved:
-            return reserved
-        # The budget is taken by the declared size before the body arrives, so a body that
-        # stalls must give it back: every wait here is bounded.
+        reading = await self.memory.reserve_reading(size)
         try:
-            async with asyncio.timeout(self.timeout):
-                return await self.budget.acquire(size)
-        except TimeoutError:
-            raise TransientError("INTAKE_BUSY", "request memory is held by requests still "
-                                 "being read; retry shortly", retry_after=1) from None
+            body = await self._read_within_deadline(request)
+            working = await self.memory.reserve_working(self.cost(body))
+        finally:
+            self.memory.reading.release(reading)
+        admitted = Admitted(body, self.memory.working, working)
+        try:
+            yield admitted
+        finally:
+            admitted.release()
 
-    async def _read_within_deadline(self, request: web.Request) -> bytes:
+    async def _read_within_deadline(self, request: web.Request) -> bytearray:
         if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
-            return await _read_body(request)
+            return await self._read_body(request)
         try:
             async with asyncio.timeout(self.timeout):
-                return await _read_body(request)
+                return await self._read_body(request)
         except TimeoutError:
             raise ValidationError("BODY_TIMEOUT", f"the request body did not arrive within "
                                   f"{self.timeout:g} s; nothing was accepted",
                                   status=408) from None
 
+    async def _read_body(self, request: web.Request) -> bytearray:
+        content, limit = request.content, self.max_bytes
+        body = bytearray()
+        while chunk := await content.readany():
+            if len(body) + len(chunk) > limit:
+                raise too_large(limit)
+            body += chunk
+        if not body and request.headers.get("Content-Encoding", "identity") != "identity":
+            # A gzip stream cut short decodes to nothing: say that, not "the body is empty".
+            raise ValidationError("INVALID_BODY", "the compressed body decodes to nothing "
+                                  "(an incomplete or empty stream)", status=400)
+        return body
+
     # ---------------------------------------------------------------- decoding
 
-    def decode(self, body: bytes, ndjson: bool) -> tuple[list[Any], bool]:
+    def decode(self, body: bytes | bytearray, ndjson: bool) -> tuple[list[Any], bool]:
         """The events of a body: ``(events, batch)``, batch False for a single object."""
         if not ndjson:
             doc = self.decode_one(body, "")
@@ -135,14 +138,14 @@ class BodyReader:
             events: list[Any] = self._decode_lines(body)  # all lines at once, in C
         except _DECODE_ERRORS:
             events = []  # find the bad line, to name it
-            for n, line in enumerate(body.split(b"\n"), start=1):
+            for n, line in enumerate(bytes(body).split(b"\n"), start=1):  # errors only
                 if line.strip():
                     events.append(self.decode_one(line, f" on line {n}", f"/{len(events)}"))
         if not events:
             raise ValidationError("EMPTY_REQUEST", "the body holds no events")
         return events, True
 
-    def decode_one(self, data: bytes, where: str, place: str = "") -> Any:
+    def decode_one(self, data: bytes | bytearray, where: str, place: str = "") -> Any:
         """``place``: the JSON pointer of this document in the request (an NDJSON line's)."""
         try:
             return self._decode_json(data)
@@ -226,16 +229,7 @@ def prefers_committed(request: web.Request) -> bool:
     return False
 
 
-async def _read_body(request: web.Request) -> bytes:
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.client_max_size
-        raise ValidationError("REQUEST_TOO_LARGE", f"the request body is larger than {limit} "
-                              "bytes (after decoding); nothing was accepted", status=413,
-                              context={"limit_bytes": limit}) from None
-    if not body and request.headers.get("Content-Encoding", "identity") != "identity":
-        # A gzip stream cut short decodes to nothing: say that, not "the body is empty".
-        raise ValidationError("INVALID_BODY", "the compressed body decodes to nothing "
-                              "(an incomplete or empty stream)", status=400)
-    return body
+def too_large(limit: int) -> ValidationError:
+    return ValidationError("REQUEST_TOO_LARGE", f"the request body is larger than {limit} "
+                           "bytes (after decoding); nothing was accepted", status=413,
+                           context={"limit_bytes": limit})

@@ -21,6 +21,7 @@ the response is written; what aiohttp's parser refuses is answered in problem+js
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -51,6 +52,7 @@ log = logging.getLogger("flux_agent.intake")
 ACCEPT_BACKLOG = 128  # aiohttp's own; a Unix socket refuses connects beyond it at once
 _LOG_INTERVAL = 60.0  # a flood of refusals or evictions is said once a minute
 _LINGER = 0.5  # seconds a refused connection is read (and dropped) before it is closed
+SEND_BUFFER = 64 * 1024  # SO_SNDBUF of a TCP connection (the kernel doubles it)
 # A caller's mistake that aiohttp reports through log_exception (a body it cannot decode
 # or that ends early, found while draining it after the answer): not the agent's failure.
 _CLIENT_FAULTS = (HttpProcessingError, RequestPayloadError, ConnectionError)
@@ -161,6 +163,13 @@ class Guard(asyncio.Protocol):
                 conn.close()
             return
         self.listener = listener
+        if listener == "tcp":
+            # The kernel's send buffer of a TCP connection grows to 4 MiB (tcp_wmem) when a
+            # client stops reading: memory the agent cannot account for. A fixed size keeps
+            # what a connection holds small; on a local network it costs no speed.
+            sock = conn.get_extra_info("socket")
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self.inner.connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:

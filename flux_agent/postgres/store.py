@@ -7,54 +7,70 @@ The read path never writes.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
 from ..core.digest import canonical_json, sha256_hex
 from ..core.event import CheckpointRow
-from ..core.ids import UUID_TEXT
-from ..core.reads import BadCursor
+from ..core.reads import (
+    EVENT_ENVELOPE_BYTES,
+    RUN_ITEM_BYTES,
+    Page,
+    decode_cursor,
+    decode_runs_cursor,
+    encode_cursor,
+    encode_runs_cursor,
+)
 from ..core.timefmt import rfc3339
 from .jsonb import UNRECORDED, Unrestorable, matches, restore
 from .pool import Postgres
 
 _SET_AGENCY = "SELECT set_config('flux.current_agency_id', $1, true)"
+# The payload as its UTF-8 bytes (bytea): passed to the answer as raw JSON, never decoded.
 _EVENT_COLUMNS = (
     "agency_id, event_id::text AS event_id, run_id, kind, step, occurred_at, received_at, "
-    "provider, model, payload::text AS payload, payload_sha256, correlation_id, agent_id, "
-    "trace_id, span_id, expires_at, payload_hint::text AS payload_hint"
+    "provider, model, convert_to(payload::text, 'UTF8') AS payload, payload_sha256, "
+    "correlation_id, agent_id, trace_id, span_id, expires_at, "
+    "payload_hint::text AS payload_hint"
 )
 _CHECKPOINT_COLUMNS = (  # in CheckpointRow's order
     "agency_id, run_id, version, step, state::text AS state, checkpoint_hash, provider, model, "
     "status, saved_at, expires_at, event_id::text AS event_id, correlation_id"
 )
 TERMINAL = {"run.completed": "completed", "run.failed": "failed", "run.aborted": "aborted"}
-
-
-
-
-def encode_cursor(occurred_at: datetime, event_id: str) -> str:
-    raw = msgspec.json.encode([occurred_at.isoformat(), event_id])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        when, event_id = msgspec.json.decode(raw, type=tuple[str, str])
-        at = datetime.fromisoformat(when)
-        # What this agent issued, and nothing PostgreSQL would refuse as a parameter.
-        if at.tzinfo is None or not UUID_TEXT.fullmatch(event_id):
-            raise ValueError(cursor)
-        at.astimezone(UTC)  # OverflowError near year 1 or 9999
-        return at, event_id
-    except (ValueError, OverflowError, msgspec.DecodeError, msgspec.ValidationError):
-        raise BadCursor("the cursor is not one this agent issued") from None
+# A page of events: the first ``limit`` + 1 in order, each with its size and the running
+# total, of which PostgreSQL sends the first and then those within the byte budget. The
+# (limit + 1)th only says whether there is more.
+_PAGE = f"""
+SELECT s.* FROM (
+  SELECT p.*, sum(p.nbytes) OVER w AS upto, row_number() OVER w AS n, count(*) OVER () AS fetched
+  FROM (
+    SELECT q.*, octet_length(q.payload) + octet_length(coalesce(q.step, ''))
+           + octet_length(coalesce(q.provider, '')) + octet_length(coalesce(q.model, ''))
+           + {EVENT_ENVELOPE_BYTES} AS nbytes
+    FROM (SELECT {_EVENT_COLUMNS}, event_id AS uuid FROM flux.events WHERE {{where}}
+          ORDER BY occurred_at, event_id LIMIT ${{fetch}}) q
+  ) p
+  WINDOW w AS (ORDER BY p.occurred_at, p.uuid ROWS UNBOUNDED PRECEDING)
+) s WHERE s.n <= ${{limit}} AND (s.n = 1 OR s.upto <= ${{budget}})
+ORDER BY s.occurred_at, s.uuid"""
+# A page of runs, newest first (by first event, then run id), with each run's status from
+# its latest event that is not a checkpoint (one index probe per run of the page).
+_RUNS = """
+WITH page AS (
+  SELECT run_id, min(occurred_at) AS first_at, max(occurred_at) AS last_at, count(*) AS n
+  FROM flux.events WHERE agency_id = $1 GROUP BY run_id {having}
+  ORDER BY first_at DESC, run_id DESC LIMIT $2
+)
+SELECT p.run_id, p.first_at, p.last_at, p.n, s.kind AS last_kind FROM page p
+LEFT JOIN LATERAL (
+  SELECT kind FROM flux.events e WHERE e.agency_id = $1 AND e.run_id = p.run_id
+  AND e.kind <> 'checkpoint.saved' ORDER BY e.occurred_at DESC, e.event_id DESC LIMIT 1
+) s ON true
+ORDER BY p.first_at DESC, p.run_id DESC"""
 
 
 # Stored payloads may predate the nesting limit (the decoder once let ~1,000 levels in).
@@ -79,15 +95,16 @@ def _hash_matches(kind: str, body: str, digest: str, hint: str | None) -> bool |
     return matches(body, None if hint is None else json.loads(hint), digest, _hash)
 
 
-def _payload(text: str, hint: str | None) -> msgspec.Raw:
-    """A stored payload as it was hashed: jsonb's text, or where jsonb respelled numbers
-    (the hint names them), the canonical JSON with them put back."""
+def _payload(text: bytes, hint: str | None) -> msgspec.Raw:
+    """A stored payload as it was hashed: jsonb's text (its UTF-8 bytes, passed on as they
+    came), or where jsonb respelled numbers (the hint names them), the canonical JSON with
+    them put back."""
     if hint is None or not hint.startswith("["):
-        return msgspec.Raw(text.encode())
+        return msgspec.Raw(text)
     try:
         return msgspec.Raw(_canonical(restore(json.loads(text), json.loads(hint))))
     except Unrestorable:
-        return msgspec.Raw(text.encode())  # `flux-agent verify` names such a row
+        return msgspec.Raw(text)  # `flux-agent verify` names such a row
 
 
 def event_json(r: Any) -> dict[str, Any]:
@@ -182,11 +199,34 @@ class Store:
             "checkpoint_version": checkpoint,
         }
 
+    async def runs(self, agency: str, *, cursor: str | None, limit: int, max_bytes: int
+                   ) -> Page:
+        """The agency's runs, newest first (by their first event, then run id); keyset
+        pagination on that pair, which later events of a run do not move."""
+        args: list[Any] = [agency, limit + 1]
+        having = ""
+        if cursor:
+            args += list(decode_runs_cursor(cursor))
+            having = "HAVING (min(occurred_at), run_id) < ($3, $4)"
+        rows = await self._fetch(agency, _RUNS.format(having=having), *args)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        kept = max(1, min(len(rows), max_bytes // RUN_ITEM_BYTES))
+        more, rows = more or kept < len(rows), rows[:kept]
+        items = [{"run_id": r["run_id"], "status": TERMINAL.get(r["last_kind"], "running"),
+                  "first_event_at": rfc3339(r["first_at"]),
+                  "last_event_at": rfc3339(r["last_at"]), "events": r["n"]} for r in rows]
+        following = encode_runs_cursor(rows[-1]["first_at"], rows[-1]["run_id"]) \
+            if more and rows else None
+        return Page(items, following, len(items) * RUN_ITEM_BYTES)
+
     async def run_events(
         self, agency: str, run_id: str, *, kind: str | None, step: str | None,
-        cursor: str | None, limit: int,
-    ) -> tuple[list[dict[str, Any]], str | None]:
-        """One page in (occurred_at, event_id) order, and the cursor of the next page.
+        cursor: str | None, limit: int, max_bytes: int,
+    ) -> Page:
+        """One page in (occurred_at, event_id) order, and the cursor of the next page: at most
+        ``limit`` events and, beyond the first, about ``max_bytes`` of JSON (PostgreSQL cuts
+        the page, so no more than that is ever fetched).
 
         Keyset pagination: a page starts strictly after the last row of the previous one, so
         rows inserted meanwhile never make a row appear twice or shift another out of view.
@@ -203,14 +243,14 @@ class Store:
         if after is not None:
             args += [after[0], after[1]]
             where.append(f"(occurred_at, event_id) > (${len(args) - 1}, ${len(args)}::uuid)")
-        args.append(limit + 1)
-        rows = await self._fetch(
-            agency, f"SELECT {_EVENT_COLUMNS} FROM flux.events WHERE {' AND '.join(where)} "
-            f"ORDER BY occurred_at, event_id LIMIT ${len(args)}", *args)
-        more = len(rows) > limit
-        rows = rows[:limit]
+        args += [limit + 1, limit, max_bytes]
+        n = len(args)
+        rows = await self._fetch(agency, _PAGE.format(where=" AND ".join(where), fetch=n - 2,
+                                                      limit=n - 1, budget=n), *args)
+        more = bool(rows) and rows[0]["fetched"] > len(rows)
         following = encode_cursor(rows[-1]["occurred_at"], rows[-1]["event_id"]) if more else None
-        return [event_json(r) for r in rows], following
+        return Page([event_json(r) for r in rows], following,
+                    int(rows[-1]["upto"]) if rows else 0)
 
     async def event(self, agency: str, event_id: str) -> dict[str, Any] | None:
         # The partition key, computed from the id as PostgreSQL routes it (sql/006): one

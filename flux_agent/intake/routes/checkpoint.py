@@ -15,6 +15,7 @@ from ...core.reads import Reader
 from ...core.timefmt import rfc3339
 from ...obs.metrics import Metrics
 from ...spool import Spool
+from ..answers import Answers
 from ..auth import Claims, require
 from ..body import BodyReader, media_type, prefers_committed
 from ..responses import CLAIMS, json_response
@@ -35,7 +36,7 @@ class CheckpointRoutes:
 
     def __init__(self, *, checkpoints: Checkpoints, reader: Reader, sealer: Sealer,
                  spool: Spool, commits: Commits, gate: Gate, bodies: BodyReader,
-                 metrics: Metrics, audit: RequestAudit) -> None:
+                 metrics: Metrics, audit: RequestAudit, answers: Answers) -> None:
         self.checkpoints = checkpoints
         self.reader = reader
         self.sealer = sealer
@@ -45,6 +46,7 @@ class CheckpointRoutes:
         self.bodies = bodies
         self.metrics = metrics
         self.audit = audit
+        self.answers = answers
 
     async def put_checkpoint(self, request: web.Request) -> web.Response:
         claims: Claims = request[CLAIMS]
@@ -55,20 +57,23 @@ class CheckpointRoutes:
             if_match = parse_if_match(request.headers.get("If-Match"))
             media_type(request)
             self.spool.check_room(request.content_length or 0)
-            async with self.bodies.read(request) as raw:
-                body = self.bodies.decode_one(raw, "")
-            try:
-                known, previous, durable, seq = await self.checkpoints.save(
-                    claims.agency, run_id, body, self.sealer.seal(request, claims), if_match)
-            except FluxError:
-                self.metrics.checkpoints_saved.labels("false").inc()
-                raise
-            try:
-                await asyncio.shield(durable)
-            except BaseException:
-                self.checkpoints.forget(claims.agency, run_id, previous)
-                self.metrics.checkpoints_saved.labels("false").inc()
-                raise
+            async with self.bodies.admit(request) as admitted:  # until the save is durable
+                body = self.bodies.decode_one(admitted.body, "")
+                admitted.drop_body()
+                try:
+                    known, previous, durable, seq = await self.checkpoints.save(
+                        claims.agency, run_id, body, self.sealer.seal(request, claims),
+                        if_match)
+                except FluxError:
+                    self.metrics.checkpoints_saved.labels("false").inc()
+                    raise
+                del body
+                try:
+                    await asyncio.shield(durable)
+                except BaseException:
+                    self.checkpoints.forget(claims.agency, run_id, previous)
+                    self.metrics.checkpoints_saved.labels("false").inc()
+                    raise
             if wait:
                 await self.commits.wait(seq)
         row = known.row
@@ -86,7 +91,7 @@ class CheckpointRoutes:
             headers["Preference-Applied"] = "wait=committed"
         return json_response(checkpoint_json(row, with_state=False), 201, headers)
 
-    async def get_checkpoint(self, request: web.Request) -> web.Response:
+    async def get_checkpoint(self, request: web.Request) -> web.StreamResponse:
         claims: Claims = request[CLAIMS]
         require(claims, "read")
         run_id = known_run_id(request, "CHECKPOINT_NOT_FOUND")
@@ -102,10 +107,11 @@ class CheckpointRoutes:
             raise read_error(exc) from None
         if row is None:
             raise not_found("CHECKPOINT_NOT_FOUND", f"run {run_id} has no checkpoint")
-        return json_response(checkpoint_json(row, with_state=True), 200,
-                             {"ETag": f'"{row.version}"'})
+        return await self.answers.send(request, self.answers.for_page(),
+                                       checkpoint_json(row, with_state=True),
+                                       headers={"ETag": f'"{row.version}"'})
 
-    async def get_checkpoint_history(self, request: web.Request) -> web.Response:
+    async def get_checkpoint_history(self, request: web.Request) -> web.StreamResponse:
         claims: Claims = request[CLAIMS]
         require(claims, "read")
         run_id = known_run_id(request, "CHECKPOINT_NOT_FOUND")
@@ -124,7 +130,8 @@ class CheckpointRoutes:
                                 "pending": True})
         if not versions:
             raise not_found("CHECKPOINT_NOT_FOUND", f"run {run_id} has no checkpoint")
-        return json_response({"run_id": run_id, "versions": versions[:limit]})
+        return await self.answers.send(request, self.answers.for_page(),
+                                       {"run_id": run_id, "versions": versions[:limit]})
 
 
 def checkpoint_json(row: CheckpointRow, *, with_state: bool) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from ..seen import Key, SeenIndex
 from ..validate import EventChecker
 from .common import Commits, Gate, Sealer
 
-Reader = Callable[[web.Request, bytes], tuple[list[Any], bool]]
+Reader = Callable[[web.Request, bytearray], tuple[list[Any], bool]]
 
 
 @dataclass(slots=True)
@@ -56,10 +56,16 @@ class Ingest:
         self.runs = runs
         self.tracing = tracing
 
+    def with_limit(self, checker: EventChecker, bodies: BodyReader) -> Ingest:
+        """The same intake with other size limits (a route with its own)."""
+        return Ingest(checker=checker, sealer=self.sealer, spool=self.spool, seen=self.seen,
+                      commits=self.commits, gate=self.gate, bodies=bodies,
+                      metrics=self.metrics, runs=self.runs, tracing=self.tracing)
+
     async def post_events(self, request: web.Request) -> web.Response:
         return await self.ingest(request, self._read_events)
 
-    def _read_events(self, request: web.Request, body: bytes) -> tuple[list[Any], bool]:
+    def _read_events(self, request: web.Request, body: bytearray) -> tuple[list[Any], bool]:
         return self.bodies.decode(body, media_type(request))
 
     async def ingest(self, request: web.Request, read: Reader, created: int = 202,
@@ -72,12 +78,16 @@ class Ingest:
             with self.gate.enter():
                 # Refuse early when the spool is full, before reading a large body.
                 self.spool.check_room(request.content_length or 0)
-                async with self.bodies.read(request) as body:
-                    events, batch = read(request, body)
-                rows = self.checker.rows(events, self.sealer.seal(request, claims),
-                                         batch=batch, payload_depth=payload_depth)
-                del events
-                result = await self.accept(rows, claims.agency, wait=wait)
+                # Everything the request holds (body, objects, rows, record) is within the
+                # working memory admitted for it, until its record is durable.
+                async with self.bodies.admit(request) as admitted:
+                    events, batch = read(request, admitted.body)
+                    admitted.drop_body()
+                    rows = self.checker.rows(events, self.sealer.seal(request, claims),
+                                             batch=batch, payload_depth=payload_depth)
+                    del events
+                    result = await self.accept(rows, claims.agency, wait=wait,
+                                               on_durable=admitted.release)
         except FluxError as err:
             # Every refusal of an ingest request, whatever its cause (bad JSON, schema,
             # conflict, full spool, draining), counted by its code.
@@ -95,10 +105,13 @@ class Ingest:
             return json_response(body_out, 200, {"Preference-Applied": "wait=committed"})
         return json_response(body_out, created)
 
-    async def accept(self, rows: list[Row], agency: str, *, wait: bool) -> Accepted:
+    async def accept(self, rows: list[Row], agency: str, *, wait: bool,
+                     on_durable: Callable[[], None] | None = None) -> Accepted:
         """Spool new rows as one record; report known ones as duplicates.
 
-        The answer comes only after the record (and any duplicate's original) is durable.
+        The answer comes only after the record (and any duplicate's original) is durable;
+        ``on_durable`` is called then (before a wait for the commit): the request's memory is
+        the flusher's to account for from there on.
         """
         seen = self.seen
         fresh: list[Row] = []
@@ -149,6 +162,7 @@ class Ingest:
             payload = record_encoder.encode(record)
             self.spool.check_room(len(payload))
             seq, durable = self.spool.append(payload, record)
+            del payload  # the spool framed a copy
             for key, sha32 in fresh_keys:
                 seen.add(key, (sha32, seq, durable))
             waits.append(durable)
@@ -165,6 +179,8 @@ class Ingest:
             for key, _ in fresh_keys:
                 seen.discard(key)
             raise
+        if on_durable is not None:
+            on_durable()
         accepted = len(fresh)
         if wait:
             new_ids = await self.commits.wait(max([seq, *dup_seqs]), {

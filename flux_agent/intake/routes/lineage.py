@@ -43,7 +43,7 @@ class LineageRoutes:
         flux = self.contract is not None and self.contract.schemas.profile == "flux"
         defaults = FLUX_STARTED_DEFAULTS if flux else None
 
-        def read(request: web.Request, body: bytes) -> tuple[list[Any], bool]:
+        def read(request: web.Request, body: bytearray) -> tuple[list[Any], bool]:
             media_type(request)
             return lineage.to_events(self.bodies.decode_one(body, ""), defaults), False
 

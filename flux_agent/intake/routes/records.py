@@ -58,7 +58,9 @@ class RecordsRoutes:
         wait = prefers_committed(request)
         with self.gate.enter():
             self.spool.check_room(request.content_length or 0)
-            async with self.bodies.read(request) as body:
+            async with self.bodies.admit(request) as admitted:  # until durable
+                body = bytes(admitted.body)  # spooled as it came
+                admitted.drop_body()
                 try:
                     record = wire.decode(body)
                 except ValueError as exc:
@@ -67,7 +69,8 @@ class RecordsRoutes:
                 self._check(record, claims, request)
                 self.spool.check_room(len(body))
                 seq, durable = self.spool.append(body, record)
-            await asyncio.shield(durable)
+                del body
+                await asyncio.shield(durable)
             for checkpoint in record.checkpoints():
                 self.checkpoints.recovered(seq, checkpoint)  # reads see it before PostgreSQL
             answer: dict[str, object] = {"events": len(record.events()),
