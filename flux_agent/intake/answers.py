@@ -78,42 +78,51 @@ class Answers:
                      pieces: list[bytes] | Iterator[bytes | msgspec.Raw],
                      length: int | None, status: int, headers: Mapping[str, str] | None
                      ) -> web.StreamResponse:
-        response = web.StreamResponse(status=status, headers=headers)
-        response.content_type = "application/json"
-        response.headers["X-Request-ID"] = request[REQUEST_ID]
-        if length is not None:
-            response.content_length = length
-        await response.prepare(request)
-        gathered = bytearray()
-        try:
-            for piece in pieces:
-                if len(piece) < SLICE:
-                    gathered += memoryview(piece)
-                    if len(gathered) < SLICE:
-                        continue
-                    piece, gathered = bytes(gathered), bytearray()
-                elif gathered:
-                    await self._put(response, bytes(gathered))
-                    gathered = bytearray()
-                view = memoryview(piece)
-                for start in range(0, len(view), SLICE):
-                    await self._put(response, view[start:start + SLICE])
-            if gathered:
-                await self._put(response, bytes(gathered))
-            await response.write_eof()
-        except TimeoutError:
-            log.info("a client did not take its answer within the send timeout; "
-                     "connection closed", extra={"fields": {
-                         "path": request.path, "timeout_s": self.send_timeout}})
-            if request.transport is not None:
-                request.transport.abort()  # its buffer goes with it
-        except ConnectionError:
-            pass  # the client went away: nothing more to write
-        return response
+        return await write_answer(request, pieces, length, status, headers, self.send_timeout)
 
-    async def _put(self, response: web.StreamResponse, data: bytes | memoryview) -> None:
-        async with asyncio.timeout(self.send_timeout):
+
+async def write_answer(request: web.Request, pieces: list[bytes] | Iterator[bytes | msgspec.Raw],
+                       length: int | None, status: int, headers: Mapping[str, str] | None,
+                       send_timeout: float) -> web.StreamResponse:
+    """Write a JSON answer within the handler (``length``: its Content-Length, else chunked),
+    a slice at a time, each within ``send_timeout``; a client that does not take one is cut
+    off (its connection aborted, the buffer with it)."""
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_type = "application/json"
+    response.headers["X-Request-ID"] = request[REQUEST_ID]
+    if length is not None:
+        response.content_length = length
+    await response.prepare(request)
+    gathered = bytearray()
+
+    async def put(data: bytes | memoryview) -> None:
+        async with asyncio.timeout(send_timeout):
             await response.write(data)
+
+    try:
+        for piece in pieces:
+            if len(piece) < SLICE:
+                gathered += memoryview(piece)
+                if len(gathered) < SLICE:
+                    continue
+                piece, gathered = bytes(gathered), bytearray()
+            elif gathered:
+                await put(bytes(gathered))
+                gathered = bytearray()
+            view = memoryview(piece)
+            for start in range(0, len(view), SLICE):
+                await put(view[start:start + SLICE])
+        if gathered:
+            await put(bytes(gathered))
+        await response.write_eof()
+    except TimeoutError:
+        log.info("a client did not take its answer within the send timeout; connection "
+                 "closed", extra={"fields": {"path": request.path, "timeout_s": send_timeout}})
+        if request.transport is not None:
+            request.transport.abort()  # its buffer goes with it
+    except ConnectionError:
+        pass  # the client went away: nothing more to write
+    return response
 
 
 def _page_pieces(head: Mapping[str, Any], items: list[Any], tail: Mapping[str, Any]

@@ -43,6 +43,12 @@ class Admitted:
         """The body is decoded: let it go (its share of the estimate stays reserved)."""
         self.body = bytearray()
 
+    def shrink_to(self, nbytes: int) -> None:
+        """Hold only ``nbytes`` from now on (what is left of the request: its answer)."""
+        if nbytes < self.nbytes:
+            self._memory.release(self.nbytes - nbytes)
+            self.nbytes = nbytes
+
     def release(self) -> None:
         self.body = bytearray()
         if self.nbytes:

@@ -24,6 +24,7 @@ A wait for reading or working memory ends after the body timeout with 503 ``INTA
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from dataclasses import dataclass
 
@@ -58,7 +59,9 @@ def body_cost(body: bytes | bytearray, copies: int = 2) -> int:
     for start in range(0, n, step):
         chunk = body[start:start + step]
         structure += len(chunk) - len(chunk.translate(None, b"{[,:"))
-    return (n * (1 + strings + copies * canonical) + structure * STRUCTURE_COST
+    # The body, its strings decoded, the canonical copies, and one more body's worth for
+    # what is transient (one payload's canonical JSON while it is checked, buffer growth).
+    return (n * (2 + strings + copies * canonical) + structure * STRUCTURE_COST
             + REQUEST_OVERHEAD)
 
 
@@ -113,7 +116,10 @@ class ByteBudget:
             if fut.done() and not fut.cancelled():
                 self.release(nbytes)  # granted just as we were cancelled: give it back
             else:
-                self._waiters.remove((nbytes, fut))
+                # A cancelled waiter may have been passed over (and dropped) by _wake
+                # already, between its cancellation and this line.
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove((nbytes, fut))
                 self._wake()  # those behind may fit now
             raise
         return nbytes

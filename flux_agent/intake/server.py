@@ -53,6 +53,10 @@ ACCEPT_BACKLOG = 128  # aiohttp's own; a Unix socket refuses connects beyond it 
 _LOG_INTERVAL = 60.0  # a flood of refusals or evictions is said once a minute
 _LINGER = 0.5  # seconds a refused connection is read (and dropped) before it is closed
 SEND_BUFFER = 64 * 1024  # SO_SNDBUF of a TCP connection (the kernel doubles it)
+# What aiohttp reads ahead of a body nobody reads yet (a request waiting for memory): it
+# stops reading the socket at twice this. Its default, 256 KiB, let every connection hold
+# half a MiB of a body before the agent admitted it.
+READ_BUFFER = 64 * 1024
 # A caller's mistake that aiohttp reports through log_exception (a body it cannot decode
 # or that ends early, found while draining it after the answer): not the agent's failure.
 _CLIENT_FAULTS = (HttpProcessingError, RequestPayloadError, ConnectionError)
@@ -371,7 +375,7 @@ class HttpServer:
                                      shutdown_timeout=shutdown_timeout)
         self._handler_kwargs: dict[str, Any] = {
             "keepalive_timeout": limits.idle_timeout, "access_log_class": AccessLogger,
-            "access_log": access_log}
+            "access_log": access_log, "read_bufsize": READ_BUFFER}
         self._servers: list[asyncio.AbstractServer] = []
         self._started = False
 

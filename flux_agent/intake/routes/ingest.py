@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from ...core.digest import MAX_DEPTH
@@ -18,15 +19,17 @@ from ...core.event import EventsRecord, Row, record_encoder
 from ...obs.metrics import Metrics
 from ...obs.tracing import Tracing
 from ...spool import Spool
+from ..answers import write_answer
 from ..auth import Claims, require
 from ..body import BodyReader, media_type, prefers_committed
-from ..responses import CLAIMS, json_response
+from ..responses import CLAIMS
 from ..runs import RunTracker
 from ..seen import Key, SeenIndex
 from ..validate import EventChecker
 from .common import Commits, Gate, Sealer
 
 Reader = Callable[[web.Request, bytearray], tuple[list[Any], bool]]
+ANSWER_BYTES_PER_EVENT = 160  # an event id in the answer: its str, its list slot, its JSON
 
 
 @dataclass(slots=True)
@@ -62,14 +65,14 @@ class Ingest:
                       commits=self.commits, gate=self.gate, bodies=bodies,
                       metrics=self.metrics, runs=self.runs, tracing=self.tracing)
 
-    async def post_events(self, request: web.Request) -> web.Response:
+    async def post_events(self, request: web.Request) -> web.StreamResponse:
         return await self.ingest(request, self._read_events)
 
     def _read_events(self, request: web.Request, body: bytearray) -> tuple[list[Any], bool]:
         return self.bodies.decode(body, media_type(request))
 
     async def ingest(self, request: web.Request, read: Reader, created: int = 202,
-                     payload_depth: int = MAX_DEPTH) -> web.Response:
+                     payload_depth: int = MAX_DEPTH) -> web.StreamResponse:
         """``payload_depth``: how deep a payload may nest (see EventChecker.rows)."""
         claims: Claims = request[CLAIMS]
         require(claims, "write")
@@ -78,21 +81,28 @@ class Ingest:
             with self.gate.enter():
                 # Refuse early when the spool is full, before reading a large body.
                 self.spool.check_room(request.content_length or 0)
-                # Everything the request holds (body, objects, rows, record) is within the
-                # working memory admitted for it, until its record is durable.
+                # Everything the request holds (body, objects, rows, record, and then its
+                # answer) is within the working memory admitted for it, until the client
+                # has its answer.
                 async with self.bodies.admit(request) as admitted:
                     events, batch = read(request, admitted.body)
                     admitted.drop_body()
                     rows = self.checker.rows(events, self.sealer.seal(request, claims),
                                              batch=batch, payload_depth=payload_depth)
                     del events
-                    result = await self.accept(rows, claims.agency, wait=wait,
-                                               on_durable=admitted.release)
+                    answer_bytes = ANSWER_BYTES_PER_EVENT * len(rows) + 1024
+                    result = await self.accept(
+                        rows, claims.agency, wait=wait,
+                        on_durable=lambda: admitted.shrink_to(answer_bytes))
+                    return await self._answer(request, claims, rows, result, wait, created)
         except FluxError as err:
             # Every refusal of an ingest request, whatever its cause (bad JSON, schema,
             # conflict, full spool, draining), counted by its code.
             self.metrics.events_rejected.labels(err.code).inc()
             raise
+
+    async def _answer(self, request: web.Request, claims: Claims, rows: list[Row],
+                      result: Accepted, wait: bool, created: int) -> web.StreamResponse:
         self.metrics.events_accepted.labels(claims.agency).inc(result.accepted)
         self.runs.observe(rows)
         if result.known_duplicates:
@@ -100,10 +110,14 @@ class Ingest:
             self.metrics.events_duplicate.labels("intake").inc(result.known_duplicates)
         body_out = {"accepted": result.accepted, "duplicates": result.duplicates,
                     "event_ids": result.event_ids}
+        status, headers = created, None
         if wait:
             body_out["committed"] = True
-            return json_response(body_out, 200, {"Preference-Applied": "wait=committed"})
-        return json_response(body_out, created)
+            status, headers = 200, {"Preference-Applied": "wait=committed"}
+        data = msgspec.json.encode(body_out)
+        del body_out, rows
+        return await write_answer(request, [data], len(data), status, headers,
+                                  self.bodies.timeout)
 
     async def accept(self, rows: list[Row], agency: str, *, wait: bool,
                      on_durable: Callable[[], None] | None = None) -> Accepted:

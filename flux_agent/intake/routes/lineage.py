@@ -36,7 +36,7 @@ class LineageRoutes:
                         None, Lineage)
         return self.lineage
 
-    async def post_lineage(self, request: web.Request) -> web.Response:
+    async def post_lineage(self, request: web.Request) -> web.StreamResponse:
         """An OpenLineage RunEvent, as its HTTP transport sends it."""
         lineage = await self._mapping()
 
