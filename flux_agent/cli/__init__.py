@@ -9,6 +9,7 @@ Modules, low to high (each imports only those above it):
 - ``run``: ``flux-agent run``, the agent itself: its signals, the process's tuning;
 - ``admin``: ``status`` (the running agent's health) and ``validate`` (the configuration);
 - ``tools``: ``migrate``, ``verify``, ``spool``, ``token`` and ``emit``;
+- ``reads``: ``runs`` and ``events`` (reading back through the agent's API);
 - ``inject``: ``inject`` and ``inject-webhook``, which parse their own arguments;
 - this package: the parser, ``completion`` (scripts from that parser), :func:`main`.
 """
@@ -29,6 +30,7 @@ from ..obs import logs
 from .admin import cmd_status, cmd_validate
 from .common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from .inject import cmd_inject, cmd_inject_webhook
+from .reads import add_reader_flags, cmd_events, cmd_runs
 from .run import cmd_aggregate, cmd_run
 from .tools import cmd_emit, cmd_migrate, cmd_spool, cmd_token, cmd_verify
 
@@ -157,6 +159,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attempts", type=int, default=6,
                    help="tries, with backoff, on 503 [default: 6]")
     p.set_defaults(func=cmd_emit)
+
+    p = command("runs", "list the caller's runs, newest first (one JSON object per line)",
+                "Print the runs of the caller's agency, newest first (by their first event): "
+                "run_id, status, first_event_at, last_event_at, events; one JSON object per "
+                "line. Exit 0, 69 when the agent could not be reached, 77 when authentication "
+                "failed, 1 otherwise.")
+    p.add_argument("--limit", type=int, default=100,
+                   help="at most this many runs [default: 100]")
+    add_reader_flags(p)
+    p.set_defaults(func=cmd_runs)
+
+    p = command("events", "print a run's events (one JSON object per line), or follow them",
+                "Print the events of a run in order (occurred_at, then id), one JSON object "
+                "per line, walking the pages by their cursor. --follow then polls for new "
+                "ones until interrupted (Ctrl-C: exit 0); an event that arrives after later "
+                "ones were printed, with an earlier occurred_at, is not printed by a follow "
+                "(a new listing shows it). Exit 0, 1 when the run has no events (without "
+                "--follow), 65 for a refused filter, 69 when the agent could not be reached, "
+                "77 when authentication failed.")
+    p.add_argument("--run", required=True, help="run id")
+    p.add_argument("--kind", default=None, help="only events of this kind")
+    p.add_argument("--step", default=None, help="only events of this step")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep polling for new events until interrupted")
+    p.add_argument("--interval", default="1s", metavar="DURATION",
+                   help="how often --follow polls [default: 1s]")
+    p.add_argument("--limit", type=int, default=500, choices=range(1, 1001),
+                   metavar="N", help="events per page, 1 to 1000 [default: 500]")
+    add_reader_flags(p)
+    p.set_defaults(func=cmd_events)
 
     p = command("token", "mint a development JWT, key pair or API key",
                 "Development credentials: a JWT signed with a local key (--key), a new key "
