@@ -4,6 +4,7 @@ server error and no status, content type or response body the document does not 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -14,8 +15,8 @@ from openapi_spec_validator import validate as validate_spec
 from flux_agent import Agent
 from flux_agent.testing import make_event
 
-from .conftest import Database
-from .helpers import get, post
+from .conftest import Database, agent_config
+from .helpers import get, post, remember_secret
 
 
 async def test_document_is_valid_openapi_31_and_lists_every_route(agent: Agent):
@@ -30,26 +31,63 @@ async def test_document_is_valid_openapi_31_and_lists_every_route(agent: Agent):
                   for m in ops if m in {"get", "put", "post", "delete"}}
     assert routes <= documented, routes - documented
     assert {"/health/live", "/health/ready", "/health/deep", "/metrics"} <= set(doc["paths"])
+    assert "security" not in doc  # this agent runs with FLUX_AGENT_AUTH=none: it asks none
 
 
-async def test_schemathesis_finds_nothing_undocumented(agent: Agent, database: Database,
-                                                       tmp_path: Path):
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def run_schemathesis(url: str, cwd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
+           "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "schemathesis.cli", "run", url + "/openapi.json",
+           "--checks", "all", "--seed", "1",
+           "--generation-allow-x00", "false",  # NUL is refused, by a rule JSON Schema lacks
+           "--exclude-path", "/v1/drain",  # would stop the agent under test
+           "--exclude-path-regex", "^/(health|metrics)",  # the admin listener's port
+           "--request-timeout", "20", "--no-color", *extra]
+    return await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True,
+                                   timeout=600, cwd=cwd, env=env)  # it leaves a cache behind
+
+
+async def test_schemathesis_with_all_checks_finds_nothing_undocumented(
+        agent: Agent, database: Database, tmp_path: Path):
+    """Issue 26.13: every check schemathesis has (status codes, content types, headers,
+    response schemas, schema-valid requests accepted, schema-violating ones refused, 405
+    with Allow, ...) passes, but for schema-valid requests refused by one of the rules the
+    document lists for the operation (x-flux-rules: a payload's hash, a cursor, a stale
+    checkpoint version)."""
     url = agent.endpoints.event_url
     # Some data, so reads can find things as well as miss them.
     events = [make_event("run.started", run_id="st-run"), make_event(run_id="st-run")]
     await post(url + "/v1/events", events, headers={"Prefer": "wait=committed"})
-    cmd = [sys.executable, "-m", "schemathesis.cli", "run", url + "/openapi.json",
-           "--checks", "not_a_server_error,status_code_conformance,"
-           "content_type_conformance,response_headers_conformance,"
-           "response_schema_conformance",
-           "--max-examples", "25", "--seed", "1",
-           "--exclude-path", "/v1/drain",  # would stop the agent under test
-           "--exclude-path-regex", "^/(health|metrics)",  # the admin listener's port
-           "--request-timeout", "20", "--no-color"]
-    result = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True,
-                                     timeout=600, cwd=tmp_path)  # it leaves a cache behind
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    result = await run_schemathesis(url, tmp_path, "--max-examples", "40")
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
     counts = re.search(r"(\d+) generated, (\d+) passed", result.stdout)
     assert counts, result.stdout[-3000:]
-    assert int(counts.group(1)) >= 200  # it really exercised the API
+    assert int(counts.group(1)) >= 300  # it really exercised the API
     assert counts.group(1) == counts.group(2)
+
+
+async def test_schemathesis_with_authentication_on(database: Database, state_dir: Path,
+                                                    tmp_path: Path):
+    """With FLUX_AGENT_AUTH=jwt the document declares bearer tokens, and the agent refuses
+    what it should: no token, a bad one (schemathesis's ignored_auth check)."""
+    from flux_agent.core.settings import Secret
+    from flux_agent.intake.tokens import mint
+
+    secret = "s" * 40
+    config = agent_config(database, state_dir, auth="jwt", agency="",
+                          jwt_algorithms=("HS256",), jwt_issuers=("openapi-test",),
+                          jwt_hs256_secret=Secret(secret))
+    tok = mint(secret, algorithm="HS256", issuer="openapi-test", sub="st", agency="nasa",
+               role="operator", ttl=3600)
+    remember_secret(tok)
+    async with Agent(config) as agent:
+        url = agent.endpoints.event_url
+        status, doc, _ = await get(url + "/openapi.json")
+        assert status == 200 and doc["security"] == [{"bearer": []}]
+        result = await run_schemathesis(url, tmp_path, "--max-examples", "8",
+                                        "--phases", "coverage,fuzzing",
+                                        "-H", f"Authorization: Bearer {tok}")
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]

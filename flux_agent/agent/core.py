@@ -271,7 +271,8 @@ class Agent:
         endpoints = self.endpoints
         openapi = OpenAPIRoutes([u for u in (endpoints.event_url,) if u],
                                 [u for u in (endpoints.admin_url,) if u],
-                                aggregator=config.role == "aggregator")
+                                aggregator=config.role == "aggregator",
+                                auth=config.auth != "none")
         checkpoint_routes = CheckpointRoutes(
             checkpoints=self.checkpoints, reader=reader, sealer=sealer, spool=self.spool,
             commits=commits, gate=self.gate, bodies=bodies, metrics=self.metrics, audit=audit,

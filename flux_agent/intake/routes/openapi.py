@@ -9,34 +9,20 @@ check that every status it answers is one documented here.
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any
 
 from aiohttp import web
 
 from ..._version import __version__
-from ...core.resources import data_dir
+from ...core.event import KINDS
 from ..responses import json_bytes
+from .openapi_schemas import NO_NUL, NUL_RULE, RUN_ID_PATTERN, components, rule
 
 PROBLEM = "application/problem+json"
 _REF = "#/components/schemas/"
-
-
-def _load(name: str) -> dict[str, Any]:
-    with (data_dir("schemas") / "v1" / name).open() as fh:
-        schema: dict[str, Any] = json.load(fh)
-    schema.pop("$schema", None)
-    schema.pop("$id", None)
-    return schema
-
-
-def _rewrite_refs(node: Any, mapping: dict[str, str]) -> Any:
-    if isinstance(node, dict):
-        return {k: (mapping.get(v, v) if k == "$ref" and isinstance(v, str)
-                    else _rewrite_refs(v, mapping)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_rewrite_refs(v, mapping) for v in node]
-    return node
+_IF_MATCH = r'^\s*(\*|(W/)?"*[0-9]{1,18}"*)\s*$'  # what checkpoints.parse_if_match takes
+_CURSOR_RULE = rule(400, "INVALID_CURSOR", "cursor is a next_cursor this agent answered, "
+                    "of the same listing")
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -76,31 +62,41 @@ def _errors(*codes: str) -> dict[str, Any]:
 
 
 def document(servers: list[str] | None = None, admin_servers: list[str] | None = None,
-             *, aggregator: bool = False) -> dict[str, Any]:
+             *, aggregator: bool = False, auth: bool = True) -> dict[str, Any]:
     """The OpenAPI document; ``servers`` are the URLs this agent's event API answers on,
     ``admin_servers`` its admin listener's (``/health/*`` and ``/metrics``; ``[]``: off, and
     those paths are left out). ``None``: the defaults. ``aggregator``: an aggregator's API
-    (sealed records from sidecars, and the reads)."""
-    event = _rewrite_refs(_load("step-event.schema.json"),
-                          {"payload.schema.json": _REF + "Payload"})
-    payload = _load("payload.schema.json")
-    checkpoint = _load("checkpoint.schema.json")
+    (sealed records from sidecars, and the reads). ``auth``: whether the agent asks for
+    credentials (not with FLUX_AGENT_AUTH=none)."""
     run_id = {"name": "run_id", "in": "path", "required": True,
-              "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"}}
+              "schema": {"type": "string", "pattern": RUN_ID_PATTERN}}
     request_headers = [
         {"name": "X-Request-ID", "in": "header", "required": False,
-         "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:/+=@-]{1,128}$"},
-         "description": "Echoed, stored as correlation_id; generated when absent."},
+         "schema": {"type": "string"},
+         "description": "Echoed, and stored as correlation_id, when it matches "
+                        "^[A-Za-z0-9._:/+=@-]{1,128}$ (X-Correlation-ID likewise); any other "
+                        "value is replaced by a generated id, as is an absent one."},
         {"name": "traceparent", "in": "header", "required": False,
-         "schema": {"type": "string"}, "description": "W3C trace context."},
+         "schema": {"type": "string"},
+         "description": "W3C trace context; a value that is not one starts a new trace."},
     ]
     prefer = {"name": "Prefer", "in": "header", "required": False,
-              "schema": {"type": "string", "enum": ["wait=committed"]},
-              "description": "Answer only once the events are in PostgreSQL."}
+              "schema": {"type": "string"},
+              "description": "`wait=committed` (RFC 7240; parameters after `;` allowed): "
+                             "answer only once the events are in PostgreSQL (200, "
+                             "Preference-Applied). Other preferences are ignored."}
     accepted = {"$ref": _REF + "Accepted"}
     etag = {"ETag": {"schema": {"type": "string"}, "description": "The version, quoted."}}
     event_writes = _errors("400", "401", "403", "409", "413", "415", "422", "500", "503")
     reads = _errors("400", "401", "403", "404", "503")
+    hash_rule = rule(422, "PAYLOAD_HASH_MISMATCH", "payload_sha256, if sent, is the SHA-256 "
+                     "(hex) of the payload's canonical JSON")
+    ndjson_rule = rule(400, "MALFORMED_JSON", "an application/x-ndjson body holds one "
+                       "StepEvent (JSON) per line")
+    ndjson_schema_rule = rule(422, "SCHEMA_VIOLATION", "each line of an application/x-ndjson "
+                              "body is a StepEvent")
+    limit_rule = rule(413, "EVENT_TOO_LARGE", "a payload is at most "
+                      "FLUX_AGENT_EVENT_MAX_BYTES as canonical JSON")
     paths: dict[str, Any] = {
         "/v1/events": {"post": {
             "operationId": "postEvents",
@@ -116,6 +112,8 @@ def document(servers: list[str] | None = None, admin_servers: list[str] | None =
             "responses": {"202": _json("Durably spooled.", accepted),
                           "200": _json("In PostgreSQL (Prefer: wait=committed).", accepted),
                           **event_writes},
+            "x-flux-rules": [hash_rule, NUL_RULE, limit_rule, ndjson_rule,
+                             ndjson_schema_rule],
         }},
         "/api/v1/lineage": {"post": {
             "operationId": "postLineage",
@@ -123,10 +121,13 @@ def document(servers: list[str] | None = None, admin_servers: list[str] | None =
                        "sends it; stored as one flux event.",
             "parameters": [*request_headers, prefer],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "type": "object", "description": "An OpenLineage RunEvent (spec 2-0-2)."}}}},
+                "$ref": _REF + "LineageRunEvent"}}}},
             "responses": {"201": _json("Durably spooled.", accepted),
                           "200": _json("In PostgreSQL (Prefer: wait=committed).", accepted),
                           **event_writes},
+            "x-flux-rules": [NUL_RULE, rule(413, "EVENT_TOO_LARGE", "the RunEvent is at "
+                                            "most FLUX_AGENT_LINEAGE_MAX_BYTES as canonical "
+                                            "JSON")],
         }},
         "/v1/runs/{run_id}/checkpoint": {
             "parameters": [run_id],
@@ -136,14 +137,21 @@ def document(servers: list[str] | None = None, admin_servers: list[str] | None =
                            "next version.",
                 "parameters": [*request_headers, prefer,
                                {"name": "If-Match", "in": "header", "required": False,
-                                "schema": {"type": "string"},
-                                "description": 'The version the writer read, e.g. "3".'}],
+                                "schema": {"type": "string", "pattern": _IF_MATCH},
+                                "description": 'The version the writer read, e.g. "3" '
+                                               "(* : only if the run has none yet)."}],
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": {"$ref": _REF + "CheckpointSave"}}}},
                 "responses": {"201": _json("Saved (durably spooled).",
                                            {"$ref": _REF + "CheckpointInfo"}, etag),
                               **_errors("400", "401", "403", "412", "413", "415", "422",
                                         "500", "503")},
+                "x-flux-rules": [
+                    NUL_RULE,
+                    rule(412, "CHECKPOINT_VERSION_MISMATCH", "If-Match names the run's "
+                         "latest version (* : the run has none)"),
+                    rule(413, "CHECKPOINT_TOO_LARGE", "the state is at most "
+                         "FLUX_AGENT_EVENT_MAX_BYTES as canonical JSON")],
             },
             "get": {
                 "operationId": "loadCheckpoint",
@@ -172,20 +180,38 @@ def document(servers: list[str] | None = None, admin_servers: list[str] | None =
         "/v1/runs/{run_id}/events": {"get": {
             "operationId": "runEvents",
             "summary": "The run's events by occurred_at then event_id (keyset pagination).",
+            "description": "A page ends before its JSON would exceed "
+                           "FLUX_AGENT_READ_PAGE_MAX_BYTES (it holds at least one event); "
+                           "next_cursor continues after its last event, null on the last "
+                           "page.",
             "parameters": [
                 run_id, *request_headers, _limit(),
                 {"name": "kind", "in": "query", "required": False,
-                 "schema": {"type": "string"}},
+                 "schema": {"enum": list(KINDS)}},
                 {"name": "step", "in": "query", "required": False,
-                 "schema": {"type": "string"}},
-                {"name": "cursor", "in": "query", "required": False,
-                 "schema": {"type": "string"},
-                 "description": "next_cursor of the previous page."},
+                 "schema": {"type": "string", "minLength": 1, "maxLength": 128,
+                            "pattern": NO_NUL}},
+                _cursor(),
             ],
-            "responses": {"200": _json("A page.", {"type": "object", "properties": {
-                "run_id": {"type": "string"},
-                "events": {"type": "array", "items": {"$ref": _REF + "StoredEvent"}},
-                "next_cursor": {"type": ["string", "null"]}}}), **reads},
+            "responses": {"200": _json("A page.", {
+                "type": "object", "required": ["run_id", "events", "next_cursor"],
+                "properties": {
+                    "run_id": {"type": "string"},
+                    "events": {"type": "array", "items": {"$ref": _REF + "StoredEvent"}},
+                    "next_cursor": {"type": ["string", "null"]}}}), **reads},
+            "x-flux-rules": [_CURSOR_RULE],
+        }},
+        "/v1/runs": {"get": {
+            "operationId": "listRuns",
+            "summary": "The caller's runs, newest first (by their first event, then run id).",
+            "parameters": [*request_headers, _limit(), _cursor()],
+            "responses": {"200": _json("A page of runs.", {
+                "type": "object", "required": ["runs", "next_cursor"],
+                "properties": {
+                    "runs": {"type": "array", "items": {"$ref": _REF + "RunItem"}},
+                    "next_cursor": {"type": ["string", "null"]}}}),
+                **_errors("400", "401", "403", "503")},
+            "x-flux-rules": [_CURSOR_RULE],
         }},
         "/v1/events/{event_id}": {"get": {
             "operationId": "getEvent",
@@ -238,17 +264,24 @@ def document(servers: list[str] | None = None, admin_servers: list[str] | None =
                      if aggregator else "The event API of the flux-agent sidecar (localhost "
                      "TCP and Unix socket).") + " Every error is application/problem+json."},
         "servers": [{"url": url} for url in (servers or ["http://127.0.0.1:8787"])],
-        "security": [{"bearer": []}],
+        **({"security": [{"bearer": []}]} if auth else {}),
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {
                 "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
-                "description": "Claims iss, sub, agency, role, exp, iat. Not required when "
-                               "the agent runs with FLUX_AGENT_AUTH=none."}},
+                "description": "Claims iss, sub, agency, role, exp, iat (or an API key). "
+                               "An agent run with FLUX_AGENT_AUTH=none asks for none, and its "
+                               "document declares none."}},
             "schemas": {
-                "StepEvent": event,
-                "Payload": payload,
-                "CheckpointSave": checkpoint,
+                **components(),
+                "RunItem": {"type": "object", "required": [
+                    "run_id", "status", "first_event_at", "last_event_at", "events"],
+                    "properties": {"run_id": {"type": "string"},
+                                   "status": {"enum": ["running", "completed", "failed",
+                                                       "aborted"]},
+                                   "first_event_at": {"type": "string"},
+                                   "last_event_at": {"type": "string"},
+                                   "events": {"type": "integer"}}},
                 "Accepted": {"type": "object", "required": ["accepted", "duplicates",
                                                             "event_ids"],
                              "properties": {"accepted": {"type": "integer"},
@@ -318,6 +351,11 @@ def _aggregator_paths(paths: dict[str, Any], request_headers: list[dict[str, Any
     return out
 
 
+def _cursor() -> dict[str, Any]:
+    return {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
+            "description": "next_cursor of the previous page (empty: the first page)."}
+
+
 def _limit() -> dict[str, Any]:
     return {"name": "limit", "in": "query", "required": False,
             "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}
@@ -359,14 +397,15 @@ class OpenAPIRoutes:
     """``GET /openapi.json``, built on first request and kept."""
 
     def __init__(self, servers: list[str], admin_servers: list[str], *,
-                 aggregator: bool = False) -> None:
+                 aggregator: bool = False, auth: bool = True) -> None:
         self.servers = servers
         self.admin_servers = admin_servers
         self.aggregator = aggregator
+        self.auth = auth
         self._document: bytes | None = None
 
     async def get_openapi(self, request: web.Request) -> web.Response:
         if self._document is None:
-            self._document = json_bytes(document(self.servers, self.admin_servers,
-                                                 aggregator=self.aggregator))
+            self._document = json_bytes(document(
+                self.servers, self.admin_servers, aggregator=self.aggregator, auth=self.auth))
         return web.Response(body=self._document, content_type="application/json")
