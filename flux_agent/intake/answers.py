@@ -19,7 +19,7 @@ import msgspec
 from aiohttp import web
 
 from .memory import Held, RequestMemory
-from .responses import REQUEST_ID
+from .responses import REQUEST_ID, json_bytes
 
 log = logging.getLogger("flux_agent.intake")
 
@@ -46,7 +46,7 @@ class Answers:
                    headers: Mapping[str, str] | None = None) -> web.StreamResponse:
         """``body`` (JSON-encodable) as one answer; ``held`` is released once it is sent."""
         try:
-            data = _encode(body)
+            data = json_bytes(body)
             held.resize(2 * len(data))  # the objects and their encoding, until written
             del body
             return await self._write(request, [data], len(data), status, headers)
@@ -64,7 +64,7 @@ class Answers:
             if nbytes <= WHOLE:
                 held.resize(2 * nbytes)  # the page and its encoding
                 *keys, last = head
-                data = _encode({**{k: head[k] for k in keys}, last: items, **tail})
+                data = json_bytes({**{k: head[k] for k in keys}, last: items, **tail})
                 return await self._write(request, [data], len(data), 200, None)
             # Streamed: the page, each item's envelope encoded when it is next, its raw
             # payload written from where it lies.
@@ -145,5 +145,5 @@ def _page_pieces(head: Mapping[str, Any], items: list[Any], tail: Mapping[str, A
             if payload is not None:
                 item["payload"] = payload
             yield _encode(item)
-    closing = _encode(dict(tail))
-    yield b"]," + closing[1:] if tail else b"]}"
+    closing = json_bytes(dict(tail))  # {"next_cursor":null}\n -> the rest of the page
+    yield b"]," + closing[1:] if tail else b"]}\n"

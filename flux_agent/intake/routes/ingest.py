@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
 from ...core.digest import MAX_DEPTH
@@ -22,7 +21,7 @@ from ...spool import Spool
 from ..answers import write_answer
 from ..auth import Claims, require
 from ..body import BodyReader, media_type, prefers_committed
-from ..responses import CLAIMS
+from ..responses import CLAIMS, json_bytes
 from ..runs import RunTracker
 from ..seen import Key, SeenIndex
 from ..validate import EventChecker
@@ -114,7 +113,7 @@ class Ingest:
         if wait:
             body_out["committed"] = True
             status, headers = 200, {"Preference-Applied": "wait=committed"}
-        data = msgspec.json.encode(body_out)
+        data = json_bytes(body_out)
         del body_out, rows
         return await write_answer(request, [data], len(data), status, headers,
                                   self.bodies.timeout)

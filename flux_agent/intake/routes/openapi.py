@@ -16,7 +16,14 @@ from aiohttp import web
 from ..._version import __version__
 from ...core.event import KINDS
 from ..responses import json_bytes
-from .openapi_schemas import NO_NUL, NUL_RULE, RUN_ID_PATTERN, components, rule
+from .openapi_schemas import (
+    DEPTH_RULE,
+    NO_NUL,
+    NUL_RULE,
+    RUN_ID_PATTERN,
+    components,
+    rule,
+)
 
 PROBLEM = "application/problem+json"
 _REF = "#/components/schemas/"
@@ -89,8 +96,11 @@ def document(servers: list[str] | None = None, admin_servers: list[str] | None =
     etag = {"ETag": {"schema": {"type": "string"}, "description": "The version, quoted."}}
     event_writes = _errors("400", "401", "403", "409", "413", "415", "422", "500", "503")
     reads = _errors("400", "401", "403", "404", "503")
-    hash_rule = rule(422, "PAYLOAD_HASH_MISMATCH", "payload_sha256, if sent, is the SHA-256 "
-                     "(hex) of the payload's canonical JSON")
+    hash_rule = rule(422, "PAYLOAD_HASH_MISMATCH", "payload_sha256 (payload_jcs_sha256), if "
+                     "sent, is the SHA-256 (hex) of the payload's canonical JSON (its RFC 8785 "
+                     "form)")
+    jcs_rule = rule(422, "JCS_UNREPRESENTABLE", "a payload sent with payload_jcs_sha256 holds "
+                    "only numbers RFC 8785 represents exactly")
     ndjson_rule = rule(400, "MALFORMED_JSON", "an application/x-ndjson body holds one "
                        "StepEvent (JSON) per line")
     ndjson_schema_rule = rule(422, "SCHEMA_VIOLATION", "each line of an application/x-ndjson "
@@ -112,8 +122,8 @@ def document(servers: list[str] | None = None, admin_servers: list[str] | None =
             "responses": {"202": _json("Durably spooled.", accepted),
                           "200": _json("In PostgreSQL (Prefer: wait=committed).", accepted),
                           **event_writes},
-            "x-flux-rules": [hash_rule, NUL_RULE, limit_rule, ndjson_rule,
-                             ndjson_schema_rule],
+            "x-flux-rules": [hash_rule, jcs_rule, NUL_RULE, DEPTH_RULE, limit_rule,
+                             ndjson_rule, ndjson_schema_rule],
         }},
         "/api/v1/lineage": {"post": {
             "operationId": "postLineage",
@@ -125,9 +135,9 @@ def document(servers: list[str] | None = None, admin_servers: list[str] | None =
             "responses": {"201": _json("Durably spooled.", accepted),
                           "200": _json("In PostgreSQL (Prefer: wait=committed).", accepted),
                           **event_writes},
-            "x-flux-rules": [NUL_RULE, rule(413, "EVENT_TOO_LARGE", "the RunEvent is at "
-                                            "most FLUX_AGENT_LINEAGE_MAX_BYTES as canonical "
-                                            "JSON")],
+            "x-flux-rules": [NUL_RULE, DEPTH_RULE,
+                             rule(413, "EVENT_TOO_LARGE", "the RunEvent is at most "
+                                  "FLUX_AGENT_LINEAGE_MAX_BYTES as canonical JSON")],
         }},
         "/v1/runs/{run_id}/checkpoint": {
             "parameters": [run_id],
@@ -147,7 +157,7 @@ def document(servers: list[str] | None = None, admin_servers: list[str] | None =
                               **_errors("400", "401", "403", "412", "413", "415", "422",
                                         "500", "503")},
                 "x-flux-rules": [
-                    NUL_RULE,
+                    NUL_RULE, DEPTH_RULE,
                     rule(412, "CHECKPOINT_VERSION_MISMATCH", "If-Match names the run's "
                          "latest version (* : the run has none)"),
                     rule(413, "CHECKPOINT_TOO_LARGE", "the state is at most "

@@ -63,6 +63,8 @@ def rule(status: int, code: str, text: str) -> dict[str, Any]:
 
 NUL_RULE = rule(422, "NUL_CHARACTER", "No string anywhere in the body (payload, state or "
                 "RunEvent included, keys too) may hold U+0000: PostgreSQL cannot store it.")
+DEPTH_RULE = rule(400, "NESTING_TOO_DEEP", "A body nests arrays and objects at most 200 "
+                  "levels deep.")
 
 
 def components() -> dict[str, Any]:
@@ -73,9 +75,6 @@ def components() -> dict[str, Any]:
             _OL + "FluxRunFacet.json": REF + "FluxRunFacet"}
     event = _no_nul(_rewrite(_load("v1", "step-event.schema.json"), refs),
                     "step", "provider", "model")
-    event["properties"]["payload_sha256"]["description"] = (
-        "If sent, the SHA-256 (hex) of the payload's canonical JSON; else 422 "
-        "PAYLOAD_HASH_MISMATCH (see x-flux-rules).")
     event["properties"]["agency"]["description"] = (
         "If sent, the caller's agency; else 403 DATA_ISOLATION_ERROR.")
     checkpoint = _no_nul(_load("v1", "checkpoint.schema.json"),
