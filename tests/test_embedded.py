@@ -23,9 +23,10 @@ import pytest
 from flux_agent.postgres.embedded import LocalPostgres, free_port
 from flux_agent.testing import make_event
 
-from .conftest import AgentProcess, short_tempdir
-from .faults import wait_until
-from .helpers import get, post
+from .support.agents import AgentProcess
+from .support.http import get, post
+from .support.paths import short_tempdir
+from .support.polling import wait_until
 
 
 async def test_embedded_default_accepts_a_curled_event():

@@ -19,10 +19,10 @@ from flux_agent import Agent
 from flux_agent.spool import crc32c
 from flux_agent.testing import make_event, make_events
 
-from .conftest import AgentProcess, Database, agent_config, agent_env
-from .faults import wait_until
-from .helpers import get, post
-from .test_checkpoints import put
+from .support.agents import AgentProcess, agent_config, agent_env
+from .support.http import get, post, put
+from .support.polling import wait_until
+from .support.postgres import Database
 
 pytestmark = pytest.mark.slow
 

@@ -29,9 +29,11 @@ from flux_agent.postgres.embedded import LocalPostgres, find_bin_dir, free_port
 from flux_agent.postgres.migrations import bootstrap_database
 from flux_agent.testing import make_events
 
-from .conftest import FAST_SETTINGS, LOGIN_PASSWORD, LOGIN_ROLE, Database, short_tempdir
-from .faults import TcpProxy, wait_until
-from .helpers import post
+from .support.faults import TcpProxy
+from .support.http import post
+from .support.paths import short_tempdir
+from .support.polling import wait_until
+from .support.postgres import FAST_SETTINGS, LOGIN_PASSWORD, LOGIN_ROLE, Database
 
 pytestmark = pytest.mark.slow
 
@@ -134,7 +136,7 @@ async def fail_over(pair: Pair) -> None:
 
 
 def config_for(pair: Pair, state_dir: Path, keep: float) -> object:
-    from .conftest import agent_config
+    from .support.agents import agent_config
 
     db = Database("flux", pair.primary.dsn(database="flux"), pair.url)
     return agent_config(db, state_dir, database_url=Secret(pair.url),

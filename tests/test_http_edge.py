@@ -22,10 +22,12 @@ from flux_agent import Agent
 from flux_agent.intake.framing import Framing
 from flux_agent.testing import make_event
 
-from .conftest import AgentProcess, Database, agent_config, agent_env
-from .faults import wait_until
-from .helpers import CAPTURED, post, raw_http, split_answer
-from .test_auth import AUDIENCE, ISSUER, pem_public, private_key, token
+from .support.agents import AgentProcess, agent_config, agent_env
+from .support.capture import CAPTURED
+from .support.http import post, raw_http, split_answer
+from .support.polling import wait_until
+from .support.postgres import Database
+from .support.tokens import AUDIENCE, ISSUER, pem_public, private_key, token
 
 PROBLEM = "application/problem+json"
 

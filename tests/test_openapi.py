@@ -14,8 +14,8 @@ from openapi_spec_validator import validate as validate_spec
 from flux_agent import Agent
 from flux_agent.testing import make_event
 
-from .conftest import Database
-from .helpers import get, post
+from .support.http import get, post
+from .support.postgres import Database
 
 
 async def test_document_is_valid_openapi_31_and_lists_every_route(agent: Agent):

@@ -29,8 +29,8 @@ import pytest
 
 from flux_agent.postgres.embedded import LocalPostgres, free_port
 
-from .conftest import short_tempdir
-from .helpers import CAPTURED
+from .support.capture import CAPTURED
+from .support.paths import short_tempdir
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

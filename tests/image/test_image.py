@@ -26,8 +26,8 @@ import pytest
 
 from flux_agent.postgres.embedded import LocalPostgres, find_bin_dir
 
-from ..conftest import short_tempdir
-from ..tools import require_tool, unavailable
+from ..support.paths import short_tempdir
+from ..support.tools import require_tool, unavailable
 from . import harness
 from .harness import (
     ADMIN_URL,
