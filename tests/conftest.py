@@ -3,7 +3,8 @@
 PostgreSQL starts on first use of a database fixture, never for a test that does not ask for
 one; ``FLUX_TEST_DATABASE_URL`` names a server to use instead (a role that may create
 databases and roles). A test that needs PostgreSQL fails when none can be started: it never
-skips.
+skips. Tests that use a database are marked ``db`` by the hook imported below, tests that
+use the cutting proxy ``fault`` (tests/support/markers.py).
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from pathlib import Path
 import pytest
 
 from flux_agent import Agent
+from flux_agent.postgres.embedded import LocalPostgres
 
 from .support.agents import AgentProcess, agent_config, agent_env
 from .support.capture import CaptureHandler, leaked_secrets, remember_secret
 from .support.faults import TcpProxy
+from .support.hooks import pytest_collection_modifyitems, pytest_runtest_protocol
+from .support.markers import require_marker
 from .support.paths import short_tempdir
 from .support.postgres import (
     FAST_SETTINGS,
@@ -40,12 +44,13 @@ from .support.postgres import (
     stop_server,
 )
 
-# Kept for tests written before tests/support, which import these names from here; new tests
-# import them from tests.support.
+# Exported: the hooks (pytest finds them here), and the names tests written before
+# tests/support import from here (kept for them; new tests import from tests.support).
 __all__ = [
     "FAST_SETTINGS", "LOGIN_PASSWORD", "LOGIN_ROLE", "TEMPLATE", "VIA_PGBOUNCER",
     "AgentProcess", "Database", "PgServer", "agent_config", "agent_env", "create_database",
-    "drop_database", "proxied", "short_tempdir",
+    "drop_database", "proxied", "pytest_collection_modifyitems", "pytest_runtest_protocol",
+    "short_tempdir",
 ]
 
 
@@ -63,6 +68,21 @@ def no_secret_is_ever_printed() -> Iterator[None]:
     root.setLevel(previous)
     leaks = leaked_secrets()
     assert not leaks, f"secrets leaked into logs or answers: {leaks}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def embedded_postgres_is_a_db_test() -> Iterator[None]:
+    """An in-process agent with no database URL starts an embedded PostgreSQL: only a test
+    marked ``db`` may (the pure layer starts none)."""
+    start = LocalPostgres.start
+
+    def guarded(self: LocalPostgres, *args: object, **kwargs: object) -> str:
+        require_marker("db", "starts PostgreSQL")
+        return start(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LocalPostgres, "start", guarded)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -445,6 +445,7 @@ def remote_peer() -> Iterator[tuple[str, Any]]:
         subprocess.run([ip, "link", "del", host_if], capture_output=True, timeout=30)
 
 
+@pytest.mark.fault
 async def test_admin_listener_tells_the_pod_network_no_diagnostics(
         database: Database, state_dir: Path, rsa_key):
     """With the admin listener on the pod network, anyone reaching the pod read

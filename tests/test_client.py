@@ -250,6 +250,7 @@ print(json.dumps(sorted(name for name in sys.modules
 # --------------------------------------------------------------------------- retries
 
 
+@pytest.mark.fault
 async def test_retries_through_a_real_spool_full_keep_the_same_ids(
         database: Database, state_dir: Path):
     """PostgreSQL unreachable, the spool full: the agent answers 503 SPOOL_FULL with

@@ -19,7 +19,7 @@ from .support.http import get
 from .support.polling import wait_until
 from .support.postgres import Database, proxied
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 # Deadlines shortened for the test; the defaults (5 s connect, 10 s statement, 30 s flush)
 # scale the same figures up.

@@ -29,6 +29,7 @@ from .support.paths import short_tempdir
 from .support.polling import wait_until
 
 
+@pytest.mark.db
 async def test_embedded_default_accepts_a_curled_event():
     state = short_tempdir()
     port, admin = free_port(), free_port()
@@ -119,6 +120,8 @@ def _logged(log: Path, message: str) -> dict[str, Any] | None:
     return next((e for e in _log_entries(log) if e["message"] == message), None)
 
 
+@pytest.mark.db
+@pytest.mark.fault
 @pytest.mark.slow
 async def test_embedded_postgres_is_supervised_restarted_and_nothing_is_lost():
     """Stop the agent's own PostgreSQL: it is restarted and every event lands once; when it

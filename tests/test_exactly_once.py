@@ -49,6 +49,7 @@ def forget_cursor(spool: Path) -> None:
     (spool / "cursor").write_bytes(struct.pack("<QI", 0, crc32c(struct.pack("<Q", 0))))
 
 
+@pytest.mark.fault
 async def test_a_full_replay_writes_nothing_twice_in_any_table(database: Database,
                                                               state_dir: Path):
     conn = await asyncpg.connect(database.admin_dsn)

@@ -35,7 +35,8 @@ from .support.paths import short_tempdir
 from .support.polling import wait_until
 from .support.postgres import FAST_SETTINGS, LOGIN_PASSWORD, LOGIN_ROLE, Database
 
-pytestmark = pytest.mark.slow
+# Primaries and standbys of their own, the primary stopped.
+pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.db]
 
 REPLICATION = {**FAST_SETTINGS, "fsync": "on", "synchronous_commit": "on",
                "wal_level": "replica", "max_wal_senders": "5", "hot_standby": "on",

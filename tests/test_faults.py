@@ -33,7 +33,8 @@ from .support.paths import short_tempdir
 from .support.polling import wait_until
 from .support.postgres import FAST_SETTINGS, LOGIN_PASSWORD, LOGIN_ROLE, Database, proxied
 
-pytestmark = pytest.mark.slow
+# SIGKILL, stopped and crashed PostgreSQL (clusters of their own), cut lines, full spools.
+pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.db]
 
 
 async def _acked_at_least(ledger: Ledger, n: int) -> bool:

@@ -24,7 +24,7 @@ from .support.faults import Ledger, LoadGen, TcpProxy, stored_ids
 from .support.polling import wait_until
 from .support.postgres import Database, proxied
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 
 def lose_power(spool: Path, sync_log: Path) -> tuple[int, int]:

@@ -125,6 +125,7 @@ def test_every_example_is_marked_and_follows_the_defined_addresses():
                 "first example defines")
 
 
+@pytest.mark.db
 @pytest.mark.slow
 def test_the_readme_runs_top_to_bottom():
     walk = [e for e in examples(README.read_text()) if e.run]

@@ -26,7 +26,7 @@ from .support.polling import wait_until
 from .support.postgres import Database, proxied
 from .support.tools import require_root
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 MiB = 1024 * 1024
 

@@ -12,4 +12,5 @@
 - ``tokens``: an identity provider's keys and tokens;
 - ``capture``: everything the agents said, and the secrets that must never be in it;
 - ``pgbouncer``, ``tools``: PgBouncer, and external tools found or the test failed/skipped;
+- ``markers``, ``hooks``: the ``db`` and ``fault`` layers, applied and enforced;
 """

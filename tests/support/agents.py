@@ -18,6 +18,7 @@ from flux_agent import AgentConfig
 from flux_agent.postgres.embedded import free_port
 
 from .capture import CAPTURED
+from .markers import require_marker
 from .postgres import VIA_PGBOUNCER, Database
 
 
@@ -67,6 +68,8 @@ class AgentProcess:
 
     def start(self, timeout: float = 45.0, nofile: int | None = None) -> None:
         """``nofile``: run under that descriptor limit (soft and hard)."""
+        if not self.env.get("FLUX_AGENT_DATABASE_URL"):
+            require_marker("db", "runs an agent on its embedded PostgreSQL")
         self.port = free_port()
         self.admin_port = free_port()
         env = {**self.env, "FLUX_AGENT_LISTEN": f"127.0.0.1:{self.port}",

@@ -16,6 +16,7 @@ import aiohttp
 
 from flux_agent.testing import make_event
 
+from .markers import require_marker
 from .polling import wait_until
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class TcpProxy:
         self.cuts = 0
 
     async def start(self) -> None:
+        require_marker("fault", "puts a TCP proxy (a line to cut) in a path")
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 

@@ -21,6 +21,7 @@ import asyncpg
 from flux_agent.postgres.embedded import LocalPostgres, find_bin_dir, free_port
 from flux_agent.postgres.migrations import migrate_dsn
 
+from .markers import require_marker
 from .paths import short_tempdir
 
 LOGIN_ROLE = "flux_test_sidecar"
@@ -83,6 +84,7 @@ class ServerUnavailable(Exception):
 def start_server() -> PgServer:
     """``FLUX_TEST_DATABASE_URL``'s server, else a new throwaway cluster (stop it with
     :func:`stop_server`); behind PgBouncer when the suite runs so."""
+    require_marker("db", "starts PostgreSQL")
     url = os.environ.get("FLUX_TEST_DATABASE_URL")
     if url:
         server = PgServer(url, None)
@@ -140,6 +142,7 @@ async def prepare_template(server: PgServer) -> None:
 
 
 async def create_database(server: PgServer, template: str = TEMPLATE) -> Database:
+    require_marker("db", "creates a database")
     name = f"t_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(server.admin_dsn)
     try:

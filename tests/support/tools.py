@@ -13,6 +13,8 @@ from typing import NoReturn
 
 import pytest
 
+from .markers import require_marker
+
 SEARCH = ("/usr/sbin", "/usr/bin", "/usr/local/bin")
 
 
@@ -34,5 +36,6 @@ def unavailable(name: str, message: str) -> NoReturn:
 
 def require_root(why: str) -> None:
     """Fault tests that mount filesystems need root (CI runs as root: there they fail)."""
+    require_marker("fault", f"needs root ({why})")
     if os.geteuid() != 0:
         unavailable("root", f"needs root: {why}")
