@@ -20,6 +20,7 @@ import pytest
 from flux_agent import Agent
 from flux_agent.postgres.embedded import LocalPostgres
 
+from .support import profiles
 from .support.agents import AgentProcess, agent_config, agent_env
 from .support.capture import CaptureHandler, leaked_secrets, remember_secret
 from .support.faults import TcpProxy
@@ -52,6 +53,8 @@ __all__ = [
     "drop_database", "proxied", "pytest_collection_modifyitems", "pytest_runtest_protocol",
     "short_tempdir",
 ]
+
+profiles.load()
 
 
 @pytest.fixture(scope="session", autouse=True)

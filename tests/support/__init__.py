@@ -13,4 +13,5 @@
 - ``capture``: everything the agents said, and the secrets that must never be in it;
 - ``pgbouncer``, ``tools``: PgBouncer, and external tools found or the test failed/skipped;
 - ``markers``, ``hooks``: the ``db`` and ``fault`` layers, applied and enforced;
+- ``profiles``: hypothesis's quick and thorough (``HYPOTHESIS_PROFILE=ci``) profiles;
 """
