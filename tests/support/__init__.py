@@ -14,4 +14,5 @@
 - ``pgbouncer``, ``tools``: PgBouncer, and external tools found or the test failed/skipped;
 - ``markers``, ``hooks``: the ``db`` and ``fault`` layers, applied and enforced;
 - ``profiles``: hypothesis's quick and thorough (``HYPOTHESIS_PROFILE=ci``) profiles;
+- ``virtual_time``: an event loop whose clock jumps to its next timer (flusher unit tests).
 """
