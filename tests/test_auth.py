@@ -364,7 +364,11 @@ async def test_reads_never_run_on_a_role_that_bypasses_row_level_security(
     config = agent_config(database, state_dir, auth="jwt", agency="",
                           database_url=Secret(superuser), jwt_algorithms=("RS256",),
                           jwt_issuers=(ISSUER,), jwt_public_key_file=str(key_file),
-                          database_connect_timeout=2.0, database_ping_interval=0.3)
+                          database_connect_timeout=2.0, database_ping_interval=0.3,
+                          # Nothing can be written as that role: each read waits for the
+                          # agent's own writes (the audit trail) up to the commit wait, and
+                          # the drain at the end its whole time. Both kept short.
+                          commit_wait_timeout=0.5, drain_timeout=1.0)
     proxy.cut()
     try:
         async with Agent(config) as running:
