@@ -36,6 +36,7 @@ from .support.postgres import (
     Database,
     PgServer,
     ServerUnavailable,
+    Spares,
     create_database,
     drop_database,
     port_of,
@@ -106,9 +107,18 @@ def pg_template(pg_server: PgServer) -> PgServer:
     return pg_server
 
 
+@pytest.fixture(scope="session")
+def spare_databases(pg_template: PgServer) -> Iterator[Spares]:
+    spares = Spares(pg_template)
+    yield spares
+    spares.close()
+
+
 @pytest.fixture
-async def database(pg_template: PgServer) -> AsyncIterator[Database]:
-    db = await create_database(pg_template)
+async def database(pg_template: PgServer, spare_databases: Spares) -> AsyncIterator[Database]:
+    """A database of its own, at the current schema, made from the template (ahead of
+    time: :class:`Spares`)."""
+    db = await spare_databases.take()
     yield db
     await drop_database(pg_template, db.name)
 
