@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flux_agent import AgentConfig
+from flux_agent.cli.common import EXIT_CONFIG
 from flux_agent.postgres.embedded import free_port
 
 from .capture import CAPTURED
@@ -56,6 +57,9 @@ def agent_env(database: Database, state_dir: Path, **extra: str) -> dict[str, st
     return env
 
 
+PORT_TAKEN = "another process listens there"  # the agent's words for EADDRINUSE
+
+
 class AgentProcess:
     """A real `flux-agent run` process, for signal and crash tests."""
 
@@ -70,10 +74,21 @@ class AgentProcess:
         """``nofile``: run under that descriptor limit (soft and hard)."""
         if not self.env.get("FLUX_AGENT_DATABASE_URL"):
             require_marker("db", "runs an agent on its embedded PostgreSQL")
+        for _ in range(3):
+            if self._start(timeout, nofile):
+                return
+        raise RuntimeError(f"the ports chosen for the agent were taken, three times: "
+                           f"{self.log_path.read_text(errors='replace')[-3000:]}")
+
+    def _start(self, timeout: float, nofile: int | None) -> bool:
+        """One try; False when a port chosen for it was taken meanwhile (by another test
+        process's connection or agent: free_port() only finds a port free *now*), and
+        then its lines are taken back out of the log."""
         self.port = free_port()
         self.admin_port = free_port()
         env = {**self.env, "FLUX_AGENT_LISTEN": f"127.0.0.1:{self.port}",
                "FLUX_AGENT_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}"}
+        logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         limit = None if nofile is None else functools.partial(
             resource.setrlimit, resource.RLIMIT_NOFILE, (nofile, nofile))
@@ -83,11 +98,15 @@ class AgentProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.proc.returncode}: "
-                                   f"{self.log_path.read_text()[-3000:]}")
+                said = self.log_path.read_text(errors="replace")
+                if self.proc.returncode == EXIT_CONFIG and PORT_TAKEN in said[logged:]:
+                    with self.log_path.open("r+b") as out:
+                        out.truncate(logged)
+                    return False
+                raise RuntimeError(f"agent exited with {self.proc.returncode}: {said[-3000:]}")
             with contextlib.suppress(OSError), socket.create_connection(
                     ("127.0.0.1", self.admin_port), timeout=0.2):
-                return
+                return True
             time.sleep(0.05)
         raise RuntimeError("agent did not start listening in time")
 
