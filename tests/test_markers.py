@@ -73,6 +73,7 @@ def test_database_and_proxy_fixtures_mark_their_tests_and_pure_tests_cannot_chea
     env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider",
+         "-n", "0",
          "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path),
          "-m", "not db and not fault", "-rA", "-vv", "test_layers.py"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
