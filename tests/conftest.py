@@ -24,7 +24,11 @@ from .support import profiles
 from .support.agents import AgentProcess, agent_config, agent_env
 from .support.capture import CaptureHandler, leaked_secrets, remember_secret
 from .support.faults import TcpProxy
-from .support.hooks import pytest_collection_modifyitems, pytest_runtest_protocol
+from .support.hooks import (
+    pytest_collection_modifyitems,
+    pytest_runtest_protocol,
+    pytest_xdist_auto_num_workers,
+)
 from .support.markers import require_marker
 from .support.paths import short_tempdir
 from .support.postgres import (
@@ -52,7 +56,7 @@ __all__ = [
     "FAST_SETTINGS", "LOGIN_PASSWORD", "LOGIN_ROLE", "TEMPLATE", "VIA_PGBOUNCER",
     "AgentProcess", "Database", "PgServer", "agent_config", "agent_env", "create_database",
     "drop_database", "proxied", "pytest_collection_modifyitems", "pytest_runtest_protocol",
-    "short_tempdir",
+    "pytest_xdist_auto_num_workers", "short_tempdir",
 ]
 
 profiles.load()

@@ -1,8 +1,9 @@
-"""The hooks that apply and enforce the markers (:mod:`.markers`), and the hypothesis profile;
-conftest.py imports them so pytest finds them."""
+"""The suite's hooks (conftest.py imports them so pytest finds them): the markers applied and
+enforced (:mod:`.markers`), and how many worker processes a run takes."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator
 
 import pytest
@@ -27,3 +28,14 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
         return (yield)
     finally:
         markers.running = None
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` (addopts): two worker processes for the suite, a folder or a marker
+    selection of it; none (this process) when the command names test files or tests, which
+    run in less time than a second process takes to start. PYTEST_XDIST_AUTO_NUM_WORKERS
+    still decides when set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    named = [arg for arg in config.args if "::" in arg or arg.endswith(".py")]
+    return 0 if named and len(named) == len(config.args) else 2
