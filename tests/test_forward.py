@@ -30,9 +30,11 @@ from flux_agent.forward.upstream import Upstream
 from flux_agent.postgres.embedded import free_port
 from flux_agent.testing import make_event
 
-from .conftest import Database, agent_config, short_tempdir
-from .faults import wait_until
-from .helpers import get, post
+from .support.agents import agent_config
+from .support.http import get, post
+from .support.paths import short_tempdir
+from .support.polling import wait_until
+from .support.postgres import Database
 
 
 def sealed_rows(n: int, agency: str = "nasa") -> list[Any]:
