@@ -70,11 +70,14 @@ def test_a_large_window_goes_in_bodies_that_fit_and_lose_nothing():
 async def replica() -> AsyncIterator[dict[str, Any]]:
     """A real HTTP server whose answers the test sets."""
     state: dict[str, Any] = {"status": 200, "seen": []}
+    # "hang": no answer until the test is over (the server's shutdown would otherwise wait
+    # a minute for the hanging handler).
+    over = asyncio.Event()
 
     async def handle(request: web.Request) -> web.Response:
         state["seen"].append(request.headers.get("Authorization"))
         if state["status"] == "hang":
-            await asyncio.sleep(60)
+            await over.wait()
         return web.json_response({"events": 1, "code": "X"}, status=state["status"])
 
     app = web.Application()
@@ -85,6 +88,7 @@ async def replica() -> AsyncIterator[dict[str, Any]]:
     await site.start()
     state["url"] = f"http://127.0.0.1:{runner.addresses[0][1]}"
     yield state
+    over.set()
     await runner.cleanup()
 
 
