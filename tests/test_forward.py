@@ -270,9 +270,10 @@ async def test_sidecar_and_aggregator_over_tls(database: Database, state_dir: Pa
             status, body, _ = await post(sidecar.endpoints.event_url + "/v1/events", event,
                                          headers={"Prefer": "wait=committed"})
             assert status == 200, body
+        # Its event can never be sent: its drain at the end waits 1 s, not 10.
         untrusting = agent_config(database, short_tempdir(), database_url=None,
                                   upstream=(aggregator.endpoints.event_url,),
-                                  upstream_timeout=2.0)
+                                  upstream_timeout=2.0, drain_timeout=1.0)
         async with Agent(untrusting) as sidecar:
             status, body, _ = await post(sidecar.endpoints.event_url + "/v1/events",
                                          make_event())
