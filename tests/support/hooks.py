@@ -30,6 +30,7 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
         markers.running = None
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """``-n auto`` (addopts): two worker processes for the suite, a folder or a marker
     selection of it; none (this process) when the command names test files or tests, which
