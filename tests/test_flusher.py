@@ -26,7 +26,7 @@ import pytest
 from flux_agent.core.errors import BadParameter, PermissionDenied, StoreUnavailable
 from flux_agent.core.event import AuditRecord, AuditRow, EventsRecord, Row, record_encoder
 from flux_agent.flush.batch import Limits, Work, lane_of
-from flux_agent.flush.flusher import Flusher
+from flux_agent.flush.flusher import CommitPending, Flusher
 from flux_agent.flush.writer import Written
 from flux_agent.spool import Spool
 
@@ -65,6 +65,8 @@ class MemoryWriter:
     poison: set[int] = field(default_factory=set)
     failures: list[Exception] = field(default_factory=list)  # the next writes raise these
     new_primary: bool = False  # the next write lands on a new primary
+    pending: bool = False  # an aggregator: durable there, not yet in PostgreSQL
+    returning: list[bool] = field(default_factory=list)  # asked for the new ids, per write
     prepared: int = 0
 
     async def prepare(self) -> None:
@@ -84,8 +86,10 @@ class MemoryWriter:
             self.stored[r.event_id] = r
         self.audits.extend(a.entry_id for a in work.audits if a.entry_id not in self.audits)
         self.writes.append((self.clock(), [n_of(r.event_id) for r in work.events]))
+        self.returning.append(returning)
         primary, self.new_primary = self.new_primary, False
-        return Written(len(new), {r.event_id for r in new} if returning else set(), primary)
+        return Written(len(new), {r.event_id for r in new} if returning else set(), primary,
+                       self.pending)
 
     async def write_dead_letter(self, work: Work, reason: str, code: str | None) -> None:
         self.dead.append(([n_of(r.event_id) for r in work.events],
@@ -272,7 +276,8 @@ def test_failures_are_retried_with_backoff_and_nothing_is_lost(tmp_path: Path,
         writer = MemoryWriter(asyncio.get_running_loop().time, failures=[failure] * 6)
         async with pipeline(tmp_path, writer, retry_max=retry_max) as (spool, flusher, _):
             seqs = await append(spool, [row(1), row(2)], [row(3)])
-            waiting = asyncio.ensure_future(flusher.wait_committed(seqs[-1]))
+            waiting = asyncio.ensure_future(flusher.wait_committed(seqs[-1],
+                                                                    in_database=True))
             while len(writer.attempts) < 6:
                 await asyncio.sleep(0.01)
                 # Meanwhile nothing is committed and the spool keeps every record.
@@ -366,11 +371,35 @@ def test_wait_committed_flushes_now_and_names_the_new_ids(tmp_path: Path):
             writer.stored[str(uuid.UUID(int=2))] = row(2)  # already in PostgreSQL
             asked = loop.time()
             (seq,) = await append(spool, [row(1), row(2), row(3)])
-            new = await flusher.wait_committed(seq)
+            new = await flusher.wait_committed(seq, in_database=True)  # wait=committed
             assert new == {str(uuid.UUID(int=1)), str(uuid.UUID(int=3))}
             assert loop.time() == pytest.approx(asked)  # not an hour later, at its age
             assert flusher.stats.events_duplicate == 1
             assert await flusher.wait_committed(seq) is None  # committed before asking
+            # A drain or a read needs the upstream's durability only: no ids asked for.
+            (seq,) = await append(spool, [row(4)])
+            assert await flusher.wait_committed(seq) is None
+            assert writer.returning == [True, False]
+            assert loop.time() == pytest.approx(asked)
+
+    run(main())
+
+
+def test_an_aggregator_holding_a_window_uncommitted_is_said_to_commit_waiters(
+        tmp_path: Path):
+    """The upstream is an aggregator that has the window durably but not yet in
+    PostgreSQL: a caller who asked for PostgreSQL (wait=committed) is told so; a drain, which
+    needs only the upstream's durability, is done; nothing is written again."""
+    async def main() -> None:
+        async with pipeline(tmp_path) as (spool, flusher, writer):
+            writer.pending = True
+            (seq,) = await append(spool, [row(1)])
+            with pytest.raises(CommitPending):
+                await flusher.wait_committed(seq, in_database=True)
+            assert spool.cursor == seq  # delivered: the aggregator keeps it
+            await append(spool, [row(2)])
+            assert await flusher.drain(10)
+            assert writer.stored_numbers == [1, 2] and len(writer.writes) == 2
 
     run(main())
 
