@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from tests.faults import Ledger, LoadGen, TcpProxy
+from tests.support.faults import Ledger, LoadGen, TcpProxy
 
 from .harness import AgentProc, Database
 

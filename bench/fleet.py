@@ -237,7 +237,7 @@ async def fleet(ctx: Any, agents: int, rate: float, *, pgbouncer: bool = False,
         await asyncio.to_thread(hub.start)
         env = {**env, "FLUX_AGENT_UPSTREAM": hub.url, "FLUX_AGENT_DATABASE_URL": ""}
     if pgbouncer:
-        from tests.pgbouncer import PgBouncer
+        from tests.support.pgbouncer import PgBouncer
 
         host, port = ctx.db.agent_dsn.split("@", 1)[1].split("/", 1)[0].rsplit(":", 1)
         front = PgBouncer(ctx.tmp / "pgbouncer", host=host, port=int(port),

@@ -23,7 +23,6 @@ import aiohttp
 import asyncpg
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from flux_agent import Agent
@@ -32,26 +31,14 @@ from flux_agent.core.settings import Secret
 from flux_agent.intake.tokens import JwtAuthenticator, KeySet, mint
 from flux_agent.testing import make_event
 
-from .conftest import Database, agent_config
-from .faults import TcpProxy, wait_until
-from .helpers import CAPTURED, assert_problem, post, raw_http, remember_secret, split_answer
-from .tools import require_tool
-
-ISSUER = "https://idp.flux.test"
-AUDIENCE = "flux-agent"
-
-
-def pem_public(key: Any) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.PEM,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def private_key() -> rsa.RSAPrivateKey:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    remember_secret(key.private_bytes(serialization.Encoding.PEM,
-                                      serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
-    return key
+from .support.agents import agent_config
+from .support.capture import CAPTURED, remember_secret
+from .support.faults import TcpProxy
+from .support.http import assert_problem, post, raw_http, split_answer
+from .support.polling import wait_until
+from .support.postgres import Database
+from .support.tokens import AUDIENCE, ISSUER, bearer, jwks, pem_public, private_key, token
+from .support.tools import require_tool
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +49,6 @@ def rsa_key() -> rsa.RSAPrivateKey:
 @pytest.fixture(scope="module")
 def other_rsa_key() -> rsa.RSAPrivateKey:
     return private_key()
-
-
-def token(key: Any, algorithm: str = "RS256", **claims: Any) -> str:
-    now = int(time.time())
-    body = {"iss": ISSUER, "sub": "etl@nasa.gov", "agency": "nasa", "role": "operator",
-            "iat": now, "exp": now + 600, "aud": AUDIENCE}
-    body.update(claims)
-    body = {k: v for k, v in body.items() if v is not None}
-    minted = jwt.encode(body, key, algorithm=algorithm)
-    remember_secret(minted)
-    return minted
 
 
 def b64(data: bytes) -> str:
@@ -101,10 +77,6 @@ async def jwt_agent(database: Database, state_dir: Path, rsa_key) -> AsyncIterat
                           jwt_audience=AUDIENCE, jwt_public_key_file=str(key_file))
     async with Agent(config) as running:
         yield running
-
-
-def bearer(tok: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {tok}"}
 
 
 async def test_valid_token_writes_for_its_agency(jwt_agent: Agent, database: Database,
@@ -328,16 +300,6 @@ async def test_bad_tokens_are_audited_but_rate_limited(jwt_agent: Agent, databas
     assert agency == "-"
 
 
-def jwks(*pairs: tuple[str, Any]) -> str:
-    """A JWKS of these (kid, RSA private key) pairs' public keys."""
-    keys = []
-    for kid, key in pairs:
-        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
-        jwk.update({"kid": kid, "use": "sig", "alg": "RS256"})
-        keys.append(jwk)
-    return json.dumps({"keys": keys})
-
-
 async def test_jwks_rotation_with_kid(database: Database, state_dir: Path, rsa_key,
                                       other_rsa_key):
     jwks_file = state_dir / "jwks.json"
@@ -402,7 +364,11 @@ async def test_reads_never_run_on_a_role_that_bypasses_row_level_security(
     config = agent_config(database, state_dir, auth="jwt", agency="",
                           database_url=Secret(superuser), jwt_algorithms=("RS256",),
                           jwt_issuers=(ISSUER,), jwt_public_key_file=str(key_file),
-                          database_connect_timeout=2.0, database_ping_interval=0.3)
+                          database_connect_timeout=2.0, database_ping_interval=0.3,
+                          # Nothing can be written as that role: each read waits for the
+                          # agent's own writes (the audit trail) up to the commit wait, and
+                          # the drain at the end its whole time. Both kept short.
+                          commit_wait_timeout=0.5, drain_timeout=1.0)
     proxy.cut()
     try:
         async with Agent(config) as running:
@@ -483,6 +449,7 @@ def remote_peer() -> Iterator[tuple[str, Any]]:
         subprocess.run([ip, "link", "del", host_if], capture_output=True, timeout=30)
 
 
+@pytest.mark.fault
 async def test_admin_listener_tells_the_pod_network_no_diagnostics(
         database: Database, state_dir: Path, rsa_key):
     """With the admin listener on the pod network, anyone reaching the pod read

@@ -15,9 +15,9 @@ from blockbuster import BlockBuster, blockbuster_ctx
 from flux_agent import Agent
 from flux_agent.testing import make_events
 
-from .conftest import Database, agent_config
-from .helpers import get, post
-from .test_checkpoints import put
+from .support.agents import agent_config
+from .support.http import get, post, put
+from .support.postgres import Database
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ async def test_jwt_keys_are_read_and_reloaded_off_the_loop(database: Database, s
 
     import jwt
 
-    from .test_auth import ISSUER, bearer, jwks, private_key
+    from .support.tokens import ISSUER, bearer, jwks, private_key
 
     key = private_key()
     jwks_file = state_dir / "jwks.json"

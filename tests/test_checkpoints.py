@@ -9,28 +9,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
-
-import aiohttp
-from multidict import CIMultiDict
 
 from flux_agent import Agent
 from flux_agent.core.digest import canonical_json, sha256_hex
 
-from .conftest import Database, agent_config, proxied
-from .faults import TcpProxy, wait_until
-from .helpers import CAPTURED, assert_problem, get
-
-
-async def put(url: str, body: Any, headers: dict[str, str] | None = None,
-              socket: Path | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
-    connector = aiohttp.UnixConnector(path=str(socket)) if socket else None
-    async with aiohttp.ClientSession(connector=connector) as session, session.put(
-            url, data=json.dumps(body), headers={"Content-Type": "application/json",
-                                                 **(headers or {})}) as resp:
-        text = await resp.read()
-        CAPTURED.append(text.decode(errors="replace"))
-        return resp.status, json.loads(text) if text else {}, CIMultiDict(resp.headers)
+from .support.agents import agent_config
+from .support.faults import TcpProxy
+from .support.http import assert_problem, get, put
+from .support.polling import wait_until
+from .support.postgres import Database, proxied
 
 
 async def test_versions_load_and_stale_if_match(agent: Agent, database: Database):
@@ -143,7 +130,7 @@ async def test_verify_accepts_what_jsonb_normalises(agent: Agent, database: Data
     must not call that corruption."""
     from flux_agent.testing import make_event
 
-    from .helpers import post
+    from .support.http import post
 
     event = make_event(payload={"big": 1e16, "small": 1.5e-5, "neg": -2.5e20})
     status, _, _ = await post(agent.endpoints.event_url + "/v1/events", event,

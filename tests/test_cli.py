@@ -31,9 +31,11 @@ from flux_agent.core.settings import (
 from flux_agent.postgres.embedded import free_port
 from flux_agent.testing import make_event
 
-from .conftest import PgServer, agent_config, proxied, short_tempdir
-from .faults import TcpProxy
-from .helpers import post
+from .support.agents import agent_config
+from .support.faults import TcpProxy
+from .support.http import post
+from .support.paths import short_tempdir
+from .support.postgres import PgServer, proxied
 
 HELPER_FLAGS = {"-h", "--help", "--config"}
 AUTH_MODES = next(f for f in SETTINGS if f.name == "auth").metadata["parse"].options

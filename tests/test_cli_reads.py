@@ -16,7 +16,7 @@ from flux_agent import Agent
 from flux_agent.postgres.embedded import free_port
 from flux_agent.testing import make_event
 
-from .helpers import post
+from .support.http import post
 
 
 def at(seconds: float) -> str:

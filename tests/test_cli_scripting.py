@@ -24,9 +24,13 @@ from flux_agent.intake.auth import api_key_digest
 from flux_agent.postgres.embedded import free_port
 from flux_agent.testing import make_event
 
-from .conftest import AgentProcess, Database, agent_config, agent_env, proxied, short_tempdir
-from .faults import TcpProxy, wait_until
-from .helpers import post, remember_secret
+from .support.agents import AgentProcess, agent_config, agent_env
+from .support.capture import remember_secret
+from .support.faults import TcpProxy
+from .support.http import post
+from .support.paths import short_tempdir
+from .support.polling import wait_until
+from .support.postgres import Database, proxied
 
 
 def flux(*args: str, env: dict[str, str] | None = None, timeout: float = 120

@@ -43,9 +43,10 @@ from flux_agent.core.settings import Secret
 from flux_agent.intake.tokens import mint
 from flux_agent.testing import make_events
 
-from .conftest import Database, agent_config
-from .faults import TcpProxy
-from .helpers import post
+from .support.agents import agent_config
+from .support.faults import TcpProxy
+from .support.http import post
+from .support.postgres import Database
 
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "flux_agent" / "client"
 # What the agent needs and a workload must not: importing the client loads none of them.
@@ -249,6 +250,7 @@ print(json.dumps(sorted(name for name in sys.modules
 # --------------------------------------------------------------------------- retries
 
 
+@pytest.mark.fault
 async def test_retries_through_a_real_spool_full_keep_the_same_ids(
         database: Database, state_dir: Path):
     """PostgreSQL unreachable, the spool full: the agent answers 503 SPOOL_FULL with

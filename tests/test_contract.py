@@ -17,9 +17,10 @@ from flux_agent import Agent, FluxClient
 from flux_agent.intake.schemas import Contract, SchemaError, Schemas, load_payload_schemas
 from flux_agent.testing import make_event
 
-from .conftest import Database, agent_config
-from .faults import wait_until
-from .helpers import assert_problem, post
+from .support.agents import agent_config
+from .support.http import assert_problem, post
+from .support.polling import wait_until
+from .support.postgres import Database
 
 
 def write(path: Path, value: Any) -> Path:

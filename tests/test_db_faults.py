@@ -13,12 +13,13 @@ import pytest
 
 from flux_agent import Agent
 
-from .conftest import Database, agent_config, proxied
-from .faults import Ledger, LoadGen, TcpProxy, wait_until
-from .helpers import get
-from .test_faults import assert_exactly_once
+from .support.agents import agent_config
+from .support.faults import Ledger, LoadGen, TcpProxy, assert_exactly_once
+from .support.http import get
+from .support.polling import wait_until
+from .support.postgres import Database, proxied
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 # Deadlines shortened for the test; the defaults (5 s connect, 10 s statement, 30 s flush)
 # scale the same figures up.

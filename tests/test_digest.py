@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from flux_agent.core.digest import MAX_DEPTH, TooDeep, canonical_json, floats_plain, payload_digest
 
+from .support.profiles import examples
+
 json_values = st.recursive(
     st.none()
     | st.booleans()
@@ -29,7 +31,7 @@ def reference(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=examples(2000))
 @given(json_values)
 @example({"a": 1e16, "b": [1.5e-5, 1e-7], "c": "2e5 and 0.00001 inside a string"})
 @example({"é": "ü", "x": "\u2028\x7f😀"})
@@ -38,7 +40,7 @@ def test_canonical_json_equals_json_dumps(obj: Any):
     assert canonical_json(obj) == reference(obj)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=examples(1000))
 @given(json_values)
 def test_what_the_request_decoder_yields_hashes_like_json_dumps(obj: Any):
     """The request path: msgspec decodes the body, then the payload is hashed."""
@@ -46,7 +48,7 @@ def test_what_the_request_decoder_yields_hashes_like_json_dumps(obj: Any):
     assert canonical_json(decoded) == reference(decoded)
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=examples(3000))
 @given(st.floats(allow_nan=False, allow_infinity=False))
 def test_every_float_alone_and_in_a_container(value: float):
     assert canonical_json(value) == reference(value)

@@ -15,8 +15,9 @@ from flux_agent import Agent
 from flux_agent.intake.routes.openapi import document
 from flux_agent.testing import make_event, make_events
 
-from .conftest import Database, agent_config
-from .helpers import get, post
+from .support.agents import agent_config
+from .support.http import get, post
+from .support.postgres import Database
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

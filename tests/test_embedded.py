@@ -23,11 +23,13 @@ import pytest
 from flux_agent.postgres.embedded import LocalPostgres, free_port
 from flux_agent.testing import make_event
 
-from .conftest import AgentProcess, short_tempdir
-from .faults import wait_until
-from .helpers import get, post
+from .support.agents import AgentProcess
+from .support.http import get, post
+from .support.paths import short_tempdir
+from .support.polling import wait_until
 
 
+@pytest.mark.db
 async def test_embedded_default_accepts_a_curled_event():
     state = short_tempdir()
     port, admin = free_port(), free_port()
@@ -118,6 +120,8 @@ def _logged(log: Path, message: str) -> dict[str, Any] | None:
     return next((e for e in _log_entries(log) if e["message"] == message), None)
 
 
+@pytest.mark.db
+@pytest.mark.fault
 @pytest.mark.slow
 async def test_embedded_postgres_is_supervised_restarted_and_nothing_is_lost():
     """Stop the agent's own PostgreSQL: it is restarted and every event lands once; when it

@@ -13,7 +13,8 @@ from pathlib import Path
 from flux_agent import Agent, FluxClient
 from flux_agent.postgres.embedded import free_port
 
-from .conftest import Database, agent_config
+from .support.agents import agent_config
+from .support.postgres import Database
 
 
 def emit(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -19,10 +19,10 @@ from flux_agent import Agent
 from flux_agent.spool import crc32c
 from flux_agent.testing import make_event, make_events
 
-from .conftest import AgentProcess, Database, agent_config, agent_env
-from .faults import wait_until
-from .helpers import get, post
-from .test_checkpoints import put
+from .support.agents import AgentProcess, agent_config, agent_env
+from .support.http import get, post, put
+from .support.polling import wait_until
+from .support.postgres import Database
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +49,7 @@ def forget_cursor(spool: Path) -> None:
     (spool / "cursor").write_bytes(struct.pack("<QI", 0, crc32c(struct.pack("<Q", 0))))
 
 
+@pytest.mark.fault
 async def test_a_full_replay_writes_nothing_twice_in_any_table(database: Database,
                                                               state_dir: Path):
     conn = await asyncpg.connect(database.admin_dsn)

@@ -17,7 +17,8 @@ from flux_agent import Agent, AsyncFluxClient, FluxClient
 from flux_agent.client import FluxConnectionError, FluxRequestError, RetryPolicy, failopen
 from flux_agent.postgres.embedded import free_port
 
-from .conftest import Database, agent_config
+from .support.agents import agent_config
+from .support.postgres import Database
 
 FAST = RetryPolicy(attempts=2, backoff=0.05, backoff_max=0.1)
 

@@ -29,11 +29,14 @@ from flux_agent.postgres.embedded import LocalPostgres, find_bin_dir, free_port
 from flux_agent.postgres.migrations import bootstrap_database
 from flux_agent.testing import make_events
 
-from .conftest import FAST_SETTINGS, LOGIN_PASSWORD, LOGIN_ROLE, Database, short_tempdir
-from .faults import TcpProxy, wait_until
-from .helpers import post
+from .support.faults import TcpProxy
+from .support.http import post
+from .support.paths import short_tempdir
+from .support.polling import wait_until
+from .support.postgres import FAST_SETTINGS, LOGIN_PASSWORD, LOGIN_ROLE, Database
 
-pytestmark = pytest.mark.slow
+# Primaries and standbys of their own, the primary stopped.
+pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.db]
 
 REPLICATION = {**FAST_SETTINGS, "fsync": "on", "synchronous_commit": "on",
                "wal_level": "replica", "max_wal_senders": "5", "hot_standby": "on",
@@ -134,7 +137,7 @@ async def fail_over(pair: Pair) -> None:
 
 
 def config_for(pair: Pair, state_dir: Path, keep: float) -> object:
-    from .conftest import agent_config
+    from .support.agents import agent_config
 
     db = Database("flux", pair.primary.dsn(database="flux"), pair.url)
     return agent_config(db, state_dir, database_url=Secret(pair.url),

@@ -26,41 +26,19 @@ from flux_agent.postgres.embedded import LocalPostgres, find_bin_dir, free_port
 from flux_agent.postgres.migrations import bootstrap_database
 from flux_agent.testing import make_events
 
-from .conftest import (
-    FAST_SETTINGS,
-    LOGIN_PASSWORD,
-    LOGIN_ROLE,
-    AgentProcess,
-    Database,
-    agent_config,
-    agent_env,
-    proxied,
-    short_tempdir,
-)
-from .faults import Ledger, LoadGen, TcpProxy, wait_until
-from .helpers import get, post
+from .support.agents import AgentProcess, agent_config, agent_env
+from .support.faults import Ledger, LoadGen, TcpProxy, assert_exactly_once, stored_ids
+from .support.http import get, post
+from .support.paths import short_tempdir
+from .support.polling import wait_until
+from .support.postgres import FAST_SETTINGS, LOGIN_PASSWORD, LOGIN_ROLE, Database, proxied
 
-pytestmark = pytest.mark.slow
+# SIGKILL, stopped and crashed PostgreSQL (clusters of their own), cut lines, full spools.
+pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.db]
 
 
 async def _acked_at_least(ledger: Ledger, n: int) -> bool:
     return len(ledger.acked) >= n
-
-
-async def stored_ids(db: Database) -> list[str]:
-    return [str(r[0]) for r in await db.fetch("SELECT event_id FROM flux.events")]
-
-
-async def assert_exactly_once(db: Database, ledger: Ledger, timeout: float = 30) -> None:
-    async def landed() -> bool:
-        return ledger.acked <= set(await stored_ids(db))
-
-    assert await wait_until(landed, timeout), "acknowledged events are missing"
-    stored = await stored_ids(db)
-    lost, foreign = ledger.check(stored)
-    assert lost == 0
-    assert foreign == 0
-    assert ledger.acked, "the scenario acknowledged nothing"
 
 
 # --------------------------------------------------------------------------- PostgreSQL stops

@@ -14,9 +14,10 @@ import psutil
 from flux_agent import Agent
 from flux_agent.testing import make_event
 
-from .conftest import LOGIN_ROLE, VIA_PGBOUNCER, Database, agent_config
-from .faults import wait_until
-from .helpers import get, post
+from .support.agents import agent_config
+from .support.http import get, post
+from .support.polling import wait_until
+from .support.postgres import LOGIN_ROLE, VIA_PGBOUNCER, Database
 
 
 async def visible(database: Database, event_id: str) -> bool:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import Database
+from .support.postgres import Database
 
 PROBE = r"""
 import asyncio, json, sys

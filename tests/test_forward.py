@@ -30,9 +30,11 @@ from flux_agent.forward.upstream import Upstream
 from flux_agent.postgres.embedded import free_port
 from flux_agent.testing import make_event
 
-from .conftest import Database, agent_config, short_tempdir
-from .faults import wait_until
-from .helpers import get, post
+from .support.agents import agent_config
+from .support.http import get, post
+from .support.paths import short_tempdir
+from .support.polling import wait_until
+from .support.postgres import Database
 
 
 def sealed_rows(n: int, agency: str = "nasa") -> list[Any]:
@@ -68,11 +70,14 @@ def test_a_large_window_goes_in_bodies_that_fit_and_lose_nothing():
 async def replica() -> AsyncIterator[dict[str, Any]]:
     """A real HTTP server whose answers the test sets."""
     state: dict[str, Any] = {"status": 200, "seen": []}
+    # "hang": no answer until the test is over (the server's shutdown would otherwise wait
+    # a minute for the hanging handler).
+    over = asyncio.Event()
 
     async def handle(request: web.Request) -> web.Response:
         state["seen"].append(request.headers.get("Authorization"))
         if state["status"] == "hang":
-            await asyncio.sleep(60)
+            await over.wait()
         return web.json_response({"events": 1, "code": "X"}, status=state["status"])
 
     app = web.Application()
@@ -83,6 +88,7 @@ async def replica() -> AsyncIterator[dict[str, Any]]:
     await site.start()
     state["url"] = f"http://127.0.0.1:{runner.addresses[0][1]}"
     yield state
+    over.set()
     await runner.cleanup()
 
 
@@ -264,9 +270,10 @@ async def test_sidecar_and_aggregator_over_tls(database: Database, state_dir: Pa
             status, body, _ = await post(sidecar.endpoints.event_url + "/v1/events", event,
                                          headers={"Prefer": "wait=committed"})
             assert status == 200, body
+        # Its event can never be sent: its drain at the end waits 1 s, not 10.
         untrusting = agent_config(database, short_tempdir(), database_url=None,
                                   upstream=(aggregator.endpoints.event_url,),
-                                  upstream_timeout=2.0)
+                                  upstream_timeout=2.0, drain_timeout=1.0)
         async with Agent(untrusting) as sidecar:
             status, body, _ = await post(sidecar.endpoints.event_url + "/v1/events",
                                          make_event())

@@ -17,7 +17,7 @@ import pytest
 from flux_agent import Agent
 from flux_agent.testing import make_event
 
-from .helpers import CAPTURED
+from .support.capture import CAPTURED
 
 PROBLEM = "application/problem+json"
 

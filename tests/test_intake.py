@@ -17,9 +17,10 @@ from flux_agent import Agent
 from flux_agent.core.digest import canonical_json, sha256_hex
 from flux_agent.testing import make_event, make_events
 
-from .conftest import Database, agent_config
-from .faults import wait_until
-from .helpers import assert_problem, get, post
+from .support.agents import agent_config
+from .support.http import assert_problem, get, post
+from .support.polling import wait_until
+from .support.postgres import Database
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ async def test_state_dir_and_every_file_in_it_are_private(database: Database, st
                                   make_event(kind="checkpoint.saved", step="s"),
                                   headers={"Prefer": "wait=committed"})
         assert status == 200
-        from .test_checkpoints import put
+        from .support.http import put
 
         status, _, _ = await put(agent.endpoints.event_url + "/v1/runs/r-private/checkpoint",
                                  {"step": "s", "state": {"offset": 1}})
@@ -418,7 +419,7 @@ async def test_duplicate_index_survives_a_restart(database: Database, state_dir:
 async def test_hostile_input_gets_a_precise_answer_never_a_500(agent: Agent, database: Database):
     """Inputs found by fuzzing a running agent: each once answered 500, or 503 as if
     PostgreSQL were down, or stored a run id the rules forbid."""
-    from .test_checkpoints import put
+    from .support.http import put
     from .test_lineage import run_event
 
     url = agent.endpoints.event_url
@@ -590,7 +591,7 @@ async def test_a_stalled_upload_cannot_hold_intake(database: Database, state_dir
     FLUX_AGENT_REQUEST_BODY_TIMEOUT and gives the memory back."""
     from urllib.parse import urlsplit
 
-    from .test_checkpoints import put
+    from .support.http import put
     from .test_lineage import run_event
 
     budget = 4 * 1024**2

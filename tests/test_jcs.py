@@ -28,9 +28,10 @@ from flux_agent.core.digest import canonical_json, sha256_hex
 from flux_agent.core.jcs import Unrepresentable, jcs, number
 from flux_agent.testing import make_event
 
-from .conftest import Database
-from .helpers import assert_problem, get, post
-from .tools import unavailable
+from .support.http import assert_problem, get, post
+from .support.postgres import Database
+from .support.profiles import examples
+from .support.tools import unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -104,7 +105,7 @@ safe_json = st.recursive(
 )
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=examples(3000))
 @given(safe_json)
 @example({"\U0001f600": 1, "\ufb33": 2, "\u20ac": [1e21, 1e-7, -0.0, 5e-324]})
 @example("\u2028\x7f\x1f\"\\/")
@@ -169,7 +170,7 @@ def test_equals_canonicalize_in_node():
     cannot, JavaScript's own reading changed the number."""
     values: list[Any] = []
 
-    @settings(max_examples=3000, deadline=None, database=None)
+    @settings(max_examples=examples(3000), database=None)
     @given(any_json)
     def collect(value: Any) -> None:
         values.append(value)

@@ -50,9 +50,12 @@ from flux_agent.intake.openlineage import (
 from flux_agent.intake.validate import EventChecker, Schemas, parse_timestamp
 from flux_agent.testing import make_event
 
-from .conftest import Database, agent_config, proxied
-from .faults import TcpProxy, wait_until
-from .helpers import assert_problem, post, remember_secret
+from .support.agents import agent_config
+from .support.capture import remember_secret
+from .support.faults import TcpProxy
+from .support.http import assert_problem, post
+from .support.polling import wait_until
+from .support.postgres import Database, proxied
 
 ISSUER = "https://idp.flux.test"
 AUDIENCE = "flux-agent"

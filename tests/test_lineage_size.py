@@ -20,8 +20,9 @@ from openlineage.client.transport.http import HttpCompression, HttpConfig, HttpT
 from flux_agent import Agent
 from flux_agent.testing import make_event
 
-from .conftest import Database, agent_config
-from .helpers import assert_problem, post
+from .support.agents import agent_config
+from .support.http import assert_problem, post
+from .support.postgres import Database
 
 KiB = 1024
 MiB = 1024 * KiB

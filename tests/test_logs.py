@@ -14,8 +14,9 @@ import pytest
 from flux_agent.obs import logs
 from flux_agent.testing import make_event
 
-from .conftest import AgentProcess, Database, agent_env
-from .helpers import post
+from .support.agents import AgentProcess, agent_env
+from .support.http import post
+from .support.postgres import Database
 
 
 class _Terminal(io.StringIO):

@@ -14,7 +14,7 @@ import pytest
 
 from flux_agent.postgres.migrations import MigrationError, migrate, migrations
 
-from .conftest import PgServer, create_database, drop_database
+from .support.postgres import PgServer, create_database, drop_database
 
 
 async def test_ten_concurrent_migrates_apply_each_file_once(pg_template: PgServer):

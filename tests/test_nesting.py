@@ -20,7 +20,8 @@ import pytest
 from flux_agent import Agent
 from flux_agent.core.digest import MAX_DEPTH
 
-from .helpers import CAPTURED, PROBLEM
+from .support.capture import CAPTURED
+from .support.http import PROBLEM
 
 EVENT = ('{"event_id":"%s","run_id":"deep","kind":"step.completed","step":"s",'
          '"occurred_at":"2026-12-07T00:00:00Z","payload":{"v":%s}%s}')

@@ -34,10 +34,13 @@ from flux_agent.obs.metrics import STATE
 from flux_agent.postgres.embedded import free_port
 from flux_agent.testing import make_event, make_events
 
-from .conftest import Database, agent_config, proxied, short_tempdir
-from .faults import TcpProxy, wait_until
-from .helpers import get, post
-from .tools import require_tool
+from .support.agents import agent_config
+from .support.faults import TcpProxy
+from .support.http import get, post
+from .support.paths import short_tempdir
+from .support.polling import wait_until
+from .support.postgres import Database, proxied
+from .support.tools import require_tool
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "flux-agent"
 AGENT_RULES = CHART / "rules" / "flux-agent.rules.yaml"

@@ -15,8 +15,10 @@ from openapi_spec_validator import validate as validate_spec
 from flux_agent import Agent
 from flux_agent.testing import make_event
 
-from .conftest import Database, agent_config
-from .helpers import get, post, remember_secret
+from .support.agents import agent_config
+from .support.capture import remember_secret
+from .support.http import get, post
+from .support.postgres import Database
 
 
 async def test_document_is_valid_openapi_31_and_lists_every_route(agent: Agent):

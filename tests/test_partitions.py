@@ -29,18 +29,11 @@ from flux_agent.postgres.pool import Postgres
 from flux_agent.postgres.sink import Sink
 from flux_agent.testing import make_event
 
-from .conftest import (
-    LOGIN_PASSWORD,
-    Database,
-    PgServer,
-    agent_config,
-    create_database,
-    drop_database,
-    short_tempdir,
-)
-from .faults import wait_until
-from .helpers import get, post
-from .test_checkpoints import put
+from .support.agents import agent_config
+from .support.http import get, post, put
+from .support.paths import short_tempdir
+from .support.polling import wait_until
+from .support.postgres import LOGIN_PASSWORD, Database, PgServer, create_database, drop_database
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 DAY = timedelta(days=1)

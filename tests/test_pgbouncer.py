@@ -16,10 +16,12 @@ from flux_agent import Agent
 from flux_agent.core.settings import Secret
 from flux_agent.testing import make_events
 
-from .conftest import LOGIN_PASSWORD, LOGIN_ROLE, Database, agent_config, short_tempdir
-from .faults import wait_until
-from .helpers import post
-from .pgbouncer import PgBouncer
+from .support.agents import agent_config
+from .support.http import post
+from .support.paths import short_tempdir
+from .support.pgbouncer import PgBouncer
+from .support.polling import wait_until
+from .support.postgres import LOGIN_PASSWORD, LOGIN_ROLE, Database
 
 
 @pytest.fixture

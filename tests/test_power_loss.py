@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import AgentProcess, Database, agent_env, proxied
-from .faults import Ledger, LoadGen, TcpProxy, wait_until
-from .test_faults import stored_ids
+from .support.agents import AgentProcess, agent_env
+from .support.faults import Ledger, LoadGen, TcpProxy, stored_ids
+from .support.polling import wait_until
+from .support.postgres import Database, proxied
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 
 def lose_power(spool: Path, sync_log: Path) -> tuple[int, int]:
@@ -74,7 +75,7 @@ async def test_power_loss_keeps_every_acknowledged_event(database: Database, pro
     await asyncio.to_thread(proc.start)
     try:
         async def settled() -> bool:
-            from .helpers import get
+            from .support.http import get
 
             _, body, _ = await get(proc.admin_url + "/health/ready")
             return body["spool"]["backlog_records"] == 0

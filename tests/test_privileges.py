@@ -25,9 +25,11 @@ from flux_agent import Agent
 from flux_agent.core.settings import Secret
 from flux_agent.testing import make_event
 
-from .conftest import Database, agent_config
-from .faults import wait_until
-from .helpers import assert_problem, get, post, remember_secret
+from .support.agents import agent_config
+from .support.capture import remember_secret
+from .support.http import assert_problem, get, post
+from .support.polling import wait_until
+from .support.postgres import Database
 
 PASSWORD = "a-login-of-its-own-pw"
 

@@ -18,9 +18,11 @@ import aiohttp
 from flux_agent import Agent
 from flux_agent.testing import make_event
 
-from .conftest import AgentProcess, Database, agent_config, agent_env, short_tempdir
-from .faults import wait_until
-from .helpers import assert_problem, get, post
+from .support.agents import AgentProcess, agent_config, agent_env
+from .support.http import assert_problem, get, post
+from .support.paths import short_tempdir
+from .support.polling import wait_until
+from .support.postgres import Database
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -29,8 +29,8 @@ import pytest
 
 from flux_agent.postgres.embedded import LocalPostgres, free_port
 
-from .conftest import short_tempdir
-from .helpers import CAPTURED
+from .support.capture import CAPTURED
+from .support.paths import short_tempdir
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -125,6 +125,7 @@ def test_every_example_is_marked_and_follows_the_defined_addresses():
                 "first example defines")
 
 
+@pytest.mark.db
 @pytest.mark.slow
 def test_the_readme_runs_top_to_bottom():
     walk = [e for e in examples(README.read_text()) if e.run]

@@ -10,10 +10,11 @@ from pathlib import Path
 from flux_agent import Agent
 from flux_agent.testing import make_event
 
-from .conftest import Database, agent_config, short_tempdir
-from .faults import wait_until
-from .helpers import assert_problem, get, post
-from .test_checkpoints import put
+from .support.agents import agent_config
+from .support.http import assert_problem, get, post, put
+from .support.paths import short_tempdir
+from .support.polling import wait_until
+from .support.postgres import Database
 
 
 def at(seconds: float) -> str:

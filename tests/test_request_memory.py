@@ -36,9 +36,10 @@ from flux_agent.postgres.embedded import free_port
 from flux_agent.spool.format import frame
 from flux_agent.testing import make_event
 
-from .conftest import Database, agent_env
-from .helpers import CAPTURED
-from .tools import require_root, unavailable
+from .support.agents import agent_env
+from .support.capture import CAPTURED
+from .support.postgres import Database
+from .support.tools import require_root, unavailable
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -19,13 +19,14 @@ import pytest
 from flux_agent import Agent
 from flux_agent.testing import make_events
 
-from .conftest import Database, agent_config, proxied
-from .faults import TcpProxy, wait_until
-from .helpers import get, post
-from .test_faults import stored_ids
-from .tools import require_root
+from .support.agents import agent_config
+from .support.faults import TcpProxy, stored_ids
+from .support.http import get, post
+from .support.polling import wait_until
+from .support.postgres import Database, proxied
+from .support.tools import require_root
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 MiB = 1024 * 1024
 

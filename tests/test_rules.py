@@ -19,7 +19,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from .tools import require_tool
+from .support.tools import require_tool
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "flux-agent"
 RULES = CHART / "rules"

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from flux_agent import spool as spool_mod
 from flux_agent.spool import HEADER, Spool, SpoolFull, list_segments
 
+from .support.profiles import examples
+
 
 def payload(i: int) -> bytes:
     return f"record-{i:05d}-".encode() + bytes([i % 251]) * (i % 97)
@@ -135,8 +137,8 @@ def _segment_bounds(directory: Path) -> list[tuple[Path, int, int]]:
     return out
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(60),
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_torn_tail_keeps_every_record_before_the_cut(pristine, data):
     src, written = pristine
@@ -159,8 +161,8 @@ def test_torn_tail_keeps_every_record_before_the_cut(pristine, data):
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@settings(max_examples=80, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(80),
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_flipped_bits_lose_only_the_damaged_record(pristine, data):
     src, written = pristine

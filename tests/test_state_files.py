@@ -12,8 +12,9 @@ from flux_agent import Agent
 from flux_agent.spool.format import segment_name
 from flux_agent.testing import make_events
 
-from .conftest import Database, agent_config
-from .helpers import post
+from .support.agents import agent_config
+from .support.http import post
+from .support.postgres import Database
 
 
 def warnings_naming(caplog: pytest.LogCaptureFixture, path: Path) -> list[str]:

@@ -12,9 +12,10 @@ from flux_agent import Agent
 from flux_agent.obs.supervise import Supervisor
 from flux_agent.testing import make_events
 
-from .conftest import Database, agent_config
-from .faults import wait_until
-from .helpers import get, post
+from .support.agents import agent_config
+from .support.http import get, post
+from .support.polling import wait_until
+from .support.postgres import Database
 
 
 class Clock:

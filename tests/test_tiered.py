@@ -26,15 +26,19 @@ import pytest
 from flux_agent.postgres.embedded import free_port
 from flux_agent.testing import make_event
 
-from .conftest import Database, agent_env, proxied, short_tempdir
-from .faults import Ledger, LoadGen, TcpProxy, wait_until
-from .helpers import CAPTURED
-from .test_auth import jwks, private_key
+from .support.agents import agent_env
+from .support.capture import CAPTURED
+from .support.faults import Ledger, LoadGen, TcpProxy
+from .support.paths import short_tempdir
+from .support.polling import wait_until
+from .support.postgres import Database, proxied
+from .support.tokens import jwks, private_key
+from .support.tools import require_root
 from .test_resource_faults import fill
 from .test_workload_identity import CLUSTER_ISSUER, kubelet_token
-from .tools import require_root
 
-pytestmark = pytest.mark.tiered
+# Aggregators killed, lines cut, a disk filled: real faults, every one.
+pytestmark = [pytest.mark.tiered, pytest.mark.fault]
 
 
 class Flux:

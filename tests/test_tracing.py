@@ -13,9 +13,11 @@ from flux_agent import Agent
 from flux_agent.core.settings import load_config
 from flux_agent.testing import make_event
 
-from .conftest import Database, agent_config
-from .faults import wait_until
-from .helpers import CAPTURED, post
+from .support.agents import agent_config
+from .support.capture import CAPTURED
+from .support.http import post
+from .support.polling import wait_until
+from .support.postgres import Database
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"

@@ -23,8 +23,8 @@ from flux_agent.core.digest import canonical_json, sha256_hex
 from flux_agent.postgres.jsonb import UNRECORDED, matches, respelled, sha256_of
 from flux_agent.testing import make_event
 
-from .conftest import Database
-from .helpers import get, post
+from .support.http import get, post
+from .support.postgres import Database
 
 HASH = sha256_of(canonical_json)
 

@@ -21,10 +21,12 @@ from flux_agent.kube.admission import mutate_pod
 from flux_agent.kube.config import InjectorConfig
 from flux_agent.testing import make_event
 
-from .conftest import Database, agent_config
-from .faults import wait_until
-from .helpers import assert_problem, get, post, remember_secret
-from .test_auth import jwks, private_key
+from .support.agents import agent_config
+from .support.capture import remember_secret
+from .support.http import assert_problem, get, post
+from .support.polling import wait_until
+from .support.postgres import Database
+from .support.tokens import jwks, private_key
 
 CLUSTER_ISSUER = "https://kubernetes.default.svc.cluster.local"
 

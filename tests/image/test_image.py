@@ -26,8 +26,8 @@ import pytest
 
 from flux_agent.postgres.embedded import LocalPostgres, find_bin_dir
 
-from ..conftest import short_tempdir
-from ..tools import require_tool, unavailable
+from ..support.paths import short_tempdir
+from ..support.tools import require_tool, unavailable
 from . import harness
 from .harness import (
     ADMIN_URL,
@@ -41,7 +41,8 @@ from .harness import (
     Dirs,
 )
 
-pytestmark = pytest.mark.image
+# Most of them against a PostgreSQL of the module's own (the postgres fixture).
+pytestmark = [pytest.mark.image, pytest.mark.db]
 
 READY_WITHIN = 10.0  # seconds from `podman start` to /health/ready
 STOP_TIMEOUT = 10  # docker stop's and podman stop's default
@@ -334,6 +335,7 @@ def test_sigterm_with_the_database_up_exits_0_in_time(built: Built, postgres: Po
         agent.remove()
 
 
+@pytest.mark.fault
 def test_sigterm_with_the_database_down_exits_75_in_time(built: Built, postgres: Postgres):
     """The drain cannot flush and no aggregator takes a handoff, so it runs to the image's
     drain timeout, which is shorter than the stop timeout: exit 75 (events left on the

@@ -21,16 +21,10 @@ import asyncpg
 from flux_agent.postgres.embedded import LocalPostgres, find_bin_dir, free_port
 from flux_agent.postgres.migrations import bootstrap_database
 
-from ..conftest import (
-    FAST_SETTINGS,
-    LOGIN_PASSWORD,
-    LOGIN_ROLE,
-    AgentProcess,
-    Database,
-    agent_env,
-    short_tempdir,
-)
-from ..faults import Ledger, LoadGen
+from ..support.postgres import FAST_SETTINGS, LOGIN_PASSWORD, LOGIN_ROLE, Database
+from ..support.agents import AgentProcess, agent_env
+from ..support.paths import short_tempdir
+from ..support.faults import Ledger, LoadGen
 
 
 async def main(rounds: int, outages: int, seed: int) -> int:
