@@ -82,7 +82,8 @@ async def test_partition_maintenance_through_transaction_pooling(database: Datab
     unprivileged role: each step is one statement with its settings local to it."""
     state = short_tempdir()
     config = agent_config(database, state, database_url=Secret(pgbouncer),
-                          database_pgbouncer=True, retention_interval=0.2)
+                          database_pgbouncer=True, retention_interval=0.2,
+                          schema_profile="flux")  # its manifest: nasa and noaa
     try:
         async with Agent(config) as agent:
             async def maintained() -> bool:
