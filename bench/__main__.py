@@ -1,4 +1,4 @@
-"""``python -m bench``: the benchmark suite (the README's "Benchmarks" section says what it
+"""``python -m bench``: the benchmark suite (docs/benchmarks.md says what it
 runs; bench/RESULTS.md explains each figure).
 
 Starts a throwaway PostgreSQL (or uses ``--database-url``), runs the agent as a separate

@@ -4,8 +4,8 @@ A real agent process (``flux-agent run``, a throwaway PostgreSQL) takes, for ``-
 ``--clients`` clients posting large batches at once (a third raw JSON, a third gzip, a third
 chunked; small events, payloads of many small objects, payloads of long strings, about
 1.6-3.8 MiB each), while its anonymous RSS (what a memory limit charges, besides the page
-cache) and VmHWM are sampled. Each row is one setting changed from the defaults; the README's
-"Memory" section quotes the table.
+cache) and VmHWM are sampled. Each row is one setting changed from the defaults;
+docs/operations.md ("Memory") quotes the table.
 """
 
 from __future__ import annotations

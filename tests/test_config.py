@@ -132,14 +132,14 @@ def test_unknown_flag_and_unknown_file_key(tmp_path: Path):
         load_config([], BASE_ENV, toml)
 
 
-def test_every_setting_has_a_flag_an_env_name_and_a_readme_row():
-    readme = (ROOT / "README.md").read_text()
+def test_every_setting_has_a_flag_an_env_name_and_a_row_in_the_docs():
+    page = (ROOT / "docs" / "configuration.md").read_text()
     for f in SETTINGS:
         assert f.metadata["doc"], f.name
-        assert f"`{env_name(f.name)}`" in readme, f"README lacks {env_name(f.name)}"
-        assert f"`{flag_name(f.name)}`" in readme
-    # The README table is exactly the generated one.
-    assert settings_table() in readme
+        assert f"`{env_name(f.name)}`" in page, f"docs/configuration.md lacks {env_name(f.name)}"
+        assert f"`{flag_name(f.name)}`" in page
+    # The table is exactly the generated one.
+    assert settings_table() in page
 
 
 def test_config_is_frozen():

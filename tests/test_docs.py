@@ -1,5 +1,5 @@
-"""The README and /openapi.json say what the code does: every error code the agent can
-answer is in the README's error table, every metric it exports is in the metrics list, the
+"""The docs and /openapi.json say what the code does: every error code the agent can
+answer is in the error table (docs/events.md), every metric it exports is in the metrics list, the
 size limits are in the answers, and the admin routes are described on the admin listener."""
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from .support.http import get, post
 from .support.postgres import Database
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+EVENTS = (ROOT / "docs" / "events.md").read_text()  # the error table
+OPERATIONS = (ROOT / "docs" / "operations.md").read_text()  # the metrics list
 CODE = re.compile(r"^[A-Z][A-Z0-9]*(_[A-Z0-9]+)+$")
 # Upper-case strings in the agent's modules that are not error codes.
 NOT_CODES = {
@@ -48,7 +49,7 @@ def test_every_error_code_the_agent_answers_is_in_the_readme_table():
     codes = {c for p in modules for c in _constants(p) if CODE.match(c)}
     codes -= NOT_CODES
     codes = {c for c in codes if not c.startswith(("FLUX_AGENT_", "OTEL_"))}
-    table = README[README.index("### Errors"):README.index("## Checkpoints")]
+    table = EVENTS[EVENTS.index("### Errors"):EVENTS.index("## Checkpoints")]
     documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", table))
     assert len(codes) > 60  # the scan still finds them
     assert codes <= documented, sorted(codes - documented)
@@ -58,7 +59,7 @@ def test_every_exported_metric_is_in_the_readme():
     names = {c for c in _constants(ROOT / "flux_agent" / "obs" / "metrics.py")
              if re.fullmatch(r"flux_[a-z_]+", c)}
     assert len(names) > 30
-    listed = README[README.index("- **Metrics**"):README.index("- **Health**")]
+    listed = OPERATIONS[OPERATIONS.index("- **Metrics**"):OPERATIONS.index("- **Health**")]
     assert {n for n in names if n not in listed} == set()
 
 

@@ -4,7 +4,7 @@ The agent's canonical form is Python's json.dumps; a producer in JavaScript, Go 
 sends the standard form's hash as ``payload_jcs_sha256`` instead. Checked against the RFC's
 own vectors, against an independent implementation in Python (``rfc8785``, by hypothesis)
 and in JavaScript (npm ``canonicalize``, run by node), and end to end: a Node producer's
-events, hashed by ``canonicalize``, are accepted by a live agent, including the README's
+events, hashed by ``canonicalize``, are accepted by a live agent, including docs/events.md's
 example as written."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .support.profiles import examples
 from .support.tools import unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+EVENTS_PAGE = (ROOT / "docs" / "events.md").read_text()  # the producers' examples
 CANONICALIZE = "canonicalize@2.1.0"  # .ci/run installs it; FLUX_TEST_NODE_MODULES names where
 
 # RFC 8785 Appendix B: IEEE-754 doubles (hex) and their canonical text.
@@ -279,10 +279,10 @@ async def test_the_openapi_document_describes_the_field(agent: Agent):
 
 
 def readme_example(language: str) -> str:
-    """The README's hashing example in ``language`` (the block after its marker)."""
+    """docs/events.md's hashing example in ``language`` (the block after its marker)."""
     marker = f"<!-- jcs-example: {language} -->"
-    assert marker in README
-    block = README[README.index(marker):]
+    assert marker in EVENTS_PAGE
+    block = EVENTS_PAGE[EVENTS_PAGE.index(marker):]
     start = block.index("```" + language) + len("```" + language)
     return block[start:block.index("```", start)]
 

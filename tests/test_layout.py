@@ -1,6 +1,6 @@
-"""The shape of the code, held by tests: the stage folders and the README's code map agree,
-no dependency's private names are used, no class mixes several of the project's classes,
-modules stay readable, and imports point down the layers."""
+"""The shape of the code, held by tests: the stage folders and the code map
+(docs/development.md) agree, no dependency's private names are used, no class mixes several of
+the project's classes, modules stay readable, and imports point down the layers."""
 
 from __future__ import annotations
 
@@ -163,8 +163,7 @@ def test_imports_point_down_the_layers():
 
 
 def _code_map() -> list[str]:
-    text = (ROOT / "docs" / "development.md").read_text() if (
-        ROOT / "docs" / "development.md").exists() else (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "development.md").read_text()
     block = re.search(r"```\nflux_agent/\n(.*?)```", text, re.S)
     assert block, "no code map (a block starting with flux_agent/)"
     paths = []

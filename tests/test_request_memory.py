@@ -337,6 +337,7 @@ async def client(url: str, kind: str, bodies: list[bytes], until: float,
                 await asyncio.sleep(0.5)
 
 
+@pytest.mark.fault
 @pytest.mark.filterwarnings("ignore:Sending a large body directly:ResourceWarning")
 async def test_in_a_memory_cgroup_at_the_charts_limit_clients_get_answers_not_a_kill(
         database: Database, state_dir: Path, cgroup: Callable[[int], MemoryCgroup]):

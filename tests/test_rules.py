@@ -26,7 +26,7 @@ RULES = CHART / "rules"
 RULE_FILES = sorted(RULES.glob("*.rules.yaml"))
 RULE_TESTS = RULES / "tests" / "flux-agent.rules.test.yaml"
 RUNBOOK = RULES / "RUNBOOK.md"
-README = CHART.parent.parent / "README.md"
+DOCS = [CHART.parent.parent / "README.md", *sorted((CHART.parent.parent / "docs").glob("*.md"))]
 
 # What prometheus-operator attaches to a scraped series: a PodMonitor target has these, a
 # ServiceMonitor target `service` too. `endpoint` is the name of the scraped port.
@@ -232,10 +232,10 @@ def test_every_alert_is_labelled_annotated_and_in_the_runbook():
 
 
 def test_the_files_the_docs_name_are_shipped():
-    """The rule files, the runbook and the README name the promtool test file; it exists
+    """The rule files, the runbook, the README and docs/ name the promtool test file; it exists
     where they say (it once was named but not shipped)."""
     named = 0
-    for path in [*RULE_FILES, RUNBOOK, README, CHART / "README.md"]:
+    for path in [*RULE_FILES, RUNBOOK, *DOCS, CHART / "README.md"]:
         for m in re.finditer(r"promtool test rules ([\w./-]+\.ya?ml)", path.read_text()):
             target = m.group(1)
             candidates = [CHART.parent.parent / target, path.parent / target]

@@ -2,8 +2,9 @@
 
 Precedence: command-line flag > ``FLUX_AGENT_*`` environment > TOML file (``--config``) >
 default. Secrets may also come from ``<NAME>_FILE`` paths (Kubernetes Secret volumes). Every
-setting is declared once, in ``AgentConfig``; flags, environment names, the README table and
-error messages are all derived from that declaration, so they cannot drift apart.
+setting is declared once, in ``AgentConfig``; flags, environment names, the table of
+docs/configuration.md and error messages are all derived from that declaration, so they cannot
+drift apart.
 """
 
 from __future__ import annotations
@@ -665,7 +666,7 @@ def add_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = Non
 
 
 def _help(doc: str, default: str, env: str) -> str:
-    """Help text for a terminal: the README's Markdown without backticks, then where the
+    """Help text for a terminal: the docs' Markdown without backticks, then where the
     value comes from when the flag is not given."""
     return f"{doc} [default: {default}; env {env}]".replace("`", "").replace("%", "%%")
 
@@ -939,7 +940,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def settings_table() -> str:
-    """The README's configuration table, generated from the declarations above."""
+    """The configuration table of docs/configuration.md, generated from the declarations above."""
     rows = ["| environment | flag | default | meaning |", "|---|---|---|---|"]
     for f in SETTINGS:
         env = f"`{env_name(f.name)}`"
@@ -951,7 +952,7 @@ def settings_table() -> str:
 
 
 def shown_default(f: dataclasses.Field[Any]) -> str:
-    """A setting's default as the README and ``--help`` show it."""
+    """A setting's default as docs/configuration.md and ``--help`` show it."""
     shown: str | None = f.metadata["shown"]
     if shown:
         return shown
