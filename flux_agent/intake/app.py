@@ -94,23 +94,14 @@ class EventApi:
 
     def app(self, *, auth: Authentication, metrics: Metrics, tracing: Tracing,
             max_bytes: int) -> web.Application:
-        app = web.Application(
-            client_max_size=max_bytes,
-            middlewares=[make_problem_middleware(metrics, tracing, max_drain_bytes=max_bytes),
-                         auth.middleware])
+        app = _application(auth, metrics, tracing, max_bytes)
         router = app.router
         router.add_post("/v1/events", self.ingest.post_events, expect_handler=expect_continue)
         router.add_post("/api/v1/lineage", self.lineage.post_lineage,
                         expect_handler=expect_continue)
         router.add_put("/v1/runs/{run_id}/checkpoint", self.checkpoints.put_checkpoint,
                        expect_handler=expect_continue)
-        router.add_get("/v1/runs/{run_id}/checkpoint", self.checkpoints.get_checkpoint)
-        router.add_get("/v1/runs/{run_id}/checkpoints", self.checkpoints.get_checkpoint_history)
-        router.add_get("/v1/runs", self.reads.get_runs)
-        router.add_get("/v1/runs/{run_id}", self.reads.get_run)
-        router.add_get("/v1/runs/{run_id}/events", self.reads.get_run_events)
-        router.add_get("/v1/events/{event_id}", self.reads.get_event)
-        router.add_get("/openapi.json", self.openapi.get_openapi)
+        _add_reads(router, self.checkpoints, self.reads, self.openapi)
         router.add_post("/v1/drain", self.drain.post_drain)
         return app
 
@@ -127,18 +118,29 @@ class AggregatorApi:
 
     def app(self, *, auth: Authentication, metrics: Metrics, tracing: Tracing,
             max_bytes: int) -> web.Application:
-        app = web.Application(
-            client_max_size=max_bytes,
-            middlewares=[make_problem_middleware(metrics, tracing, max_drain_bytes=max_bytes),
-                         auth.middleware])
+        app = _application(auth, metrics, tracing, max_bytes)
         router = app.router
         router.add_post(RECORDS_PATH, self.records.post_records, expect_handler=expect_continue)
         router.add_get(RECORDS_PATH, self.records.get_records)
-        router.add_get("/v1/runs/{run_id}/checkpoint", self.checkpoints.get_checkpoint)
-        router.add_get("/v1/runs/{run_id}/checkpoints", self.checkpoints.get_checkpoint_history)
-        router.add_get("/v1/runs", self.reads.get_runs)
-        router.add_get("/v1/runs/{run_id}", self.reads.get_run)
-        router.add_get("/v1/runs/{run_id}/events", self.reads.get_run_events)
-        router.add_get("/v1/events/{event_id}", self.reads.get_event)
-        router.add_get("/openapi.json", self.openapi.get_openapi)
+        _add_reads(router, self.checkpoints, self.reads, self.openapi)
         return app
+
+
+def _application(auth: Authentication, metrics: Metrics, tracing: Tracing,
+                 max_bytes: int) -> web.Application:
+    return web.Application(
+        client_max_size=max_bytes,
+        middlewares=[make_problem_middleware(metrics, tracing, max_drain_bytes=max_bytes),
+                     auth.middleware])
+
+
+def _add_reads(router: web.UrlDispatcher, checkpoints: CheckpointRoutes, reads: ReadRoutes,
+               openapi: OpenAPIRoutes) -> None:
+    """The read routes both roles serve (an aggregator's for the sidecars it serves)."""
+    router.add_get("/v1/runs/{run_id}/checkpoint", checkpoints.get_checkpoint)
+    router.add_get("/v1/runs/{run_id}/checkpoints", checkpoints.get_checkpoint_history)
+    router.add_get("/v1/runs", reads.get_runs)
+    router.add_get("/v1/runs/{run_id}", reads.get_run)
+    router.add_get("/v1/runs/{run_id}/events", reads.get_run_events)
+    router.add_get("/v1/events/{event_id}", reads.get_event)
+    router.add_get("/openapi.json", openapi.get_openapi)
