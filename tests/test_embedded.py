@@ -212,3 +212,49 @@ def _psql_lines_say_what_they_can(fields: dict[str, Any]) -> None:
                              capture_output=True, text=True, timeout=30)
     assert changed.returncode != 0
     assert "permission denied" in changed.stderr
+
+
+@pytest.mark.db
+@pytest.mark.fault
+async def test_a_second_signal_leaves_no_embedded_postgresql_running():
+    """A person's second Ctrl-C exits at once (exit 1) and asks the embedded PostgreSQL for a
+    fast shutdown, so the next start does not find a server left behind; a signal delivered
+    twice at once (``timeout``, a kill of the process and of its group) is one request and
+    does not cut the drain. The drain is held by an upload that never completes."""
+    state = short_tempdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_AGENT_")}
+    env.update({"FLUX_AGENT_STATE_DIR": str(state), "FLUX_AGENT_AUTH": "none",
+                "FLUX_AGENT_AGENCY": "nasa", "FLUX_AGENT_REQUEST_BODY_TIMEOUT": "60s"})
+    log = state / "agent.log"
+    agent = AgentProcess(env, log)
+    pg = LocalPostgres(state / "postgres")
+    writer = None
+    try:
+        await asyncio.to_thread(agent.start, 120)
+        assert pg.running_pid() is not None
+        host, port = agent.url.removeprefix("http://").rsplit(":", 1)
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/events HTTP/1.1\r\nHost: agent\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 1000\r\n\r\n[")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        agent.proc.send_signal(signal.SIGINT)
+        await asyncio.sleep(0.02)  # apart enough for the kernel not to merge the two
+        agent.proc.send_signal(signal.SIGINT)  # the same request, delivered twice
+        await asyncio.sleep(1.0)
+        assert agent.proc.poll() is None, log.read_text()[-2000:]  # still draining
+        agent.proc.send_signal(signal.SIGINT)  # the person's second Ctrl-C
+        assert await asyncio.to_thread(agent.proc.wait, 10) == 1
+        assert "second signal: exiting now" in log.read_text()
+
+        async def stopped() -> bool:
+            return pg.running_pid() is None
+
+        assert await wait_until(stopped, 30), "the embedded PostgreSQL was left running"
+    finally:
+        if writer is not None:
+            writer.close()
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.kill()
+        await asyncio.to_thread(pg.stop, "immediate")
+        shutil.rmtree(state, ignore_errors=True)

@@ -128,6 +128,14 @@ class Agent:
     def retention(self) -> Retention | None:
         return self.delivery.retention if self.delivery is not None else None
 
+    def abandon(self) -> None:
+        """The process exits now, without its teardown (a second signal): the embedded
+        PostgreSQL, its child, is asked to shut down on its own instead of being left running
+        for the next start to find. The spool needs nothing: it is durable as it is."""
+        embedded = self.delivery.embedded if self.delivery is not None else None
+        if embedded is not None:
+            embedded.request_stop()
+
     async def start(self) -> None:
         if self._state != "new":
             raise RuntimeError("an Agent starts once")

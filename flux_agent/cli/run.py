@@ -21,6 +21,11 @@ from .common import EXIT_FAILURE, EXIT_OK, EXIT_UNDELIVERED, _run_async
 
 log = logging.getLogger("flux_agent.cli")
 
+# A signal this soon after the first is the same request delivered twice (`timeout`, a
+# supervisor and a shell that each forward it, a kill of the process and of its group all
+# arrive within a millisecond or so), not a person's second Ctrl-C: it does not cut the drain.
+SAME_SIGNAL_WITHIN = 0.25
+
 
 async def _serve(config: AgentConfig, args: argparse.Namespace | None = None) -> int:
     from ..agent import Agent
@@ -28,17 +33,20 @@ async def _serve(config: AgentConfig, args: argparse.Namespace | None = None) ->
     agent = Agent(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = 0
+    first_signal: float | None = None
 
     def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
+        nonlocal first_signal
+        now = loop.time()
+        if first_signal is None:
+            first_signal = now
+        elif now - first_signal >= SAME_SIGNAL_WITHIN:
             # The spool is already durable; the next start replays what is left.
             log.warning("second signal: exiting now, without finishing the drain; what was "
                         "not flushed stays on the spool for the next start",
                         extra={"fields": {"backlog_records": agent.flusher.backlog
                                           if agent.flusher else None}})
+            agent.abandon()
             os._exit(EXIT_FAILURE)
         stop.set()
 
