@@ -53,6 +53,10 @@ SETTINGS_OF = {
 def cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None
         ) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_AGENT_")}
+    # Free ports unless a test names its own: `validate` and `run` check that they can
+    # listen, and other services on this machine may hold the defaults (8787, 9464).
+    base.update({"FLUX_AGENT_LISTEN": f"127.0.0.1:{free_port()}",
+                 "FLUX_AGENT_ADMIN_LISTEN": f"127.0.0.1:{free_port()}"})
     return subprocess.run([sys.executable, "-m", "flux_agent", *args], input=stdin,
                           env={**base, **(env or {})}, capture_output=True, text=True,
                           timeout=60)
@@ -214,7 +218,9 @@ def test_validate_prints_the_effective_configuration_secrets_redacted(tmp_path: 
     env = {"FLUX_AGENT_AUTH": "none", "FLUX_AGENT_AGENCY": "noaa",
            "FLUX_AGENT_STATE_DIR": str(tmp_path / "state"),
            "FLUX_AGENT_DATABASE_URL": "postgresql://flux:hunter2-validate@db:5432/flux",
-           "FLUX_AGENT_SPOOL_MAX_BYTES": "2GiB"}
+           "FLUX_AGENT_SPOOL_MAX_BYTES": "2GiB",
+           "FLUX_AGENT_LISTEN": f"127.0.0.1:{free_port()}",
+           "FLUX_AGENT_ADMIN_LISTEN": f"127.0.0.1:{free_port()}"}
     result = cli("validate", "--batch-max-age", "20ms", env=env)
     assert result.returncode == 0, result.stderr
     assert "the configuration is valid" in result.stderr

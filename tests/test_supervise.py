@@ -4,11 +4,14 @@ counted, restarted with backoff and shown by the probes, and what it was doing i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from flux_agent import Agent
+from flux_agent.obs import supervise
 from flux_agent.obs.supervise import Supervisor
 from flux_agent.testing import make_events
 
@@ -149,3 +152,52 @@ async def test_the_flusher_raising_is_seen_counted_and_recovered_with_nothing_lo
         assert await wait_until(stored, 10)
     rows = await database.fetch("SELECT event_id::text FROM flux.events")
     assert sorted(r[0] for r in rows) == sorted(sent)
+
+
+async def test_a_stop_ends_a_task_that_swallows_a_cancellation_and_never_hangs(caplog,
+                                                                             monkeypatch):
+    """A task that swallows its first cancellation (a suppress(CancelledError) around an
+    await it happened to be in) is cancelled again and ends; one that swallows every
+    cancellation is left behind after STOP_WAIT, logged with where it is, and the stop (a
+    teardown step) returns instead of hanging."""
+    monkeypatch.setattr(supervise, "STOP_WAIT", 1.0)
+    sup = Supervisor(backoff_max=0.01)
+    swallowed = 0
+    running = asyncio.Event()
+
+    async def swallows_once() -> None:
+        nonlocal swallowed
+        running.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed += 1  # lost: the task goes on as if nothing happened
+        await asyncio.Event().wait()
+
+    sup.start("flusher", swallows_once)
+    await asyncio.wait_for(running.wait(), 5)
+    await asyncio.wait_for(sup.stop("flusher"), 3)
+    assert swallowed == 1 and "flusher" not in sup.tasks
+
+    stubborn_running = asyncio.Event()
+    stubborn_for = {"ever": True}
+
+    async def stubborn() -> None:
+        while stubborn_for["ever"]:
+            stubborn_running.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+
+    with caplog.at_level(logging.ERROR, logger="flux_agent.supervise"):
+        sup.start("retention", stubborn)
+        await asyncio.wait_for(stubborn_running.wait(), 5)
+        runner = sup.tasks["retention"].runner
+        started = time.monotonic()
+        await asyncio.wait_for(sup.stop("retention"), 5)
+        assert 0.9 <= time.monotonic() - started < 3
+        assert runner is not None and not runner.done()  # left behind, not waited for
+    stubborn_for["ever"] = False  # let it end, so that the test's loop can close
+    await asyncio.wait_for(runner, 5)
+    left = [r for r in caplog.records if "did not end within" in r.getMessage()]
+    assert len(left) == 1
+    assert "stubborn" in " ".join(left[0].fields["awaiting"])  # type: ignore[attr-defined]

@@ -259,8 +259,14 @@ class Flusher:
                     # Start over from the replay point: the window gathered meanwhile is
                     # dropped (its records are on the spool and come round again).
                     gather.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
+                    try:
                         await gather
+                    except asyncio.CancelledError:
+                        # The window's, as asked; unless the flusher itself is being
+                        # stopped meanwhile: that one must not be swallowed here.
+                        me = asyncio.current_task()
+                        if me is not None and me.cancelling():
+                            raise
                     self._start_replay()
                     gather = asyncio.create_task(self._gather())
         finally:

@@ -15,18 +15,19 @@ restart has run for ``stable_after`` seconds without raising.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..core.retry import backoff
 
 log = logging.getLogger("flux_agent.supervise")
 
 LOG_EVERY = 60.0  # seconds between repeated failure lines of one task
+STOP_WAIT = 5.0  # seconds a stop waits for a cancelled task to end, cancelling it again
 
 
 class Task(enum.StrEnum):
@@ -195,8 +196,40 @@ class Supervisor:
             names = [name] if name in self.tasks else []
         for n in names:
             state = self.tasks.pop(n)
-            runner = state.runner
-            if runner is not None and not runner.done():
-                runner.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await runner
+            if state.runner is not None:
+                await _cancel_within(state.runner, n, STOP_WAIT)
+
+
+async def _cancel_within(runner: asyncio.Task[None], name: Task, within: float) -> None:
+    """Cancel ``runner`` and wait for it to end, at most ``within`` seconds. A task may
+    swallow one cancellation (a ``suppress(CancelledError)`` around an await it happened to
+    be in), so it is cancelled again every half second; one that still runs at the deadline
+    is left behind, logged with where it is, and the stop goes on: a teardown must not hang.
+    The wait is asyncio.wait, so a cancellation of the stop itself is not mistaken for the
+    task's and goes through."""
+    deadline = time.monotonic() + within
+    while not runner.done():
+        runner.cancel()
+        await asyncio.wait({runner}, timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+        if not runner.done() and time.monotonic() >= deadline:
+            log.error("background task %s did not end within %g s of its cancellation; "
+                      "left behind", name, within,
+                      extra={"fields": {"task": name, "awaiting": _awaiting(runner)}})
+            return
+    if not runner.cancelled() and runner.exception() is not None:
+        log.warning("background task %s ended with an error as it stopped", name,
+                    exc_info=runner.exception(), extra={"fields": {"task": name}})
+
+
+def _awaiting(task: asyncio.Task[None]) -> list[str]:
+    """Where a suspended task is, innermost last: its chain of awaited coroutines (the
+    task's own stack shows only the outermost frame)."""
+    where: list[str] = []
+    coro: Any = task.get_coro()
+    while coro is not None and len(where) < 50:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        where.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_qualname}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return where
