@@ -29,14 +29,20 @@ from .support.paths import short_tempdir
 from .support.polling import wait_until
 
 
+def _embedded_env(state: Path, **settings: str) -> dict[str, str]:
+    """An agent on its embedded default under ``state``: no database URL, no FLUX_AGENT_*
+    of the test run's own, authentication off for agency nasa, plus ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_AGENT_")}
+    env.update({"FLUX_AGENT_STATE_DIR": str(state), "FLUX_AGENT_AUTH": "none",
+                "FLUX_AGENT_AGENCY": "nasa", **settings})
+    return env
+
 @pytest.mark.db
 async def test_embedded_default_accepts_a_curled_event():
     state = short_tempdir()
     port, admin = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_AGENT_")}
-    env.update({"FLUX_AGENT_STATE_DIR": str(state), "FLUX_AGENT_AUTH": "none",
-                "FLUX_AGENT_AGENCY": "nasa", "FLUX_AGENT_LISTEN": f"127.0.0.1:{port}",
-                "FLUX_AGENT_ADMIN_LISTEN": f"127.0.0.1:{admin}"})
+    env = _embedded_env(state, FLUX_AGENT_LISTEN=f"127.0.0.1:{port}",
+                        FLUX_AGENT_ADMIN_LISTEN=f"127.0.0.1:{admin}")
     log = state / "agent.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "flux_agent", "run"], env=env,
@@ -127,9 +133,7 @@ async def test_embedded_postgres_is_supervised_restarted_and_nothing_is_lost():
     """Stop the agent's own PostgreSQL: it is restarted and every event lands once; when it
     cannot start, the agent says why, fails readiness, and recovers once it can."""
     state = short_tempdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_AGENT_")}
-    env.update({"FLUX_AGENT_STATE_DIR": str(state), "FLUX_AGENT_AUTH": "none",
-                "FLUX_AGENT_AGENCY": "nasa", "FLUX_AGENT_FLUSH_RETRY_MAX": "0.5s"})
+    env = _embedded_env(state, FLUX_AGENT_FLUSH_RETRY_MAX="0.5s")
     log = state / "agent.log"
     agent = AgentProcess(env, log)
     pg = LocalPostgres(state / "postgres")
@@ -222,9 +226,7 @@ async def test_a_second_signal_leaves_no_embedded_postgresql_running():
     twice at once (``timeout``, a kill of the process and of its group) is one request and
     does not cut the drain. The drain is held by an upload that never completes."""
     state = short_tempdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_AGENT_")}
-    env.update({"FLUX_AGENT_STATE_DIR": str(state), "FLUX_AGENT_AUTH": "none",
-                "FLUX_AGENT_AGENCY": "nasa", "FLUX_AGENT_REQUEST_BODY_TIMEOUT": "60s"})
+    env = _embedded_env(state, FLUX_AGENT_REQUEST_BODY_TIMEOUT="60s")
     log = state / "agent.log"
     agent = AgentProcess(env, log)
     pg = LocalPostgres(state / "postgres")
