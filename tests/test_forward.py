@@ -344,3 +344,21 @@ def test_an_upstreams_state_follows_its_last_calls():
     assert path_state(now - 20, None, [now - 6], **state) == "down"
     assert path_state(now - 1, None, [now - 6], **state) == "up"
     assert path_state(now - 20, None, [now - 2], **state) == "up"
+
+
+
+def test_a_late_failure_of_a_call_begun_before_a_success_does_not_outweigh_it():
+    """A call stuck on a black-holed path fails only at its deadline, after the path healed
+    and later calls succeeded (seen in CI: the database read "down" after a heal, once every
+    event had landed): its failure counts from when it began."""
+    from flux_agent.core.health import failed_at, path_state
+
+    state = {"connect_timeout": 5.0, "window": 30.0, "now": 1000.0}
+    began, healed_ok = 980.0, 995.0  # the stuck call began; a later call worked
+    late = failed_at(None, began)  # the stuck call fails now, at 1000
+    assert late == began
+    assert path_state(healed_ok, late, [], **state) == "up"
+    # A call begun after the last success that fails is the path's state: down.
+    assert path_state(healed_ok, failed_at(late, 996.0), [], **state) == "down"
+    assert failed_at(996.0, began) == 996.0  # never moves back
+    assert failed_at(None, None) > 0  # unknown start: now

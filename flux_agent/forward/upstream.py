@@ -24,7 +24,7 @@ import aiohttp
 import msgspec
 
 from ..core.errors import PermissionDenied, StoreUnavailable, UpstreamError
-from ..core.health import path_state
+from ..core.health import failed_at, path_state
 from ..core.net import tune_socket
 
 log = logging.getLogger("flux_agent.forward")
@@ -104,7 +104,7 @@ class Upstream:
         if self._token is not None:
             sent["Authorization"] = f"Bearer {await self._token.read()}"
         token = object()
-        self._inflight[token] = time.monotonic()
+        self._inflight[token] = started = time.monotonic()
         try:
             try:
                 # aiohttp reads timeout=None as "no deadline": the session's is the default.
@@ -118,7 +118,7 @@ class Upstream:
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 err: UpstreamError = StoreUnavailable(f"{url}: {_why(exc)}",
                                                       code=type(exc).__name__)
-                self._failed(err, rotate=True)
+                self._failed(err, started, rotate=True)
                 raise err from exc
             if answer.status >= 400 and _code(answer) in answer_codes:
                 self.last_ok = time.monotonic()
@@ -126,25 +126,25 @@ class Upstream:
             if answer.status in _TRANSIENT_STATUS:
                 err = StoreUnavailable(f"{url}: {answer.status} {_code(answer)}",
                                        code=str(answer.status))
-                self._failed(err, rotate=True)
+                self._failed(err, started, rotate=True)
                 raise err
             if answer.status in (401, 403):
                 err = PermissionDenied(f"{url}: {answer.status} {_code(answer)}",
                                        code=str(answer.status))
-                self._failed(err, rotate=False)
+                self._failed(err, started, rotate=False)
                 raise err
             if answer.status >= 500:
                 err = UpstreamError(f"{url}: {answer.status} {_code(answer)}",
                                     code=str(answer.status))
-                self._failed(err, rotate=True)
+                self._failed(err, started, rotate=True)
                 raise err
             self.last_ok = time.monotonic()
             return answer
         finally:
             del self._inflight[token]
 
-    def _failed(self, err: UpstreamError, *, rotate: bool) -> None:
-        self.last_failure = time.monotonic()
+    def _failed(self, err: UpstreamError, started: float, *, rotate: bool) -> None:
+        self.last_failure = failed_at(self.last_failure, started)
         self.last_error = err.detail
         if rotate:
             self._rotate()

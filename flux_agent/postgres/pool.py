@@ -32,7 +32,7 @@ import asyncpg
 
 from ..core.errors import Fault, PermissionDenied, UnsafeRole
 from ..core.files import write_atomic
-from ..core.health import path_state
+from ..core.health import failed_at, path_state
 from ..core.net import tune_socket
 from .errors import DATABASE_SETTING, describe, translate, unreachable
 
@@ -175,7 +175,7 @@ class Postgres:
         cancelled task) terminates it, so the pool never hands it out again."""
         budget = self.timeouts.statement if timeout is None else timeout
         token = object()
-        self._inflight[token] = time.monotonic()
+        self._inflight[token] = started = time.monotonic()
         try:
             try:
                 pool = await self._get_pool()
@@ -183,7 +183,7 @@ class Postgres:
             except BaseException as exc:
                 err = unreachable(exc, self._dsn, self._setting) \
                     if isinstance(exc, OSError) else translate(exc)
-                self.failed(err)
+                self.failed(err, started)
                 if err is exc:
                     raise
                 raise err from exc
@@ -195,7 +195,7 @@ class Postgres:
                 if not isinstance(exc, asyncpg.PostgresError) or \
                         getattr(err, "fault", None) is Fault.TRANSIENT:
                     conn.terminate()  # whatever state it is in, it is not reused
-                self.failed(err)
+                self.failed(err, started)
                 if err is exc:
                     raise
                 raise err from exc
@@ -215,13 +215,13 @@ class Postgres:
                      extra={"fields": {"was": self.refusal}})
             self.refusal = None
 
-    def failed(self, exc: BaseException) -> None:
+    def failed(self, exc: BaseException, started: float | None = None) -> None:
         """The last operation failed: the probes and ``flux_postgres_up`` say so, whatever
         the cause (unreachable, a refused login or privilege), until one succeeds. A refused
         value is not the database's failure: the server and the login work."""
         if getattr(exc, "fault", None) is Fault.POISON or isinstance(exc, asyncio.CancelledError):
             return
-        self.last_failure = time.monotonic()
+        self.last_failure = failed_at(self.last_failure, started)
         self.last_error = describe(exc)
         if isinstance(exc, PermissionDenied) and not isinstance(exc, UnsafeRole):
             self._refused(exc)
